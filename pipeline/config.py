@@ -1,0 +1,281 @@
+"""Typed configuration: one dataclass schema per Hydra config group.
+
+Every group (model, data, sharding, optimizer, trainer, launcher, logger) has a schema registered in
+Hydra's ConfigStore under ``<group>/schema``; each YAML option in ``conf/<group>/`` lists it first in
+its defaults, so a misspelled key or a wrongly typed value fails when the config is composed, naming
+the key. The primary config ``train`` is typed by :class:`TrainConfig`. Rules that span fields or
+need the world size are checked by :func:`validate`, whose messages name the fix.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+NUM_DENSE_FEATURES = 13  # Criteo: I1..I13
+NUM_SPARSE_FEATURES = 26  # Criteo: C1..C26
+
+
+class ConfigError(ValueError):
+    """A configuration that composes but cannot be run; the message names the key and the fix."""
+
+
+class EmbeddingOptimizer(str, enum.Enum):
+    """Sparse optimizers FBGEMM can fuse into the embedding backward."""
+
+    sgd = "sgd"
+    adagrad = "adagrad"
+    row_wise_adagrad = "row_wise_adagrad"
+    adam = "adam"
+
+
+class DenseOptimizer(str, enum.Enum):
+    sgd = "sgd"
+    adagrad = "adagrad"
+    adam = "adam"
+
+
+class IdMode(str, enum.Enum):
+    """How raw 32-bit categorical hashes become table rows."""
+
+    vocab = "vocab"  # contiguous ids from a first pass over the training split (frequency threshold)
+    hash = "hash"  # raw value modulo the per-feature cap
+
+
+class SplitMode(str, enum.Enum):
+    files = "files"  # one raw file per split: train/val/test (the synthetic generator's layout)
+    kaggle = "kaggle"  # Criteo Kaggle train.txt: 7 days in order, days 0-5 train, day 6 halved val/test
+    random = "random"  # any single file: seeded random split with the given fractions
+
+
+class BadRowPolicy(str, enum.Enum):
+    error = "error"  # stop, naming the file, line and field
+    skip = "skip"  # drop the row and count it by kind in the manifest and the log
+
+
+class Backend(str, enum.Enum):
+    auto = "auto"  # nccl when CUDA is available, else gloo
+    gloo = "gloo"
+    nccl = "nccl"
+
+
+class Device(str, enum.Enum):
+    auto = "auto"  # cuda:<local_rank> when CUDA is available, else cpu
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+@dataclass
+class ModelConfig:
+    """DLRM (Naumov et al. 2019); defaults are the paper's Criteo Kaggle configuration."""
+
+    name: str = "dlrm"  # architecture; only "dlrm" so far
+    embedding_dim: int = 128  # D: width of every embedding table and of the bottom MLP output
+    dense_arch_layer_sizes: list[int] = field(default_factory=lambda: [512, 256, 128])  # bottom MLP
+    over_arch_layer_sizes: list[int] = field(default_factory=lambda: [512, 256, 1])  # top MLP
+    self_interaction: bool = False  # add the diagonal <x_i, x_i>: 378 instead of 351 dot products
+
+
+@dataclass
+class SyntheticConfig:
+    """Synthetic Criteo-format click log with a known ground-truth click probability."""
+
+    num_train_rows: int = 1_000_000  # rows of train.tsv
+    num_val_rows: int = 100_000  # rows of val.tsv
+    num_test_rows: int = 100_000  # rows of test.tsv
+    max_cardinality: int = 10_000  # Criteo Kaggle cardinalities, each capped at this
+    zipf_alpha: float = 1.2  # id popularity exponent (P(rank k) ~ k^-alpha)
+    target_ctr: float = 0.25  # mean click probability the bias is solved for
+    seed: int = 0  # everything the generator draws comes from this seed
+
+
+@dataclass
+class DataConfig:
+    """Where the click log lives, how it is preprocessed, and how batches are cut."""
+
+    name: str = MISSING  # dataset name, for logs and the summary
+    raw_dir: str = MISSING  # folder of raw Criteo-format TSV files (relative to the launch folder)
+    processed_dir: str = MISSING  # folder for the binary splits and manifest.json
+    split: SplitMode = SplitMode.files  # how raw rows are divided into train/val/test
+    raw_files: list[str] = field(default_factory=list)  # split=kaggle/random: the input file(s)
+    val_fraction: float = 0.05  # split=random: fraction of rows for val
+    test_fraction: float = 0.05  # split=random: fraction of rows for test
+    split_seed: int = 0  # split=random: seed of the row assignment
+    id_mode: IdMode = IdMode.vocab  # categorical ids: contiguous vocabulary or hash modulo cap
+    max_ids_per_feature: int = 10_000_000  # cap on rows per embedding table
+    min_id_frequency: int = 1  # id_mode=vocab: ids seen fewer times in train share one bucket
+    bad_rows: BadRowPolicy = BadRowPolicy.error  # what a malformed raw row does
+    block_size_mb: int = 64  # raw bytes parsed per block while preprocessing (bounds memory)
+    global_batch_size: int = 2048  # training samples per step over all ranks
+    eval_global_batch_size: int = 8192  # evaluation samples per step over all ranks
+    shuffle: bool = True  # reshuffle training rows every epoch (seeded by trainer.seed and epoch)
+    synthetic: SyntheticConfig | None = None  # set: generate raw_dir with this spec when missing
+
+
+@dataclass
+class TableConstraintConfig:
+    """Planner constraints for one table (empty lists let the planner choose)."""
+
+    sharding_types: list[str] = field(default_factory=list)  # table_wise|row_wise|column_wise|data_parallel|...
+    compute_kernels: list[str] = field(default_factory=list)  # fused|dense|fused_uvm|fused_uvm_caching|...
+
+
+@dataclass
+class ShardingConfig:
+    """EmbeddingShardingPlanner settings."""
+
+    name: str = "auto"  # preset name, for logs
+    sharding_types: list[str] = field(default_factory=list)  # allowed for every table; [] = planner's choice
+    compute_kernels: list[str] = field(default_factory=lambda: ["fused"])  # allowed for every table
+    tables: dict[str, TableConstraintConfig] = field(default_factory=dict)  # per-table overrides, by table name
+    storage_reservation: float = 0.15  # fraction of each device's memory the planner keeps free
+    hbm_cap_gb: float | None = None  # per-GPU memory the planner may plan for; null = detected
+    print_plan: bool = True  # log the plan on rank 0 at start
+
+
+@dataclass
+class OptimizerConfig:
+    """A fused sparse optimizer for the tables and a separate one for the MLPs."""
+
+    name: str = "row_wise_adagrad"  # preset name, for logs
+    embedding: EmbeddingOptimizer = EmbeddingOptimizer.row_wise_adagrad  # fused into backward by FBGEMM
+    dense: DenseOptimizer = DenseOptimizer.adagrad  # applied to MLP parameters after backward
+    lr: float = 0.02  # learning rate of both, unless embedding_lr is set
+    embedding_lr: float | None = None  # learning rate of the tables; null = lr
+    eps: float = 1e-8  # Adagrad/Adam epsilon
+    weight_decay: float = 0.0  # dense optimizer only
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # Adam only
+
+
+@dataclass
+class TrainerConfig:
+    """The training loop."""
+
+    num_epochs: int = 1  # passes over the training split
+    max_steps: int | None = None  # stop after this many steps; null = num_epochs
+    eval_every_steps: int = 0  # evaluate on val every N steps; 0 = only at the end
+    eval_max_batches: int | None = None  # cap on eval batches mid-training; null = whole split (final eval is always whole)
+    seed: int = 0  # model init, shuffling
+    device: Device = Device.auto  # where the model runs
+    num_threads: int | None = None  # intra-op threads per rank; null = cores / local ranks
+    run_doctor: bool = True  # check the torch/fbgemm/torchrec pairing before training
+
+
+@dataclass
+class LauncherConfig:
+    """How ranks find each other."""
+
+    name: str = "torchrun"  # preset name, for logs
+    backend: Backend = Backend.auto  # process-group backend
+    timeout_s: int = 1800  # collective timeout; rank 0 may prepare data while others wait
+
+
+@dataclass
+class LoggerConfig:
+    """What a run prints and writes."""
+
+    name: str = "default"  # preset name, for logs
+    log_every_steps: int = 100  # training loss/throughput event cadence, in steps
+    progress_bar: bool = True  # tqdm bar on rank 0 (samples/s, time left)
+    level: str = "INFO"  # python logging level
+
+
+@dataclass
+class TrainConfig:
+    """The whole job: one field per config group."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    sharding: ShardingConfig = field(default_factory=ShardingConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    launcher: LauncherConfig = field(default_factory=LauncherConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+
+
+GROUP_SCHEMAS: dict[str, type] = {
+    "model": ModelConfig,
+    "data": DataConfig,
+    "sharding": ShardingConfig,
+    "optimizer": OptimizerConfig,
+    "trainer": TrainerConfig,
+    "launcher": LauncherConfig,
+    "logger": LoggerConfig,
+}
+
+
+def register_configs() -> None:
+    """Register the primary schema and each group's schema in Hydra's ConfigStore."""
+    cs = ConfigStore.instance()
+    cs.store(name="train_schema", node=TrainConfig)
+    for group, schema in GROUP_SCHEMAS.items():
+        cs.store(group=group, name="schema", node=schema)
+
+
+_SHARDING_TYPES = {"table_wise", "row_wise", "column_wise", "data_parallel", "table_row_wise", "table_column_wise", "grid_shard"}
+_COMPUTE_KERNELS = {"dense", "fused", "fused_uvm", "fused_uvm_caching", "key_value"}
+
+
+def validate(cfg: TrainConfig, world_size: int) -> None:
+    """Check rules that span fields or depend on the world size.
+
+    Raises:
+        ConfigError: naming the key(s) and the fix.
+    """
+    m, d, t = cfg.model, cfg.data, cfg.trainer
+    if m.dense_arch_layer_sizes[-1:] != [m.embedding_dim]:
+        raise ConfigError(
+            f"model.dense_arch_layer_sizes={m.dense_arch_layer_sizes} must end with model.embedding_dim="
+            f"{m.embedding_dim}: the bottom MLP output joins the embeddings in the dot interaction. "
+            f"Set model.dense_arch_layer_sizes=[...,{m.embedding_dim}]"
+        )
+    if len(m.over_arch_layer_sizes) < 2 or m.over_arch_layer_sizes[-1] != 1:
+        raise ConfigError(
+            f"model.over_arch_layer_sizes={m.over_arch_layer_sizes} must have at least two layers and end "
+            "with 1 (one click logit), e.g. [512,256,1]"
+        )
+    for key, size in (("global_batch_size", d.global_batch_size), ("eval_global_batch_size", d.eval_global_batch_size)):
+        if size <= 0:
+            raise ConfigError(f"data.{key}={size} must be positive")
+        if size % world_size:
+            lower = max(world_size, size // world_size * world_size)
+            raise ConfigError(
+                f"data.{key}={size} must be divisible by world_size={world_size} (the batch size is global): "
+                f"use data.{key}={lower} or {lower + world_size}"
+            )
+    if d.split == SplitMode.random:
+        if not (0 < d.val_fraction < 1 and 0 < d.test_fraction < 1 and d.val_fraction + d.test_fraction < 1):
+            raise ConfigError(
+                f"data.val_fraction={d.val_fraction} and data.test_fraction={d.test_fraction} must each be in "
+                "(0, 1) and sum to less than 1"
+            )
+    if d.split in (SplitMode.random, SplitMode.kaggle) and len(d.raw_files) != 1:
+        raise ConfigError(f"data.split={d.split.value} needs exactly one file in data.raw_files, got {d.raw_files}")
+    if d.max_ids_per_feature < 2:
+        raise ConfigError(f"data.max_ids_per_feature={d.max_ids_per_feature} must be at least 2")
+    if t.num_epochs < 1 and t.max_steps is None:
+        raise ConfigError(f"trainer.num_epochs={t.num_epochs} must be >= 1 (or set trainer.max_steps)")
+    if t.max_steps is not None and t.max_steps < 1:
+        raise ConfigError(f"trainer.max_steps={t.max_steps} must be >= 1 or null")
+    if t.eval_every_steps < 0:
+        raise ConfigError(f"trainer.eval_every_steps={t.eval_every_steps} must be >= 0 (0 = only at the end)")
+    if cfg.optimizer.lr <= 0:
+        raise ConfigError(f"optimizer.lr={cfg.optimizer.lr} must be positive")
+    if len(cfg.optimizer.betas) != 2:
+        raise ConfigError(f"optimizer.betas={cfg.optimizer.betas} must have two values")
+    if not 0 <= cfg.sharding.storage_reservation < 1:
+        raise ConfigError(f"sharding.storage_reservation={cfg.sharding.storage_reservation} must be in [0, 1)")
+    checks = [("sharding.sharding_types", cfg.sharding.sharding_types, _SHARDING_TYPES),
+              ("sharding.compute_kernels", cfg.sharding.compute_kernels, _COMPUTE_KERNELS)]
+    for table, c in cfg.sharding.tables.items():
+        checks.append((f"sharding.tables.{table}.sharding_types", c.sharding_types, _SHARDING_TYPES))
+        checks.append((f"sharding.tables.{table}.compute_kernels", c.compute_kernels, _COMPUTE_KERNELS))
+    for key, values, allowed in checks:
+        unknown = sorted(set(values) - allowed)
+        if unknown:
+            raise ConfigError(f"{key} has unknown value(s) {unknown}; allowed: {sorted(allowed)}")
+    if t.device == Device.cpu and cfg.launcher.backend == Backend.nccl:
+        raise ConfigError("launcher.backend=nccl needs CUDA but trainer.device=cpu: use launcher.backend=gloo")

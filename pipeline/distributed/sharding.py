@@ -1,0 +1,184 @@
+"""Process group, sharding plan and DistributedModelParallel: the one place the model is placed.
+
+Hybrid parallelism as in the DLRM paper: the tables are model-parallel (sharded by TorchRec's planner,
+looked up by FBGEMM's fused table-batched kernels, all-to-all for the pooled embeddings) and the MLPs
+are data-parallel (DDP all-reduce).
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torchrec.distributed.model_parallel import DistributedModelParallel, get_default_sharders
+from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints
+from torchrec.distributed.planner.storage_reservations import FixedPercentageStorageReservation
+from torchrec.distributed.planner.types import KernelConfig, TopologyFactory
+from torchrec.distributed.planner.types import TrainerConfig as PlannerTrainerConfig
+from torchrec.distributed.types import ShardingPlan
+from torchrec.optim import RowWiseAdagrad
+from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
+from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
+from torchrec.optim.optimizers import in_backward_optimizer_filter
+
+from pipeline.config import (
+    Backend,
+    DenseOptimizer,
+    Device,
+    EmbeddingOptimizer,
+    LauncherConfig,
+    OptimizerConfig,
+    ShardingConfig,
+    TrainerConfig,
+)
+from pipeline.runtime import DistEnv
+
+logger = logging.getLogger(__name__)
+
+
+def select_device(cfg: TrainerConfig, env: DistEnv) -> torch.device:
+    """cuda:<local_rank> when CUDA is there (or asked for), else cpu."""
+    if cfg.device == Device.cuda or (cfg.device == Device.auto and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise RuntimeError("trainer.device=cuda but CUDA is not available here: use trainer.device=auto or cpu")
+        torch.cuda.set_device(env.local_rank)
+        return torch.device("cuda", env.local_rank)
+    return torch.device("cpu")
+
+
+def select_backend(cfg: LauncherConfig, device: torch.device) -> str:
+    if cfg.backend != Backend.auto:
+        return cfg.backend.value
+    return "nccl" if device.type == "cuda" else "gloo"
+
+
+def init_process_group(cfg: LauncherConfig, env: DistEnv, device: torch.device) -> str:
+    """Join the job's process group (a group of one without a launcher); return the backend."""
+    backend = select_backend(cfg, device)
+    if not dist.is_initialized():
+        if "MASTER_ADDR" not in os.environ:  # run without torchrun: a world of one
+            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+            os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        dist.init_process_group(
+            backend=backend,
+            rank=env.rank,
+            world_size=env.world_size,
+            timeout=datetime.timedelta(seconds=cfg.timeout_s),
+        )
+    return backend
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def set_num_threads(num_threads: int | None, env: DistEnv) -> int:
+    """Intra-op threads: the configured number, else this node's cores shared by its ranks.
+
+    torchrun sets OMP_NUM_THREADS=1 for every rank; on a CPU-only node that leaves cores idle.
+    """
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    n = num_threads or max(1, cores // max(1, env.local_world_size))
+    torch.set_num_threads(n)
+    return n
+
+
+def _fused_optimizer(cfg: OptimizerConfig) -> tuple[type[torch.optim.Optimizer], dict]:
+    lr = cfg.embedding_lr if cfg.embedding_lr is not None else cfg.lr
+    if cfg.embedding == EmbeddingOptimizer.sgd:
+        return torch.optim.SGD, {"lr": lr}
+    if cfg.embedding == EmbeddingOptimizer.adagrad:
+        return torch.optim.Adagrad, {"lr": lr, "eps": cfg.eps}
+    if cfg.embedding == EmbeddingOptimizer.row_wise_adagrad:
+        return RowWiseAdagrad, {"lr": lr, "eps": cfg.eps}
+    return torch.optim.Adam, {"lr": lr, "eps": cfg.eps, "betas": tuple(cfg.betas)}
+
+
+def _dense_optimizer_factory(cfg: OptimizerConfig):
+    if cfg.dense == DenseOptimizer.sgd:
+        return lambda params: torch.optim.SGD(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.dense == DenseOptimizer.adagrad:
+        return lambda params: torch.optim.Adagrad(params, lr=cfg.lr, eps=cfg.eps, weight_decay=cfg.weight_decay)
+    return lambda params: torch.optim.Adam(params, lr=cfg.lr, eps=cfg.eps, betas=tuple(cfg.betas),
+                                           weight_decay=cfg.weight_decay)
+
+
+def table_names(model: nn.Module) -> list[str]:
+    from torchrec.modules.embedding_modules import EmbeddingBagCollection
+
+    return [t.name for m in model.modules() if isinstance(m, EmbeddingBagCollection) for t in m.embedding_bag_configs()]
+
+
+def constraints_from_config(cfg: ShardingConfig, tables: list[str]) -> dict[str, ParameterConstraints]:
+    """Planner constraints: the group-wide allowed types/kernels, then per-table overrides.
+
+    Raises:
+        ValueError: a per-table key names no table of the model.
+    """
+    unknown = sorted(set(cfg.tables) - set(tables))
+    if unknown:
+        raise ValueError(f"sharding.tables names unknown table(s) {unknown}; the model's tables are {tables}")
+    out = {}
+    for name in tables:
+        c = cfg.tables.get(name)
+        sharding_types = (c.sharding_types if c and c.sharding_types else cfg.sharding_types) or None
+        kernels = (c.compute_kernels if c and c.compute_kernels else cfg.compute_kernels) or None
+        if sharding_types or kernels:
+            out[name] = ParameterConstraints(sharding_types=sharding_types, compute_kernels=kernels)
+    return out
+
+
+def plan_sharding(model: nn.Module, cfg: ShardingConfig, env: DistEnv, device: torch.device,
+                  local_batch_size: int, collective: bool = True) -> ShardingPlan:
+    """Run TorchRec's EmbeddingShardingPlanner (collectively: every rank gets rank 0's plan)."""
+    hbm_cap = int(cfg.hbm_cap_gb * 1024**3) if cfg.hbm_cap_gb else None
+    topology = TopologyFactory.create_topology(
+        PlannerTrainerConfig(world_size=env.world_size, local_world_size=env.local_world_size, hbm_cap_bytes=hbm_cap),
+        kernel_config=KernelConfig(compute_device=device.type),
+    )
+    planner = EmbeddingShardingPlanner(
+        topology=topology,
+        batch_size=local_batch_size,
+        constraints=constraints_from_config(cfg, table_names(model)),
+        storage_reservation=FixedPercentageStorageReservation(cfg.storage_reservation),
+    )
+    sharders = get_default_sharders()
+    if collective and dist.is_initialized():
+        return planner.collective_plan(model, sharders, dist.GroupMember.WORLD)
+    return planner.plan(model, sharders)
+
+
+def describe_plan(plan: ShardingPlan) -> list[str]:
+    """One line per table: sharding type, kernel, ranks."""
+    lines = []
+    for module_path, module_plan in plan.plan.items():
+        for table, ps in module_plan.items():  # type: ignore[union-attr]
+            lines.append(f"{module_path}.{table}: {ps.sharding_type} / {ps.compute_kernel} on ranks {ps.ranks}")
+    return lines
+
+
+def shard_model(model: nn.Module, sharding: ShardingConfig, optimizer: OptimizerConfig, env: DistEnv,
+                device: torch.device, local_batch_size: int) -> tuple[DistributedModelParallel, CombinedOptimizer]:
+    """Fuse the table optimizer into backward, plan, wrap in DMP; return the model and its optimizer.
+
+    FBGEMM applies the sparse update inside backward; the dense optimizer must skip those parameters,
+    which ``in_backward_optimizer_filter`` does.
+    """
+    opt_cls, opt_kwargs = _fused_optimizer(optimizer)
+    embedding_params = [p for n, p in model.named_parameters() if "embedding_bags" in n]
+    apply_optimizer_in_backward(opt_cls, embedding_params, opt_kwargs)
+    plan = plan_sharding(model, sharding, env, device, local_batch_size)
+    if sharding.print_plan and env.is_rank_zero:
+        logger.info("sharding plan (%d ranks):\n  %s", env.world_size, "\n  ".join(describe_plan(plan)))
+    dmp = DistributedModelParallel(module=model, device=device, plan=plan)
+    dense = KeyedOptimizerWrapper(dict(in_backward_optimizer_filter(dmp.named_parameters())),
+                                  _dense_optimizer_factory(optimizer))
+    return dmp, CombinedOptimizer([dmp.fused_optimizer, dense])

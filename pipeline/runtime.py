@@ -1,0 +1,70 @@
+"""Process-level facts every rank agrees on: rank, world size, the run id, the run folder.
+
+Hydra resolves ``${now:...}`` separately in each rank, so ranks started a second apart would write
+to different folders. The run id comes from the launcher instead (see :func:`run_id`), and only rank 0
+writes Hydra's ``.hydra/`` folder.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+from dataclasses import dataclass
+
+from omegaconf import OmegaConf
+
+
+def env_rank() -> int:
+    """Global rank from the launcher's environment (0 when not launched by torchrun/TorchX)."""
+    return int(os.environ.get("RANK", "0"))
+
+
+def run_id() -> str:
+    """One id per job, equal on every rank and node.
+
+    ``PIPELINE_RUN_ID`` (set by launch.sh) wins; else torchrun's rendezvous id (the TorchX app id,
+    or a UUID with ``--standalone``); else the local time, for a single process.
+    """
+    explicit = os.environ.get("PIPELINE_RUN_ID")
+    if explicit:
+        return explicit
+    elastic = os.environ.get("TORCHELASTIC_RUN_ID", "")
+    if elastic and elastic != "none":
+        return elastic
+    return _dt.datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+
+
+def _rank_zero_only(value: str, other: str | None = None) -> str | None:
+    return value if env_rank() == 0 else other
+
+
+def register_resolvers() -> None:
+    """Register ``${run_id:}`` and ``${rank_zero_only:a[,b]}``; call before Hydra composes."""
+    if not OmegaConf.has_resolver("run_id"):
+        OmegaConf.register_new_resolver("run_id", run_id, use_cache=True)
+    if not OmegaConf.has_resolver("rank_zero_only"):
+        OmegaConf.register_new_resolver("rank_zero_only", _rank_zero_only)
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    """Rank layout of this process, read once from the launcher's environment."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    local_world_size: int
+
+    @property
+    def is_rank_zero(self) -> bool:
+        return self.rank == 0
+
+    @classmethod
+    def from_environ(cls) -> "DistEnv":
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        return cls(
+            rank=env_rank(),
+            world_size=world_size,
+            local_rank=int(os.environ.get("LOCAL_RANK", "0")),
+            local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", str(world_size))),
+        )

@@ -1,0 +1,221 @@
+"""The training loop: TrainPipelineSparseDist over a sharded DLRM, periodic and final evaluation."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
+
+from pipeline.config import TrainConfig, validate
+from pipeline.data.loader import BinarySplit, eval_batches, num_train_batches, train_batches
+from pipeline.data.prepare import prepare_data_distributed
+from pipeline.distributed.sharding import init_process_group, select_device, set_num_threads, shard_model
+from pipeline.metrics.evaluator import PredictionGatherer
+from pipeline.metrics.functional import BinaryMetrics
+from pipeline.model.dlrm import build_model
+from pipeline.runtime import DistEnv
+
+logger = logging.getLogger(__name__)
+
+
+class RunWriter:
+    """Rank 0's files in the run folder: metrics.jsonl (one event per line) and summary.json."""
+
+    def __init__(self, run_dir: Path, enabled: bool):
+        self.run_dir = run_dir
+        self.enabled = enabled
+        self._metrics = open(run_dir / "metrics.jsonl", "a") if enabled else None
+
+    def event(self, record: dict) -> None:
+        if self._metrics is not None:
+            self._metrics.write(json.dumps(record) + "\n")
+            self._metrics.flush()
+
+    def summary(self, record: dict) -> None:
+        if self.enabled:
+            (self.run_dir / "summary.json").write_text(json.dumps(record, indent=2) + "\n")
+
+    def close(self) -> None:
+        if self._metrics is not None:
+            self._metrics.close()
+            self._metrics = None
+
+
+class Trainer:
+    """Owns the process group, the sharded model, its optimizers and the data of one job."""
+
+    def __init__(self, cfg: TrainConfig, run_dir: str | Path):
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        self.env = DistEnv.from_environ()
+        validate(cfg, self.env.world_size)
+        if cfg.trainer.run_doctor:
+            from pipeline.doctor import check_environment
+
+            check_environment()
+        self.device = select_device(cfg.trainer, self.env)
+        self.backend = init_process_group(cfg.launcher, self.env, self.device)
+        self.num_threads = set_num_threads(cfg.trainer.num_threads, self.env)
+        self.writer = RunWriter(self.run_dir, self.env.is_rank_zero)
+        logger.info(
+            "rank %d/%d on %s, backend %s, %d threads, run folder %s",
+            self.env.rank, self.env.world_size, self.device, self.backend, self.num_threads, self.run_dir,
+        )
+
+        self.manifest = prepare_data_distributed(cfg.data, self.env.is_rank_zero)
+        self.train_split = BinarySplit(cfg.data.processed_dir, "train", self.manifest)
+        self.eval_splits = {s: BinarySplit(cfg.data.processed_dir, s, self.manifest) for s in ("val", "test")}
+
+        torch.manual_seed(cfg.trainer.seed)  # identical MLP init on every rank (DDP also broadcasts)
+        model = build_model(cfg.model, self.manifest["num_embeddings_per_feature"])
+        self.local_batch_size = cfg.data.global_batch_size // self.env.world_size
+        self.model, self.optimizer = shard_model(
+            model, cfg.sharding, cfg.optimizer, self.env, self.device, self.local_batch_size
+        )
+        self.steps_per_epoch = num_train_batches(len(self.train_split), cfg.data.global_batch_size)
+        self.total_steps = cfg.trainer.max_steps or self.steps_per_epoch * cfg.trainer.num_epochs
+        self.step = 0
+        self.train_seconds = 0.0
+
+    # -- evaluation ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self, split: str, max_batches: int | None = None) -> BinaryMetrics:
+        """Exact metrics of the current model on ``split`` over all ranks (same result on each)."""
+        self.model.eval()
+        gatherer = PredictionGatherer()
+        batches = eval_batches(self.eval_splits[split], self.cfg.data.eval_global_batch_size,
+                               self.env.rank, self.env.world_size, max_batches)
+        for eb in batches:
+            _, (_, logits, labels) = self.model(eb.batch.to(self.device))
+            gatherer.update(logits, labels, eb.weights)
+        self.model.train()
+        return gatherer.compute()
+
+    def _log_eval(self, split: str, metrics: BinaryMetrics, seconds: float, partial: bool) -> None:
+        record = {"event": "eval", "split": split, "step": self.step,
+                  "samples": self.step * self.cfg.data.global_batch_size, "partial": partial,
+                  **{f"eval/{k}": v for k, v in asdict(metrics).items()}, "eval/seconds": round(seconds, 3)}
+        self.writer.event(record)
+        logger.info(
+            "eval %s step %d: auc %.4f logloss %.4f ne %.4f acc %.4f calibration %.3f (%s rows%s)",
+            split, self.step, metrics.auc, metrics.logloss, metrics.normalized_entropy, metrics.accuracy,
+            metrics.calibration, f"{metrics.num_samples:,}", ", partial" if partial else "",
+        )
+
+    def _timed_eval(self, split: str, max_batches: int | None) -> BinaryMetrics:
+        t0 = time.perf_counter()
+        metrics = self.evaluate(split, max_batches)
+        self._log_eval(split, metrics, time.perf_counter() - t0, partial=max_batches is not None)
+        return metrics
+
+    # -- training -----------------------------------------------------------------------------
+    def train(self) -> dict:
+        """Train for the configured steps, evaluate, write summary.json; return the summary."""
+        cfg, env = self.cfg, self.env
+        gbs = cfg.data.global_batch_size
+        batches = train_batches(self.train_split, gbs, env.rank, env.world_size, cfg.trainer.seed, cfg.data.shuffle)
+        pipeline = TrainPipelineSparseDist(self.model, self.optimizer, self.device, execute_all_batches=True)
+        log_every = max(1, cfg.logger.log_every_steps)
+        eval_every = cfg.trainer.eval_every_steps
+        logger.info(
+            "training %d steps (%d per epoch) at global batch %d (%d per rank), %s rows",
+            self.total_steps, self.steps_per_epoch, gbs, self.local_batch_size, f"{len(self.train_split):,}",
+        )
+        bar = tqdm(total=self.total_steps * gbs, unit="sample", unit_scale=True, mininterval=2.0,
+                   disable=not (env.is_rank_zero and cfg.logger.progress_bar), desc="train")
+        wall0 = time.perf_counter()
+        loss_sum = torch.zeros((), device=self.device)
+        window_steps, window_t0 = 0, time.perf_counter()
+        while self.step < self.total_steps:
+            loss, _, _ = pipeline.progress(batches)
+            self.step += 1
+            loss_sum += loss  # stays on device: no host sync per step
+            window_steps += 1
+            bar.update(gbs)
+            if self.step % log_every == 0 or self.step == self.total_steps:
+                window_s = time.perf_counter() - window_t0
+                self.train_seconds += window_s
+                mean_loss = self._mean_over_ranks(loss_sum / window_steps)
+                rate = window_steps * gbs / window_s
+                self.writer.event({"event": "train", "step": self.step, "epoch": (self.step - 1) // self.steps_per_epoch,
+                                   "samples": self.step * gbs, "train/loss": mean_loss, "train/samples_per_s": rate,
+                                   "lr": cfg.optimizer.lr, "time_s": round(time.perf_counter() - wall0, 3)})
+                bar.set_postfix(loss=f"{mean_loss:.4f}")
+                loss_sum.zero_()
+                window_steps, window_t0 = 0, time.perf_counter()
+            if eval_every and self.step % eval_every == 0 and self.step < self.total_steps:
+                self.train_seconds += time.perf_counter() - window_t0
+                pipeline.detach()  # a direct forward must not consume the pipeline's prefetched batch
+                self._timed_eval("val", cfg.trainer.eval_max_batches)
+                window_t0 = time.perf_counter()
+        bar.close()
+        pipeline.detach()
+        final = {split: self._timed_eval(split, None) for split in ("val", "test")}
+        return self._finish(final, time.perf_counter() - wall0)
+
+    def _mean_over_ranks(self, value: torch.Tensor) -> float:
+        if self.env.world_size > 1:
+            value = value.clone()
+            dist.all_reduce(value)
+            value /= self.env.world_size
+        return value.item()
+
+    def _finish(self, final: dict[str, BinaryMetrics], wall_s: float) -> dict:
+        optimum = self.manifest.get("optimum")
+        samples = self.step * self.cfg.data.global_batch_size
+        summary = {
+            "run_dir": str(self.run_dir),
+            "world_size": self.env.world_size,
+            "backend": self.backend,
+            "device": str(self.device),
+            "data": self.cfg.data.name,
+            "model": self.cfg.model.name,
+            "steps": self.step,
+            "epochs": self.step / self.steps_per_epoch,
+            "samples": samples,
+            "global_batch_size": self.cfg.data.global_batch_size,
+            "train_samples_per_s": samples / self.train_seconds if self.train_seconds else None,
+            "train_seconds": round(self.train_seconds, 3),
+            "wall_seconds": round(wall_s, 3),
+            "final": {s: asdict(m) for s, m in final.items()},
+            "optimum": optimum,
+        }
+        if optimum:
+            summary["gap_to_optimum"] = {
+                s: {"auc": optimum[s]["auc"] - m.auc, "logloss": m.logloss - optimum[s]["logloss"]}
+                for s, m in final.items() if s in optimum
+            }
+        self.writer.summary(summary)
+        if self.env.is_rank_zero:
+            logger.info("final metrics%s:\n%s", " beside the data's optimum" if optimum else "",
+                        format_final(final, optimum))
+            logger.info("throughput %.0f samples/s over %d steps; wall %.1fs; summary in %s",
+                        summary["train_samples_per_s"] or 0, self.step, wall_s, self.run_dir / "summary.json")
+        return summary
+
+    def close(self) -> None:
+        self.writer.close()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def format_final(final: dict[str, BinaryMetrics], optimum: dict | None) -> str:
+    """A small table: split, our AUC/logloss/NE, and the Bayes-optimal values when known."""
+    head = f"{'split':<6} {'auc':>8} {'logloss':>8} {'ne':>8} {'calib':>7}"
+    if optimum:
+        head += f" | {'opt auc':>8} {'opt logloss':>11} {'auc gap':>8}"
+    rows = [head]
+    for split, m in final.items():
+        row = f"{split:<6} {m.auc:>8.4f} {m.logloss:>8.4f} {m.normalized_entropy:>8.4f} {m.calibration:>7.3f}"
+        if optimum and split in optimum:
+            o = optimum[split]
+            row += f" | {o['auc']:>8.4f} {o['logloss']:>11.4f} {o['auc'] - m.auc:>8.4f}"
+        rows.append(row)
+    return "\n".join(rows)
