@@ -69,7 +69,7 @@ case "$cmd" in
   test)
     setup; exec "$VENV/bin/python" -m pytest "$@" ;;
   preprocess)
-    setup; exec "$VENV/bin/python" -m pipeline.preprocess "$@" ;;
+    setup; exec "$VENV/bin/python" -m pipeline.preprocess "hydra.run.dir=outputs/preprocess-$(run_id)" "$@" ;;
   train)
     setup
     export PIPELINE_RUN_ID; PIPELINE_RUN_ID="$(run_id)"

@@ -116,21 +116,14 @@ class DataConfig:
 
 
 @dataclass
-class TableConstraintConfig:
-    """Planner constraints for one table (empty lists let the planner choose)."""
-
-    sharding_types: list[str] = field(default_factory=list)  # table_wise|row_wise|column_wise|data_parallel|...
-    compute_kernels: list[str] = field(default_factory=list)  # fused|dense|fused_uvm|fused_uvm_caching|...
-
-
-@dataclass
 class ShardingConfig:
     """EmbeddingShardingPlanner settings."""
 
     name: str = "auto"  # preset name, for logs
     sharding_types: list[str] = field(default_factory=list)  # allowed for every table; [] = planner's choice
     compute_kernels: list[str] = field(default_factory=lambda: ["fused"])  # allowed for every table
-    tables: dict[str, TableConstraintConfig] = field(default_factory=dict)  # per-table overrides, by table name
+    table_sharding_types: dict[str, list[str]] = field(default_factory=dict)  # per table name, overrides sharding_types
+    table_compute_kernels: dict[str, list[str]] = field(default_factory=dict)  # per table name, overrides compute_kernels
     storage_reservation: float = 0.15  # fraction of each device's memory the planner keeps free
     hbm_cap_gb: float | None = None  # per-GPU memory the planner may plan for; null = detected
     print_plan: bool = True  # log the plan on rank 0 at start
@@ -219,8 +212,8 @@ _SHARDING_TYPES = {"table_wise", "row_wise", "column_wise", "data_parallel", "ta
 _COMPUTE_KERNELS = {"dense", "fused", "fused_uvm", "fused_uvm_caching", "key_value"}
 
 
-def validate(cfg: TrainConfig, world_size: int) -> None:
-    """Check rules that span fields or depend on the world size.
+def validate(cfg: TrainConfig, world_size: int, device_type: str = "cpu") -> None:
+    """Check rules that span fields or depend on the world size and device.
 
     Raises:
         ConfigError: naming the key(s) and the fix.
@@ -270,12 +263,29 @@ def validate(cfg: TrainConfig, world_size: int) -> None:
         raise ConfigError(f"sharding.storage_reservation={cfg.sharding.storage_reservation} must be in [0, 1)")
     checks = [("sharding.sharding_types", cfg.sharding.sharding_types, _SHARDING_TYPES),
               ("sharding.compute_kernels", cfg.sharding.compute_kernels, _COMPUTE_KERNELS)]
-    for table, c in cfg.sharding.tables.items():
-        checks.append((f"sharding.tables.{table}.sharding_types", c.sharding_types, _SHARDING_TYPES))
-        checks.append((f"sharding.tables.{table}.compute_kernels", c.compute_kernels, _COMPUTE_KERNELS))
+    for table, values in cfg.sharding.table_sharding_types.items():
+        checks.append((f"sharding.table_sharding_types.{table}", values, _SHARDING_TYPES))
+    for table, values in cfg.sharding.table_compute_kernels.items():
+        checks.append((f"sharding.table_compute_kernels.{table}", values, _COMPUTE_KERNELS))
     for key, values, allowed in checks:
         unknown = sorted(set(values) - allowed)
         if unknown:
             raise ConfigError(f"{key} has unknown value(s) {unknown}; allowed: {sorted(allowed)}")
+    cuda_only = {"row_wise", "table_row_wise", "grid_shard"}
+    if device_type == "cpu":
+        asked = [("sharding.sharding_types", cfg.sharding.sharding_types)]
+        asked += [(f"sharding.table_sharding_types.{n}", v) for n, v in cfg.sharding.table_sharding_types.items()]
+        for key, values in asked:
+            if values and set(values) <= cuda_only:
+                raise ConfigError(
+                    f"{key}={values}: TorchRec shards tables row-wise only on CUDA. On CPU use table_wise, "
+                    "column_wise, table_column_wise or data_parallel (e.g. sharding=column_wise)"
+                )
+    fused_only = not (set(cfg.sharding.sharding_types) == {"data_parallel"})
+    if device_type == "cpu" and cfg.optimizer.embedding == EmbeddingOptimizer.adam and fused_only:
+        raise ConfigError(
+            "optimizer.embedding=adam: FBGEMM's fused CPU kernel has no Adam (its CUDA kernel does). On CPU use "
+            "sharding=data_parallel (tables replicated, small tables only) or optimizer.embedding=row_wise_adagrad"
+        )
     if t.device == Device.cpu and cfg.launcher.backend == Backend.nccl:
         raise ConfigError("launcher.backend=nccl needs CUDA but trainer.device=cpu: use launcher.backend=gloo")

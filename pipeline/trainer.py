@@ -55,12 +55,12 @@ class Trainer:
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         self.env = DistEnv.from_environ()
-        validate(cfg, self.env.world_size)
         if cfg.trainer.run_doctor:
             from pipeline.doctor import check_environment
 
             check_environment()
         self.device = select_device(cfg.trainer, self.env)
+        validate(cfg, self.env.world_size, self.device.type)
         self.backend = init_process_group(cfg.launcher, self.env, self.device)
         self.num_threads = set_num_threads(cfg.trainer.num_threads, self.env)
         self.writer = RunWriter(self.run_dir, self.env.is_rank_zero)

@@ -20,7 +20,7 @@ from torchrec.distributed.planner.storage_reservations import FixedPercentageSto
 from torchrec.distributed.planner.types import KernelConfig, TopologyFactory
 from torchrec.distributed.planner.types import TrainerConfig as PlannerTrainerConfig
 from torchrec.distributed.types import ShardingPlan
-from torchrec.optim import RowWiseAdagrad
+from torchrec import optim as trec_optim
 from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
@@ -92,14 +92,19 @@ def set_num_threads(num_threads: int | None, env: DistEnv) -> int:
 
 
 def _fused_optimizer(cfg: OptimizerConfig) -> tuple[type[torch.optim.Optimizer], dict]:
+    """The table optimizer and its FBGEMM arguments.
+
+    TorchRec's optimizer classes accept (and ignore) FBGEMM-only keyword arguments, and the kwargs
+    are handed to FBGEMM's fused kernel as they are: Adam's betas must be spelled beta1/beta2.
+    """
     lr = cfg.embedding_lr if cfg.embedding_lr is not None else cfg.lr
     if cfg.embedding == EmbeddingOptimizer.sgd:
-        return torch.optim.SGD, {"lr": lr}
+        return trec_optim.SGD, {"lr": lr}
     if cfg.embedding == EmbeddingOptimizer.adagrad:
-        return torch.optim.Adagrad, {"lr": lr, "eps": cfg.eps}
+        return trec_optim.Adagrad, {"lr": lr, "eps": cfg.eps}
     if cfg.embedding == EmbeddingOptimizer.row_wise_adagrad:
-        return RowWiseAdagrad, {"lr": lr, "eps": cfg.eps}
-    return torch.optim.Adam, {"lr": lr, "eps": cfg.eps, "betas": tuple(cfg.betas)}
+        return trec_optim.RowWiseAdagrad, {"lr": lr, "eps": cfg.eps}
+    return trec_optim.Adam, {"lr": lr, "eps": cfg.eps, "beta1": cfg.betas[0], "beta2": cfg.betas[1]}
 
 
 def _dense_optimizer_factory(cfg: OptimizerConfig):
@@ -123,14 +128,14 @@ def constraints_from_config(cfg: ShardingConfig, tables: list[str]) -> dict[str,
     Raises:
         ValueError: a per-table key names no table of the model.
     """
-    unknown = sorted(set(cfg.tables) - set(tables))
-    if unknown:
-        raise ValueError(f"sharding.tables names unknown table(s) {unknown}; the model's tables are {tables}")
+    for key, per_table in (("table_sharding_types", cfg.table_sharding_types), ("table_compute_kernels", cfg.table_compute_kernels)):
+        unknown = sorted(set(per_table) - set(tables))
+        if unknown:
+            raise ValueError(f"sharding.{key} names unknown table(s) {unknown}; the model's tables are {tables}")
     out = {}
     for name in tables:
-        c = cfg.tables.get(name)
-        sharding_types = (c.sharding_types if c and c.sharding_types else cfg.sharding_types) or None
-        kernels = (c.compute_kernels if c and c.compute_kernels else cfg.compute_kernels) or None
+        sharding_types = cfg.table_sharding_types.get(name) or cfg.sharding_types or None
+        kernels = cfg.table_compute_kernels.get(name) or cfg.compute_kernels or None
         if sharding_types or kernels:
             out[name] = ParameterConstraints(sharding_types=sharding_types, compute_kernels=kernels)
     return out

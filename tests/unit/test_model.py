@@ -1,0 +1,48 @@
+"""Model shapes (479/506-wide top input) and the self-interaction against a direct computation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from pipeline.config import ModelConfig
+from pipeline.data.criteo import SPARSE_FEATURE_NAMES
+from pipeline.model.dlrm import DotInteraction, build_model
+
+
+@pytest.mark.parametrize(("self_interaction", "num_pairs", "top_in"), [(False, 351, 479), (True, 378, 506)])
+def test_criteo_top_mlp_input_width(self_interaction: bool, num_pairs: int, top_in: int) -> None:
+    model = build_model(ModelConfig(self_interaction=self_interaction), [1000] * 26)
+    dlrm = model.model
+    assert dlrm.top_in_features == top_in
+    assert top_in - 128 == num_pairs
+    assert [layer.in_features for layer in dlrm.dense_arch.model._mlp.modules() if isinstance(layer, torch.nn.Linear)] == [13, 512, 256]
+    assert len(dlrm.sparse_arch.embedding_bag_collection.embedding_bag_configs()) == 26
+
+
+def test_dot_interaction_with_diagonal_matches_direct_products() -> None:
+    b, f, d = 3, 4, 5
+    dense, sparse = torch.randn(b, d), torch.randn(b, f, d)
+    out = DotInteraction(f, self_interaction=True)(dense, sparse)
+    vectors = torch.cat([dense.unsqueeze(1), sparse], dim=1)
+    expected = [vectors[:, i] @ vectors[:, j].T for i in range(f + 1) for j in range(i, f + 1)]
+    expected = torch.stack([e.diagonal() for e in expected], dim=1)
+    assert out.shape == (b, d + (f + 1) * (f + 2) // 2)
+    torch.testing.assert_close(out[:, :d], dense)
+    torch.testing.assert_close(out[:, d:], expected)
+
+
+def test_forward_gives_one_logit_per_sample() -> None:
+    cfg = ModelConfig(embedding_dim=8, dense_arch_layer_sizes=[16, 8], over_arch_layer_sizes=[16, 1], self_interaction=True)
+    model = build_model(cfg, [50] * 26)
+    # Materialise the meta-device tables for a plain (unsharded) forward.
+    ebc = model.model.sparse_arch.embedding_bag_collection
+    ebc.to_empty(device="cpu")
+    for p in ebc.parameters():
+        torch.nn.init.uniform_(p, -0.1, 0.1)
+    b = 6
+    kjt = KeyedJaggedTensor(keys=SPARSE_FEATURE_NAMES, values=torch.randint(0, 50, (26 * b,)),
+                            lengths=torch.ones(26 * b, dtype=torch.int32), stride=b)
+    logits = model.model(torch.randn(b, 13), kjt)
+    assert logits.shape == (b, 1)

@@ -1,0 +1,118 @@
+"""Raw TSV -> binary -> batches: values survive the round trip; ranks split batches exactly."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.config import DataConfig, IdMode, SplitMode, SyntheticConfig
+from pipeline.data import synthetic
+from pipeline.data.criteo import RawDataError, read_blocks
+from pipeline.data.loader import BinarySplit, eval_batches, train_batches
+from pipeline.data.preprocess import MISSING_ID, is_current, preprocess
+
+SMALL = SyntheticConfig(num_train_rows=5000, num_val_rows=1500, num_test_rows=1000, max_cardinality=200, seed=3)
+
+
+@pytest.fixture(scope="module")
+def processed(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pp")
+    synthetic.generate(SMALL, root / "raw")
+    cfg = DataConfig(name="t", raw_dir=str(root / "raw"), processed_dir=str(root / "out"), split=SplitMode.files)
+    return cfg, preprocess(cfg)
+
+
+def _raw_rows(path) -> list[list[str]]:
+    return [line.split("\t") for line in path.read_text().splitlines()]
+
+
+def test_round_trip_dense_labels_and_ids(processed) -> None:
+    cfg, manifest = processed
+    rows = _raw_rows(synthetic_path(cfg, "val"))
+    split = BinarySplit(cfg.processed_dir, "val")
+    assert len(split) == len(rows) == manifest["splits"]["val"]["num_rows"]
+    dense = np.array(split.arrays["dense"])
+    raw_dense = np.array([[float(v) if v else np.nan for v in r[1:14]] for r in rows])
+    expected = np.where(np.isnan(raw_dense), 0.0, np.log1p(np.maximum(np.nan_to_num(raw_dense), 0)))
+    np.testing.assert_allclose(dense, expected, rtol=1e-6)
+    assert (raw_dense < 0).any(), "the data has negative values to exercise the clip"
+    np.testing.assert_array_equal(np.array(split.arrays["labels"]), [int(r[0]) for r in rows])
+    ids = np.array(split.arrays["sparse"])
+    raw_cats = np.array([r[14:] for r in rows])
+    assert ((raw_cats == "") == (ids == MISSING_ID)).all(), "missing <-> id 0, nothing else is id 0"
+    for j in range(26):  # one raw hash <-> one id, within and across splits
+        pairs = set(zip(raw_cats[:, j], ids[:, j]))
+        assert len(pairs) == len({h for h, _ in pairs})
+    sizes = manifest["num_embeddings_per_feature"]
+    assert len(sizes) == 26 and (ids.max(axis=0) < np.array(sizes)).all()
+
+
+def synthetic_path(cfg: DataConfig, split: str):
+    from pathlib import Path
+
+    return Path(cfg.raw_dir) / f"{split}.tsv"
+
+
+def test_manifest_is_reused_until_settings_change(processed) -> None:
+    cfg, _ = processed
+    assert is_current(cfg)
+    assert not is_current(DataConfig(**{**cfg.__dict__, "id_mode": IdMode.hash}))
+
+
+def test_hash_mode_maps_modulo_the_cap(tmp_path, processed) -> None:
+    cfg, _ = processed
+    hcfg = DataConfig(**{**cfg.__dict__, "processed_dir": str(tmp_path), "id_mode": IdMode.hash, "max_ids_per_feature": 97})
+    manifest = preprocess(hcfg)
+    assert manifest["num_embeddings_per_feature"] == [97] * 26
+    rows = _raw_rows(synthetic_path(cfg, "test"))
+    ids = np.array(BinarySplit(tmp_path, "test").arrays["sparse"])
+    for i in (0, 1, 2):
+        for j in range(26):
+            h = rows[i][14 + j]
+            assert ids[i, j] == (0 if h == "" else 1 + int(h, 16) % 96)
+
+
+def test_two_ranks_split_each_global_batch_of_one(processed) -> None:
+    cfg, _ = processed
+    split = BinarySplit(cfg.processed_dir, "train")
+    one = train_batches(split, 512, 0, 1, seed=1, shuffle=True, num_epochs=1)
+    r0 = train_batches(split, 512, 0, 2, seed=1, shuffle=True, num_epochs=1)
+    r1 = train_batches(split, 512, 1, 2, seed=1, shuffle=True, num_epochs=1)
+    n = 0
+    for b, b0, b1 in zip(one, r0, r1):
+        n += 1
+        assert b0.labels.numel() == b1.labels.numel() == 256
+        both = torch.cat([b0.dense_features, b1.dense_features])
+        assert sorted(map(tuple, both.tolist())) == sorted(map(tuple, b.dense_features.tolist()))
+    assert n == len(split) // 512
+
+
+def test_epoch_visits_each_row_once_and_reshuffles(processed) -> None:
+    cfg, _ = processed
+    split = BinarySplit(cfg.processed_dir, "train")
+    from pipeline.data.loader import epoch_order
+
+    e0, e1 = epoch_order(len(split), 1, 0, True), epoch_order(len(split), 1, 1, True)
+    assert sorted(e0) == list(range(len(split)))
+    assert not np.array_equal(e0, e1)
+
+
+def test_eval_batches_cover_every_row_exactly_once(processed) -> None:
+    cfg, _ = processed
+    split = BinarySplit(cfg.processed_dir, "val")  # 1500 rows: the last global batch is partial
+    labels = []
+    for rank in range(2):
+        for eb in eval_batches(split, 1024, rank, 2):
+            labels.append(eb.batch.labels[eb.weights > 0])
+    assert sum(len(x) for x in labels) == len(split)
+    assert torch.cat(labels).sum().item() == int(np.array(split.arrays["labels"]).sum())
+
+
+def test_bad_row_names_file_line_and_field(tmp_path) -> None:
+    good = "\t".join(["1", *["1"] * 13, *["0a1b2c3d"] * 26])
+    bad = "\t".join(["0", *["1"] * 13, "xyz12345", *["0a1b2c3d"] * 25])
+    path = tmp_path / "bad.tsv"
+    path.write_text(f"{good}\n{good}\n{bad}\n")
+    with pytest.raises(RawDataError, match=r"bad.tsv:3: field C1 is not 8 hex digits"):
+        list(read_blocks(path))
