@@ -83,10 +83,10 @@ class ModelConfig:
 class SyntheticConfig:
     """Synthetic Criteo-format click log with a known ground-truth click probability."""
 
-    num_train_rows: int = 1_000_000  # rows of train.tsv
+    num_train_rows: int = 2_000_000  # rows of train.tsv
     num_val_rows: int = 100_000  # rows of val.tsv
     num_test_rows: int = 100_000  # rows of test.tsv
-    max_cardinality: int = 10_000  # Criteo Kaggle cardinalities, each capped at this
+    max_cardinality: int = 1_000  # Criteo Kaggle cardinalities, each capped at this
     zipf_alpha: float = 1.2  # id popularity exponent (P(rank k) ~ k^-alpha)
     target_ctr: float = 0.25  # mean click probability the bias is solved for
     seed: int = 0  # everything the generator draws comes from this seed
@@ -136,7 +136,7 @@ class OptimizerConfig:
     name: str = "row_wise_adagrad"  # preset name, for logs
     embedding: EmbeddingOptimizer = EmbeddingOptimizer.row_wise_adagrad  # fused into backward by FBGEMM
     dense: DenseOptimizer = DenseOptimizer.adagrad  # applied to MLP parameters after backward
-    lr: float = 0.02  # learning rate of both, unless embedding_lr is set
+    lr: float = 0.005  # learning rate of both, unless embedding_lr is set
     embedding_lr: float | None = None  # learning rate of the tables; null = lr
     eps: float = 1e-8  # Adagrad/Adam epsilon
     weight_decay: float = 0.0  # dense optimizer only
