@@ -38,6 +38,11 @@ class DenseOptimizer(str, enum.Enum):
     adam = "adam"
 
 
+class LrDecay(str, enum.Enum):
+    none = "none"  # constant after warmup
+    linear = "linear"  # linear from decay_start to final_lr_fraction at the last step
+
+
 class IdMode(str, enum.Enum):
     """How raw 32-bit categorical hashes become table rows."""
 
@@ -83,7 +88,7 @@ class ModelConfig:
 class SyntheticConfig:
     """Synthetic Criteo-format click log with a known ground-truth click probability."""
 
-    num_train_rows: int = 2_000_000  # rows of train.tsv
+    num_train_rows: int = 3_000_000  # rows of train.tsv
     num_val_rows: int = 100_000  # rows of val.tsv
     num_test_rows: int = 100_000  # rows of test.tsv
     max_cardinality: int = 1_000  # Criteo Kaggle cardinalities, each capped at this
@@ -141,6 +146,10 @@ class OptimizerConfig:
     eps: float = 1e-8  # Adagrad/Adam epsilon
     weight_decay: float = 0.0  # dense optimizer only
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # Adam only
+    warmup_steps: int = 0  # linear warmup from 0 over this many steps (tables and MLPs alike)
+    decay: LrDecay = LrDecay.none  # schedule after warmup
+    decay_start: float = 0.5  # decay=linear: fraction of the run's steps after which decay begins
+    final_lr_fraction: float = 0.0  # decay=linear: lr at the last step, as a fraction of lr
 
 
 @dataclass
@@ -257,6 +266,13 @@ def validate(cfg: TrainConfig, world_size: int, device_type: str = "cpu") -> Non
         raise ConfigError(f"trainer.eval_every_steps={t.eval_every_steps} must be >= 0 (0 = only at the end)")
     if cfg.optimizer.lr <= 0:
         raise ConfigError(f"optimizer.lr={cfg.optimizer.lr} must be positive")
+    if not 0 <= cfg.optimizer.decay_start <= 1 or not 0 <= cfg.optimizer.final_lr_fraction <= 1:
+        raise ConfigError(
+            f"optimizer.decay_start={cfg.optimizer.decay_start} and optimizer.final_lr_fraction="
+            f"{cfg.optimizer.final_lr_fraction} must be in [0, 1]"
+        )
+    if cfg.optimizer.warmup_steps < 0:
+        raise ConfigError(f"optimizer.warmup_steps={cfg.optimizer.warmup_steps} must be >= 0")
     if len(cfg.optimizer.betas) != 2:
         raise ConfigError(f"optimizer.betas={cfg.optimizer.betas} must have two values")
     if not 0 <= cfg.sharding.storage_reservation < 1:

@@ -16,7 +16,13 @@ from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 from pipeline.config import TrainConfig, validate
 from pipeline.data.loader import BinarySplit, eval_batches, num_train_batches, train_batches
 from pipeline.data.prepare import prepare_data_distributed
-from pipeline.distributed.sharding import init_process_group, select_device, set_num_threads, shard_model
+from pipeline.distributed.sharding import (
+    init_process_group,
+    lr_scheduler,
+    select_device,
+    set_num_threads,
+    shard_model,
+)
 from pipeline.metrics.evaluator import PredictionGatherer
 from pipeline.metrics.functional import BinaryMetrics
 from pipeline.model.dlrm import build_model
@@ -81,6 +87,7 @@ class Trainer:
         )
         self.steps_per_epoch = num_train_batches(len(self.train_split), cfg.data.global_batch_size)
         self.total_steps = cfg.trainer.max_steps or self.steps_per_epoch * cfg.trainer.num_epochs
+        self.scheduler = lr_scheduler(self.optimizer, cfg.optimizer, self.total_steps)
         self.step = 0
         self.train_seconds = 0.0
 
@@ -135,6 +142,7 @@ class Trainer:
         window_steps, window_t0 = 0, time.perf_counter()
         while self.step < self.total_steps:
             loss, _, _ = pipeline.progress(batches)
+            self.scheduler.step()
             self.step += 1
             loss_sum += loss  # stays on device: no host sync per step
             window_steps += 1
@@ -146,7 +154,7 @@ class Trainer:
                 rate = window_steps * gbs / window_s
                 self.writer.event({"event": "train", "step": self.step, "epoch": (self.step - 1) // self.steps_per_epoch,
                                    "samples": self.step * gbs, "train/loss": mean_loss, "train/samples_per_s": rate,
-                                   "lr": cfg.optimizer.lr, "time_s": round(time.perf_counter() - wall0, 3)})
+                                   "lr": self.optimizer.param_groups[-1]["lr"], "time_s": round(time.perf_counter() - wall0, 3)})
                 bar.set_postfix(loss=f"{mean_loss:.4f}")
                 loss_sum.zero_()
                 window_steps, window_t0 = 0, time.perf_counter()

@@ -14,6 +14,7 @@ import os
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.optim.lr_scheduler import LambdaLR
 from torchrec.distributed.model_parallel import DistributedModelParallel, get_default_sharders
 from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints
 from torchrec.distributed.planner.storage_reservations import FixedPercentageStorageReservation
@@ -31,6 +32,7 @@ from pipeline.config import (
     Device,
     EmbeddingOptimizer,
     LauncherConfig,
+    LrDecay,
     OptimizerConfig,
     ShardingConfig,
     TrainerConfig,
@@ -105,6 +107,24 @@ def _fused_optimizer(cfg: OptimizerConfig) -> tuple[type[torch.optim.Optimizer],
     if cfg.embedding == EmbeddingOptimizer.row_wise_adagrad:
         return trec_optim.RowWiseAdagrad, {"lr": lr, "eps": cfg.eps}
     return trec_optim.Adam, {"lr": lr, "eps": cfg.eps, "beta1": cfg.betas[0], "beta2": cfg.betas[1]}
+
+
+def lr_factor(cfg: OptimizerConfig, total_steps: int, step: int) -> float:
+    """Multiplier of the base learning rates at ``step`` (0-based): warmup, then optional linear decay."""
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    if cfg.decay == LrDecay.linear:
+        start = max(cfg.warmup_steps, int(cfg.decay_start * total_steps))
+        if step >= start and total_steps > start:
+            progress = min(1.0, (step - start) / (total_steps - start))
+            return 1.0 - (1.0 - cfg.final_lr_fraction) * progress
+    return 1.0
+
+
+def lr_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimizerConfig, total_steps: int) -> LambdaLR:
+    """One schedule for both optimizers: TorchRec's fused optimizer hands its param group's lr to FBGEMM
+    on every step, so scaling the combined param groups also drives the tables' learning rate."""
+    return LambdaLR(optimizer, lambda step: lr_factor(cfg, total_steps, step))
 
 
 def _dense_optimizer_factory(cfg: OptimizerConfig):

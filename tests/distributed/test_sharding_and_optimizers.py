@@ -91,3 +91,14 @@ def test_row_wise_on_cpu_fails_with_the_fix(tmp_path, tiny_data_overrides) -> No
 
     with pytest.raises(ConfigError, match=r"sharding.sharding_types=\['row_wise'\]: TorchRec shards tables row-wise only on CUDA"):
         _trainer(tmp_path, [*tiny_data_overrides, "sharding=row_wise"])
+
+
+def test_schedule_drives_the_fused_table_lr(tmp_path, tiny_data_overrides) -> None:
+    trainer = _trainer(tmp_path, [*tiny_data_overrides, "optimizer.decay=linear", "optimizer.decay_start=0.0",
+                                  "optimizer.final_lr_fraction=0.5", "optimizer.embedding_lr=0.08"])
+    try:
+        trainer.train()
+        fused_lr = trainer.model.fused_optimizer.param_groups[0]["lr"]
+        assert fused_lr == pytest.approx(0.04), "the tables' lr followed the schedule to half"
+    finally:
+        trainer.close()
