@@ -78,8 +78,11 @@ def _hex_to_uint32(col: pa.Array, path: Path, first_line: int, name: str) -> tup
     return values, missing
 
 
-def read_blocks(path: str | Path, block_size_mb: int = 64) -> Iterator[RawBlock]:
+def read_blocks(path: str | Path, block_size_mb: int = 64, sparse_only: bool = False) -> Iterator[RawBlock]:
     """Stream a raw Criteo file as parsed blocks of bounded size.
+
+    ``sparse_only`` skips converting the label and dense columns (left zero), for passes that only
+    count categorical values.
 
     Raises:
         RawDataError: on a malformed row, naming the file, line and field.
@@ -89,6 +92,7 @@ def read_blocks(path: str | Path, block_size_mb: int = 64) -> Iterator[RawBlock]
         column_types={LABEL: pa.int8(), **{c: pa.int64() for c in DENSE_COLUMNS}, **{c: pa.string() for c in SPARSE_COLUMNS}},
         strings_can_be_null=False,
         quoted_strings_can_be_null=False,
+        include_columns=SPARSE_COLUMNS if sparse_only else None,
     )
     read = pacsv.ReadOptions(column_names=COLUMNS, block_size=block_size_mb << 20)
     parse = pacsv.ParseOptions(delimiter="\t", quote_char=False, double_quote=False, escape_char=False)
@@ -105,6 +109,15 @@ def read_blocks(path: str | Path, block_size_mb: int = 64) -> Iterator[RawBlock]
         except pa.ArrowInvalid as e:
             raise RawDataError(f"{path} (after line {line - 1}): {e}") from None
         n = batch.num_rows
+        if sparse_only:
+            sparse = np.zeros((n, NUM_SPARSE_FEATURES), dtype=np.uint32)
+            sparse_missing = np.zeros((n, NUM_SPARSE_FEATURES), dtype=bool)
+            for j, name in enumerate(SPARSE_COLUMNS):
+                sparse[:, j], sparse_missing[:, j] = _hex_to_uint32(batch.column(j), path, line, name)
+            yield RawBlock(np.zeros(n, np.int8), np.zeros((n, NUM_DENSE_FEATURES), np.int64),
+                           np.zeros((n, NUM_DENSE_FEATURES), bool), sparse, sparse_missing, line)
+            line += n
+            continue
         labels = batch.column(0)
         if labels.null_count:
             row = int(np.argmax(~np.asarray(labels.is_valid())))

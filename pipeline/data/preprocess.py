@@ -96,10 +96,10 @@ def _random_assignment(cfg: DataConfig, first_row: int, n: int) -> np.ndarray:
     return out
 
 
-def _blocks_of(part: _Part, cfg: DataConfig) -> Iterator[RawBlock]:
+def _blocks_of(part: _Part, cfg: DataConfig, sparse_only: bool = False) -> Iterator[RawBlock]:
     """Blocks of a part's rows only."""
     row = 0
-    for block in read_blocks(part.path, cfg.block_size_mb):
+    for block in read_blocks(part.path, cfg.block_size_mb, sparse_only=sparse_only):
         n = len(block)
         if part.random_split:
             keep = _random_assignment(cfg, row, n) == SPLITS.index(part.split)
@@ -128,7 +128,7 @@ def _build_vocab(parts: list[_Part], cfg: DataConfig) -> list[np.ndarray]:
     for part in parts:
         if part.split != "train":
             continue
-        for block in _blocks_of(part, cfg):
+        for block in _blocks_of(part, cfg, sparse_only=True):
             for j in range(NUM_SPARSE_FEATURES):
                 k, c = np.unique(block.sparse[~block.sparse_missing[:, j], j], return_counts=True)
                 keys[j].append(k)

@@ -95,7 +95,8 @@ def test_row_wise_on_cpu_fails_with_the_fix(tmp_path, tiny_data_overrides) -> No
 
 def test_schedule_drives_the_fused_table_lr(tmp_path, tiny_data_overrides) -> None:
     trainer = _trainer(tmp_path, [*tiny_data_overrides, "optimizer.decay=linear", "optimizer.decay_start=0.0",
-                                  "optimizer.final_lr_fraction=0.5", "optimizer.embedding_lr=0.08"])
+                                  "optimizer.final_lr_fraction=0.5", "optimizer.embedding_lr=0.08",
+                                  "optimizer.warmup_steps=0"])
     try:
         trainer.train()
         fused_lr = trainer.model.fused_optimizer.param_groups[0]["lr"]
