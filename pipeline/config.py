@@ -56,11 +56,6 @@ class SplitMode(str, enum.Enum):
     random = "random"  # any single file: seeded random split with the given fractions
 
 
-class BadRowPolicy(str, enum.Enum):
-    error = "error"  # stop, naming the file, line and field
-    skip = "skip"  # drop the row and count it by kind in the manifest and the log
-
-
 class Backend(str, enum.Enum):
     auto = "auto"  # nccl when CUDA is available, else gloo
     gloo = "gloo"
@@ -112,7 +107,6 @@ class DataConfig:
     id_mode: IdMode = IdMode.vocab  # categorical ids: contiguous vocabulary or hash modulo cap
     max_ids_per_feature: int = 10_000_000  # cap on rows per embedding table
     min_id_frequency: int = 1  # id_mode=vocab: ids seen fewer times in train share one bucket
-    bad_rows: BadRowPolicy = BadRowPolicy.error  # what a malformed raw row does
     block_size_mb: int = 64  # raw bytes parsed per block while preprocessing (bounds memory)
     global_batch_size: int = 2048  # training samples per step over all ranks
     eval_global_batch_size: int = 8192  # evaluation samples per step over all ranks

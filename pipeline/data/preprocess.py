@@ -105,7 +105,8 @@ def _blocks_of(part: _Part, cfg: DataConfig, sparse_only: bool = False) -> Itera
             keep = _random_assignment(cfg, row, n) == SPLITS.index(part.split)
         else:
             idx = np.arange(row, row + n)
-            keep = (idx >= part.row_start) & ((part.row_end is None) | (idx < (part.row_end or 0)))
+            end = part.row_end if part.row_end is not None else row + n
+            keep = (idx >= part.row_start) & (idx < end)
         row += n
         if keep.all():
             yield block
@@ -230,12 +231,19 @@ def _settings(cfg: DataConfig) -> dict:
     }
 
 
-def _sources(parts: list[_Part]) -> list[dict]:
-    seen = {}
-    for p in parts:
-        st = p.path.stat()
-        seen[str(p.path)] = {"path": str(p.path), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
-    return list(seen.values())
+def _input_files(cfg: DataConfig) -> list[Path]:
+    if cfg.split == SplitMode.files:
+        return [Path(cfg.raw_dir) / f"{s}.tsv" for s in SPLITS]
+    return [Path(cfg.raw_files[0])]
+
+
+def _sources(cfg: DataConfig) -> list[dict]:
+    """The raw files with size and mtime: a manifest built from other files is stale."""
+    out = []
+    for path in _input_files(cfg):
+        st = path.stat()
+        out.append({"path": str(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns})
+    return out
 
 
 def load_manifest(processed_dir: str | Path) -> dict:
@@ -257,17 +265,10 @@ def is_current(cfg: DataConfig) -> bool:
         return False
     m = json.loads(path.read_text())
     try:
-        sources = _sources(_plan_parts_cheap(cfg))
+        sources = _sources(cfg)
     except FileNotFoundError:
         return False
     return m.get("version") == MANIFEST_VERSION and m.get("settings") == _settings(cfg) and m.get("sources") == sources
-
-
-def _plan_parts_cheap(cfg: DataConfig) -> list[_Part]:
-    """The input files without counting lines (enough to compare sources)."""
-    if cfg.split == SplitMode.files:
-        return [_Part(Path(cfg.raw_dir) / f"{s}.tsv", s) for s in SPLITS]
-    return [_Part(Path(cfg.raw_files[0]), "train")]
 
 
 def preprocess(cfg: DataConfig) -> dict:
@@ -281,10 +282,10 @@ def preprocess(cfg: DataConfig) -> dict:
     out = Path(cfg.processed_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / MANIFEST).unlink(missing_ok=True)
+    for path in _input_files(cfg):
+        if not path.exists():
+            raise FileNotFoundError(f"raw file {path} not found (data.raw_dir={cfg.raw_dir}, data.raw_files={cfg.raw_files})")
     parts = _plan_parts(cfg)
-    for p in parts:
-        if not p.path.exists():
-            raise FileNotFoundError(f"raw file {p.path} not found (data.raw_dir={cfg.raw_dir}, data.raw_files={cfg.raw_files})")
     vocab = _build_vocab(parts, cfg) if cfg.id_mode == IdMode.vocab else None
     if vocab is not None:
         np.savez(out / "vocab.npz", **{f"C{j + 1}": v for j, v in enumerate(vocab)})
@@ -297,13 +298,12 @@ def preprocess(cfg: DataConfig) -> dict:
     manifest = {
         "version": MANIFEST_VERSION,
         "settings": _settings(cfg),
-        "sources": _sources(_plan_parts_cheap(cfg)),
+        "sources": _sources(cfg),
         "splits": splits,
         "num_dense_features": NUM_DENSE_FEATURES,
         "num_sparse_features": NUM_SPARSE_FEATURES,
         "num_embeddings_per_feature": mapper.num_embeddings,
         "reserved_ids": {"missing": MISSING_ID, **({"rare_or_unseen": RARE_ID} if vocab is not None else {})},
-        "bad_rows": {},
         "optimum": _optimum(cfg),
         "seconds": round(time.perf_counter() - t0, 2),
     }

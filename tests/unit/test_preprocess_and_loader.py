@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -9,7 +11,7 @@ import torch
 from pipeline.config import DataConfig, IdMode, SplitMode, SyntheticConfig
 from pipeline.data import synthetic
 from pipeline.data.criteo import RawDataError, read_blocks
-from pipeline.data.loader import BinarySplit, eval_batches, train_batches
+from pipeline.data.loader import BinarySplit, epoch_order, eval_batches, train_batches
 from pipeline.data.preprocess import MISSING_ID, is_current, preprocess
 
 SMALL = SyntheticConfig(num_train_rows=5000, num_val_rows=1500, num_test_rows=1000, max_cardinality=200, seed=3)
@@ -21,6 +23,10 @@ def processed(tmp_path_factory):
     synthetic.generate(SMALL, root / "raw")
     cfg = DataConfig(name="t", raw_dir=str(root / "raw"), processed_dir=str(root / "out"), split=SplitMode.files)
     return cfg, preprocess(cfg)
+
+
+def synthetic_path(cfg: DataConfig, split: str) -> Path:
+    return Path(cfg.raw_dir) / f"{split}.tsv"
 
 
 def _raw_rows(path) -> list[list[str]]:
@@ -46,12 +52,6 @@ def test_round_trip_dense_labels_and_ids(processed) -> None:
         assert len(pairs) == len({h for h, _ in pairs})
     sizes = manifest["num_embeddings_per_feature"]
     assert len(sizes) == 26 and (ids.max(axis=0) < np.array(sizes)).all()
-
-
-def synthetic_path(cfg: DataConfig, split: str):
-    from pathlib import Path
-
-    return Path(cfg.raw_dir) / f"{split}.tsv"
 
 
 def test_manifest_is_reused_until_settings_change(processed) -> None:
@@ -91,8 +91,6 @@ def test_two_ranks_split_each_global_batch_of_one(processed) -> None:
 def test_epoch_visits_each_row_once_and_reshuffles(processed) -> None:
     cfg, _ = processed
     split = BinarySplit(cfg.processed_dir, "train")
-    from pipeline.data.loader import epoch_order
-
     e0, e1 = epoch_order(len(split), 1, 0, True), epoch_order(len(split), 1, 1, True)
     assert sorted(e0) == list(range(len(split)))
     assert not np.array_equal(e0, e1)
@@ -116,3 +114,28 @@ def test_bad_row_names_file_line_and_field(tmp_path) -> None:
     path.write_text(f"{good}\n{good}\n{bad}\n")
     with pytest.raises(RawDataError, match=r"bad.tsv:3: field C1 is not 8 hex digits"):
         list(read_blocks(path))
+
+
+def test_random_split_is_seeded_and_keeps_every_row(tmp_path, processed) -> None:
+    cfg, _ = processed
+    src = synthetic_path(cfg, "train")  # 5000 rows
+    rcfg = DataConfig(name="t", raw_dir=str(tmp_path), processed_dir=str(tmp_path / "a"), split=SplitMode.random,
+                      raw_files=[str(src)], val_fraction=0.1, test_fraction=0.2, split_seed=4)
+    m = preprocess(rcfg)
+    rows = {s: v["num_rows"] for s, v in m["splits"].items()}
+    assert sum(rows.values()) == 5000
+    assert 350 < rows["val"] < 650 and 850 < rows["test"] < 1150
+    again = preprocess(DataConfig(**{**rcfg.__dict__, "processed_dir": str(tmp_path / "b"), "block_size_mb": 1}))
+    assert {s: v["files"]["labels"]["sha256"] for s, v in again["splits"].items()} == \
+        {s: v["files"]["labels"]["sha256"] for s, v in m["splits"].items()}, "same seed, same split, any block size"
+
+
+def test_kaggle_split_takes_days_0_to_5_then_halves_day_6(tmp_path, processed) -> None:
+    cfg, _ = processed
+    src = synthetic_path(cfg, "train")  # 5000 rows: 4285 train, then 357 val and 358 test
+    kcfg = DataConfig(name="k", raw_dir=str(tmp_path), processed_dir=str(tmp_path / "k"), split=SplitMode.kaggle,
+                      raw_files=[str(src)])
+    m = preprocess(kcfg)
+    assert {s: v["num_rows"] for s, v in m["splits"].items()} == {"train": 4285, "val": 357, "test": 358}
+    labels = [int(r[0]) for r in _raw_rows(src)]
+    np.testing.assert_array_equal(np.array(BinarySplit(tmp_path / "k", "test").arrays["labels"]), labels[-358:])
