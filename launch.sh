@@ -6,7 +6,14 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 cd "$ROOT"
 VENV="${PIPELINE_VENV:-$ROOT/.venv}"
-PYTHON_BIN="${PYTHON:-python3.11}"
+# The interpreter for the venv: $PYTHON, else python3.11, else python3 if it is 3.11.
+if [[ -n "${PYTHON:-}" ]]; then
+  PYTHON_BIN="$PYTHON"
+elif command -v python3.11 >/dev/null 2>&1; then
+  PYTHON_BIN=python3.11
+else
+  PYTHON_BIN=python3
+fi
 VARIANT="${PIPELINE_VARIANT:-cpu}"   # cpu | cuda: which lock file to install
 STAMP="$VENV/.pipeline-installed"
 
@@ -43,6 +50,11 @@ setup() {
   fi
   echo "[launch.sh] installing the pinned $VARIANT stack into $VENV (first use only)" >&2
   if [[ ! -x "$VENV/bin/python" ]]; then
+    if ! "$PYTHON_BIN" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))' 2>/dev/null; then
+      echo "[launch.sh] need Python 3.11 (the pinned torch/fbgemm wheels are cp311); found: $("$PYTHON_BIN" --version 2>&1)." >&2
+      echo "[launch.sh] install it, or point PYTHON at one: PYTHON=/path/to/python3.11 ./launch.sh setup" >&2
+      exit 1
+    fi
     "$PYTHON_BIN" -m venv "$VENV"
   fi
   "$VENV/bin/python" -m pip install --quiet --upgrade pip
