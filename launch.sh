@@ -86,6 +86,9 @@ case "$cmd" in
     setup
     export PIPELINE_RUN_ID; PIPELINE_RUN_ID="$(run_id)"
     NPROC="${NPROC:-2}"
+    # torchrun prints a banner when OMP_NUM_THREADS is unset; each rank sets its own thread count
+    # from trainer.num_threads (default: cores / ranks on this node).
+    export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
     for arg in "$@"; do  # config inspection needs one process, not NPROC copies of the output
       case "$arg" in --cfg|-c|--help|--hydra-help|--info|-i|--resolve) exec "$VENV/bin/python" pipeline/train.py "$@" ;; esac
     done

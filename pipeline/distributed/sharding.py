@@ -142,7 +142,21 @@ def table_names(model: nn.Module) -> list[str]:
     return [t.name for m in model.modules() if isinstance(m, EmbeddingBagCollection) for t in m.embedding_bag_configs()]
 
 
-def constraints_from_config(cfg: ShardingConfig, tables: list[str]) -> dict[str, ParameterConstraints]:
+def _types_for_kernels(kernels: list[str] | None, device_type: str) -> list[str] | None:
+    """Sharding types that can run the allowed kernels (None: any).
+
+    Data-parallel tables only have the dense kernel; left in, the planner warns once per table that
+    it found no kernel for them before choosing a sharded type anyway.
+    """
+    if not kernels or "dense" in kernels:
+        return None
+    types = ["table_wise", "column_wise", "table_column_wise"]
+    if device_type == "cuda":  # TorchRec 1.8 shards row-wise on CUDA only
+        types += ["row_wise", "table_row_wise"]
+    return types
+
+
+def constraints_from_config(cfg: ShardingConfig, tables: list[str], device_type: str = "cpu") -> dict[str, ParameterConstraints]:
     """Planner constraints: the group-wide allowed types/kernels, then per-table overrides.
 
     Raises:
@@ -154,8 +168,9 @@ def constraints_from_config(cfg: ShardingConfig, tables: list[str]) -> dict[str,
             raise ValueError(f"sharding.{key} names unknown table(s) {unknown}; the model's tables are {tables}")
     out = {}
     for name in tables:
-        sharding_types = cfg.table_sharding_types.get(name) or cfg.sharding_types or None
         kernels = cfg.table_compute_kernels.get(name) or cfg.compute_kernels or None
+        sharding_types = (cfg.table_sharding_types.get(name) or cfg.sharding_types
+                          or _types_for_kernels(kernels, device_type))
         if sharding_types or kernels:
             out[name] = ParameterConstraints(sharding_types=sharding_types, compute_kernels=kernels)
     return out
@@ -172,7 +187,7 @@ def plan_sharding(model: nn.Module, cfg: ShardingConfig, env: DistEnv, device: t
     planner = EmbeddingShardingPlanner(
         topology=topology,
         batch_size=local_batch_size,
-        constraints=constraints_from_config(cfg, table_names(model)),
+        constraints=constraints_from_config(cfg, table_names(model), device.type),
         storage_reservation=FixedPercentageStorageReservation(cfg.storage_reservation),
     )
     sharders = get_default_sharders()
