@@ -139,7 +139,8 @@ class Trainer:
                    disable=not (env.is_rank_zero and cfg.logger.progress_bar), desc="train")
         wall0 = time.perf_counter()
         loss_sum = torch.zeros((), device=self.device)
-        window_steps, window_t0 = 0, time.perf_counter()
+        # A log window's training time excludes the evaluations inside it.
+        window_steps, window_s, mark = 0, 0.0, time.perf_counter()
         while self.step < self.total_steps:
             loss, _, _ = pipeline.progress(batches)
             self.scheduler.step()
@@ -148,7 +149,7 @@ class Trainer:
             window_steps += 1
             bar.update(gbs)
             if self.step % log_every == 0 or self.step == self.total_steps:
-                window_s = time.perf_counter() - window_t0
+                window_s += time.perf_counter() - mark
                 self.train_seconds += window_s
                 mean_loss = self._mean_over_ranks(loss_sum / window_steps)
                 rate = window_steps * gbs / window_s
@@ -157,12 +158,12 @@ class Trainer:
                                    "lr": self.optimizer.param_groups[-1]["lr"], "time_s": round(time.perf_counter() - wall0, 3)})
                 bar.set_postfix(loss=f"{mean_loss:.4f}")
                 loss_sum.zero_()
-                window_steps, window_t0 = 0, time.perf_counter()
+                window_steps, window_s, mark = 0, 0.0, time.perf_counter()
             if eval_every and self.step % eval_every == 0 and self.step < self.total_steps:
-                self.train_seconds += time.perf_counter() - window_t0
+                window_s += time.perf_counter() - mark
                 pipeline.detach()  # a direct forward must not consume the pipeline's prefetched batch
                 self._timed_eval("val", cfg.trainer.eval_max_batches)
-                window_t0 = time.perf_counter()
+                mark = time.perf_counter()
         bar.close()
         pipeline.detach()
         final = {split: self._timed_eval(split, None) for split in ("val", "test")}

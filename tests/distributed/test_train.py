@@ -20,10 +20,15 @@ def _eval_lines(log_text: str) -> list[str]:
 
 def test_two_ranks_loss_falls_and_ranks_agree(tmp_path, tiny_data_overrides) -> None:
     run = run_training(tmp_path / "run2", [*tiny_data_overrides, "trainer.num_epochs=2", "logger.log_every_steps=10",
-                                           "trainer.eval_every_steps=50"], nproc=2)
+                                           "trainer.eval_every_steps=25"], nproc=2)
     assert run.returncode == 0, run.output[-4000:]
     train = run.events("train")
     assert train[-1]["train/loss"] < train[0]["train/loss"] - 0.02, [e["train/loss"] for e in train]
+    # Throughput windows exclude the evaluations inside them (eval at step 25 falls mid-window) and
+    # add up to the run's training time.
+    steps = [e["step"] for e in train]
+    window_seconds = sum((s - p) * 256 / e["train/samples_per_s"] for p, s, e in zip([0, *steps], steps, train))
+    assert window_seconds == pytest.approx(run.summary["train_seconds"], rel=0.01)
     # Both ranks computed the same exact metrics over all ranks' predictions.
     rank0, rank1 = (_eval_lines((run.run_dir / f"rank{r}.log").read_text()) for r in (0, 1))
     assert rank0 and rank0 == rank1
