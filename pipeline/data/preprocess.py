@@ -96,25 +96,41 @@ def _random_assignment(cfg: DataConfig, first_row: int, n: int) -> np.ndarray:
     return out
 
 
-def _blocks_of(part: _Part, cfg: DataConfig, sparse_only: bool = False) -> Iterator[RawBlock]:
-    """Blocks of a part's rows only."""
-    row = 0
-    for block in read_blocks(part.path, cfg.block_size_mb, sparse_only=sparse_only):
-        n = len(block)
-        if part.random_split:
-            keep = _random_assignment(cfg, row, n) == SPLITS.index(part.split)
-        else:
-            idx = np.arange(row, row + n)
-            end = part.row_end if part.row_end is not None else row + n
-            keep = (idx >= part.row_start) & (idx < end)
-        row += n
-        if keep.all():
-            yield block
-        elif keep.any():
-            yield RawBlock(block.labels[keep], block.dense[keep], block.dense_missing[keep], block.sparse[keep],
-                           block.sparse_missing[keep], block.first_line)
-        elif part.row_end is not None and row >= part.row_end:
-            return
+def _split_blocks(parts: list[_Part], cfg: DataConfig, only: tuple[str, ...] = SPLITS,
+                  sparse_only: bool = False) -> Iterator[tuple[str, RawBlock]]:
+    """(split, rows of a block) for the parts' splits in ``only``; each raw file is parsed once.
+
+    A single file split by rows (kaggle) or at random feeds all three splits in one pass, and stops
+    reading once every wanted row range has ended.
+    """
+    by_file: dict[Path, list[_Part]] = {}
+    for part in parts:
+        if part.split in only:
+            by_file.setdefault(part.path, []).append(part)
+    for path, file_parts in by_file.items():
+        random_split = any(p.random_split for p in file_parts)
+        last_row = None if random_split or any(p.row_end is None for p in file_parts) else max(p.row_end for p in file_parts)
+        row = 0
+        for block in read_blocks(path, cfg.block_size_mb, sparse_only=sparse_only):
+            n = len(block)
+            if random_split:
+                assigned = _random_assignment(cfg, row, n)
+            else:
+                assigned = np.full(n, -1, dtype=np.int8)
+                idx = np.arange(row, row + n)
+                for p in file_parts:
+                    end = p.row_end if p.row_end is not None else row + n
+                    assigned[(idx >= p.row_start) & (idx < end)] = SPLITS.index(p.split)
+            row += n
+            for p in file_parts:
+                keep = assigned == SPLITS.index(p.split)
+                if keep.all():
+                    yield p.split, block
+                elif keep.any():
+                    yield p.split, RawBlock(block.labels[keep], block.dense[keep], block.dense_missing[keep],
+                                            block.sparse[keep], block.sparse_missing[keep], block.first_line)
+            if last_row is not None and row >= last_row:
+                break
 
 
 def transform_dense(block: RawBlock) -> np.ndarray:
@@ -126,14 +142,11 @@ def _build_vocab(parts: list[_Part], cfg: DataConfig) -> list[np.ndarray]:
     """Per feature, the training hashes that get their own row, most frequent first (<= cap - 2)."""
     keys: list[list[np.ndarray]] = [[] for _ in range(NUM_SPARSE_FEATURES)]
     counts: list[list[np.ndarray]] = [[] for _ in range(NUM_SPARSE_FEATURES)]
-    for part in parts:
-        if part.split != "train":
-            continue
-        for block in _blocks_of(part, cfg, sparse_only=True):
-            for j in range(NUM_SPARSE_FEATURES):
-                k, c = np.unique(block.sparse[~block.sparse_missing[:, j], j], return_counts=True)
-                keys[j].append(k)
-                counts[j].append(c)
+    for _, block in _split_blocks(parts, cfg, only=("train",), sparse_only=True):
+        for j in range(NUM_SPARSE_FEATURES):
+            k, c = np.unique(block.sparse[~block.sparse_missing[:, j], j], return_counts=True)
+            keys[j].append(k)
+            counts[j].append(c)
     vocab = []
     for j in range(NUM_SPARSE_FEATURES):
         if not keys[j]:
@@ -291,9 +304,8 @@ def preprocess(cfg: DataConfig) -> dict:
         np.savez(out / "vocab.npz", **{f"C{j + 1}": v for j, v in enumerate(vocab)})
     mapper = _IdMapper(cfg, vocab)
     writers = {s: _SplitWriter(out, s, mapper.dtype) for s in SPLITS}
-    for part in parts:
-        for block in _blocks_of(part, cfg):
-            writers[part.split].write(transform_dense(block), mapper(block), block.labels)
+    for split, block in _split_blocks(parts, cfg):
+        writers[split].write(transform_dense(block), mapper(block), block.labels)
     splits = {s: w.close() for s, w in writers.items()}
     manifest = {
         "version": MANIFEST_VERSION,
