@@ -53,7 +53,22 @@ class IdMode(str, enum.Enum):
 class SplitMode(str, enum.Enum):
     files = "files"  # one raw file per split: train/val/test (the synthetic generator's layout)
     kaggle = "kaggle"  # Criteo Kaggle train.txt: 7 days in order, days 0-5 train, day 6 halved val/test
+    days = "days"  # one file per day in order (Criteo 1TB day_0..day_23): all but the last train, last halved val/test
     random = "random"  # any single file: seeded random split with the given fractions
+
+
+class BadRowPolicy(str, enum.Enum):
+    """What preprocessing does with a malformed raw row."""
+
+    error = "error"  # stop, naming the file, line and field
+    skip = "skip"  # drop it, count it by kind in the manifest and the log
+
+
+class DenseTransform(str, enum.Enum):
+    """How the 13 integer features become float32 inputs."""
+
+    log1p = "log1p"  # the DLRM reference: log(1 + max(x, 0)), missing -> 0
+    torchrec = "torchrec"  # TorchRec's BinaryCriteoUtils.tsv_to_npys: log(x - min(file) + 2), missing -> 0
 
 
 class Backend(str, enum.Enum):
@@ -100,14 +115,17 @@ class DataConfig:
     raw_dir: str = MISSING  # folder of raw Criteo-format TSV files (relative to the launch folder)
     processed_dir: str = MISSING  # folder for the binary splits and manifest.json
     split: SplitMode = SplitMode.files  # how raw rows are divided into train/val/test
-    raw_files: list[str] = field(default_factory=list)  # split=kaggle/random: the input file(s)
+    raw_files: list[str] = field(default_factory=list)  # split=kaggle/random/days: input files or glob patterns (.gz ok)
     val_fraction: float = 0.05  # split=random: fraction of rows for val
     test_fraction: float = 0.05  # split=random: fraction of rows for test
     split_seed: int = 0  # split=random: seed of the row assignment
-    id_mode: IdMode = IdMode.vocab  # categorical ids: contiguous vocabulary or hash modulo cap
-    max_ids_per_feature: int = 10_000_000  # cap on rows per embedding table
+    id_mode: IdMode = IdMode.hash  # categorical ids: hash modulo a per-column cap, or contiguous vocabulary
+    max_ids_per_feature: int = 10_000_000  # cap on rows per embedding table (both id modes)
+    num_embeddings_per_feature: list[int] = field(default_factory=list)  # per-column caps (26); [] = max_ids_per_feature
     min_id_frequency: int = 1  # id_mode=vocab: ids seen fewer times in train share one bucket
-    block_size_mb: int = 64  # raw bytes parsed per block while preprocessing (bounds memory)
+    dense_transform: DenseTransform = DenseTransform.log1p  # integer features -> float32
+    bad_rows: BadRowPolicy = BadRowPolicy.error  # malformed raw rows: stop, or drop and count
+    block_size_mb: int = 16  # raw bytes parsed per block while preprocessing (memory is a few times this)
     global_batch_size: int = 2048  # training samples per step over all ranks
     eval_global_batch_size: int = 8192  # evaluation samples per step over all ranks
     shuffle: bool = True  # reshuffle training rows every epoch (seeded by trainer.seed and epoch)
@@ -250,8 +268,20 @@ def validate(cfg: TrainConfig, world_size: int, device_type: str = "cpu") -> Non
             )
     if d.split in (SplitMode.random, SplitMode.kaggle) and len(d.raw_files) != 1:
         raise ConfigError(f"data.split={d.split.value} needs exactly one file in data.raw_files, got {d.raw_files}")
+    if d.split == SplitMode.days and not d.raw_files:
+        raise ConfigError("data.split=days needs the day files in data.raw_files (in order, or a glob like data/day_*)")
     if d.max_ids_per_feature < 2:
         raise ConfigError(f"data.max_ids_per_feature={d.max_ids_per_feature} must be at least 2")
+    if d.num_embeddings_per_feature and (
+        len(d.num_embeddings_per_feature) != NUM_SPARSE_FEATURES or min(d.num_embeddings_per_feature) < 2
+    ):
+        raise ConfigError(
+            f"data.num_embeddings_per_feature has {len(d.num_embeddings_per_feature)} entries (min "
+            f"{min(d.num_embeddings_per_feature)}): give one cap >= 2 per categorical column "
+            f"({NUM_SPARSE_FEATURES}), or [] to use data.max_ids_per_feature for all"
+        )
+    if d.block_size_mb < 1:
+        raise ConfigError(f"data.block_size_mb={d.block_size_mb} must be at least 1")
     if t.num_epochs < 1 and t.max_steps is None:
         raise ConfigError(f"trainer.num_epochs={t.num_epochs} must be >= 1 (or set trainer.max_steps)")
     if t.max_steps is not None and t.max_steps < 1:

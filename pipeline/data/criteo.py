@@ -1,14 +1,27 @@
-"""The raw Criteo click-log layout and a vectorised parser for it.
+"""The raw Criteo click-log layout and a fast, streaming, validating parser for it.
 
 One row per line, tab-separated, no header: label (0/1), 13 integer features I1..I13 (empty =
 missing, may be negative), 26 categorical features C1..C26 as 8-hex-digit hashes (empty = missing).
-Parsing uses pyarrow's multithreaded CSV reader and numpy; no Python loop touches a row.
+Files may be plain or gzip-compressed (``.gz``, decompressed while streaming).
+
+How it is fast: the file is read in line-aligned chunks of ``block_size_mb`` raw bytes, and each
+chunk is parsed by pyarrow's multithreaded CSV reader straight into typed columns (labels int8,
+dense int64, categoricals as fixed-size 8-byte binary), while the previous chunk is converted in
+numpy (8 hex digits -> uint32 through a 64K-entry table of digit pairs). No Python loop touches a
+row, and memory stays a small multiple of the chunk size whatever the file size.
+
+How it is exact about bad rows: a chunk that fails the fast path (pyarrow rejects a field, a label
+is not 0/1, a hash has a non-hex digit) is re-checked line by line in Python to find every bad line,
+its kind and its field. Policy ``error`` raises :class:`RawDataError` naming file, line and field;
+``skip`` drops the bad lines, counts them by kind in :class:`BadRows`, and parses the rest.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -21,19 +34,50 @@ LABEL = "label"
 DENSE_COLUMNS = [f"I{i + 1}" for i in range(NUM_DENSE_FEATURES)]
 SPARSE_COLUMNS = [f"C{i + 1}" for i in range(NUM_SPARSE_FEATURES)]
 COLUMNS = [LABEL, *DENSE_COLUMNS, *SPARSE_COLUMNS]
+NUM_FIELDS = len(COLUMNS)
 # Feature names seen by the model (TorchRec's Criteo naming).
 SPARSE_FEATURE_NAMES = [f"cat_{i}" for i in range(NUM_SPARSE_FEATURES)]
 
-_HEX_LUT = np.full(256, 255, dtype=np.uint8)
-for _i, _c in enumerate(b"0123456789abcdef"):
-    _HEX_LUT[_c] = _i
-for _i, _c in enumerate(b"ABCDEF"):
-    _HEX_LUT[_c] = 10 + _i
-_NIBBLE_SHIFTS = np.arange(28, -1, -4, dtype=np.uint32)
+# Kinds of malformed rows, as counted in the manifest.
+BAD_ROW_KINDS = ("wrong_field_count", "bad_label", "bad_dense", "bad_categorical", "truncated_last_line")
+
+_HEX_CHARS = frozenset(b"0123456789abcdefABCDEF")
+_INT_RE = re.compile(rb"[+-]?[0-9]+")
+_ARROW_BLOCK = 1 << 20  # pyarrow parses each chunk in 1 MiB blocks, in parallel
+_MAX_EXAMPLES = 10
 
 
 class RawDataError(ValueError):
     """A malformed raw row; the message names the file, line and field."""
+
+
+class _SlowPath(Exception):
+    """The fast path found a problem; the chunk is re-checked line by line."""
+
+
+@dataclass
+class BadRows:
+    """Malformed rows dropped under ``bad_rows=skip``: counts by kind and the first examples."""
+
+    counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(BAD_ROW_KINDS, 0))
+    examples: list[str] = field(default_factory=list)
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    def add(self, kind: str, where: str) -> None:
+        self.counts[kind] += 1
+        if len(self.examples) < _MAX_EXAMPLES:
+            self.examples.append(where)
+
+    def merge(self, other: BadRows) -> None:
+        for k, v in other.counts.items():
+            self.counts[k] = self.counts.get(k, 0) + v
+        self.examples.extend(other.examples[: max(0, _MAX_EXAMPLES - len(self.examples))])
+
+    def to_dict(self) -> dict:
+        return {"total": self.total, "by_kind": dict(self.counts), "examples": list(self.examples)}
 
 
 @dataclass
@@ -45,96 +89,258 @@ class RawBlock:
     dense_missing: np.ndarray  # [n, 13] bool
     sparse: np.ndarray  # [n, 26] uint32 hash values, 0 where missing
     sparse_missing: np.ndarray  # [n, 26] bool
-    first_line: int  # 1-based line number of the block's first row in its file
+    line_index: np.ndarray  # [n] int64, 0-based line of each row in its file (bad lines leave gaps)
 
     def __len__(self) -> int:
         return len(self.labels)
 
+    def take(self, keep: np.ndarray) -> RawBlock:
+        return RawBlock(self.labels[keep], self.dense[keep], self.dense_missing[keep], self.sparse[keep],
+                        self.sparse_missing[keep], self.line_index[keep])
 
-def _hex_to_uint32(col: pa.Array, path: Path, first_line: int, name: str) -> tuple[np.ndarray, np.ndarray]:
-    """8-hex-digit strings -> uint32 values and a missing mask (null or empty = missing)."""
-    col = col.cast(pa.large_string()) if col.type != pa.string() else col
-    n = len(col)
-    offsets = np.frombuffer(col.buffers()[1], dtype=np.int32 if col.type == pa.string() else np.int64)
-    offsets = offsets[col.offset : col.offset + n + 1]
-    data = np.frombuffer(col.buffers()[2], dtype=np.uint8) if col.buffers()[2] is not None else np.zeros(0, np.uint8)
-    lengths = np.diff(offsets)
-    missing = lengths == 0
+
+@dataclass
+class _Chunk:
+    data: bytes  # whole lines; the last one may lack its newline when unterminated
+    first_line: int  # 0-based line index of the chunk's first line in its file
+    num_lines: int
+    unterminated: bool  # the file ends inside this chunk without a final newline
+
+
+def open_raw(path: str | Path) -> pa.NativeFile:
+    """A byte stream over a raw file, gunzipped on the fly when the name ends in ``.gz``."""
+    path = Path(path)
+    return pa.input_stream(str(path), compression="gzip" if path.suffix == ".gz" else None)
+
+
+def count_lines(path: str | Path, chunk_bytes: int = 64 << 20) -> int:
+    """Number of lines (rows) in a raw file, plain or gzip; an unterminated last line counts."""
+    n, last = 0, b"\n"
+    with open_raw(path) as f:
+        while chunk := f.read(chunk_bytes):
+            n += chunk.count(b"\n")
+            last = chunk[-1:]
+    return n + (last != b"\n")
+
+
+def _iter_chunks(path: Path, chunk_bytes: int) -> Iterator[_Chunk]:
+    """Line-aligned chunks of about ``chunk_bytes`` raw bytes."""
+    line = 0
+    tail = b""
+    with open_raw(path) as f:
+        while True:
+            data = f.read(chunk_bytes)
+            if not data:
+                break
+            buf = tail + data if tail else data
+            cut = buf.rfind(b"\n") + 1
+            if cut == 0:  # one line longer than a chunk: keep reading
+                tail = buf
+                continue
+            tail = buf[cut:]
+            n = buf.count(b"\n", 0, cut)
+            yield _Chunk(buf[:cut], line, n, False)
+            line += n
+    if tail:
+        yield _Chunk(tail, line, 1, True)
+
+
+def _parse(data: bytes) -> pa.Table:
+    """pyarrow's typed parse of a chunk (raises pa.ArrowInvalid on a bad field or field count)."""
+    types = {LABEL: pa.int8(), **{c: pa.int64() for c in DENSE_COLUMNS}, **{c: pa.binary(8) for c in SPARSE_COLUMNS}}
+    return pacsv.read_csv(
+        pa.py_buffer(data),
+        read_options=pacsv.ReadOptions(column_names=COLUMNS, block_size=_ARROW_BLOCK),
+        # Empty lines are rows (of nulls), so they are caught as bad rows instead of vanishing.
+        parse_options=pacsv.ParseOptions(delimiter="\t", quote_char=False, double_quote=False,
+                                         escape_char=False, ignore_empty_lines=False),
+        convert_options=pacsv.ConvertOptions(column_types=types, null_values=[""],
+                                             strings_can_be_null=True, quoted_strings_can_be_null=True),
+    )
+
+
+def _pair_lut() -> np.ndarray:
+    """Two hex characters (as a little-endian uint16) -> their byte value; 0xFFFF if either isn't hex."""
+    nibble = np.full(256, 0xFFFF, dtype=np.uint32)
+    for i, ch in enumerate(b"0123456789abcdef"):
+        nibble[ch] = i
+    for i, ch in enumerate(b"ABCDEF"):
+        nibble[ch] = 10 + i
+    first, second = np.meshgrid(nibble, nibble, indexing="ij")  # first char = low byte of the uint16
+    lut = (first << 4) | second
+    lut[(first == 0xFFFF) | (second == 0xFFFF)] = 0xFFFF
+    return lut.T.ravel().astype(np.uint16)  # index = first | second << 8
+
+
+_PAIR_LUT = _pair_lut()
+_ZEROS8 = np.frombuffer(b"00000000", dtype="<u8")[0]
+
+
+def _hex8_to_uint32(values: np.ndarray) -> np.ndarray | None:
+    """8 hex characters, each value one little-endian uint64 -> uint32; None if a character isn't hex.
+
+    Looks up two characters at a time in a 64K-entry table (L2-resident), then reads the four bytes
+    as one big-endian uint32.
+    """
+    pairs = np.take(_PAIR_LUT, values.view("<u2"))
+    if pairs.max(initial=0) > 0xFF:
+        return None
+    return pairs.astype(np.uint8).view(">u4").astype(np.uint32)
+
+
+def _validity(arr: pa.Array) -> np.ndarray | None:
+    """Boolean validity of an arrow array (None when it has no nulls), from its bitmap."""
+    if not arr.null_count:
+        return None
+    bits = np.frombuffer(arr.buffers()[0], dtype=np.uint8)
+    return np.unpackbits(bits, bitorder="little", count=arr.offset + len(arr))[arr.offset :].astype(bool)
+
+
+def _hex8_columns(table: pa.Table) -> tuple[np.ndarray, np.ndarray]:
+    """The 26 fixed_size_binary(8) hex columns -> (uint32 [n, 26], missing [n, 26]).
+
+    Column by column, so every temporary stays small (large temporaries are fresh mmaps whose
+    page faults would cost more than the arithmetic). Raises _SlowPath on a non-hex character.
+    """
+    n = table.num_rows
+    sparse = np.zeros((n, NUM_SPARSE_FEATURES), dtype=np.uint32)
+    missing = np.zeros((n, NUM_SPARSE_FEATURES), dtype=bool)
+    if n == 0:
+        return sparse, missing
+    for j, name in enumerate(SPARSE_COLUMNS):
+        col = table.column(name)
+        for arr, start in zip(col.chunks, np.cumsum([0] + [len(c) for c in col.chunks[:-1]]), strict=True):
+            m = len(arr)
+            if not m:
+                continue
+            x = np.frombuffer(arr.buffers()[1], dtype="<u8", count=m, offset=arr.offset * 8)
+            valid = _validity(arr)
+            if valid is not None:
+                x = np.where(valid, x, _ZEROS8)
+                missing[start : start + m, j] = ~valid
+            v = _hex8_to_uint32(x)
+            if v is None:
+                raise _SlowPath
+            sparse[start : start + m, j] = v
+    sparse[missing] = 0
+    return sparse, missing
+
+
+def _int_column(col: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
+    """int64 column -> (values with missing as 0, missing mask)."""
+    missing = ~np.asarray(col.is_valid(), dtype=bool) if col.null_count else np.zeros(len(col), dtype=bool)
+    return np.asarray(col.fill_null(0) if col.null_count else col, dtype=np.int64), missing
+
+
+def _convert(table: pa.Table, chunk_lines: np.ndarray) -> RawBlock:
+    """Typed columns -> RawBlock; raises _SlowPath on a null or out-of-range label or a non-hex digit."""
+    n = table.num_rows
+    col = table.column(LABEL)
     if col.null_count:
-        missing |= ~np.asarray(col.is_valid())
-    bad = ~missing & (lengths != 8)
-    if bad.any():
-        row = int(np.argmax(bad))
-        raise RawDataError(
-            f"{path}:{first_line + row}: field {name} has {int(lengths[row])} characters, expected 8 hex digits"
-        )
-    starts = offsets[:-1][~missing]
-    digits = _HEX_LUT[data[starts[:, None] + np.arange(8)]]
-    if (digits == 255).any():
-        row = int(np.flatnonzero(~missing)[np.argmax((digits == 255).any(axis=1))])
-        raise RawDataError(f"{path}:{first_line + row}: field {name} is not 8 hex digits")
-    values = np.zeros(n, dtype=np.uint32)
-    values[~missing] = (digits.astype(np.uint32) << _NIBBLE_SHIFTS).sum(axis=1, dtype=np.uint32)
-    return values, missing
+        raise _SlowPath
+    labels = np.asarray(col, dtype=np.int8)
+    if ((labels != 0) & (labels != 1)).any():
+        raise _SlowPath
+    dense = np.empty((n, NUM_DENSE_FEATURES), np.int64)
+    dense_missing = np.empty((n, NUM_DENSE_FEATURES), bool)
+    for j, name in enumerate(DENSE_COLUMNS):
+        dense[:, j], dense_missing[:, j] = _int_column(table.column(name))
+    sparse, sparse_missing = _hex8_columns(table)
+    return RawBlock(labels, dense, dense_missing, sparse, sparse_missing, chunk_lines)
 
 
-def read_blocks(path: str | Path, block_size_mb: int = 64, sparse_only: bool = False) -> Iterator[RawBlock]:
-    """Stream a raw Criteo file as parsed blocks of bounded size.
+def check_line(line: bytes) -> tuple[str, str] | None:
+    """(kind, detail) when a raw line (without its newline) is malformed, else None."""
+    fields = line.split(b"\t")
+    if len(fields) != NUM_FIELDS:
+        return "wrong_field_count", f"{len(fields)} tab-separated fields, expected {NUM_FIELDS}"
+    if fields[0] not in (b"0", b"1"):
+        return "bad_label", f"field {LABEL} is {fields[0][:20]!r}, expected 0 or 1"
+    for name, v in zip(DENSE_COLUMNS, fields[1 : 1 + NUM_DENSE_FEATURES], strict=True):
+        if v and (not _INT_RE.fullmatch(v) or not -(2**63) <= int(v) < 2**63):
+            return "bad_dense", f"field {name} is {v[:20]!r}, expected an integer or empty"
+    for name, v in zip(SPARSE_COLUMNS, fields[1 + NUM_DENSE_FEATURES :], strict=True):
+        if v and (len(v) != 8 or not _HEX_CHARS.issuperset(v)):
+            return "bad_categorical", f"field {name} is {v[:20]!r}, expected 8 hex digits or empty"
+    return None
 
-    ``sparse_only`` skips converting the label and dense columns (left zero), for passes that only
-    count categorical values.
+
+def _bad_lines(chunk: _Chunk, path: Path) -> list[tuple[int, str, str]]:
+    """(index within chunk, kind, detail) of every malformed line of a chunk."""
+    lines = chunk.data.split(b"\n")
+    if not chunk.unterminated:
+        lines.pop()  # after the final newline
+    bad = []
+    for i, line in enumerate(lines):
+        problem = check_line(line)
+        if problem is not None:
+            kind, detail = problem
+            if chunk.unterminated and i == len(lines) - 1:
+                kind, detail = "truncated_last_line", f"the file ends without a newline inside a malformed row ({detail})"
+            bad.append((i, kind, detail))
+    return bad
+
+
+def read_blocks(path: str | Path, block_size_mb: float = 64, bad_rows: str = "error",
+                counter: BadRows | None = None) -> Iterator[RawBlock]:
+    """Stream a raw Criteo file as parsed, validated blocks of about ``block_size_mb`` raw bytes.
+
+    Every line is validated in full on every pass, so all passes over a file agree on its bad rows.
+
+    Args:
+        bad_rows: ``error`` raises on the first malformed line; ``skip`` drops malformed lines and
+            counts them in ``counter``.
 
     Raises:
-        RawDataError: on a malformed row, naming the file, line and field.
+        RawDataError: a malformed row under ``bad_rows=error``, naming the file, line and field.
     """
     path = Path(path)
-    convert = pacsv.ConvertOptions(
-        column_types={LABEL: pa.int8(), **{c: pa.int64() for c in DENSE_COLUMNS}, **{c: pa.string() for c in SPARSE_COLUMNS}},
-        strings_can_be_null=False,
-        quoted_strings_can_be_null=False,
-        include_columns=SPARSE_COLUMNS if sparse_only else None,
-    )
-    read = pacsv.ReadOptions(column_names=COLUMNS, block_size=block_size_mb << 20)
-    parse = pacsv.ParseOptions(delimiter="\t", quote_char=False, double_quote=False, escape_char=False)
-    try:
-        reader = pacsv.open_csv(path, read_options=read, parse_options=parse, convert_options=convert)
-    except pa.ArrowInvalid as e:
-        raise RawDataError(f"{path}: {e}") from None
-    line = 1
-    while True:
+    if bad_rows not in ("error", "skip"):
+        raise ValueError(f"bad_rows={bad_rows!r}: expected 'error' or 'skip'")
+    counter = counter if counter is not None else BadRows()
+    chunks = _iter_chunks(path, max(1, int(block_size_mb * (1 << 20))))
+
+    def next_parsed() -> tuple[_Chunk, pa.Table | Exception] | None:
+        chunk = next(chunks, None)
+        if chunk is None:
+            return None
         try:
-            batch = reader.read_next_batch()
-        except StopIteration:
-            return
+            return chunk, _parse(chunk.data)
         except pa.ArrowInvalid as e:
-            raise RawDataError(f"{path} (after line {line - 1}): {e}") from None
-        n = batch.num_rows
-        if sparse_only:
-            sparse = np.zeros((n, NUM_SPARSE_FEATURES), dtype=np.uint32)
-            sparse_missing = np.zeros((n, NUM_SPARSE_FEATURES), dtype=bool)
-            for j, name in enumerate(SPARSE_COLUMNS):
-                sparse[:, j], sparse_missing[:, j] = _hex_to_uint32(batch.column(j), path, line, name)
-            yield RawBlock(np.zeros(n, np.int8), np.zeros((n, NUM_DENSE_FEATURES), np.int64),
-                           np.zeros((n, NUM_DENSE_FEATURES), bool), sparse, sparse_missing, line)
-            line += n
-            continue
-        labels = batch.column(0)
-        if labels.null_count:
-            row = int(np.argmax(~np.asarray(labels.is_valid())))
-            raise RawDataError(f"{path}:{line + row}: field {LABEL} is empty, expected 0 or 1")
-        labels = labels.to_numpy()
-        if ((labels != 0) & (labels != 1)).any():
-            row = int(np.argmax((labels != 0) & (labels != 1)))
-            raise RawDataError(f"{path}:{line + row}: field {LABEL} is {labels[row]}, expected 0 or 1")
-        dense = np.zeros((n, NUM_DENSE_FEATURES), dtype=np.int64)
-        dense_missing = np.zeros((n, NUM_DENSE_FEATURES), dtype=bool)
-        for j in range(NUM_DENSE_FEATURES):
-            col = batch.column(1 + j)
-            dense_missing[:, j] = ~np.asarray(col.is_valid()) if col.null_count else False
-            dense[:, j] = col.fill_null(0).to_numpy()
-        sparse = np.zeros((n, NUM_SPARSE_FEATURES), dtype=np.uint32)
-        sparse_missing = np.zeros((n, NUM_SPARSE_FEATURES), dtype=bool)
-        for j, name in enumerate(SPARSE_COLUMNS):
-            sparse[:, j], sparse_missing[:, j] = _hex_to_uint32(batch.column(1 + NUM_DENSE_FEATURES + j), path, line, name)
-        yield RawBlock(labels, dense, dense_missing, sparse, sparse_missing, line)
-        line += n
+            return chunk, e
+
+    # Read and parse chunk k+1 in a thread (pyarrow releases the GIL) while chunk k is converted.
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="criteo-read") as pool:
+        pending = pool.submit(next_parsed)
+        while (item := pending.result()) is not None:
+            pending = pool.submit(next_parsed)
+            chunk, table = item
+            lines = np.arange(chunk.first_line, chunk.first_line + chunk.num_lines, dtype=np.int64)
+            try:
+                if isinstance(table, Exception):
+                    raise _SlowPath
+                yield _convert(table, lines)
+                continue
+            except _SlowPath:
+                pass
+            bad = _bad_lines(chunk, path)
+            if not bad:
+                raise RawDataError(f"{path} (lines {chunk.first_line + 1}-{chunk.first_line + chunk.num_lines}): "
+                                   f"pyarrow rejected the block but no line is malformed: {table}")
+            if bad_rows == "error":
+                i, kind, detail = bad[0]
+                raise RawDataError(f"{path}:{chunk.first_line + i + 1}: {detail} [{kind}; data.bad_rows=skip drops "
+                                   "and counts such rows]")
+            for i, kind, detail in bad:
+                counter.add(kind, f"{path}:{chunk.first_line + i + 1}: {detail}")
+            drop = np.zeros(chunk.num_lines, dtype=bool)
+            drop[[i for i, _, _ in bad]] = True
+            if drop.all():
+                continue
+            kept = [ln for ln, d in zip(chunk.data.split(b"\n")[: chunk.num_lines], drop, strict=True) if not d]
+            try:
+                table = _parse(b"\n".join(kept) + b"\n")
+                yield _convert(table, lines[~drop])
+            except (pa.ArrowInvalid, _SlowPath) as e:
+                raise RawDataError(f"{path} (lines {chunk.first_line + 1}-{chunk.first_line + chunk.num_lines}): "
+                                   f"rows still rejected after dropping {len(bad)} malformed lines: {e}") from None

@@ -33,7 +33,11 @@ class EvalBatch:
 
 
 class BinarySplit:
-    """One preprocessed split (train/val/test), memory-mapped: only touched pages are read."""
+    """One preprocessed split (train/val/test), memory-mapped part by part: only touched pages are read.
+
+    A split is the concatenation of its parts (one per raw input file that feeds it); row ``i`` of
+    the split is found by the parts' cumulative row counts.
+    """
 
     def __init__(self, processed_dir: str | Path, split: str, manifest: dict | None = None):
         self.dir = Path(processed_dir)
@@ -43,22 +47,43 @@ class BinarySplit:
         info = self.manifest["splits"][split]
         self.split = split
         self.num_rows: int = info["num_rows"]
-        self.arrays = {}
-        for key, f in info["files"].items():
-            shape = tuple(f["shape"])
-            if self.num_rows == 0:
-                self.arrays[key] = np.zeros(shape, dtype=f["dtype"])
-            else:
-                self.arrays[key] = np.memmap(self.dir / f["path"], dtype=f["dtype"], mode="r", shape=shape)
+        self.parts: list[dict[str, np.ndarray]] = []
+        for part in info["parts"]:
+            if part["num_rows"] == 0:
+                continue
+            self.parts.append({
+                key: np.memmap(self.dir / f["path"], dtype=f["dtype"], mode="r", shape=tuple(f["shape"]))
+                for key, f in part["files"].items()
+            })
+        self.starts = np.cumsum([0] + [len(p["labels"]) for p in self.parts])
+        if self.starts[-1] != self.num_rows:
+            raise ValueError(f"{self.dir / 'manifest.json'}: split {split} lists {self.num_rows} rows but its parts "
+                             f"hold {self.starts[-1]}")
 
     def __len__(self) -> int:
         return self.num_rows
 
+    def gather(self, key: str, rows: np.ndarray) -> np.ndarray:
+        """``rows`` of one column group (dense, sparse or labels) across parts, in the given order."""
+        if len(self.parts) == 1:
+            return self.parts[0][key][rows]
+        part = np.searchsorted(self.starts, rows, side="right") - 1
+        first = self.parts[0][key]
+        out = np.empty((len(rows), *first.shape[1:]), dtype=first.dtype)
+        for p in np.unique(part):
+            sel = part == p
+            out[sel] = self.parts[p][key][rows[sel] - self.starts[p]]
+        return out
+
+    def column(self, key: str) -> np.ndarray:
+        """A whole column group (dense, sparse or labels) of the split, read into memory."""
+        return self.gather(key, np.arange(self.num_rows))
+
     def make_batch(self, rows: np.ndarray) -> Batch:
         """Gather ``rows`` into a Batch: dense [b, 13], KJT of 26 one-id features, labels [b]."""
-        dense = torch.from_numpy(np.ascontiguousarray(self.arrays["dense"][rows]))
-        ids = self.arrays["sparse"][rows]  # [b, 26]
-        labels = torch.from_numpy(self.arrays["labels"][rows].astype(np.float32))
+        dense = torch.from_numpy(np.ascontiguousarray(self.gather("dense", rows)))
+        ids = self.gather("sparse", rows)  # [b, 26]
+        labels = torch.from_numpy(self.gather("labels", rows).astype(np.float32))
         b = len(rows)
         # KJT values are feature-major: all of feature 0's ids, then feature 1's, ...
         values = torch.from_numpy(np.ascontiguousarray(ids.T).reshape(-1).astype(np.int64))

@@ -1,163 +1,222 @@
-"""Raw Criteo TSV -> columnar binary splits + ``manifest.json``.
+"""Raw Criteo TSV -> columnar binary splits + ``manifest.json``, restartable per input file.
 
 Output folder (``data.processed_dir``)::
 
-    manifest.json          rows per split, files with dtype/shape/sha256, table sizes, id settings,
-                           the dense transform, the source files, the generator's optimum if known
-    vocab.npz              id_mode=vocab: per feature, the sorted raw hashes that own a table row
-    <split>/dense.bin      float32 [rows, 13], already transformed
-    <split>/sparse.bin     int32 [rows, 26] table row ids (int64 when a cap exceeds 2^31)
-    <split>/labels.bin     uint8 [rows]
+    manifest.json                 written last: rows per split and their parts (files, dtype, shape,
+                                  sha256), table sizes, id settings, dense transform, sources with
+                                  sizes, bad-row counts by kind, the generator's optimum if known
+    vocab.npz, vocab.json         id_mode=vocab: per column, the raw hashes that own a table row
+    parts/<NNN>/<split>/dense.bin     float32 [rows, 13], already transformed
+    parts/<NNN>/<split>/sparse.bin    int32 [rows, 26] table row ids (int64 when a cap exceeds 2^31)
+    parts/<NNN>/<split>/labels.bin    uint8 [rows]
+    parts/<NNN>/done.json         input file NNN is finished: its outputs' sha256s, rows, bad rows
+
+One part per input file (raw file NNN in order), holding that file's rows of each split it feeds. A
+part's ``done.json`` is written (atomically, after its files are synced) only when it is complete,
+so a killed run resumes at the file it was on: finished parts whose settings and source match are
+verified by checksum and skipped. The manifest is written after every part is done, so a present
+manifest whose settings and sources match means the data can be used as is.
 
 Ids: row 0 of every table is "missing", row 1 (vocab mode) is "rare or unseen"; vocab ids follow by
 descending training frequency. In hash mode an id is ``1 + hash % (cap - 1)``. Table sizes are
 written to the manifest and the model reads them from there.
-
-The manifest is written last, after every split file is complete, so a present manifest whose
-settings match means the outputs are finished and can be reused.
 """
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import logging
 import os
+import re
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from pipeline.config import NUM_DENSE_FEATURES, NUM_SPARSE_FEATURES, DataConfig, IdMode, SplitMode
-from pipeline.data.criteo import RawBlock, RawDataError, read_blocks
+from pipeline.config import (
+    NUM_DENSE_FEATURES,
+    NUM_SPARSE_FEATURES,
+    DataConfig,
+    DenseTransform,
+    IdMode,
+    SplitMode,
+)
+from pipeline.data.criteo import BadRows, RawBlock, RawDataError, count_lines, read_blocks
 
 logger = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
-MANIFEST_VERSION = 1
-DENSE_TRANSFORM = "log1p(max(x, 0)), missing -> 0"  # the DLRM reference's transform
+MANIFEST_VERSION = 2
+DONE = "done.json"
+DENSE_TRANSFORMS = {
+    DenseTransform.log1p: "log(1 + max(x, 0)), missing -> 0 (the DLRM reference)",
+    DenseTransform.torchrec: "log(x - min + 2) in float32 with min over the whole input file, missing -> 0 "
+                             "(torchrec BinaryCriteoUtils.tsv_to_npys)",
+}
 MISSING_ID = 0
 RARE_ID = 1
 SPLITS = ("train", "val", "test")
+_HASH_CHUNK = 8 << 20
 
 
 @dataclass
-class _Part:
-    """A slice of one raw file's rows assigned to a split."""
+class _Unit:
+    """One input file and which of its lines go to which split."""
 
+    index: int
     path: Path
-    split: str
-    row_start: int = 0  # first row (0-based) of the slice
-    row_end: int | None = None  # end (exclusive); None = end of file
-    random_split: bool = False  # rows are assigned per row by the seeded random split instead
+    ranges: dict[str, tuple[int, int]] = field(default_factory=dict)  # split -> [first line, end line)
+    random_split: bool = False  # lines are assigned by the seeded random split instead
+
+    @property
+    def name(self) -> str:
+        return f"{self.index:03d}"
+
+    @property
+    def splits(self) -> tuple[str, ...]:
+        return SPLITS if self.random_split else tuple(s for s in SPLITS if s in self.ranges)
 
 
-def _count_lines(path: Path) -> int:
-    n = 0
-    with open(path, "rb") as f:
-        while chunk := f.read(64 << 20):
-            n += chunk.count(b"\n")
-    return n
+def _natural_key(path: str) -> list:
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", path)]
 
 
-def _plan_parts(cfg: DataConfig) -> list[_Part]:
-    raw = Path(cfg.raw_dir)
+def raw_files(cfg: DataConfig) -> list[Path]:
+    """The input files in order; glob patterns in ``data.raw_files`` are expanded (day_2 before day_10).
+
+    Raises:
+        FileNotFoundError: a file or pattern matches nothing (the config key is named).
+    """
     if cfg.split == SplitMode.files:
-        return [_Part(raw / f"{s}.tsv", s) for s in SPLITS]
-    path = Path(cfg.raw_files[0])
+        paths = [Path(cfg.raw_dir) / f"{s}.tsv" for s in SPLITS]
+    else:
+        paths = []
+        for entry in cfg.raw_files:
+            if glob.has_magic(entry):
+                matches = sorted(glob.glob(entry), key=_natural_key)
+                if not matches:
+                    raise FileNotFoundError(f"data.raw_files pattern {entry!r} matches no file")
+                paths.extend(Path(m) for m in matches)
+            else:
+                paths.append(Path(entry))
+    for path in paths:
+        if not path.is_file():
+            key = "data.raw_dir" if cfg.split == SplitMode.files else "data.raw_files"
+            raise FileNotFoundError(f"raw file {path} not found ({key}={cfg.raw_dir if key == 'data.raw_dir' else cfg.raw_files})")
+    return paths
+
+
+def _plan_units(cfg: DataConfig, files: list[Path]) -> list[_Unit]:
+    if cfg.split == SplitMode.files:
+        return [_Unit(i, p, {s: (0, 2**62)}) for i, (p, s) in enumerate(zip(files, SPLITS, strict=True))]
+    if cfg.split == SplitMode.random:
+        return [_Unit(0, files[0], random_split=True)]
     if cfg.split == SplitMode.kaggle:
         # train.txt holds 7 days in order; the DLRM reference takes days 0-5 for training and
         # halves day 6 into validation and test.
-        n = _count_lines(path)
+        n = count_lines(files[0])
         train_end = n * 6 // 7
         val_end = train_end + (n - train_end) // 2
-        return [_Part(path, "train", 0, train_end), _Part(path, "val", train_end, val_end), _Part(path, "test", val_end, n)]
-    return [_Part(path, s, random_split=True) for s in SPLITS]
+        return [_Unit(0, files[0], {"train": (0, train_end), "val": (train_end, val_end), "test": (val_end, n)})]
+    # days: every file but the last is training; the last day is halved into validation and test.
+    if len(files) < 2:
+        raise ValueError(f"data.split=days needs at least 2 day files, got {[str(f) for f in files]}")
+    n = count_lines(files[-1])
+    units = [_Unit(i, p, {"train": (0, 2**62)}) for i, p in enumerate(files[:-1])]
+    units.append(_Unit(len(files) - 1, files[-1], {"val": (0, n // 2), "test": (n // 2, n)}))
+    return units
 
 
-def _random_assignment(cfg: DataConfig, first_row: int, n: int) -> np.ndarray:
-    """Split index (0 train, 1 val, 2 test) of rows [first_row, first_row + n), seeded per row."""
-    # Drawn per 1M-row window so the assignment never depends on the parser's block size.
-    out = np.empty(n, dtype=np.int8)
+def _random_assignment(cfg: DataConfig, lines: np.ndarray) -> np.ndarray:
+    """Split index (0 train, 1 val, 2 test) of each line, seeded per line (never by block size)."""
+    out = np.empty(len(lines), dtype=np.int8)
     window = 1 << 20
-    row = first_row
-    while row < first_row + n:
-        w = row // window
-        u = np.random.default_rng([cfg.split_seed, w]).random(window)
-        lo = row - w * window
-        hi = min(window, first_row + n - w * window)
-        seg = u[lo:hi]
-        out[row - first_row : row - first_row + len(seg)] = np.where(
-            seg < cfg.val_fraction, 1, np.where(seg < cfg.val_fraction + cfg.test_fraction, 2, 0)
-        )
-        row += len(seg)
+    w = lines // window
+    for wi in np.unique(w):
+        sel = w == wi
+        u = np.random.default_rng([cfg.split_seed, int(wi)]).random(window)[lines[sel] - wi * window]
+        out[sel] = np.where(u < cfg.val_fraction, 1, np.where(u < cfg.val_fraction + cfg.test_fraction, 2, 0))
     return out
 
 
-def _split_blocks(parts: list[_Part], cfg: DataConfig, only: tuple[str, ...] = SPLITS,
-                  sparse_only: bool = False) -> Iterator[tuple[str, RawBlock]]:
-    """(split, rows of a block) for the parts' splits in ``only``; each raw file is parsed once.
-
-    A single file split by rows (kaggle) or at random feeds all three splits in one pass, and stops
-    reading once every wanted row range has ended.
-    """
-    by_file: dict[Path, list[_Part]] = {}
-    for part in parts:
-        if part.split in only:
-            by_file.setdefault(part.path, []).append(part)
-    for path, file_parts in by_file.items():
-        random_split = any(p.random_split for p in file_parts)
-        last_row = None if random_split or any(p.row_end is None for p in file_parts) else max(p.row_end for p in file_parts)
-        row = 0
-        for block in read_blocks(path, cfg.block_size_mb, sparse_only=sparse_only):
-            n = len(block)
-            if random_split:
-                assigned = _random_assignment(cfg, row, n)
-            else:
-                assigned = np.full(n, -1, dtype=np.int8)
-                idx = np.arange(row, row + n)
-                for p in file_parts:
-                    end = p.row_end if p.row_end is not None else row + n
-                    assigned[(idx >= p.row_start) & (idx < end)] = SPLITS.index(p.split)
-            row += n
-            for p in file_parts:
-                keep = assigned == SPLITS.index(p.split)
-                if keep.all():
-                    yield p.split, block
-                elif keep.any():
-                    yield p.split, RawBlock(block.labels[keep], block.dense[keep], block.dense_missing[keep],
-                                            block.sparse[keep], block.sparse_missing[keep], block.first_line)
-            if last_row is not None and row >= last_row:
-                break
+def _unit_blocks(unit: _Unit, cfg: DataConfig, counter: BadRows,
+                 only: tuple[str, ...] = SPLITS) -> Iterator[tuple[str, RawBlock]]:
+    """(split, rows of a block) of one input file, for the splits in ``only``; stops reading once
+    every wanted line range has ended."""
+    wanted = [s for s in unit.splits if s in only]
+    last_line = None if unit.random_split else max(unit.ranges[s][1] for s in wanted)
+    for block in read_blocks(unit.path, cfg.block_size_mb, cfg.bad_rows.value, counter):
+        lines = block.line_index
+        if unit.random_split:
+            assigned = _random_assignment(cfg, lines)
+        else:
+            assigned = np.full(len(block), -1, dtype=np.int8)
+            for s, (lo, hi) in unit.ranges.items():
+                assigned[(lines >= lo) & (lines < hi)] = SPLITS.index(s)
+        for s in wanted:
+            keep = assigned == SPLITS.index(s)
+            if keep.all():
+                yield s, block
+            elif keep.any():
+                yield s, block.take(keep)
+        if last_line is not None and len(lines) and lines[-1] + 1 >= last_line:
+            break
 
 
-def transform_dense(block: RawBlock) -> np.ndarray:
-    """The DLRM reference's dense transform: log(1 + max(x, 0)), missing -> 0."""
-    return np.log1p(np.maximum(block.dense, 0)).astype(np.float32)
+def transform_dense(block: RawBlock, transform: DenseTransform = DenseTransform.log1p,
+                    file_min: int | None = None) -> np.ndarray:
+    """The 13 integer features -> float32 [n, 13] (missing is 0 before the transform)."""
+    if transform == DenseTransform.log1p:
+        return np.log1p(np.maximum(block.dense, 0)).astype(np.float32)
+    # TorchRec's converter, operation for operation: int32, shift by the file's min, float32 log.
+    shifted = (block.dense - (file_min - 2)).astype(np.int32)
+    return np.log(shifted, dtype=np.float32)
 
 
-def _build_vocab(parts: list[_Part], cfg: DataConfig) -> list[np.ndarray]:
-    """Per feature, the training hashes that get their own row, most frequent first (<= cap - 2)."""
-    keys: list[list[np.ndarray]] = [[] for _ in range(NUM_SPARSE_FEATURES)]
-    counts: list[list[np.ndarray]] = [[] for _ in range(NUM_SPARSE_FEATURES)]
-    for _, block in _split_blocks(parts, cfg, only=("train",), sparse_only=True):
+def _caps(cfg: DataConfig) -> list[int]:
+    return list(cfg.num_embeddings_per_feature) or [cfg.max_ids_per_feature] * NUM_SPARSE_FEATURES
+
+
+class _IdCounter:
+    """Per column, the training hashes and how often each occurs; merged as it grows to bound memory."""
+
+    def __init__(self) -> None:
+        self.keys = [np.zeros(0, np.uint32) for _ in range(NUM_SPARSE_FEATURES)]
+        self.counts = [np.zeros(0, np.int64) for _ in range(NUM_SPARSE_FEATURES)]
+        self.pending: list[list[np.ndarray]] = [[] for _ in range(NUM_SPARSE_FEATURES)]
+        self.pending_len = [0] * NUM_SPARSE_FEATURES
+
+    def add(self, block: RawBlock) -> None:
         for j in range(NUM_SPARSE_FEATURES):
-            k, c = np.unique(block.sparse[~block.sparse_missing[:, j], j], return_counts=True)
-            keys[j].append(k)
-            counts[j].append(c)
-    vocab = []
-    for j in range(NUM_SPARSE_FEATURES):
-        if not keys[j]:
-            vocab.append(np.zeros(0, dtype=np.uint32))
-            continue
-        k, inv = np.unique(np.concatenate(keys[j]), return_inverse=True)
-        c = np.bincount(inv, weights=np.concatenate(counts[j]).astype(np.float64)).astype(np.int64)
-        order = np.argsort(-c, kind="stable")  # most frequent first, ties by hash value
-        order = order[c[order] >= cfg.min_id_frequency][: cfg.max_ids_per_feature - 2]
-        vocab.append(k[order])
-    return vocab
+            values = block.sparse[~block.sparse_missing[:, j], j]
+            self.pending[j].append(values)
+            self.pending_len[j] += len(values)
+            if self.pending_len[j] > max(4 * len(self.keys[j]), 1 << 22):
+                self._merge(j)
+
+    def _merge(self, j: int) -> None:
+        if not self.pending[j]:
+            return
+        new, cnt = np.unique(np.concatenate(self.pending[j]), return_counts=True)
+        keys, inv = np.unique(np.concatenate([self.keys[j], new]), return_inverse=True)
+        self.counts[j] = np.bincount(inv, weights=np.concatenate([self.counts[j], cnt]).astype(np.float64),
+                                     minlength=len(keys)).astype(np.int64)
+        self.keys[j] = keys
+        self.pending[j], self.pending_len[j] = [], 0
+
+    def vocab(self, caps: list[int], min_frequency: int) -> list[np.ndarray]:
+        """Per column, the hashes that get their own row, most frequent first (at most cap - 2)."""
+        out = []
+        for j in range(NUM_SPARSE_FEATURES):
+            self._merge(j)
+            k, c = self.keys[j], self.counts[j]
+            order = np.argsort(-c, kind="stable")  # most frequent first, ties by hash value
+            out.append(k[order[c[order] >= min_frequency][: caps[j] - 2]])
+        return out
 
 
 class _IdMapper:
@@ -165,7 +224,7 @@ class _IdMapper:
 
     def __init__(self, cfg: DataConfig, vocab: list[np.ndarray] | None):
         self.mode = cfg.id_mode
-        self.cap = cfg.max_ids_per_feature
+        self.caps = _caps(cfg)
         if vocab is not None:
             self.sorted_keys = []
             self.sorted_ids = []
@@ -175,7 +234,7 @@ class _IdMapper:
                 self.sorted_ids.append((order + 2).astype(np.int64))  # 0 missing, 1 rare
             self.num_embeddings = [len(v) + 2 for v in vocab]
         else:
-            self.num_embeddings = [self.cap] * NUM_SPARSE_FEATURES
+            self.num_embeddings = list(self.caps)
         self.dtype = np.int32 if max(self.num_embeddings) < 2**31 else np.int64
 
     def __call__(self, block: RawBlock) -> np.ndarray:
@@ -183,32 +242,37 @@ class _IdMapper:
         for j in range(NUM_SPARSE_FEATURES):
             h = block.sparse[:, j]
             if self.mode == IdMode.hash:
-                ids = 1 + h.astype(np.int64) % (self.cap - 1)
+                ids = 1 + h.astype(np.int64) % (self.caps[j] - 1)
             else:
                 keys = self.sorted_keys[j]
-                pos = np.searchsorted(keys, h)
-                pos_c = np.minimum(pos, max(len(keys) - 1, 0))
-                found = (pos < len(keys)) & (keys[pos_c] == h) if len(keys) else np.zeros(len(h), bool)
-                ids = np.where(found, self.sorted_ids[j][pos_c] if len(keys) else RARE_ID, RARE_ID)
+                if len(keys):
+                    pos = np.minimum(np.searchsorted(keys, h), len(keys) - 1)
+                    ids = np.where(keys[pos] == h, self.sorted_ids[j][pos], RARE_ID)
+                else:
+                    ids = np.full(len(h), RARE_ID, dtype=np.int64)
             ids[block.sparse_missing[:, j]] = MISSING_ID
             out[:, j] = ids
         return out
 
 
-class _SplitWriter:
-    """Appends blocks to one split's binary files, hashing them as they are written."""
+_WIDTHS = {"dense": [NUM_DENSE_FEATURES], "sparse": [NUM_SPARSE_FEATURES], "labels": []}
 
-    def __init__(self, out_dir: Path, split: str, sparse_dtype: np.dtype):
-        self.dir = out_dir / split
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self.names = {"dense": np.float32, "sparse": sparse_dtype, "labels": np.uint8}
-        self.files = {k: open(self.dir / f"{k}.bin", "wb") for k in self.names}
-        self.hashes = {k: hashlib.sha256() for k in self.names}
+
+class _SplitWriter:
+    """Appends blocks to one part's binary files of a split, hashing them as they are written."""
+
+    def __init__(self, root: Path, rel_dir: str, sparse_dtype: np.dtype):
+        self.root = root
+        self.rel_dir = rel_dir
+        (root / rel_dir).mkdir(parents=True, exist_ok=True)
+        self.dtypes = {"dense": np.dtype(np.float32), "sparse": np.dtype(sparse_dtype), "labels": np.dtype(np.uint8)}
+        self.files = {k: open(root / rel_dir / f"{k}.bin", "wb") for k in self.dtypes}
+        self.hashes = {k: hashlib.sha256() for k in self.dtypes}
         self.num_rows = 0
 
     def write(self, dense: np.ndarray, sparse: np.ndarray, labels: np.ndarray) -> None:
         for key, arr in (("dense", dense), ("sparse", sparse), ("labels", labels)):
-            buf = np.ascontiguousarray(arr, dtype=self.names[key]).tobytes()
+            buf = memoryview(np.ascontiguousarray(arr, dtype=self.dtypes[key])).cast("B")
             self.files[key].write(buf)
             self.hashes[key].update(buf)
         self.num_rows += len(labels)
@@ -218,19 +282,47 @@ class _SplitWriter:
             f.flush()
             os.fsync(f.fileno())
             f.close()
-        widths = {"dense": [NUM_DENSE_FEATURES], "sparse": [NUM_SPARSE_FEATURES], "labels": []}
         return {
             "num_rows": self.num_rows,
             "files": {
-                k: {"path": f"{self.dir.name}/{k}.bin", "dtype": np.dtype(self.names[k]).name,
-                    "shape": [self.num_rows, *widths[k]], "sha256": self.hashes[k].hexdigest()}
-                for k in self.names
+                k: {"path": f"{self.rel_dir}/{k}.bin", "dtype": self.dtypes[k].name,
+                    "shape": [self.num_rows, *_WIDTHS[k]], "sha256": self.hashes[k].hexdigest()}
+                for k in self.dtypes
             },
         }
 
 
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_HASH_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _verify_files(root: Path, files: dict) -> str | None:
+    """None when every file exists with its recorded size and sha256, else what is wrong."""
+    for info in files.values():
+        path = root / info["path"]
+        size = int(np.prod(info["shape"])) * np.dtype(info["dtype"]).itemsize
+        if not path.is_file() or path.stat().st_size != size:
+            return f"{path} is missing or not {size} bytes"
+        if _sha256_file(path) != info["sha256"]:
+            return f"{path} does not match its sha256"
+    return None
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(json.dumps(obj, indent=2) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
 def _settings(cfg: DataConfig) -> dict:
-    """The inputs that determine the output; a manifest with other settings is rebuilt."""
+    """The inputs that determine the output; outputs made with other settings are rebuilt."""
     return {
         "split": cfg.split.value,
         "raw_files": list(cfg.raw_files),
@@ -238,25 +330,24 @@ def _settings(cfg: DataConfig) -> dict:
         "test_fraction": cfg.test_fraction,
         "split_seed": cfg.split_seed,
         "id_mode": cfg.id_mode.value,
-        "max_ids_per_feature": cfg.max_ids_per_feature,
+        "caps": _caps(cfg),
         "min_id_frequency": cfg.min_id_frequency,
-        "dense_transform": DENSE_TRANSFORM,
+        "dense_transform": cfg.dense_transform.value,
+        "bad_rows": cfg.bad_rows.value,
     }
 
 
-def _input_files(cfg: DataConfig) -> list[Path]:
-    if cfg.split == SplitMode.files:
-        return [Path(cfg.raw_dir) / f"{s}.tsv" for s in SPLITS]
-    return [Path(cfg.raw_files[0])]
-
-
-def _sources(cfg: DataConfig) -> list[dict]:
-    """The raw files with size and mtime: a manifest built from other files is stale."""
+def _sources(files: list[Path]) -> list[dict]:
+    """The raw files with size and mtime: outputs built from other files are stale."""
     out = []
-    for path in _input_files(cfg):
+    for path in files:
         st = path.stat()
         out.append({"path": str(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns})
     return out
+
+
+def _fingerprint(settings: dict, source: dict, extra: str = "") -> str:
+    return hashlib.sha256(json.dumps([settings, source, extra], sort_keys=True).encode()).hexdigest()[:16]
 
 
 def load_manifest(processed_dir: str | Path) -> dict:
@@ -278,53 +369,151 @@ def is_current(cfg: DataConfig) -> bool:
         return False
     m = json.loads(path.read_text())
     try:
-        sources = _sources(cfg)
+        sources = _sources(raw_files(cfg))
     except FileNotFoundError:
         return False
     return m.get("version") == MANIFEST_VERSION and m.get("settings") == _settings(cfg) and m.get("sources") == sources
 
 
+def _load_or_build_vocab(cfg: DataConfig, units: list[_Unit], out: Path, settings: dict,
+                         sources: list[dict]) -> tuple[list[np.ndarray], str]:
+    """The vocabulary from a first pass over the training rows, reused when already built and intact."""
+    marker, npz = out / "vocab.json", out / "vocab.npz"
+    key = _fingerprint(settings, sources)
+    if marker.exists() and npz.exists():
+        m = json.loads(marker.read_text())
+        if m.get("fingerprint") == key and _sha256_file(npz) == m.get("sha256"):
+            logger.info("vocabulary in %s verified, reused", npz)
+            with np.load(npz) as z:
+                return [z[f"C{j + 1}"] for j in range(NUM_SPARSE_FEATURES)], m["sha256"]
+    t0 = time.perf_counter()
+    counter = _IdCounter()
+    ignored = BadRows()  # the main pass counts bad rows; this pass sees the same ones
+    for unit in units:
+        if "train" in unit.splits:
+            for _, block in _unit_blocks(unit, cfg, ignored, only=("train",)):
+                counter.add(block)
+    vocab = counter.vocab(_caps(cfg), cfg.min_id_frequency)
+    marker.unlink(missing_ok=True)
+    tmp = out / "vocab.tmp.npz"
+    np.savez(tmp, **{f"C{j + 1}": v for j, v in enumerate(vocab)})
+    os.replace(tmp, npz)
+    digest = _sha256_file(npz)
+    _write_json(marker, {"fingerprint": key, "sha256": digest, "sizes": [len(v) for v in vocab]})
+    logger.info("built the vocabulary in %.1fs: %s ids", time.perf_counter() - t0, f"{sum(len(v) for v in vocab):,}")
+    return vocab, digest
+
+
+def _dense_min(unit: _Unit, cfg: DataConfig) -> int:
+    """The smallest integer feature in the whole file (missing counts as 0), as TorchRec's converter takes it."""
+    lo = None
+    for block in read_blocks(unit.path, cfg.block_size_mb, cfg.bad_rows.value, BadRows()):
+        if len(block):
+            m = int(block.dense.min())
+            lo = m if lo is None else min(lo, m)
+    return 0 if lo is None else lo
+
+
+def _process_unit(unit: _Unit, cfg: DataConfig, out: Path, mapper: _IdMapper, key: str) -> dict:
+    """Convert one input file into its part; returns the part's done record."""
+    t0 = time.perf_counter()
+    rel = f"parts/{unit.name}"
+    file_min = _dense_min(unit, cfg) if cfg.dense_transform == DenseTransform.torchrec else None
+    counter = BadRows()
+    writers = {s: _SplitWriter(out, f"{rel}/{s}", mapper.dtype) for s in unit.splits}
+    for split, block in _unit_blocks(unit, cfg, counter):
+        writers[split].write(transform_dense(block, cfg.dense_transform, file_min), mapper(block), block.labels)
+    record = {
+        "fingerprint": key,
+        "source": _sources([unit.path])[0],
+        "splits": {s: w.close() for s, w in writers.items()},
+        "bad_rows": counter.to_dict(),
+        "dense_min": file_min,
+        "seconds": round(time.perf_counter() - t0, 2),
+    }
+    _write_json(out / rel / DONE, record)
+    rows = sum(v["num_rows"] for v in record["splits"].values())
+    logger.info("part %s: %s -> %s rows in %.1fs (%s rows/s)%s", unit.name, unit.path, f"{rows:,}",
+                record["seconds"], f"{rows / max(record['seconds'], 1e-9):,.0f}",
+                f", skipped {counter.total} bad rows {counter.counts}" if counter.total else "")
+    for example in counter.examples:
+        logger.warning("skipped bad row %s", example)
+    return record
+
+
+def _finished_part(unit: _Unit, out: Path, key: str) -> dict | None:
+    """The done record of a finished, intact part made with the same settings and source, else None."""
+    path = out / "parts" / unit.name / DONE
+    if not path.exists():
+        return None
+    record = json.loads(path.read_text())
+    if record.get("fingerprint") != key or record.get("source") != _sources([unit.path])[0]:
+        logger.info("part %s was made from other settings or another version of %s: redoing it", unit.name, unit.path)
+        return None
+    for split, info in record["splits"].items():
+        problem = _verify_files(out, info["files"])
+        if problem is not None:
+            logger.warning("part %s (%s): %s: redoing it", unit.name, split, problem)
+            return None
+    logger.info("part %s (%s) already done and verified by sha256: skipped", unit.name, unit.path)
+    return record
+
+
 def preprocess(cfg: DataConfig) -> dict:
     """Convert the raw files named by ``cfg`` into binary splits; return the manifest.
 
+    Restartable: parts finished by an earlier (killed) run with the same settings are verified and
+    skipped.
+
     Raises:
-        RawDataError: a malformed raw row (file, line and field named).
+        RawDataError: a malformed raw row under ``data.bad_rows=error`` (file, line and field named).
         FileNotFoundError: a raw file is missing.
     """
     t0 = time.perf_counter()
     out = Path(cfg.processed_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / MANIFEST).unlink(missing_ok=True)
-    for path in _input_files(cfg):
-        if not path.exists():
-            raise FileNotFoundError(f"raw file {path} not found (data.raw_dir={cfg.raw_dir}, data.raw_files={cfg.raw_files})")
-    parts = _plan_parts(cfg)
-    vocab = _build_vocab(parts, cfg) if cfg.id_mode == IdMode.vocab else None
-    if vocab is not None:
-        np.savez(out / "vocab.npz", **{f"C{j + 1}": v for j, v in enumerate(vocab)})
+    files = raw_files(cfg)
+    units = _plan_units(cfg, files)
+    settings = _settings(cfg)
+    sources = _sources(files)
+    vocab, vocab_sha = (None, "")
+    if cfg.id_mode == IdMode.vocab:
+        vocab, vocab_sha = _load_or_build_vocab(cfg, units, out, settings, sources)
     mapper = _IdMapper(cfg, vocab)
-    writers = {s: _SplitWriter(out, s, mapper.dtype) for s in SPLITS}
-    for split, block in _split_blocks(parts, cfg):
-        writers[split].write(transform_dense(block), mapper(block), block.labels)
-    splits = {s: w.close() for s, w in writers.items()}
+    records = []
+    for unit in units:
+        key = _fingerprint(settings, {"index": unit.index, "path": str(unit.path), "ranges": unit.ranges}, vocab_sha)
+        records.append(_finished_part(unit, out, key) or _process_unit(unit, cfg, out, mapper, key))
+    splits = {s: {"num_rows": 0, "parts": []} for s in SPLITS}
+    bad = BadRows()
+    for record in records:
+        for s, info in record["splits"].items():
+            splits[s]["num_rows"] += info["num_rows"]
+            splits[s]["parts"].append(info)
+        part_bad = BadRows()
+        part_bad.counts.update(record["bad_rows"]["by_kind"])
+        part_bad.examples = list(record["bad_rows"]["examples"])
+        bad.merge(part_bad)
     manifest = {
         "version": MANIFEST_VERSION,
-        "settings": _settings(cfg),
-        "sources": _sources(cfg),
+        "settings": settings,
+        "sources": sources,
         "splits": splits,
         "num_dense_features": NUM_DENSE_FEATURES,
         "num_sparse_features": NUM_SPARSE_FEATURES,
         "num_embeddings_per_feature": mapper.num_embeddings,
         "reserved_ids": {"missing": MISSING_ID, **({"rare_or_unseen": RARE_ID} if vocab is not None else {})},
+        "dense_transform": DENSE_TRANSFORMS[cfg.dense_transform],
+        "bad_rows": bad.to_dict(),
         "optimum": _optimum(cfg),
         "seconds": round(time.perf_counter() - t0, 2),
     }
-    tmp = out / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
-    os.replace(tmp, out / MANIFEST)
+    _write_json(out / MANIFEST, manifest)
     logger.info(
-        "preprocessed %s -> %s in %.1fs: %s", cfg.raw_dir, out, manifest["seconds"],
+        "preprocessed %d file(s) -> %s in %.1fs: %s%s", len(files), out, manifest["seconds"],
         ", ".join(f"{s} {v['num_rows']:,} rows" for s, v in splits.items()),
+        f"; skipped {bad.total} bad rows {bad.counts}" if bad.total else "",
     )
     return manifest
 
@@ -339,4 +528,4 @@ def _optimum(cfg: DataConfig) -> dict | None:
     return None
 
 
-__all__ = ["RawDataError", "preprocess", "load_manifest", "is_current", "MANIFEST"]
+__all__ = ["RawDataError", "preprocess", "load_manifest", "is_current", "raw_files", "MANIFEST"]

@@ -76,8 +76,9 @@ def test_batch_not_divisible_by_world_size_names_the_fix() -> None:
         validate(cfg, world_size=16)
 
 
-def test_bottom_mlp_must_end_at_embedding_dim() -> None:
-    cfg = _compose(["model.embedding_dim=64"])
+def test_bottom_mlp_follows_embedding_dim_unless_set_apart() -> None:
+    validate(_compose(["model.embedding_dim=64"]), world_size=1)  # the preset's last layer follows it
+    cfg = _compose(["model.embedding_dim=64", "model.dense_arch_layer_sizes=[512,256,128]"])
     with pytest.raises(ConfigError, match=r"model.dense_arch_layer_sizes=\[512, 256, 128\] must end with model.embedding_dim=64"):
         validate(cfg, world_size=1)
 

@@ -11,7 +11,7 @@ from tests.conftest import ROOT
 
 
 def test_cfg_job_prints_the_resolved_config() -> None:
-    out = subprocess.run([sys.executable, "pipeline/train.py", "--cfg", "job", "model.self_interaction=true"],
+    out = subprocess.run([sys.executable, "pipeline/train.py", "--cfg", "job", "--resolve", "model.self_interaction=true"],
                          cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     cfg = yaml.safe_load(out.stdout)

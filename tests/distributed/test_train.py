@@ -65,3 +65,29 @@ def test_batch_not_divisible_fails_naming_the_fix(tmp_path, tiny_data_overrides)
     run = run_training(tmp_path / "odd", [*tiny_data_overrides, "data.global_batch_size=255"], nproc=2, timeout=120)
     assert run.returncode != 0
     assert "data.global_batch_size=255 must be divisible by world_size=2" in run.output
+
+
+def test_trains_on_one_real_format_file_with_a_random_split(tmp_path) -> None:
+    """data=tsv on one raw file in the Criteo layout (missing values, negatives, upper- and lower-case hex,
+    a malformed line and an unterminated last line), split at random, bad rows skipped and counted."""
+    from pipeline.config import SyntheticConfig
+    from pipeline.data import synthetic
+
+    synthetic.generate(SyntheticConfig(num_train_rows=6000, num_val_rows=10, num_test_rows=10, max_cardinality=300,
+                                       seed=11), tmp_path / "gen")
+    lines = (tmp_path / "gen" / "train.tsv").read_text().splitlines()
+    lines[10] = lines[10].upper()  # hex digits in upper case are the same hashes
+    lines.insert(500, "1\t2\t3")  # a malformed row
+    sample = tmp_path / "sample.tsv"
+    sample.write_text("\n".join(lines))  # no final newline
+    processed = tmp_path / "processed"
+    run = run_training(tmp_path / "run", ["model=tiny", "data=tsv", f"data.raw_files=[{sample}]",
+                                          f"data.processed_dir={processed}", "data.bad_rows=skip",
+                                          "data.global_batch_size=256", "data.eval_global_batch_size=512",
+                                          "trainer.max_steps=15"], nproc=1)
+    assert run.returncode == 0, run.output[-4000:]
+    manifest = json.loads((processed / "manifest.json").read_text())
+    assert manifest["bad_rows"]["by_kind"]["wrong_field_count"] == 1 and manifest["bad_rows"]["total"] == 1
+    rows = {s: v["num_rows"] for s, v in manifest["splits"].items()}
+    assert sum(rows.values()) == 6000 and min(rows.values()) > 200
+    assert run.summary["final"]["test"]["num_samples"] == rows["test"]

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.config import DataConfig, IdMode, SplitMode, SyntheticConfig
+from pipeline.config import BadRowPolicy, DataConfig, IdMode, SplitMode, SyntheticConfig
 from pipeline.data import synthetic
 from pipeline.data.criteo import RawDataError, read_blocks
 from pipeline.data.loader import BinarySplit, epoch_order, eval_batches, train_batches
@@ -21,7 +21,8 @@ SMALL = SyntheticConfig(num_train_rows=5000, num_val_rows=1500, num_test_rows=10
 def processed(tmp_path_factory):
     root = tmp_path_factory.mktemp("pp")
     synthetic.generate(SMALL, root / "raw")
-    cfg = DataConfig(name="t", raw_dir=str(root / "raw"), processed_dir=str(root / "out"), split=SplitMode.files)
+    cfg = DataConfig(name="t", raw_dir=str(root / "raw"), processed_dir=str(root / "out"), split=SplitMode.files,
+                     id_mode=IdMode.vocab)
     return cfg, preprocess(cfg)
 
 
@@ -38,13 +39,13 @@ def test_round_trip_dense_labels_and_ids(processed) -> None:
     rows = _raw_rows(synthetic_path(cfg, "val"))
     split = BinarySplit(cfg.processed_dir, "val")
     assert len(split) == len(rows) == manifest["splits"]["val"]["num_rows"]
-    dense = np.array(split.arrays["dense"])
+    dense = split.column("dense")
     raw_dense = np.array([[float(v) if v else np.nan for v in r[1:14]] for r in rows])
     expected = np.where(np.isnan(raw_dense), 0.0, np.log1p(np.maximum(np.nan_to_num(raw_dense), 0)))
     np.testing.assert_allclose(dense, expected, rtol=1e-6)
     assert (raw_dense < 0).any(), "the data has negative values to exercise the clip"
-    np.testing.assert_array_equal(np.array(split.arrays["labels"]), [int(r[0]) for r in rows])
-    ids = np.array(split.arrays["sparse"])
+    np.testing.assert_array_equal(split.column("labels"), [int(r[0]) for r in rows])
+    ids = split.column("sparse")
     raw_cats = np.array([r[14:] for r in rows])
     assert ((raw_cats == "") == (ids == MISSING_ID)).all(), "missing <-> id 0, nothing else is id 0"
     for j in range(26):  # one raw hash <-> one id, within and across splits
@@ -58,6 +59,7 @@ def test_manifest_is_reused_until_settings_change(processed) -> None:
     cfg, _ = processed
     assert is_current(cfg)
     assert not is_current(DataConfig(**{**cfg.__dict__, "id_mode": IdMode.hash}))
+    assert not is_current(DataConfig(**{**cfg.__dict__, "bad_rows": BadRowPolicy.skip}))
 
 
 def test_hash_mode_maps_modulo_the_cap(tmp_path, processed) -> None:
@@ -66,7 +68,7 @@ def test_hash_mode_maps_modulo_the_cap(tmp_path, processed) -> None:
     manifest = preprocess(hcfg)
     assert manifest["num_embeddings_per_feature"] == [97] * 26
     rows = _raw_rows(synthetic_path(cfg, "test"))
-    ids = np.array(BinarySplit(tmp_path, "test").arrays["sparse"])
+    ids = BinarySplit(tmp_path, "test").column("sparse")
     for i in (0, 1, 2):
         for j in range(26):
             h = rows[i][14 + j]
@@ -104,7 +106,7 @@ def test_eval_batches_cover_every_row_exactly_once(processed) -> None:
         for eb in eval_batches(split, 1024, rank, 2):
             labels.append(eb.batch.labels[eb.weights > 0])
     assert sum(len(x) for x in labels) == len(split)
-    assert torch.cat(labels).sum().item() == int(np.array(split.arrays["labels"]).sum())
+    assert torch.cat(labels).sum().item() == int(split.column("labels").sum())
 
 
 def test_bad_row_names_file_line_and_field(tmp_path) -> None:
@@ -112,7 +114,7 @@ def test_bad_row_names_file_line_and_field(tmp_path) -> None:
     bad = "\t".join(["0", *["1"] * 13, "xyz12345", *["0a1b2c3d"] * 25])
     path = tmp_path / "bad.tsv"
     path.write_text(f"{good}\n{good}\n{bad}\n")
-    with pytest.raises(RawDataError, match=r"bad.tsv:3: field C1 is not 8 hex digits"):
+    with pytest.raises(RawDataError, match=r"bad.tsv:3: field C1 is b'xyz12345', expected 8 hex digits"):
         list(read_blocks(path))
 
 
@@ -126,8 +128,8 @@ def test_random_split_is_seeded_and_keeps_every_row(tmp_path, processed) -> None
     assert sum(rows.values()) == 5000
     assert 350 < rows["val"] < 650 and 850 < rows["test"] < 1150
     again = preprocess(DataConfig(**{**rcfg.__dict__, "processed_dir": str(tmp_path / "b"), "block_size_mb": 1}))
-    assert {s: v["files"]["labels"]["sha256"] for s, v in again["splits"].items()} == \
-        {s: v["files"]["labels"]["sha256"] for s, v in m["splits"].items()}, "same seed, same split, any block size"
+    assert {s: v["parts"][0]["files"]["labels"]["sha256"] for s, v in again["splits"].items()} == \
+        {s: v["parts"][0]["files"]["labels"]["sha256"] for s, v in m["splits"].items()}, "same seed, same split, any block size"
 
 
 def test_kaggle_split_takes_days_0_to_5_then_halves_day_6(tmp_path, processed) -> None:
@@ -138,4 +140,4 @@ def test_kaggle_split_takes_days_0_to_5_then_halves_day_6(tmp_path, processed) -
     m = preprocess(kcfg)
     assert {s: v["num_rows"] for s, v in m["splits"].items()} == {"train": 4285, "val": 357, "test": 358}
     labels = [int(r[0]) for r in _raw_rows(src)]
-    np.testing.assert_array_equal(np.array(BinarySplit(tmp_path / "k", "test").arrays["labels"]), labels[-358:])
+    np.testing.assert_array_equal(BinarySplit(tmp_path / "k", "test").column("labels"), labels[-358:])
