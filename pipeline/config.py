@@ -176,6 +176,21 @@ class TrainerConfig:
     device: Device = Device.auto  # where the model runs
     num_threads: int | None = None  # intra-op threads per rank; null = cores / local ranks
     run_doctor: bool = True  # check the torch/fbgemm/torchrec pairing before training
+    resume: str = "auto"  # auto = latest checkpoint in the run's checkpoint folder if any; none; or a path
+    save_predictions: bool = False  # final eval writes predictions_<split>.npy (one probability per row, row order)
+    stop_on_nonfinite_loss: bool = True  # stop with the step when the training loss is NaN/Inf (checked each log step and before saves)
+
+
+@dataclass
+class CheckpointConfig:
+    """torch.distributed.checkpoint saves of the whole training state."""
+
+    dir: str | None = None  # null = <run dir>/checkpoints; on several nodes it must be a shared filesystem
+    every_steps: int = 0  # save every N steps; 0 = off
+    every_minutes: float = 0.0  # save when this many minutes passed since the last save; 0 = off
+    keep_last: int = 2  # complete checkpoints kept (older ones are deleted after a successful save)
+    save_at_end: bool = True  # save after the last training step
+    load_optimizer: bool = True  # on resume, also restore optimizer state (false: weights only, e.g. fine-tuning)
 
 
 @dataclass
@@ -206,6 +221,7 @@ class TrainConfig:
     sharding: ShardingConfig = field(default_factory=ShardingConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     launcher: LauncherConfig = field(default_factory=LauncherConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
 
@@ -216,6 +232,7 @@ GROUP_SCHEMAS: dict[str, type] = {
     "sharding": ShardingConfig,
     "optimizer": OptimizerConfig,
     "trainer": TrainerConfig,
+    "checkpoint": CheckpointConfig,
     "launcher": LauncherConfig,
     "logger": LoggerConfig,
 }
@@ -286,6 +303,10 @@ def validate(cfg: TrainConfig, world_size: int, device_type: str = "cpu") -> Non
         raise ConfigError(f"trainer.num_epochs={t.num_epochs} must be >= 1 (or set trainer.max_steps)")
     if t.max_steps is not None and t.max_steps < 1:
         raise ConfigError(f"trainer.max_steps={t.max_steps} must be >= 1 or null")
+    c = cfg.checkpoint
+    if c.every_steps < 0 or c.every_minutes < 0 or c.keep_last < 1:
+        raise ConfigError(f"checkpoint.every_steps={c.every_steps} and checkpoint.every_minutes={c.every_minutes} "
+                          f"must be >= 0 and checkpoint.keep_last={c.keep_last} >= 1")
     if t.eval_every_steps < 0:
         raise ConfigError(f"trainer.eval_every_steps={t.eval_every_steps} must be >= 0 (0 = only at the end)")
     if cfg.optimizer.lr <= 0:

@@ -38,13 +38,22 @@ def main(dict_cfg: DictConfig) -> None:
     logging.getLogger("pipeline").setLevel(cfg.logger.level)
     if env_rank() == 0:
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(dict_cfg, resolve=True))
+    from pipeline.checkpoint import CheckpointError
+    from pipeline.trainer import NonFiniteLossError
+
     try:
         trainer = Trainer(cfg, run_dir)
     except ConfigError as e:
         logger.error("invalid config: %s", e)
         raise SystemExit(2) from None
+    except CheckpointError as e:
+        logger.error("cannot resume: %s", e)
+        raise SystemExit(3) from None
     try:
         trainer.train()
+    except (NonFiniteLossError, CheckpointError) as e:
+        logger.error("%s", e)
+        raise SystemExit(3) from None
     finally:
         trainer.close()
 

@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from dataclasses import asdict
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
 from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 
+from pipeline import checkpoint as ckpt
 from pipeline.config import TrainConfig, validate
 from pipeline.data.loader import BinarySplit, eval_batches, num_train_batches, train_batches
 from pipeline.data.prepare import prepare_data_distributed
@@ -29,6 +32,10 @@ from pipeline.model.dlrm import build_model
 from pipeline.runtime import DistEnv
 
 logger = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or Inf; the message names the step."""
 
 
 class RunWriter:
@@ -71,8 +78,8 @@ class Trainer:
         self.num_threads = set_num_threads(cfg.trainer.num_threads, self.env)
         self.writer = RunWriter(self.run_dir, self.env.is_rank_zero)
         logger.info(
-            "rank %d/%d on %s, backend %s, %d threads, run folder %s",
-            self.env.rank, self.env.world_size, self.device, self.backend, self.num_threads, self.run_dir,
+            "rank %d/%d (pid %d) on %s, backend %s, %d threads, run folder %s",
+            self.env.rank, self.env.world_size, os.getpid(), self.device, self.backend, self.num_threads, self.run_dir,
         )
 
         self.manifest = prepare_data_distributed(cfg.data, self.env.is_rank_zero)
@@ -90,20 +97,94 @@ class Trainer:
         self.scheduler = lr_scheduler(self.optimizer, cfg.optimizer, self.total_steps)
         self.step = 0
         self.train_seconds = 0.0
+        self._bad_step: torch.Tensor | None = None
+        self._bad_value: torch.Tensor | None = None
+        c = cfg.checkpoint
+        self.checkpointer = ckpt.Checkpointer(c.dir or self.run_dir / "checkpoints", self.env.rank,
+                                              self.env.world_size, c.every_steps, c.every_minutes, c.keep_last)
+        resume = ckpt.resolve_resume(cfg.trainer.resume, self.checkpointer.root)
+        if resume is not None:
+            self.restore(resume, load_optimizer=c.load_optimizer)
+
+    # -- checkpoints --------------------------------------------------------------------------
+    def _dense_optimizer(self):
+        return self.optimizer.optimizers[-1][1]
+
+    def tensor_state(self) -> dict:
+        """The live tensors a checkpoint holds (loading fills them in place)."""
+        dense = self._dense_optimizer()
+        if any(p not in dense.state for p in dense.params.values()):
+            dense.init_state()  # Adam-style state appears at the first step; loading needs it to exist
+        return ckpt.tensor_state(self.model, self.optimizer)
+
+    def save_checkpoint(self) -> None:
+        self._check_loss_finite()  # never save a diverged state over a good one
+        train_state = ckpt.TrainState(step=self.step, epoch=self.step // self.steps_per_epoch,
+                                      step_in_epoch=self.step % self.steps_per_epoch,
+                                      train_seconds=self.train_seconds, samples=self.step * self.cfg.data.global_batch_size)
+        sched = {k: v for k, v in self.scheduler.state_dict().items() if k != "lr_lambdas"}
+        from omegaconf import OmegaConf
+
+        path = self.checkpointer.save(self.tensor_state(), train_state, {
+            "scheduler": sched, "global_batch_size": self.cfg.data.global_batch_size,
+            "config": OmegaConf.to_container(OmegaConf.structured(self.cfg), enum_to_str=True),
+        })
+        self.writer.event({"event": "checkpoint", "step": self.step, "path": str(path)})
+
+    def restore(self, path: Path, load_optimizer: bool = True) -> None:
+        """Load a checkpoint (from any world size or sharding plan) and continue where it stopped."""
+        t0 = time.perf_counter()
+        state = self.tensor_state()
+        meta = ckpt.load(path, state, self.env.rank, load_optimizer=load_optimizer)
+        self.model.load_state_dict(state["model"])
+        if load_optimizer:
+            self.optimizer.load_state_dict({"state": state["optim"]})
+            ts = ckpt.TrainState(**meta["train_state"])
+            if meta.get("global_batch_size") != self.cfg.data.global_batch_size:
+                logger.warning("checkpoint was trained at global batch %s, this run uses %d: the data position "
+                               "is mapped by samples seen", meta.get("global_batch_size"), self.cfg.data.global_batch_size)
+                ts.step = ts.samples // self.cfg.data.global_batch_size
+            self.step = ts.step
+            self.train_seconds = ts.train_seconds
+            self.scheduler.load_state_dict({**meta["scheduler"], "lr_lambdas": [None] * len(self.optimizer.param_groups)})
+            for group, lr in zip(self.optimizer.param_groups, self.scheduler.get_last_lr(), strict=True):
+                group["lr"] = lr
+        logger.info("resumed from %s (saved by %d rank(s)) at step %d in %.2fs", path, meta["world_size"], self.step,
+                    time.perf_counter() - t0)
+        self.writer.event({"event": "resume", "step": self.step, "path": str(path), "saved_world_size": meta["world_size"]})
+
+    def _check_loss_finite(self) -> None:
+        if not self.cfg.trainer.stop_on_nonfinite_loss or self._bad_step is None:
+            return
+        step = int(self._bad_step.item())
+        if step >= 0:
+            latest = ckpt.latest_checkpoint(self.checkpointer.root) if (self.checkpointer.root / ckpt.LATEST).exists() else None
+            raise NonFiniteLossError(
+                f"training loss (BCE) is {self._bad_value.item()} at step {step}: stopped. Last good checkpoint: "
+                f"{latest or 'none'} (not overwritten). Try a lower optimizer.lr / optimizer.embedding_lr or more "
+                "optimizer.warmup_steps, then resume with trainer.resume=auto."
+            )
 
     # -- evaluation ---------------------------------------------------------------------------
     @torch.no_grad()
-    def evaluate(self, split: str, max_batches: int | None = None) -> BinaryMetrics:
-        """Exact metrics of the current model on ``split`` over all ranks (same result on each)."""
+    def evaluate(self, split: str, max_batches: int | None = None, save_predictions: bool = False) -> BinaryMetrics:
+        """Exact metrics of the current model on ``split`` over all ranks (same result on each).
+
+        ``save_predictions``: rank 0 writes ``predictions_<split>.npy`` into the run folder, one
+        probability per row of the split in row order (whatever the world size).
+        """
         self.model.eval()
         gatherer = PredictionGatherer()
         batches = eval_batches(self.eval_splits[split], self.cfg.data.eval_global_batch_size,
                                self.env.rank, self.env.world_size, max_batches)
         for eb in batches:
             _, (_, logits, labels) = self.model(eb.batch.to(self.device))
-            gatherer.update(logits, labels, eb.weights)
+            gatherer.update(logits, labels, eb.weights, eb.rows if save_predictions else None)
         self.model.train()
-        return gatherer.compute()
+        metrics = gatherer.compute()
+        if save_predictions and self.env.is_rank_zero:
+            np.save(self.run_dir / f"predictions_{split}.npy", gatherer.predictions.numpy())
+        return metrics
 
     def _log_eval(self, split: str, metrics: BinaryMetrics, seconds: float, partial: bool) -> None:
         record = {"event": "eval", "split": split, "step": self.step,
@@ -116,9 +197,9 @@ class Trainer:
             metrics.calibration, f"{metrics.num_samples:,}", ", partial" if partial else "",
         )
 
-    def _timed_eval(self, split: str, max_batches: int | None) -> BinaryMetrics:
+    def _timed_eval(self, split: str, max_batches: int | None, save_predictions: bool = False) -> BinaryMetrics:
         t0 = time.perf_counter()
-        metrics = self.evaluate(split, max_batches)
+        metrics = self.evaluate(split, max_batches, save_predictions)
         self._log_eval(split, metrics, time.perf_counter() - t0, partial=max_batches is not None)
         return metrics
 
@@ -127,7 +208,8 @@ class Trainer:
         """Train for the configured steps, evaluate, write summary.json; return the summary."""
         cfg, env = self.cfg, self.env
         gbs = cfg.data.global_batch_size
-        batches = train_batches(self.train_split, gbs, env.rank, env.world_size, cfg.trainer.seed, cfg.data.shuffle)
+        batches = train_batches(self.train_split, gbs, env.rank, env.world_size, cfg.trainer.seed, cfg.data.shuffle,
+                                start_epoch=self.step // self.steps_per_epoch, start_step=self.step % self.steps_per_epoch)
         pipeline = TrainPipelineSparseDist(self.model, self.optimizer, self.device, execute_all_batches=True)
         log_every = max(1, cfg.logger.log_every_steps)
         eval_every = cfg.trainer.eval_every_steps
@@ -135,10 +217,14 @@ class Trainer:
             "training %d steps (%d per epoch) at global batch %d (%d per rank), %s rows",
             self.total_steps, self.steps_per_epoch, gbs, self.local_batch_size, f"{len(self.train_split):,}",
         )
-        bar = tqdm(total=self.total_steps * gbs, unit="sample", unit_scale=True, mininterval=2.0,
-                   disable=not (env.is_rank_zero and cfg.logger.progress_bar), desc="train")
+        bar = tqdm(total=self.total_steps * gbs, initial=self.step * gbs, unit="sample", unit_scale=True,
+                   mininterval=2.0, disable=not (env.is_rank_zero and cfg.logger.progress_bar), desc="train")
         wall0 = time.perf_counter()
         loss_sum = torch.zeros((), device=self.device)
+        # The first step whose loss is not finite, tracked on the device (no per-step host sync).
+        self._bad_step = torch.full((), -1, dtype=torch.int64, device=self.device)
+        self._bad_value = torch.zeros((), device=self.device)
+        step_t = torch.tensor(self.step, dtype=torch.int64, device=self.device)
         # A log window's training time excludes the evaluations inside it.
         window_steps, window_s, mark = 0, 0.0, time.perf_counter()
         while self.step < self.total_steps:
@@ -146,11 +232,16 @@ class Trainer:
             self.scheduler.step()
             self.step += 1
             loss_sum += loss  # stays on device: no host sync per step
+            step_t += 1
+            first_bad = ~torch.isfinite(loss) & (self._bad_step < 0)
+            self._bad_step = torch.where(first_bad, step_t, self._bad_step)
+            self._bad_value = torch.where(first_bad, loss.detach(), self._bad_value)
             window_steps += 1
             bar.update(gbs)
             if self.step % log_every == 0 or self.step == self.total_steps:
                 window_s += time.perf_counter() - mark
                 self.train_seconds += window_s
+                self._check_loss_finite()
                 mean_loss = self._mean_over_ranks(loss_sum / window_steps)
                 rate = window_steps * gbs / window_s
                 self.writer.event({"event": "train", "step": self.step, "epoch": (self.step - 1) // self.steps_per_epoch,
@@ -164,9 +255,16 @@ class Trainer:
                 pipeline.detach()  # a direct forward must not consume the pipeline's prefetched batch
                 self._timed_eval("val", cfg.trainer.eval_max_batches)
                 mark = time.perf_counter()
+            if self.step < self.total_steps and self.checkpointer.due(self.step):
+                window_s += time.perf_counter() - mark  # saving is not training time
+                self.save_checkpoint()
+                mark = time.perf_counter()
         bar.close()
         pipeline.detach()
-        final = {split: self._timed_eval(split, None) for split in ("val", "test")}
+        self._check_loss_finite()
+        if cfg.checkpoint.save_at_end and self.step > 0:
+            self.save_checkpoint()
+        final = {split: self._timed_eval(split, None, cfg.trainer.save_predictions) for split in ("val", "test")}
         return self._finish(final, time.perf_counter() - wall0)
 
     def _mean_over_ranks(self, value: torch.Tensor) -> float:

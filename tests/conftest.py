@@ -35,14 +35,44 @@ class TrainRun:
         return [e for e in map(json.loads, lines) if e["event"] == kind]
 
 
-def run_training(run_dir: Path, overrides: list[str], nproc: int = 1, timeout: int = 300) -> TrainRun:
+def _train_cmd(run_dir: Path, overrides: list[str], nproc: int, torchrun_args: tuple[str, ...] = ()) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1",
+            "--nproc_per_node", str(nproc), *torchrun_args, str(ROOT / "pipeline" / "train.py"),
+            f"hydra.run.dir={run_dir}", "logger.progress_bar=false", *overrides]
+
+
+def run_training(run_dir: Path, overrides: list[str], nproc: int = 1, timeout: int = 300,
+                 torchrun_args: tuple[str, ...] = ()) -> TrainRun:
     """Run pipeline/train.py under torchrun with ``nproc`` ranks into ``run_dir``."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1",
-           "--nproc_per_node", str(nproc), str(ROOT / "pipeline" / "train.py"),
-           f"hydra.run.dir={run_dir}", "logger.progress_bar=false", *overrides]
     env = {**os.environ, "PIPELINE_RUN_ID": run_dir.name}
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(_train_cmd(run_dir, overrides, nproc, torchrun_args), cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
     return TrainRun(run_dir, proc.returncode, proc.stdout + proc.stderr)
+
+
+def start_training(run_dir: Path, overrides: list[str], nproc: int = 1,
+                   torchrun_args: tuple[str, ...] = ()) -> subprocess.Popen:
+    """Start a training job in its own process group (so a test can SIGKILL all of it)."""
+    env = {**os.environ, "PIPELINE_RUN_ID": run_dir.name}
+    return subprocess.Popen(_train_cmd(run_dir, overrides, nproc, torchrun_args), cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen, timeout: float = 120) -> int:
+    """Block until metrics.jsonl shows a training step >= ``step``; return the step seen."""
+    import time
+
+    deadline = time.time() + timeout
+    path = run_dir / "metrics.jsonl"
+    while time.time() < deadline:
+        if path.exists():
+            steps = [e["step"] for e in map(json.loads, path.read_text().splitlines()) if e["event"] == "train"]
+            if steps and steps[-1] >= step:
+                return steps[-1]
+        if proc.poll() is not None:
+            raise AssertionError(f"training ended (rc {proc.returncode}) before step {step}:\n{proc.stdout.read()[-3000:]}")
+        time.sleep(0.01)
+    raise AssertionError(f"no step {step} within {timeout}s")
 
 
 @pytest.fixture(scope="session")
@@ -50,3 +80,28 @@ def tiny_data_overrides(tmp_path_factory) -> list[str]:
     """Overrides that point data=tiny at a session-wide folder (generated on first use)."""
     root = tmp_path_factory.mktemp("tiny_data")
     return ["model=tiny", "data=tiny", f"data.raw_dir={root}/raw", f"data.processed_dir={root}/processed"]
+
+
+def rank_pids(run_dir: Path, nproc: int) -> list[int]:
+    """The worker pids the ranks logged at start (the latest start of each rank)."""
+    pids = []
+    for r in range(nproc):
+        log = (run_dir / f"rank{r}.log").read_text()
+        pids.append(int(log.rsplit("(pid ", 1)[1].split(")")[0]))
+    return pids
+
+
+def kill_job(proc: subprocess.Popen, run_dir: Path, nproc: int) -> None:
+    """SIGKILL a training job as a machine loss would: the launcher and every rank (torchrun starts
+    the ranks in sessions of their own, so killing the launcher's group alone leaves them running)."""
+    import signal
+
+    pids = rank_pids(run_dir, nproc)
+    os.killpg(proc.pid, signal.SIGKILL)
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait()
+

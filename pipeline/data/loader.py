@@ -30,6 +30,7 @@ class EvalBatch:
 
     batch: Batch
     weights: torch.Tensor  # [local_batch_size] float32, 1 for real rows
+    rows: torch.Tensor  # [local_batch_size] int64, the split's row of each sample (padding repeats row 0)
 
 
 class BinarySplit:
@@ -117,8 +118,13 @@ def train_batches(
     shuffle: bool,
     start_epoch: int = 0,
     num_epochs: int | None = None,
+    start_step: int = 0,
 ) -> Iterator[Batch]:
-    """This rank's training batches, epoch after epoch (forever when ``num_epochs`` is None)."""
+    """This rank's training batches, epoch after epoch (forever when ``num_epochs`` is None).
+
+    ``start_step`` skips that many batches of the first epoch (resuming mid-epoch): the batches
+    that follow are exactly those an uninterrupted run would see.
+    """
     local = global_batch_size // world_size
     steps = num_train_batches(len(split), global_batch_size)
     if steps == 0:
@@ -129,7 +135,7 @@ def train_batches(
     epoch = start_epoch
     while num_epochs is None or epoch < start_epoch + num_epochs:
         order = epoch_order(len(split), seed, epoch, shuffle)
-        for i in range(steps):
+        for i in range(start_step if epoch == start_epoch else 0, steps):
             lo = i * global_batch_size + rank * local
             # Sorted rows read the memory map sequentially; the loss is a mean, so order within a
             # batch does not matter.
@@ -149,4 +155,4 @@ def eval_batches(split: BinarySplit, global_batch_size: int, rank: int, world_si
         rows = np.arange(i * global_batch_size + rank * local, i * global_batch_size + (rank + 1) * local)
         real = rows < n
         rows = np.where(real, rows, 0)  # padding repeats row 0 and is weighted out
-        yield EvalBatch(split.make_batch(rows), torch.from_numpy(real.astype(np.float32)))
+        yield EvalBatch(split.make_batch(rows), torch.from_numpy(real.astype(np.float32)), torch.from_numpy(rows))

@@ -1,0 +1,348 @@
+"""Checkpoints with ``torch.distributed.checkpoint`` (DCP): save, find the latest, load with resharding.
+
+Layout, inside ``checkpoint.dir`` (default ``<run dir>/checkpoints``)::
+
+    step_00000120/              one complete checkpoint
+        .metadata, __<r>_0.distcp   DCP: the sharded tables, the fused table optimizer's state
+                                    (e.g. RowWiseAdagrad's momentum), the MLPs and their optimizer
+        meta.json               step, epoch, loader position, LR schedule, world size, the resolved
+                                config, the table/parameter shapes (written by rank 0)
+        rng_rank<r>.pt          rank r's torch/numpy/python RNG states (tensors only)
+    latest                      the name of the newest complete checkpoint
+
+A checkpoint is written into ``step_<N>.tmp/`` and renamed when every rank has finished; ``latest``
+is replaced atomically after that. A save that is killed or fails midway leaves the previous
+checkpoint as ``latest``, intact.
+
+Loading reads tensors only: DCP's metadata is unpickled with an allow-list of DCP's own classes,
+tensor files with ``weights_only=True``, and a checkpoint entry that is not a tensor is refused.
+DCP reshards on load, so a checkpoint from N ranks (or another sharding plan) loads into M ranks.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import pickle
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.api import CheckpointException as DCPCheckpointException
+from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata, TensorStorageMetadata
+
+logger = logging.getLogger(__name__)
+
+LATEST = "latest"
+META = "meta.json"
+PREFIX = "step_"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be saved or loaded; the message says which and why."""
+
+
+# -- safe loading --------------------------------------------------------------------------------
+_SAFE_MODULES = (
+    "torch.distributed.checkpoint.metadata",
+    "torch.distributed.checkpoint.filesystem",
+    "torch.distributed.checkpoint.planner",
+)
+_SAFE_GLOBALS = {("torch", "Size"), ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"),
+                 ("pathlib", "PurePosixPath"), ("collections", "OrderedDict"), ("builtins", "set"),
+                 ("builtins", "frozenset")}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Unpickles DCP's ``.metadata`` and refuses any class outside DCP's own metadata types."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if module in _SAFE_MODULES or (module, name) in _SAFE_GLOBALS:
+            return super().find_class(module, name)
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        raise CheckpointError(f"checkpoint metadata refers to {module}.{name}, which is not a checkpoint type: "
+                              "refusing to unpickle it")
+
+
+class SafeFileSystemReader(FileSystemReader):
+    """DCP's file reader with an allow-listed unpickler for the metadata."""
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+        path = self._get_metadata_path(kwargs.get("rank"))
+        with self.fs.create_stream(path, "rb") as f:
+            metadata = _MetadataUnpickler(io.BytesIO(f.read())).load()
+        if not isinstance(metadata, Metadata):
+            raise CheckpointError(f"{path} is not DCP metadata")
+        from torch.distributed.checkpoint.metadata import StorageMeta
+
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
+# -- what a checkpoint holds ----------------------------------------------------------------------
+@dataclass
+class TrainState:
+    """The loop's position, saved as JSON beside the tensors."""
+
+    step: int = 0
+    epoch: int = 0
+    step_in_epoch: int = 0
+    train_seconds: float = 0.0
+    samples: int = 0
+
+
+def _flatten(prefix: str, tree: Any, out: dict[str, Any]) -> None:
+    if isinstance(tree, dict):
+        for k, v in tree.items():
+            _flatten(f"{prefix}.{k}" if prefix else str(k), v, out)
+    else:
+        out[prefix] = tree
+
+
+def tensor_state(model: torch.nn.Module, optimizer: Any) -> dict[str, Any]:
+    """The model's and both optimizers' tensors, keyed for DCP (the live tensors: load fills them in place)."""
+    state = {"model": model.state_dict(), "optim": optimizer.state_dict()["state"]}
+    bad = {}
+    _flatten("", state, bad)
+    not_tensors = [k for k, v in bad.items() if not isinstance(v, torch.Tensor)]
+    if not_tensors:
+        raise CheckpointError(f"state holds non-tensor entries, which DCP would pickle: {not_tensors[:5]}")
+    return state
+
+
+def _shapes(state: dict[str, Any]) -> dict[str, list[int]]:
+    flat: dict[str, Any] = {}
+    _flatten("", state, flat)
+    return {k: list(v.size()) for k, v in flat.items()}
+
+
+def _rng_state() -> dict[str, torch.Tensor]:
+    np_state = np.random.get_state()
+    py_state = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "numpy_keys": torch.from_numpy(np_state[1].astype(np.int64)),
+        "numpy_pos": torch.tensor([np_state[2], np_state[3]], dtype=torch.int64),
+        "numpy_gauss": torch.tensor([np_state[4]], dtype=torch.float64),
+        "python": torch.tensor(py_state[1], dtype=torch.int64),
+        "python_version": torch.tensor([py_state[0]], dtype=torch.int64),
+    }
+
+
+def _set_rng_state(s: dict[str, torch.Tensor]) -> None:
+    torch.set_rng_state(s["torch"])
+    pos, has_gauss = (int(x) for x in s["numpy_pos"])
+    np.random.set_state(("MT19937", s["numpy_keys"].numpy().astype(np.uint32), pos, has_gauss,
+                         float(s["numpy_gauss"][0])))
+    random.setstate((int(s["python_version"][0]), tuple(int(x) for x in s["python"]), None))
+
+
+# -- finding checkpoints --------------------------------------------------------------------------
+def latest_checkpoint(root: str | Path) -> Path | None:
+    """The newest complete checkpoint under ``root`` (by its ``latest`` pointer), or None."""
+    root = Path(root)
+    pointer = root / LATEST
+    if not pointer.is_file():
+        return None
+    path = root / pointer.read_text().strip()
+    if not (path / META).is_file() or not (path / ".metadata").is_file():
+        raise CheckpointError(f"{pointer} names {path}, which is not a complete checkpoint")
+    return path
+
+
+def resolve_resume(resume: str, root: Path) -> Path | None:
+    """``trainer.resume``: ``auto`` = the latest in the run's checkpoint folder if any, ``none``, or a path."""
+    if resume in ("none", "", None):
+        return None
+    if resume == "auto":
+        return latest_checkpoint(root)
+    path = Path(resume)
+    if (path / LATEST).is_file():
+        return latest_checkpoint(path)
+    if not (path / META).is_file():
+        raise CheckpointError(f"trainer.resume={resume}: no checkpoint there (expected {path / META} or {path / LATEST})")
+    return path
+
+
+# -- save -----------------------------------------------------------------------------------------
+class Checkpointer:
+    """Saves every N steps and/or minutes, keeps the last K, loads with resharding."""
+
+    def __init__(self, root: str | Path, rank: int, world_size: int, every_steps: int = 0,
+                 every_minutes: float = 0.0, keep_last: int = 2):
+        self.root = Path(root)
+        self.rank = rank
+        self.world_size = world_size
+        self.every_steps = every_steps
+        self.every_minutes = every_minutes
+        self.keep_last = keep_last
+        self._last_save = time.monotonic()
+
+    def due(self, step: int) -> bool:
+        """Whether a save is due after ``step`` (the time rule is decided on rank 0 and shared)."""
+        by_steps = self.every_steps > 0 and step % self.every_steps == 0
+        by_time = self.every_minutes > 0 and time.monotonic() - self._last_save >= 60 * self.every_minutes
+        if self.every_minutes > 0 and dist.is_initialized() and self.world_size > 1:
+            flag = torch.tensor([int(by_time)])
+            dist.broadcast(flag, src=0)
+            by_time = bool(flag.item())
+        return by_steps or by_time
+
+    def save(self, state: dict[str, Any], train_state: TrainState, extra_meta: dict) -> Path:
+        """Write a checkpoint of ``state`` (collective: every rank calls it). Returns its folder.
+
+        Raises:
+            CheckpointError: the folder cannot be written (permissions, full disk); the previous
+                checkpoint is left as it was.
+        """
+        name = f"{PREFIX}{train_state.step:08d}"
+        final, tmp = self.root / name, self.root / f"{name}.tmp"
+        t0 = time.perf_counter()
+        error = None
+        try:
+            if self.rank == 0:
+                self.root.mkdir(parents=True, exist_ok=True)
+                if tmp.exists():
+                    shutil.rmtree(tmp)
+                tmp.mkdir()
+        except OSError as e:
+            error = e
+        self._agree(error, f"create {tmp}")
+        try:
+            dcp.save(state, checkpoint_id=tmp)
+            torch.save(_rng_state(), tmp / f"rng_rank{self.rank}.pt")
+        except (Exception, DCPCheckpointException) as e:  # noqa: BLE001 - any failure of any rank fails the save
+            error = _root_cause(e)
+        self._agree(error, f"write {tmp}")
+        # Each rank holds the optimizer state of its own tables only: record the union of shapes.
+        shapes = _shapes(state)
+        if dist.is_initialized() and self.world_size > 1:
+            everyone: list[dict] = [{} for _ in range(self.world_size)]
+            dist.all_gather_object(everyone, shapes)
+            shapes = {k: v for d in everyone for k, v in d.items()}
+        try:
+            if self.rank == 0:
+                meta = {"train_state": asdict(train_state), "world_size": self.world_size,
+                        "shapes": dict(sorted(shapes.items())), "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S"), **extra_meta}
+                _write_atomic(tmp / META, json.dumps(meta, indent=2) + "\n")
+                _fsync_dir(tmp)
+                if final.exists():
+                    shutil.rmtree(final)
+                os.replace(tmp, final)
+                _write_atomic(self.root / LATEST, name + "\n")
+                _fsync_dir(self.root)
+                self._prune(keep=name)
+        except OSError as e:
+            error = e
+        self._agree(error, f"finish {final}")
+        self._last_save = time.monotonic()
+        logger.info("checkpoint %s saved in %.2fs", final, time.perf_counter() - t0)
+        return final
+
+    def _agree(self, error: BaseException | None, what: str) -> None:
+        """Fail on every rank if any rank failed (so no rank waits alone in the next collective)."""
+        failed = torch.tensor([int(error is not None)])
+        if dist.is_initialized() and self.world_size > 1:
+            dist.all_reduce(failed)
+        if failed.item():
+            latest = self.root / LATEST
+            prev = latest.read_text().strip() if latest.is_file() else "none"
+            reason = f"{type(error).__name__}: {error}" if error is not None else "another rank failed"
+            raise CheckpointError(f"checkpoint save failed to {what} ({reason}); the previous checkpoint ({prev}) "
+                                  "is untouched. Check checkpoint.dir is writable and has space.") from error
+
+    def _prune(self, keep: str) -> None:
+        done = sorted(p for p in self.root.glob(f"{PREFIX}*") if p.is_dir() and not p.name.endswith(".tmp"))
+        for old in done[: max(0, len(done) - self.keep_last)]:
+            if old.name != keep:
+                shutil.rmtree(old, ignore_errors=True)
+        for stale in self.root.glob(f"{PREFIX}*.tmp"):
+            shutil.rmtree(stale, ignore_errors=True)
+
+
+def _root_cause(error: BaseException) -> BaseException:
+    """DCP wraps each rank's failure in a CheckpointException (a BaseException); keep the first cause."""
+    if isinstance(error, DCPCheckpointException):
+        for failure in error.failures.values():  # rank -> (exception, traceback summary)
+            cause = failure[0] if isinstance(failure, tuple) else failure
+            if isinstance(cause, BaseException):
+                return cause
+    return error
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# -- load -----------------------------------------------------------------------------------------
+def read_meta(path: str | Path) -> dict:
+    return json.loads((Path(path) / META).read_text())
+
+
+def check_compatible(path: Path, state: dict[str, Any], load_optimizer: bool) -> None:
+    """Fail naming the tables/parameters whose shapes differ or that are missing, before loading.
+
+    Only global shapes are compared, so another world size or sharding plan is fine.
+    """
+    saved = read_meta(path)["shapes"]
+    ours = _shapes(state)
+    keys = [k for k in ours if load_optimizer or k.startswith("model.")]
+    missing = [k for k in keys if k not in saved]
+    differ = [f"{k}: checkpoint {saved[k]} vs model {ours[k]}" for k in keys if k in saved and saved[k] != ours[k]]
+    if missing or differ:
+        lines = [*(f"  shape differs  {d}" for d in differ[:20]), *(f"  not in checkpoint  {k}" for k in missing[:20])]
+        more = len(differ) + len(missing) - len(lines)
+        raise CheckpointError(f"checkpoint {path} does not fit this model ({len(differ)} shapes differ, "
+                              f"{len(missing)} missing):\n" + "\n".join(lines) + (f"\n  ... and {more} more" if more > 0 else ""))
+
+
+def load(path: Path, state: dict[str, Any], rank: int, load_optimizer: bool = True,
+         restore_rng: bool = True) -> dict:
+    """Load a checkpoint into ``state`` in place (resharding as needed); returns its meta.json.
+
+    Raises:
+        CheckpointError: shapes differ (named), or an entry is not a tensor.
+    """
+    check_compatible(path, state, load_optimizer)
+    reader = SafeFileSystemReader(path)
+    metadata = reader.read_metadata()
+    wanted: dict[str, Any] = {}
+    _flatten("", state if load_optimizer else {"model": state["model"]}, wanted)
+    for key in wanted:
+        entry = metadata.state_dict_metadata.get(key)
+        if isinstance(entry, BytesStorageMetadata) or (entry is not None and not isinstance(entry, TensorStorageMetadata)):
+            raise CheckpointError(f"checkpoint {path}: entry {key} is not a tensor; refusing to unpickle it")
+    target = state if load_optimizer else {"model": state["model"]}
+    dcp.load(target, storage_reader=reader)
+    meta = read_meta(path)
+    rng = Path(path) / f"rng_rank{rank}.pt"
+    if restore_rng and rng.is_file() and meta["world_size"] > rank:
+        _set_rng_state(torch.load(rng, weights_only=True))
+    return meta
+

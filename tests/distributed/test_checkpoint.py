@@ -1,0 +1,167 @@
+"""Checkpoints: exact resume after SIGKILL, resharding across world sizes and plans, automatic
+restart after a rank dies, and the guard rails (NaN loss, unwritable or full folder, wrong shapes,
+no unpickling)."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import pickle
+import signal
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.conftest import kill_job, rank_pids, run_training, start_training, wait_for_step
+
+pytestmark = pytest.mark.distributed
+
+STEPS = 60
+
+
+def _overrides(data: list[str], *extra: str) -> list[str]:
+    # Every step is logged, so each step's loss can be compared; checkpoints every 10 steps.
+    return [*data, f"trainer.max_steps={STEPS}", "logger.log_every_steps=1", "trainer.eval_every_steps=0",
+            "checkpoint.every_steps=10", "sharding=table_wise", *extra]
+
+
+def _losses(run_dir: Path) -> dict[int, float]:
+    """Each step's training loss; a step logged twice (before a kill and after resuming) keeps the last."""
+    out = {}
+    for e in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()):
+        if e["event"] == "train":
+            out[e["step"]] = e["train/loss"]
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, tiny_data_overrides) -> dict[int, Path]:
+    """Uninterrupted runs, 1 and 2 ranks."""
+    out = {}
+    for nproc in (1, 2):
+        run = run_training(tmp_path_factory.mktemp("ref") / f"ref{nproc}", _overrides(tiny_data_overrides), nproc=nproc)
+        assert run.returncode == 0, run.output[-3000:]
+        out[nproc] = run.run_dir
+    return out
+
+
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_sigkilled_run_resumes_bit_for_bit(tmp_path, tiny_data_overrides, reference, nproc) -> None:
+    run_dir = tmp_path / "killed"
+    proc = start_training(run_dir, _overrides(tiny_data_overrides), nproc=nproc)
+    seen = wait_for_step(run_dir, 23, proc)
+    kill_job(proc, run_dir, nproc)
+    assert seen < STEPS and not (run_dir / "summary.json").exists(), "killed mid-run"
+    latest = (run_dir / "checkpoints" / "latest").read_text().strip()
+    assert latest in {"step_00000020", "step_00000030", "step_00000040"}
+
+    resumed = run_training(run_dir, _overrides(tiny_data_overrides), nproc=nproc)
+    assert resumed.returncode == 0, resumed.output[-3000:]
+    assert f"resumed from {run_dir / 'checkpoints' / latest}" in resumed.output
+    ref = reference[nproc]
+    assert _losses(run_dir) == _losses(ref), "every step's loss equals the uninterrupted run's, bit for bit"
+    final = json.loads((run_dir / "summary.json").read_text())["final"]
+    assert final == json.loads((ref / "summary.json").read_text())["final"]
+
+
+def test_checkpoint_reshards_across_world_sizes_and_plans(tmp_path, tiny_data_overrides, reference) -> None:
+    """2 ranks table-wise -> 1 rank column-wise, and 1 rank table-wise -> 2 ranks column-wise:
+    the same predictions on every validation row."""
+    for saved_by, load_into in ((2, 1), (1, 2)):
+        src = reference[saved_by] / "checkpoints"
+        base = [*tiny_data_overrides, f"trainer.max_steps={STEPS}", "trainer.save_predictions=true",
+                "trainer.eval_every_steps=0", "checkpoint.save_at_end=false"]
+        # Predictions of the saved model, as saved (no further steps: max_steps equals the checkpoint's step).
+        same = run_training(tmp_path / f"same{saved_by}", [*base, "sharding=table_wise", f"trainer.resume={src}"],
+                            nproc=saved_by)
+        other = run_training(tmp_path / f"other{load_into}", [*base, "sharding=column_wise", f"trainer.resume={src}"],
+                             nproc=load_into)
+        for run in (same, other):
+            assert run.returncode == 0, run.output[-3000:]
+            assert f"saved by {saved_by} rank(s)) at step {STEPS}" in run.output
+        a = np.load(same.run_dir / "predictions_val.npy")
+        b = np.load(other.run_dir / "predictions_val.npy")
+        assert a.shape == b.shape == (4000,)
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_job_restarts_itself_after_a_rank_dies(tmp_path, tiny_data_overrides, reference) -> None:
+    run_dir = tmp_path / "restart"
+    proc = start_training(run_dir, _overrides(tiny_data_overrides), nproc=2, torchrun_args=("--max-restarts", "2"))
+    wait_for_step(run_dir, 23, proc)
+    os.kill(rank_pids(run_dir, 2)[1], signal.SIGKILL)  # one of the two ranks dies; torchrun restarts both
+    out = proc.communicate(timeout=300)[0]
+    assert proc.returncode == 0, out[-3000:]
+    assert "resumed from" in (run_dir / "rank0.log").read_text()
+    assert _losses(run_dir) == _losses(reference[2])
+    final = json.loads((run_dir / "summary.json").read_text())["final"]
+    assert final == json.loads((reference[2] / "summary.json").read_text())["final"]
+
+
+def test_nonfinite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path, tiny_data_overrides) -> None:
+    run = run_training(tmp_path / "nan", [*tiny_data_overrides, "trainer.max_steps=200", "logger.log_every_steps=5",
+                                          "checkpoint.every_steps=1", "trainer.eval_every_steps=0",
+                                          "optimizer=sgd", "optimizer.lr=1e18", "optimizer.warmup_steps=0"])
+    assert run.returncode != 0
+    assert "training loss (BCE) is nan at step" in run.output or "training loss (BCE) is inf at step" in run.output
+    step = int(run.output.split(" at step ")[1].split(":")[0])
+    latest = (run.run_dir / "checkpoints" / "latest").read_text().strip()
+    assert int(latest.removeprefix("step_")) < step, "no checkpoint was written at or after the bad step"
+    assert f"Last good checkpoint: {run.run_dir / 'checkpoints' / latest}" in run.output
+
+
+def test_unwritable_checkpoint_folder_fails_loudly(tmp_path, tiny_data_overrides) -> None:
+    blocker = tmp_path / "not_a_dir"
+    blocker.write_text("a file where the checkpoint folder should be")
+    run = run_training(tmp_path / "ro", [*tiny_data_overrides, "trainer.max_steps=5", f"checkpoint.dir={blocker}/ck"],
+                       nproc=2)
+    assert run.returncode != 0
+    assert "checkpoint save failed to create" in run.output and "Check checkpoint.dir is writable" in run.output
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpfs to fill up needs root")
+def test_full_disk_fails_the_save_and_keeps_the_previous_checkpoint(tmp_path, tiny_data_overrides) -> None:
+    ck = tmp_path / "small"
+    ck.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=900k", "tmpfs", str(ck)]).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        run = run_training(tmp_path / "full", [*tiny_data_overrides, "trainer.max_steps=30", "checkpoint.every_steps=10",
+                                               "checkpoint.keep_last=3", f"checkpoint.dir={ck}", "trainer.eval_every_steps=0"])
+        assert run.returncode != 0
+        assert "checkpoint save failed" in run.output and "No space left on device" in run.output, run.output[-3000:]
+        latest = (ck / "latest").read_text().strip()
+        assert latest == "step_00000010", "the previous checkpoint is still the latest"
+        # ...and it still loads.
+        again = run_training(tmp_path / "from_full", [*tiny_data_overrides, "trainer.max_steps=10", f"trainer.resume={ck}",
+                                                      "checkpoint.save_at_end=false"])
+        assert again.returncode == 0 and "at step 10" in again.output, again.output[-3000:]
+    finally:
+        subprocess.run(["umount", str(ck)])
+
+
+def test_checkpoint_of_another_shape_names_what_differs(tmp_path, tiny_data_overrides, reference) -> None:
+    run = run_training(tmp_path / "shape", [*tiny_data_overrides, "model.embedding_dim=16",
+                                            f"trainer.resume={reference[1] / 'checkpoints'}"])
+    assert run.returncode != 0
+    assert "does not fit this model" in run.output
+    assert "t_cat_0.weight: checkpoint [" in run.output and ", 8] vs model [" in run.output
+
+
+def test_loading_never_unpickles_foreign_objects(tmp_path, reference) -> None:
+    from pipeline.checkpoint import CheckpointError, _MetadataUnpickler
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {tmp_path / 'pwned'}",))
+
+    with pytest.raises(CheckpointError, match="refusing to unpickle"):
+        _MetadataUnpickler(io.BytesIO(pickle.dumps(Evil()))).load()
+    assert not (tmp_path / "pwned").exists()
+    # A genuine checkpoint's metadata passes the allow-list.
+    ck = reference[1] / "checkpoints"
+    path = ck / (ck / "latest").read_text().strip() / ".metadata"
+    assert _MetadataUnpickler(io.BytesIO(path.read_bytes())).load().state_dict_metadata
