@@ -1,0 +1,171 @@
+"""Plan the sharding of a cluster you don't have: TorchRec's planner, offline, on this machine.
+
+    ./launch.sh plan -j 2x8 --device cuda --hbm-gb 80 --data criteo_1tb --cap 40000000
+    ./launch.sh plan -j 1x2 --device cpu --data processed:data/synthetic/processed
+
+Builds the model on the meta device (no memory), runs ``EmbeddingShardingPlanner.plan`` for a
+``Topology`` of ``nodes x devices`` (HBM and host memory per device as given), and prints each table's
+sharding and the memory per rank (HBM and host). A plan that cannot fit is refused: the message says
+how much memory is missing and which tables are the largest, instead of the planner's raw error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+# Per-column row counts of the public datasets (TorchRec's and MLPerf's DLRM examples use the same).
+CARDINALITIES = {
+    "criteo_kaggle": [1460, 583, 10131227, 2202608, 305, 24, 12517, 633, 3, 93145, 5683, 8351593, 3194, 27, 14992,
+                      5461306, 10, 5652, 2173, 4, 7046547, 18, 15, 286181, 105, 142572],
+    "criteo_1tb": [45833188, 36746, 17245, 7413, 20243, 3, 7114, 1441, 62, 29275261, 1572176, 345138, 10, 2209,
+                   11267, 128, 4, 974, 14, 48937457, 11316796, 40094537, 452104, 12606, 104, 35],
+}
+GIB = 1024**3
+
+
+class PlanDoesNotFit(RuntimeError):
+    """The tables cannot be placed on the given topology; the message says by how much and which."""
+
+
+def table_sizes(data: str, cap: int | None) -> list[int]:
+    """Rows per table: a known dataset's cardinalities (capped), or ``processed:<dir>`` (its manifest)."""
+    if data.startswith("processed:"):
+        manifest = json.loads((Path(data.split(":", 1)[1]) / "manifest.json").read_text())
+        sizes = manifest["num_embeddings_per_feature"]
+    elif data in CARDINALITIES:
+        sizes = [c + 1 for c in CARDINALITIES[data]]  # + the "missing" row
+    else:
+        raise SystemExit(f"--data {data}: expected one of {sorted(CARDINALITIES)} or processed:<folder>")
+    return [min(s, cap) for s in sizes] if cap else list(sizes)
+
+
+def _bytes_per_row(dim: int, optimizer: str) -> int:
+    """fp32 weights plus the fused optimizer's state per row."""
+    state = {"sgd": 0, "row_wise_adagrad": 4, "adagrad": 4 * dim, "adam": 8 * dim}[optimizer]
+    return 4 * dim + state
+
+
+def plan(nodes: int, devices_per_node: int, device: str, hbm_gb: float, ddr_gb: float, sizes: list[int],
+         dim: int, batch_size: int, optimizer: str, reservation: float, sharding_types: list[str] | None) -> dict:
+    """Run the planner; return the per-table plan and per-rank memory.
+
+    Raises:
+        PlanDoesNotFit: naming the shortfall and the largest tables.
+    """
+    import torch
+    from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
+    from torchrec.distributed.planner.storage_reservations import FixedPercentageStorageReservation
+    from torchrec.distributed.planner.types import PlannerError
+    from torchrec.distributed.sharding_plan import get_default_sharders
+    from torchrec.modules.embedding_configs import EmbeddingBagConfig
+    from torchrec.modules.embedding_modules import EmbeddingBagCollection
+    from torchrec import optim as trec_optim
+    from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
+
+    world = nodes * devices_per_node
+    tables = [EmbeddingBagConfig(name=f"t_cat_{i}", embedding_dim=dim, num_embeddings=n, feature_names=[f"cat_{i}"])
+              for i, n in enumerate(sizes)]
+    ebc = EmbeddingBagCollection(tables=tables, device=torch.device("meta"))
+    opt = {"sgd": trec_optim.SGD, "row_wise_adagrad": trec_optim.RowWiseAdagrad, "adagrad": trec_optim.Adagrad,
+           "adam": trec_optim.Adam}[optimizer]
+    apply_optimizer_in_backward(opt, ebc.parameters(), {"lr": 0.01})
+    topology = Topology(world_size=world, local_world_size=devices_per_node, compute_device=device,
+                        hbm_cap=int(hbm_gb * GIB) if device == "cuda" else None, ddr_cap=int(ddr_gb * GIB))
+    constraints = None
+    if sharding_types:
+        constraints = {t.name: ParameterConstraints(sharding_types=sharding_types) for t in tables}
+    planner = EmbeddingShardingPlanner(topology=topology, batch_size=batch_size, constraints=constraints,
+                                       storage_reservation=FixedPercentageStorageReservation(reservation))
+    need = [n * _bytes_per_row(dim, optimizer) for n in sizes]
+    # On GPUs, UVM caching kernels may keep tables in host memory too.
+    per_device = ((hbm_gb + ddr_gb) if device == "cuda" else ddr_gb) * GIB * (1 - reservation)
+    try:
+        sharding_plan = planner.plan(ebc, get_default_sharders())
+    except PlannerError as e:
+        total, capacity = sum(need), per_device * world
+        largest = sorted(range(len(sizes)), key=lambda i: -need[i])[:5]
+        lines = [f"  t_cat_{i}: {sizes[i]:,} rows x {dim} = {need[i] / GIB:.1f} GiB" for i in largest]
+        over = total - capacity
+        why = (f"the tables need {total / GIB:.1f} GiB with {optimizer} state, {abs(over) / GIB:.1f} GiB "
+               f"{'more than' if over > 0 else 'less than'} the {capacity / GIB:.1f} GiB usable on {world} ranks x ("
+               + (f"{hbm_gb:g} GiB HBM + {ddr_gb:g} GiB host" if device == "cuda" else f"{ddr_gb:g} GiB host memory")
+               + f"), {reservation:.0%} reserved")
+        if over <= 0:
+            why += "; in total they would fit, but not under these sharding constraints and per-device limits"
+        raise PlanDoesNotFit(f"no sharding plan fits: {why}. Largest tables:\n" + "\n".join(lines) +
+                             "\nCap the tables (--cap), add devices (-j), or allow row_wise/column_wise sharding. "
+                             f"Planner: {str(e).splitlines()[0][:300]}") from None
+    hbm = [0.0] * world
+    ddr = [0.0] * world
+    for option in planner._best_plan or []:  # the chosen ShardingOptions, with each shard's storage
+        for shard in option.shards:
+            hbm[shard.rank] += shard.storage.hbm
+            ddr[shard.rank] += shard.storage.ddr
+    rows = []
+    for module_plan in sharding_plan.plan.values():
+        for table, ps in module_plan.items():  # type: ignore[union-attr]
+            rows.append({"table": table, "rows": sizes[int(table.rsplit("_", 1)[1])], "sharding": ps.sharding_type,
+                         "kernel": ps.compute_kernel, "ranks": sorted(set(ps.ranks or []))})
+    return {"world_size": world, "tables": rows, "hbm_gib": [h / GIB for h in hbm], "ddr_gib": [d / GIB for d in ddr],
+            "capacity_gib": {"hbm": hbm_gb if device == "cuda" else 0.0, "ddr": ddr_gb}}
+
+
+def format_plan(result: dict) -> str:
+    lines = [f"{'table':10s} {'rows':>12s}  {'sharding':18s} {'kernel':18s} ranks"]
+    for r in sorted(result["tables"], key=lambda r: int(r["table"].rsplit("_", 1)[1])):
+        ranks = r["ranks"]
+        shown = f"{ranks[0]}-{ranks[-1]}" if len(ranks) > 3 and ranks == list(range(ranks[0], ranks[-1] + 1)) else ranks
+        lines.append(f"{r['table']:10s} {r['rows']:>12,d}  {r['sharding']:18s} {r['kernel']:18s} {shown}")
+    lines.append("")
+    lines.append(f"{'rank':>4s} {'HBM GiB':>9s} {'host GiB':>9s}   (capacity: HBM {result['capacity_gib']['hbm']:g}, "
+                 f"host {result['capacity_gib']['ddr']:g} per rank)")
+    for rank, (h, d) in enumerate(zip(result["hbm_gib"], result["ddr_gib"], strict=True)):
+        lines.append(f"{rank:>4d} {h:>9.2f} {d:>9.2f}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="./launch.sh plan", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("-j", default="1x2", help="NODESxDEVICES, e.g. 2x8")
+    p.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
+    p.add_argument("--hbm-gb", type=float, default=80.0, help="HBM per GPU (H100 80GB: 80)")
+    p.add_argument("--ddr-gb", type=float, default=128.0, help="host memory per rank")
+    p.add_argument("--data", default="criteo_1tb", help="criteo_1tb, criteo_kaggle, or processed:<folder>")
+    p.add_argument("--cap", type=int, default=None, help="cap on rows per table (e.g. 40000000)")
+    p.add_argument("--embedding-dim", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=2048, help="per-rank batch size")
+    p.add_argument("--optimizer", default="row_wise_adagrad", choices=["sgd", "row_wise_adagrad", "adagrad", "adam"])
+    p.add_argument("--storage-reservation", type=float, default=0.15)
+    p.add_argument("--sharding-types", default=None, help="comma-separated allowed types, e.g. table_wise")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    a = p.parse_args(argv)
+    import logging
+
+    logging.basicConfig(level=logging.ERROR)  # the planner warns per data-parallel table on the root logger
+    try:
+        nodes, devices = (int(x) for x in a.j.lower().split("x"))
+    except ValueError:
+        p.error(f"-j {a.j}: expected NODESxDEVICES, e.g. 2x8")
+    sizes = table_sizes(a.data, a.cap)
+    try:
+        result = plan(nodes, devices, a.device, a.hbm_gb, a.ddr_gb, sizes, a.embedding_dim, a.batch_size, a.optimizer,
+                      a.storage_reservation, a.sharding_types.split(",") if a.sharding_types else None)
+    except PlanDoesNotFit as e:
+        print(f"plan refused: {e}", file=sys.stderr)
+        return 1
+    if a.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(f"{nodes}x{devices} {a.device} ({a.hbm_gb:g} GiB HBM, {a.ddr_gb:g} GiB host per rank), {a.data}"
+              f"{f' capped at {a.cap:,}' if a.cap else ''}, dim {a.embedding_dim}, {a.optimizer}, batch {a.batch_size}/rank\n")
+        print(format_plan(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    raise SystemExit(main())
