@@ -17,7 +17,7 @@ def test_cfg_job_prints_the_resolved_config() -> None:
     cfg = yaml.safe_load(out.stdout)
     assert cfg["model"]["self_interaction"] is True
     assert cfg["model"]["dense_arch_layer_sizes"] == [512, 256, 128]
-    assert set(cfg) == {"model", "data", "sharding", "optimizer", "trainer", "launcher", "logger"}
+    assert set(cfg) == {"model", "data", "sharding", "optimizer", "trainer", "checkpoint", "launcher", "logger"}
 
 
 def test_launch_help_lists_the_commands() -> None:
