@@ -177,6 +177,9 @@ class TrainerConfig:
     num_threads: int | None = None  # intra-op threads per rank; null = cores / local ranks
     run_doctor: bool = True  # check the torch/fbgemm/torchrec pairing before training
     resume: str = "auto"  # auto = latest checkpoint in the run's checkpoint folder if any; none; or a path
+    early_stop_auc: float | None = None  # stop once a mid-training val AUC reaches this; null = off
+    early_stop_patience: int = 0  # stop after this many mid-training evals without a val AUC gain; 0 = off
+    early_stop_min_delta: float = 0.0  # a gain smaller than this does not count as improvement
     save_predictions: bool = False  # final eval writes predictions_<split>.npy (one probability per row, row order)
     stop_on_nonfinite_loss: bool = True  # stop with the step when the training loss is NaN/Inf (checked each log step and before saves)
 
@@ -307,6 +310,9 @@ def validate(cfg: TrainConfig, world_size: int, device_type: str = "cpu") -> Non
     if c.every_steps < 0 or c.every_minutes < 0 or c.keep_last < 1:
         raise ConfigError(f"checkpoint.every_steps={c.every_steps} and checkpoint.every_minutes={c.every_minutes} "
                           f"must be >= 0 and checkpoint.keep_last={c.keep_last} >= 1")
+    if (t.early_stop_auc is not None or t.early_stop_patience) and not t.eval_every_steps:
+        raise ConfigError("trainer.early_stop_auc / trainer.early_stop_patience act on mid-training evaluations: "
+                          "set trainer.eval_every_steps > 0")
     if t.eval_every_steps < 0:
         raise ConfigError(f"trainer.eval_every_steps={t.eval_every_steps} must be >= 0 (0 = only at the end)")
     if cfg.optimizer.lr <= 0:

@@ -97,6 +97,7 @@ class Trainer:
         self.scheduler = lr_scheduler(self.optimizer, cfg.optimizer, self.total_steps)
         self.step = 0
         self.train_seconds = 0.0
+        self.best_auc, self.evals_without_gain = float("-inf"), 0  # early stopping on patience
         self._bad_step: torch.Tensor | None = None
         self._bad_value: torch.Tensor | None = None
         c = cfg.checkpoint
@@ -127,6 +128,8 @@ class Trainer:
 
         path = self.checkpointer.save(self.tensor_state(), train_state, {
             "scheduler": sched, "global_batch_size": self.cfg.data.global_batch_size,
+            "early_stop": {"best_auc": self.best_auc if self.best_auc > float("-inf") else None,
+                           "evals_without_gain": self.evals_without_gain},
             "config": OmegaConf.to_container(OmegaConf.structured(self.cfg), enum_to_str=True),
         })
         self.writer.event({"event": "checkpoint", "step": self.step, "path": str(path)})
@@ -146,12 +149,30 @@ class Trainer:
                 ts.step = ts.samples // self.cfg.data.global_batch_size
             self.step = ts.step
             self.train_seconds = ts.train_seconds
+            es = meta.get("early_stop") or {}
+            self.best_auc = es.get("best_auc") if es.get("best_auc") is not None else float("-inf")
+            self.evals_without_gain = es.get("evals_without_gain", 0)
             self.scheduler.load_state_dict({**meta["scheduler"], "lr_lambdas": [None] * len(self.optimizer.param_groups)})
             for group, lr in zip(self.optimizer.param_groups, self.scheduler.get_last_lr(), strict=True):
                 group["lr"] = lr
         logger.info("resumed from %s (saved by %d rank(s)) at step %d in %.2fs", path, meta["world_size"], self.step,
                     time.perf_counter() - t0)
         self.writer.event({"event": "resume", "step": self.step, "path": str(path), "saved_world_size": meta["world_size"]})
+
+    def _early_stop(self, metrics: BinaryMetrics) -> str | None:
+        """The reason to stop after this mid-training evaluation, or None (same on every rank: metrics are)."""
+        t = self.cfg.trainer
+        if t.early_stop_auc is not None and metrics.auc >= t.early_stop_auc:
+            return f"val AUC {metrics.auc:.4f} reached trainer.early_stop_auc={t.early_stop_auc}"
+        if t.early_stop_patience:
+            if metrics.auc > self.best_auc + t.early_stop_min_delta:
+                self.best_auc, self.evals_without_gain = metrics.auc, 0
+            else:
+                self.evals_without_gain += 1
+                if self.evals_without_gain >= t.early_stop_patience:
+                    return (f"no val AUC gain over {self.best_auc:.4f} in {self.evals_without_gain} evaluations "
+                            f"(trainer.early_stop_patience={t.early_stop_patience})")
+        return None
 
     def _check_loss_finite(self) -> None:
         if not self.cfg.trainer.stop_on_nonfinite_loss or self._bad_step is None:
@@ -227,6 +248,7 @@ class Trainer:
         step_t = torch.tensor(self.step, dtype=torch.int64, device=self.device)
         # A log window's training time excludes the evaluations inside it.
         window_steps, window_s, mark = 0, 0.0, time.perf_counter()
+        self.stopped_early: str | None = None
         while self.step < self.total_steps:
             loss, _, _ = pipeline.progress(batches)
             self.scheduler.step()
@@ -253,8 +275,16 @@ class Trainer:
             if eval_every and self.step % eval_every == 0 and self.step < self.total_steps:
                 window_s += time.perf_counter() - mark
                 pipeline.detach()  # a direct forward must not consume the pipeline's prefetched batch
-                self._timed_eval("val", cfg.trainer.eval_max_batches)
+                metrics = self._timed_eval("val", cfg.trainer.eval_max_batches)
                 mark = time.perf_counter()
+                self.stopped_early = self._early_stop(metrics)
+                if self.stopped_early:
+                    logger.info("early stop at step %d: %s", self.step, self.stopped_early)
+                    self.writer.event({"event": "early_stop", "step": self.step, "reason": self.stopped_early})
+                    window_s += time.perf_counter() - mark
+                    self.train_seconds += window_s
+                    window_s, window_steps = 0.0, 0
+                    break
             if self.step < self.total_steps and self.checkpointer.due(self.step):
                 window_s += time.perf_counter() - mark  # saving is not training time
                 self.save_checkpoint()
@@ -293,6 +323,7 @@ class Trainer:
             "wall_seconds": round(wall_s, 3),
             "final": {s: asdict(m) for s, m in final.items()},
             "optimum": optimum,
+            "stopped_early": getattr(self, "stopped_early", None),
         }
         if optimum:
             summary["gap_to_optimum"] = {

@@ -91,3 +91,21 @@ def test_trains_on_one_real_format_file_with_a_random_split(tmp_path) -> None:
     rows = {s: v["num_rows"] for s, v in manifest["splits"].items()}
     assert sum(rows.values()) == 6000 and min(rows.values()) > 200
     assert run.summary["final"]["test"]["num_samples"] == rows["test"]
+
+
+def test_early_stop_on_target_auc_and_on_patience(tmp_path, tiny_data_overrides) -> None:
+    common = [*tiny_data_overrides, "trainer.max_steps=200", "trainer.eval_every_steps=10", "trainer.eval_max_batches=2",
+              "checkpoint.save_at_end=false"]
+    target = run_training(tmp_path / "target", [*common, "trainer.early_stop_auc=0.6"])
+    assert target.returncode == 0, target.output[-3000:]
+    s = target.summary
+    assert s["steps"] < 200 and s["steps"] % 10 == 0 and "reached trainer.early_stop_auc=0.6" in s["stopped_early"]
+    evals = [e for e in target.events("eval") if e["partial"]]
+    assert evals[-1]["eval/auc"] >= 0.6 and all(e["eval/auc"] < 0.6 for e in evals[:-1])
+    assert s["final"]["val"]["num_samples"] == 4000, "the final evaluation still covers the whole split"
+
+    patience = run_training(tmp_path / "patience", [*common, "trainer.early_stop_patience=2",
+                                                    "trainer.early_stop_min_delta=1.0"])  # no gain can count
+    assert patience.returncode == 0, patience.output[-3000:]
+    assert patience.summary["steps"] == 30, "first eval sets the best, the next two bring no gain"
+    assert "trainer.early_stop_patience=2" in patience.summary["stopped_early"]
