@@ -71,6 +71,7 @@ def main() -> None:
     assert b.labels.numel() == args.batch_size
 
     torch.set_num_threads(os.cpu_count())
+    (work / "run").mkdir(parents=True, exist_ok=True)
     trainer = Trainer(cfg, work / "run")
     try:
         trainer.train()

@@ -29,6 +29,7 @@ import pickle
 import random
 import shutil
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -124,9 +125,12 @@ def tensor_state(model: torch.nn.Module, optimizer: Any) -> dict[str, Any]:
 
 
 def _shapes(state: dict[str, Any]) -> dict[str, list[int]]:
+    """Global shape of every entry (a ShardedTensor's size is the whole table's)."""
     flat: dict[str, Any] = {}
     _flatten("", state, flat)
-    return {k: list(v.size()) for k, v in flat.items()}
+    with warnings.catch_warnings():  # ShardedTensor.size() warns that ShardedTensor is being replaced by DTensor
+        warnings.simplefilter("ignore", FutureWarning)
+        return {k: list(v.size()) for k, v in flat.items()}
 
 
 def _rng_state() -> dict[str, torch.Tensor]:
