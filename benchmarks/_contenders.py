@@ -1,0 +1,185 @@
+"""The two baselines of benchmarks/train_throughput.py, each run in its own process(es).
+
+    torchrec : the minimal idiomatic TorchRec loop: TorchRec's DLRM + DLRMTrain, DMP with the default
+               planner, fused SGD in backward, dense SGD, TrainPipelineSparseDist over ready batches
+    plain    : a plain-PyTorch DLRM in the style of facebookresearch/dlrm dlrm_s_pytorch.py:
+               nn.EmbeddingBag(sparse=True) per table, torch.optim.SGD, one process
+
+Both train on random batches of the same shapes as the pipeline's (ids uniform over the tables) and
+print one JSON line: per-step samples/s after warm-up, inference samples/s, peak RSS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+DENSE_IN = 13
+NUM_TABLES = 26
+
+
+def random_batches(n: int, batch: int, rows: int, seed: int) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.rand(batch, DENSE_IN, generator=g), torch.randint(0, rows, (NUM_TABLES, batch), generator=g),
+             torch.randint(0, 2, (batch,), generator=g).float()) for _ in range(n)]
+
+
+def summarize(step_s: list[float], batch: int, warmup: int) -> dict:
+    rates = [batch / s for s in step_s[warmup:]]
+    return {"median": statistics.median(rates), "min": min(rates), "max": max(rates), "steps": len(rates)}
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+# -- plain PyTorch ---------------------------------------------------------------------------------
+class PlainDLRM(nn.Module):
+    """dlrm_s_pytorch.py's structure: EmbeddingBag list, MLPs with ReLU, dot interaction (lower triangle)."""
+
+    def __init__(self, rows: int, dim: int, bottom: list[int], top: list[int]) -> None:
+        super().__init__()
+        self.emb = nn.ModuleList(nn.EmbeddingBag(rows, dim, mode="sum", sparse=True) for _ in range(NUM_TABLES))
+        for e in self.emb:
+            nn.init.uniform_(e.weight, -(1 / rows) ** 0.5, (1 / rows) ** 0.5)
+        self.bot = self._mlp([DENSE_IN, *bottom], sigmoid_last=False)
+        n = NUM_TABLES + 1
+        self.li, self.lj = torch.tril_indices(n, n, offset=-1)
+        self.top = self._mlp([dim + n * (n - 1) // 2, *top], sigmoid_last=False)
+
+    @staticmethod
+    def _mlp(sizes: list[int], sigmoid_last: bool) -> nn.Sequential:
+        layers: list[nn.Module] = []
+        for i in range(len(sizes) - 1):
+            layers.append(nn.Linear(sizes[i], sizes[i + 1]))
+            if i < len(sizes) - 2:
+                layers.append(nn.ReLU())
+        return nn.Sequential(*layers)
+
+    def forward(self, dense: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        x = self.bot(dense)
+        offsets = torch.arange(ids.shape[1])
+        ly = [e(ids[k], offsets) for k, e in enumerate(self.emb)]
+        t = torch.cat([x, *ly], dim=1).view(x.shape[0], -1, x.shape[1])
+        z = torch.bmm(t, t.transpose(1, 2))
+        return self.top(torch.cat([x, z[:, self.li, self.lj]], dim=1)).squeeze(1)
+
+
+def run_plain(a) -> dict:
+    torch.manual_seed(0)
+    model = PlainDLRM(a.rows, a.dim, a.bottom, a.top)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    loss_fn = nn.BCEWithLogitsLoss()
+    batches = random_batches(a.warmup + a.steps, a.batch, a.rows, 0)
+    times = []
+    for dense, ids, labels in batches:
+        t = time.perf_counter()
+        opt.zero_grad()
+        loss = loss_fn(model(dense, ids), labels)
+        loss.backward()
+        opt.step()
+        times.append(time.perf_counter() - t)
+    model.eval()
+    inf = []
+    with torch.no_grad():
+        for dense, ids, _ in batches[: a.warmup + a.infer_steps]:
+            t = time.perf_counter()
+            torch.sigmoid(model(dense, ids))
+            inf.append(time.perf_counter() - t)
+    return {"train": summarize(times, a.batch, a.warmup), "infer": summarize(inf, a.batch, a.warmup),
+            "peak_rss_mib": peak_rss_mib(), "world_size": 1}
+
+
+# -- minimal TorchRec ------------------------------------------------------------------------------
+def run_torchrec(a) -> dict:
+    import torch.distributed as dist
+    from torchrec import optim as trec_optim
+    from torchrec.datasets.utils import Batch
+    from torchrec.distributed import DistributedModelParallel
+    from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
+    from torchrec.models.dlrm import DLRM, DLRMTrain
+    from torchrec.modules.embedding_configs import EmbeddingBagConfig
+    from torchrec.modules.embedding_modules import EmbeddingBagCollection
+    from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
+    from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
+    from torchrec.optim.optimizers import in_backward_optimizer_filter
+    from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    torch.manual_seed(0)
+    names = [f"cat_{i}" for i in range(NUM_TABLES)]
+    tables = [EmbeddingBagConfig(name=f"t_{n}", embedding_dim=a.dim, num_embeddings=a.rows, feature_names=[n])
+              for n in names]
+    model = DLRMTrain(DLRM(EmbeddingBagCollection(tables=tables, device=torch.device("meta")), DENSE_IN,
+                           a.bottom, a.top))
+    apply_optimizer_in_backward(trec_optim.SGD, model.model.sparse_arch.parameters(), {"lr": 0.01})
+    dmp = DistributedModelParallel(model, device=torch.device("cpu"))
+    dense_opt = KeyedOptimizerWrapper(dict(in_backward_optimizer_filter(dmp.named_parameters())),
+                                      lambda p: torch.optim.SGD(p, lr=0.01))
+    opt = CombinedOptimizer([dmp.fused_optimizer, dense_opt])
+    local = a.batch // world
+
+    def to_batch(dense, ids, labels) -> Batch:
+        kjt = KeyedJaggedTensor(keys=names, values=ids.reshape(-1), lengths=torch.ones(NUM_TABLES * local, dtype=torch.int32),
+                                stride=local)
+        return Batch(dense_features=dense, sparse_features=kjt, labels=labels)
+
+    batches = [to_batch(*b) for b in random_batches(a.warmup + a.steps + 2, local, a.rows, rank)]
+    pipeline = TrainPipelineSparseDist(dmp, opt, torch.device("cpu"), execute_all_batches=True)
+    it = iter(batches)
+    times = []
+    for _ in range(a.warmup + a.steps):
+        t = time.perf_counter()
+        pipeline.progress(it)
+        times.append(time.perf_counter() - t)
+    pipeline.detach()
+    dmp.eval()
+    inf = []
+    with torch.no_grad():
+        for b in batches[: a.warmup + a.infer_steps]:
+            t = time.perf_counter()
+            dmp(b)
+            inf.append(time.perf_counter() - t)
+    out = {"train": summarize(times, a.batch, a.warmup), "infer": summarize(inf, a.batch, a.warmup),
+           "peak_rss_mib": peak_rss_mib(), "world_size": world}
+    gathered: list[dict] = [{} for _ in range(world)]
+    dist.all_gather_object(gathered, out)
+    dist.destroy_process_group()
+    if rank != 0:
+        return {}
+    # Ranks step together: the job's rate is the slowest rank's; memory is the largest rank's.
+    slow = min(gathered, key=lambda g: g["train"]["median"])
+    return {**slow, "peak_rss_mib": max(g["peak_rss_mib"] for g in gathered)}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("contender", choices=["plain", "torchrec"])
+    p.add_argument("--batch", type=int, required=True, help="global batch size")
+    p.add_argument("--rows", type=int, default=100_000)
+    p.add_argument("--dim", type=int, default=128)
+    p.add_argument("--bottom", type=lambda s: [int(x) for x in s.split(",")], default=[512, 256, 128])
+    p.add_argument("--top", type=lambda s: [int(x) for x in s.split(",")], default=[512, 256, 1])
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--infer-steps", type=int, default=30)
+    p.add_argument("--out", type=Path, required=True)
+    a = p.parse_args()
+    result = run_plain(a) if a.contender == "plain" else run_torchrec(a)
+    if result:
+        a.out.write_text(json.dumps(result))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
