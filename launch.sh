@@ -16,26 +16,59 @@ else
 fi
 VARIANT="${PIPELINE_VARIANT:-cpu}"   # cpu | cuda: which lock file to install
 STAMP="$VENV/.pipeline-installed"
+PIPELINE_RUN_ID_GIVEN="${PIPELINE_RUN_ID:-}"
 
 usage() {
   cat <<'TXT'
-Usage: ./launch.sh <command> [hydra overrides...]
+Usage: ./launch.sh <command> [arguments...]
 
-  train       Train with torchrun on NPROC ranks (default 2) on this machine.
+  train       Train with torchrun on NPROC ranks (default 2) on this machine; arguments are Hydra overrides.
                 ./launch.sh train                              # main job: synthetic data, paper's DLRM
                 ./launch.sh train model.embedding_dim=64       # any Hydra override
                 NPROC=1 ./launch.sh train model=tiny data=tiny # one rank, tiny preset
                 ./launch.sh train --cfg job                    # print the resolved config, no training
+              With -m (--multirun): a sweep. One process expands the sweep and starts every point as its
+              own torchrun job of NPROC ranks, one after another, into multirun/<run id>/<num>/, then
+              writes results.csv/.json there (each point's overrides, status, final metrics) and prints it.
+              A failed point does not stop the others; the sweep exits non-zero if any failed.
+                ./launch.sh train -m model.embedding_dim=64,128 optimizer.lr=0.01,0.1
+                ./launch.sh train -m optimizer.lr=0.01,0.1 hydra.launcher.max_parallel=2
+                ./launch.sh train -m hydra/launcher=slurm hydra.launcher.partition=gpu optimizer.lr=0.01,0.1
+              Several nodes: run the same command on every node with NNODES, RDZV_ENDPOINT (host:port of
+              the first node) and the same PIPELINE_RUN_ID (rendezvous id and run folder):
+                NNODES=2 RDZV_ENDPOINT=node0:29500 PIPELINE_RUN_ID=job1 ./launch.sh train
+  sweep       The same as train -m.
+                ./launch.sh sweep optimizer.lr=0.01,0.1 trainer.max_steps=500
   test        Run the test suite (pytest; extra args go to pytest).
                 ./launch.sh test -k config
   preprocess  Generate (synthetic) and preprocess a dataset without training.
                 ./launch.sh preprocess data=tsv data.raw_files=[my_sample.tsv]
   doctor      Check that torch, fbgemm-gpu and torchrec belong together; list devices and backends.
+                ./launch.sh doctor
   setup       Create .venv and install the pinned stack (done automatically by the others).
                 PIPELINE_VARIANT=cuda ./launch.sh setup        # CUDA lock instead of CPU
+  compose     docker compose -f docker/docker-compose.yml <arguments>: a 2-node job (node0, node1) from the
+              image, data/outputs/checkpoints on shared volumes, one run folder (PIPELINE_RUN_ID).
+              PIPELINE_TRAIN_ARGS holds the Hydra overrides. Needs Docker Compose v2 and a running engine
+              (config only needs the CLI).
+                ./launch.sh compose config                     # the resolved compose file
+                PIPELINE_TRAIN_ARGS="model=tiny data=tiny" ./launch.sh compose up --build
+                ./launch.sh compose down -v                    # stop, and drop the volumes
+  submit      Submit with TorchX: torchx run --scheduler <scheduler> dist.ddp <arguments>.
+                ./launch.sh submit local_cwd -j 2x1 pipeline/train.py model=tiny data=tiny
+                ./launch.sh submit slurm -j 2x8 pipeline/train.py    # on a Slurm login node
+                ./launch.sh submit slurm --dryrun -cfg partition=cpu -j 2x8 model=tiny   # print the sbatch script
+  plan        The sharding plan and memory per rank for a cluster you don't have (TorchRec's planner, offline);
+              refuses a plan that cannot fit, saying by how much and which tables.
+                ./launch.sh plan -j 2x8 --device cuda --hbm-gb 80 --data criteo_1tb --cap 40000000
+                ./launch.sh plan -j 1x2 --device cpu --data processed:data/synthetic/processed
 
-Environment: NPROC (ranks, default 2), PIPELINE_RUN_ID (run folder name, default a timestamp),
-PIPELINE_VENV (virtualenv path, default .venv), PYTHON (interpreter for the venv, default python3.11).
+Environment: NPROC (ranks per node, default 2), NNODES (nodes, default 1) and RDZV_ENDPOINT (first
+node's host:port, when NNODES > 1), PIPELINE_RUN_ID (run folder name, default a timestamp),
+PIPELINE_VENV (virtualenv path, default .venv), PYTHON (interpreter for the venv, default python3.11),
+PIPELINE_DRY_RUN=1 (print the command train/sweep/compose/submit would run, and exit), MAX_RESTARTS
+(train: torchrun restarts all ranks up to this many times when one dies; they resume from the last
+checkpoint), PIPELINE_VARIANT (cpu or cuda lock file).
 TXT
 }
 
@@ -44,6 +77,7 @@ lock_hash() {
 }
 
 setup() {
+  [[ "${PIPELINE_DRY_RUN:-0}" == 1 ]] && return 0
   local want; want="$VARIANT-$(lock_hash)"
   if [[ -f "$STAMP" && "$(cat "$STAMP")" == "$want" ]]; then
     return 0
@@ -62,11 +96,40 @@ setup() {
   # torchrec's metadata asks for the CUDA fbgemm-gpu even on CPU: install it without dependencies
   # (its real needs are pinned in the lock file above).
   "$VENV/bin/python" -m pip install --quiet --no-deps -r requirements/torchrec.txt
+  # The project itself, editable, without dependencies (pinned above): registers pyproject.toml's
+  # torchx.components entry point, so `torchx run dist.ddp ...` is pipeline/launch/components.py.
+  # Skipped where the sources are not copied yet (docker/Dockerfile runs setup with the lock files only).
+  if [[ -d pipeline && -f README.md ]]; then
+    "$VENV/bin/python" -m pip install --quiet --no-deps --no-build-isolation -e .
+  fi
   echo "$want" > "$STAMP"
 }
 
 run_id() {
   echo "${PIPELINE_RUN_ID:-$(date +%Y-%m-%d_%H-%M-%S)}"
+}
+
+# exec the command, or with PIPELINE_DRY_RUN=1 print it (shell-quoted) and exit.
+run() {
+  if [[ "${PIPELINE_DRY_RUN:-0}" == 1 ]]; then
+    local out; out="$(printf '%q ' "$@")"; echo "${out% }"; exit 0
+  fi
+  exec "$@"
+}
+
+# The Compose CLI: the v2 plugin (docker compose), else the standalone docker-compose.
+compose_cli() {
+  if docker compose version >/dev/null 2>&1; then
+    COMPOSE=(docker compose)
+  elif command -v docker-compose >/dev/null 2>&1; then
+    COMPOSE=(docker-compose)
+  elif [[ "${PIPELINE_DRY_RUN:-0}" == 1 ]]; then
+    COMPOSE=(docker compose)
+  else
+    echo "[launch.sh] compose needs Docker Compose: the docker CLI with its compose plugin (docker compose)," \
+      "or docker-compose; neither was found." >&2
+    exit 1
+  fi
 }
 
 cmd="${1:-}"
@@ -82,17 +145,72 @@ case "$cmd" in
     setup; exec "$VENV/bin/python" -m pytest "$@" ;;
   preprocess)
     setup; exec "$VENV/bin/python" -m pipeline.preprocess "hydra.run.dir=outputs/preprocess-$(run_id)" "$@" ;;
-  train)
+  train|sweep)
     setup
     export PIPELINE_RUN_ID; PIPELINE_RUN_ID="$(run_id)"
-    NPROC="${NPROC:-2}"
+    export NPROC="${NPROC:-2}"  # ranks per node; also each sweep point's (conf/hydra/launcher/torchrun.yaml)
+    NNODES="${NNODES:-1}"
     # torchrun prints a banner when OMP_NUM_THREADS is unset; each rank sets its own thread count
     # from trainer.num_threads (default: cores / ranks on this node).
     export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
-    for arg in "$@"; do  # config inspection needs one process, not NPROC copies of the output
-      case "$arg" in --cfg|-c|--help|--hydra-help|--info|-i|--resolve) exec "$VENV/bin/python" pipeline/train.py "$@" ;; esac
+    if [[ "$cmd" == sweep ]]; then
+      multirun=0
+      for arg in "$@"; do
+        case "$arg" in -m|--multirun) multirun=1 ;; esac
+      done
+      if [[ $multirun == 0 ]]; then set -- -m "$@"; fi
+    fi
+    # Config inspection needs one process, not NPROC copies of the output. A sweep (-m) runs in one
+    # process too: Hydra's torchrun launcher (hydra_plugins/) starts a torchrun job per point.
+    for arg in "$@"; do
+      case "$arg" in
+        --cfg|-c|--help|--hydra-help|--info|-i|--resolve|-m|--multirun) run "$VENV/bin/python" pipeline/train.py "$@" ;;
+      esac
     done
-    exec "$VENV/bin/torchrun" --standalone --nnodes 1 --nproc_per_node "$NPROC" pipeline/train.py "$@" ;;
+    # MAX_RESTARTS: torchrun restarts every rank when one dies; they resume from the last checkpoint.
+    restarts=()
+    if [[ -n "${MAX_RESTARTS:-}" ]]; then restarts=(--max-restarts "$MAX_RESTARTS"); fi
+    if [[ "$NNODES" == 1 ]]; then
+      run "$VENV/bin/torchrun" --standalone --nnodes 1 --nproc_per_node "$NPROC" "${restarts[@]}" pipeline/train.py "$@"
+    fi
+    if [[ -z "${RDZV_ENDPOINT:-}" || -z "${PIPELINE_RUN_ID_GIVEN:-}" ]]; then
+      echo "[launch.sh] NNODES=$NNODES needs RDZV_ENDPOINT (host:port of the first node) and the same" \
+        "PIPELINE_RUN_ID on every node (the rendezvous id and run folder), e.g." >&2
+      echo "  NNODES=2 RDZV_ENDPOINT=node0:29500 PIPELINE_RUN_ID=job1 ./launch.sh train" >&2
+      exit 2
+    fi
+    run "$VENV/bin/torchrun" --nnodes "$NNODES" --nproc_per_node "$NPROC" --rdzv_backend c10d \
+      --rdzv_endpoint "$RDZV_ENDPOINT" --rdzv_id "$PIPELINE_RUN_ID" "${restarts[@]}" pipeline/train.py "$@" ;;
+  compose)
+    compose_cli
+    # Every command but config talks to the engine: say so plainly when there is none.
+    if [[ "${1:-}" != config && "${PIPELINE_DRY_RUN:-0}" != 1 ]] && ! docker info >/dev/null 2>&1; then
+      echo "[launch.sh] no Docker engine reachable (docker info failed): start Docker, or point DOCKER_HOST" \
+        "at one. './launch.sh compose config' checks the compose file without an engine." >&2
+      exit 1
+    fi
+    export PIPELINE_RUN_ID; PIPELINE_RUN_ID="$(run_id)"
+    run "${COMPOSE[@]}" -f docker/docker-compose.yml "$@" ;;
+  submit)
+    if [[ $# -lt 1 || "$1" == -* ]]; then
+      echo "usage: ./launch.sh submit <scheduler> [--dryrun|--wait|--log|-cfg K=V,...] [-j NxM] [dist.ddp options] [script] [overrides]" \
+        "(the schedulers: $VENV/bin/torchx runopts)" >&2
+      exit 2
+    fi
+    setup
+    SCHED="$1"; shift
+    run_opts=()  # options of `torchx run` itself go before the component's name
+    while [[ $# -gt 0 ]]; do
+      case "$1" in
+        --dryrun|--wait|--log) run_opts+=("$1"); shift ;;
+        -cfg|--scheduler_args|--workspace|--parent_run_id) run_opts+=("$1" "${2:?$1 needs a value}"); shift 2 ;;
+        *) break ;;
+      esac
+    done
+    export PATH="$VENV/bin:$PATH"
+    run "$VENV/bin/torchx" run --scheduler "$SCHED" "${run_opts[@]}" dist.ddp "$@" ;;
+  plan)
+    setup; exec "$VENV/bin/python" -m pipeline.plan "$@" ;;
   *)
     echo "unknown command: $cmd" >&2; usage >&2; exit 2 ;;
 esac

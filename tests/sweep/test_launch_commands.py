@@ -1,0 +1,82 @@
+"""launch.sh's commands, by what they would run (PIPELINE_DRY_RUN=1 prints the command instead)."""
+
+from __future__ import annotations
+
+import os
+import shlex
+import subprocess
+
+import pytest
+
+from tests.conftest import ROOT
+
+
+def _launch(*args: str, **env: str) -> subprocess.CompletedProcess:
+    base = {k: v for k, v in os.environ.items() if k not in ("NNODES", "RDZV_ENDPOINT", "PIPELINE_RUN_ID", "NPROC")}
+    return subprocess.run(["bash", "launch.sh", *args], cwd=ROOT, capture_output=True, text=True, timeout=60,
+                          env={**base, "PIPELINE_DRY_RUN": "1", **env})
+
+
+def _argv(*args: str, **env: str) -> list[str]:
+    out = _launch(*args, **env)
+    assert out.returncode == 0, out.stderr
+    return shlex.split(out.stdout)
+
+
+@pytest.mark.parametrize("args", [["train", "-m", "optimizer.lr=0.01,0.1"],
+                                  ["train", "--multirun", "optimizer.lr=0.01,0.1"],
+                                  ["sweep", "optimizer.lr=0.01,0.1"],
+                                  ["sweep", "-m", "optimizer.lr=0.01,0.1"]])
+def test_sweep_runs_in_one_process_not_under_torchrun(args: list[str]) -> None:
+    argv = _argv(*args)
+    # One Hydra process expands the sweep; its launcher starts torchrun per point.
+    assert argv[0].endswith("/python") and argv[1] == "pipeline/train.py"
+    assert argv[2:] in (["-m", "optimizer.lr=0.01,0.1"], ["--multirun", "optimizer.lr=0.01,0.1"])
+
+
+def test_train_is_one_standalone_torchrun_node_by_default() -> None:
+    argv = _argv("train", "model=tiny", NPROC="3")
+    assert argv[0].endswith("/torchrun")
+    assert argv[1:] == ["--standalone", "--nnodes", "1", "--nproc_per_node", "3", "pipeline/train.py", "model=tiny"]
+
+
+def test_train_on_several_nodes_uses_c10d_rendezvous_with_the_run_id() -> None:
+    argv = _argv("train", "model=tiny", NNODES="2", NPROC="1", RDZV_ENDPOINT="node0:29500", PIPELINE_RUN_ID="job1")
+    assert argv[1:] == ["--nnodes", "2", "--nproc_per_node", "1", "--rdzv_backend", "c10d", "--rdzv_endpoint",
+                        "node0:29500", "--rdzv_id", "job1", "pipeline/train.py", "model=tiny"]
+    # Without an endpoint or a shared run id the nodes could not meet (or would write two folders).
+    for env in ({"RDZV_ENDPOINT": "node0:29500"}, {"PIPELINE_RUN_ID": "job1"}):
+        out = _launch("train", NNODES="2", **env)
+        assert out.returncode == 2 and "RDZV_ENDPOINT" in out.stderr and "PIPELINE_RUN_ID" in out.stderr
+
+
+def test_submit_runs_torchx_with_the_scheduler() -> None:
+    argv = _argv("submit", "local_cwd", "-j", "2x1", "pipeline/train.py", "model=tiny")
+    assert argv[0].endswith("/torchx")
+    assert argv[1:] == ["run", "--scheduler", "local_cwd", "dist.ddp", "-j", "2x1", "pipeline/train.py", "model=tiny"]
+    out = _launch("submit")
+    assert out.returncode == 2 and "usage: ./launch.sh submit <scheduler>" in out.stderr
+
+
+def test_help_explains_every_command_with_an_example() -> None:
+    out = subprocess.run(["bash", "launch.sh", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0
+    for command in ("train", "sweep", "test", "preprocess", "doctor", "setup", "compose", "submit"):
+        assert f"\n  {command} " in out.stdout
+        assert f"./launch.sh {command}" in out.stdout
+    for text in ("-m model.embedding_dim=64,128 optimizer.lr=0.01,0.1", "hydra/launcher=slurm", "compose up",
+                 "NNODES=2 RDZV_ENDPOINT="):
+        assert text in out.stdout
+
+
+def test_max_restarts_reaches_torchrun() -> None:
+    argv = _argv("train", "model=tiny", NPROC="2", MAX_RESTARTS="3")
+    assert argv[1:] == ["--standalone", "--nnodes", "1", "--nproc_per_node", "2", "--max-restarts", "3",
+                        "pipeline/train.py", "model=tiny"]
+
+
+def test_submit_puts_torchx_run_options_before_the_component() -> None:
+    argv = _argv("submit", "slurm", "--dryrun", "-cfg", "partition=cpu", "-j", "2x8", "model=tiny")
+    assert argv[0].endswith("/torchx")
+    assert argv[1:] == ["run", "--scheduler", "slurm", "--dryrun", "-cfg", "partition=cpu", "dist.ddp", "-j", "2x8",
+                        "model=tiny"]
