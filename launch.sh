@@ -58,6 +58,10 @@ Usage: ./launch.sh <command> [arguments...]
                 ./launch.sh submit local_cwd -j 2x1 pipeline/train.py model=tiny data=tiny
                 ./launch.sh submit slurm -j 2x8 pipeline/train.py    # on a Slurm login node
                 ./launch.sh submit slurm --dryrun -cfg partition=cpu -j 2x8 model=tiny   # print the sbatch script
+  report      Plot and summarise runs: report.png + report.md (AUC/logloss against samples seen).
+                ./launch.sh report outputs/<run_id>                  # one run (written into its folder)
+                ./launch.sh report multirun/<id>                     # a sweep: one plot comparing its runs
+                ./launch.sh report outputs/a outputs/b --out reports/ab
   plan        The sharding plan and memory per rank for a cluster you don't have (TorchRec's planner, offline);
               refuses a plan that cannot fit, saying by how much and which tables.
                 ./launch.sh plan -j 2x8 --device cuda --hbm-gb 80 --data criteo_1tb --cap 40000000
@@ -211,6 +215,8 @@ case "$cmd" in
     run "$VENV/bin/torchx" run --scheduler "$SCHED" "${run_opts[@]}" dist.ddp "$@" ;;
   plan)
     setup; exec "$VENV/bin/python" -m pipeline.plan "$@" ;;
+  report)
+    setup; exec "$VENV/bin/python" -m pipeline.report "$@" ;;
   *)
     echo "unknown command: $cmd" >&2; usage >&2; exit 2 ;;
 esac

@@ -71,6 +71,20 @@ class DenseTransform(str, enum.Enum):
     torchrec = "torchrec"  # TorchRec's BinaryCriteoUtils.tsv_to_npys: log(x - min(file) + 2), missing -> 0
 
 
+class LoggerBackend(str, enum.Enum):
+    """Where rank 0's metric events go (pipeline/metrics/loggers.py)."""
+
+    jsonl = "jsonl"  # metrics.jsonl in the run folder: required (the report, sweeps and resume read it)
+    tensorboard = "tensorboard"  # TensorBoard event files beside it (tensorboardX)
+
+
+class TensorBoardStep(str, enum.Enum):
+    """What TensorBoard's x axis (its "step") counts."""
+
+    step = "step"  # training steps
+    samples = "samples"  # samples seen: compares runs of different global batch sizes
+
+
 class Backend(str, enum.Enum):
     auto = "auto"  # nccl when CUDA is available, else gloo
     gloo = "gloo"
@@ -213,6 +227,10 @@ class LoggerConfig:
     log_every_steps: int = 100  # training loss/throughput event cadence, in steps
     progress_bar: bool = True  # tqdm bar on rank 0 (samples/s, time left)
     level: str = "INFO"  # python logging level
+    backends: list[LoggerBackend] = field(  # metric destinations on rank 0; jsonl is required
+        default_factory=lambda: [LoggerBackend.jsonl, LoggerBackend.tensorboard])
+    tensorboard_step: TensorBoardStep = TensorBoardStep.step  # TensorBoard's x axis: steps or samples seen
+    report: bool = True  # rank 0 writes report.png + report.md (pipeline/report.py) after summary.json
 
 
 @dataclass
@@ -353,6 +371,11 @@ def validate(cfg: TrainConfig, world_size: int, device_type: str = "cpu") -> Non
         raise ConfigError(
             "optimizer.embedding=adam: FBGEMM's fused CPU kernel has no Adam (its CUDA kernel does). On CPU use "
             "sharding=data_parallel (tables replicated, small tables only) or optimizer.embedding=row_wise_adagrad"
+        )
+    if LoggerBackend.jsonl not in cfg.logger.backends:
+        raise ConfigError(
+            f"logger.backends={[b.value for b in cfg.logger.backends]} must include jsonl: metrics.jsonl is the "
+            "run's record (the report, sweep results and resume read it). Without TensorBoard: logger.backends=[jsonl]"
         )
     if t.device == Device.cpu and cfg.launcher.backend == Backend.nccl:
         raise ConfigError("launcher.backend=nccl needs CUDA but trainer.device=cpu: use launcher.backend=gloo")

@@ -28,6 +28,7 @@ from pipeline.distributed.sharding import (
 )
 from pipeline.metrics.evaluator import PredictionGatherer
 from pipeline.metrics.functional import BinaryMetrics
+from pipeline.metrics.loggers import make_backends, process_memory_mib
 from pipeline.model.dlrm import build_model
 from pipeline.runtime import DistEnv
 
@@ -39,17 +40,35 @@ class NonFiniteLossError(RuntimeError):
 
 
 class RunWriter:
-    """Rank 0's files in the run folder: metrics.jsonl (one event per line) and summary.json."""
+    """Rank 0's files in the run folder: metrics.jsonl (one event per line), summary.json, the other
+    ``logger.backends`` (TensorBoard event files) and the run report (report.png, report.md)."""
 
-    def __init__(self, run_dir: Path, enabled: bool):
+    def __init__(self, run_dir: Path, enabled: bool, logger_cfg=None):
         self.run_dir = run_dir
         self.enabled = enabled
+        self.write_report = enabled and bool(getattr(logger_cfg, "report", False))
         self._metrics = open(run_dir / "metrics.jsonl", "a") if enabled else None
+        self._backends = make_backends(logger_cfg.backends, run_dir, logger_cfg.tensorboard_step) \
+            if enabled and logger_cfg is not None else []
 
     def event(self, record: dict) -> None:
         if self._metrics is not None:
             self._metrics.write(json.dumps(record) + "\n")
             self._metrics.flush()
+        for backend in self._backends:
+            backend.log(record)
+
+    def report(self) -> None:
+        """report.png + report.md from metrics.jsonl and summary.json; a failure only warns."""
+        if not self.write_report:
+            return
+        try:
+            from pipeline.report import write_report
+
+            png, md = write_report([self.run_dir], self.run_dir)
+            logger.info("run report: %s, %s", png, md)
+        except Exception as e:  # never fail a finished training run over its plot
+            logger.warning("run report not written: %s: %s", type(e).__name__, e)
 
     def summary(self, record: dict) -> None:
         if self.enabled:
@@ -59,6 +78,9 @@ class RunWriter:
         if self._metrics is not None:
             self._metrics.close()
             self._metrics = None
+        for backend in self._backends:
+            backend.close()
+        self._backends = []
 
 
 class Trainer:
@@ -76,7 +98,7 @@ class Trainer:
         validate(cfg, self.env.world_size, self.device.type)
         self.backend = init_process_group(cfg.launcher, self.env, self.device)
         self.num_threads = set_num_threads(cfg.trainer.num_threads, self.env)
-        self.writer = RunWriter(self.run_dir, self.env.is_rank_zero)
+        self.writer = RunWriter(self.run_dir, self.env.is_rank_zero, cfg.logger)
         logger.info(
             "rank %d/%d (pid %d) on %s, backend %s, %d threads, run folder %s",
             self.env.rank, self.env.world_size, os.getpid(), self.device, self.backend, self.num_threads, self.run_dir,
@@ -157,7 +179,8 @@ class Trainer:
                 group["lr"] = lr
         logger.info("resumed from %s (saved by %d rank(s)) at step %d in %.2fs", path, meta["world_size"], self.step,
                     time.perf_counter() - t0)
-        self.writer.event({"event": "resume", "step": self.step, "path": str(path), "saved_world_size": meta["world_size"]})
+        self.writer.event({"event": "resume", "step": self.step, "samples": self.step * self.cfg.data.global_batch_size,
+                           "path": str(path), "saved_world_size": meta["world_size"]})
 
     def _early_stop(self, metrics: BinaryMetrics) -> str | None:
         """The reason to stop after this mid-training evaluation, or None (same on every rank: metrics are)."""
@@ -268,7 +291,8 @@ class Trainer:
                 rate = window_steps * gbs / window_s
                 self.writer.event({"event": "train", "step": self.step, "epoch": (self.step - 1) // self.steps_per_epoch,
                                    "samples": self.step * gbs, "train/loss": mean_loss, "train/samples_per_s": rate,
-                                   "lr": self.optimizer.param_groups[-1]["lr"], "time_s": round(time.perf_counter() - wall0, 3)})
+                                   "lr": self.optimizer.param_groups[-1]["lr"],
+                                   "time_s": round(time.perf_counter() - wall0, 3), **self._memory_over_ranks()})
                 bar.set_postfix(loss=f"{mean_loss:.4f}")
                 loss_sum.zero_()
                 window_steps, window_s, mark = 0, 0.0, time.perf_counter()
@@ -304,6 +328,15 @@ class Trainer:
             value /= self.env.world_size
         return value.item()
 
+    def _memory_over_ranks(self) -> dict[str, float]:
+        """Process RSS / peak RSS (and CUDA max allocated) in MiB, the largest over ranks."""
+        mem = process_memory_mib(self.device)
+        if self.env.world_size > 1:
+            values = torch.tensor(list(mem.values()), dtype=torch.float64, device=self.device)
+            dist.all_reduce(values, op=dist.ReduceOp.MAX)
+            mem = dict(zip(mem, values.tolist(), strict=True))
+        return {k: round(v, 1) for k, v in mem.items()}
+
     def _finish(self, final: dict[str, BinaryMetrics], wall_s: float) -> dict:
         optimum = self.manifest.get("optimum")
         samples = self.step * self.cfg.data.global_batch_size
@@ -322,6 +355,7 @@ class Trainer:
             "train_seconds": round(self.train_seconds, 3),
             "wall_seconds": round(wall_s, 3),
             "final": {s: asdict(m) for s, m in final.items()},
+            "data_rows": {s: v.get("num_rows") for s, v in self.manifest.get("splits", {}).items()},
             "optimum": optimum,
             "stopped_early": getattr(self, "stopped_early", None),
         }
@@ -336,6 +370,7 @@ class Trainer:
                         format_final(final, optimum))
             logger.info("throughput %.0f samples/s over %d steps; wall %.1fs; summary in %s",
                         summary["train_samples_per_s"] or 0, self.step, wall_s, self.run_dir / "summary.json")
+        self.writer.report()
         return summary
 
     def close(self) -> None:
