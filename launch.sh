@@ -62,6 +62,11 @@ Usage: ./launch.sh <command> [arguments...]
                 ./launch.sh report outputs/<run_id>                  # one run (written into its folder)
                 ./launch.sh report multirun/<id>                     # a sweep: one plot comparing its runs
                 ./launch.sh report outputs/a outputs/b --out reports/ab
+  export      Export a run's checkpoint as a plain, unsharded CPU model (loads without torch.distributed).
+                ./launch.sh export outputs/<run_id> --out outputs/<run_id>/export
+  predict     Score a raw Criteo TSV (with or without the label column, plain or .gz) or a preprocessed split.
+                ./launch.sh predict --model outputs/<run_id>/export --input test.tsv --out predictions.tsv
+                ./launch.sh predict --model outputs/<run_id>/export --split val --out predictions_val.npy
   plan        The sharding plan and memory per rank for a cluster you don't have (TorchRec's planner, offline);
               refuses a plan that cannot fit, saying by how much and which tables.
                 ./launch.sh plan -j 2x8 --device cuda --hbm-gb 80 --data criteo_1tb --cap 40000000
@@ -217,6 +222,10 @@ case "$cmd" in
     setup; exec "$VENV/bin/python" -m pipeline.plan "$@" ;;
   report)
     setup; exec "$VENV/bin/python" -m pipeline.report "$@" ;;
+  export)
+    setup; exec "$VENV/bin/python" -m pipeline.export "$@" ;;
+  predict)
+    setup; exec "$VENV/bin/python" -m pipeline.predict "$@" ;;
   *)
     echo "unknown command: $cmd" >&2; usage >&2; exit 2 ;;
 esac

@@ -2,7 +2,8 @@
 
 One row per line, tab-separated, no header: label (0/1), 13 integer features I1..I13 (empty =
 missing, may be negative), 26 categorical features C1..C26 as 8-hex-digit hashes (empty = missing).
-Files may be plain or gzip-compressed (``.gz``, decompressed while streaming).
+Files may be plain or gzip-compressed (``.gz``, decompressed while streaming). ``labelled=False``
+reads the same layout without the label column (39 fields, the Kaggle ``test.txt`` layout).
 
 How it is fast: the file is read in line-aligned chunks of ``block_size_mb`` raw bytes, and each
 chunk is parsed by pyarrow's multithreaded CSV reader straight into typed columns (labels int8,
@@ -35,6 +36,8 @@ DENSE_COLUMNS = [f"I{i + 1}" for i in range(NUM_DENSE_FEATURES)]
 SPARSE_COLUMNS = [f"C{i + 1}" for i in range(NUM_SPARSE_FEATURES)]
 COLUMNS = [LABEL, *DENSE_COLUMNS, *SPARSE_COLUMNS]
 NUM_FIELDS = len(COLUMNS)
+UNLABELLED_COLUMNS = COLUMNS[1:]  # the layout without a label column (Kaggle test.txt)
+NO_LABEL = -1  # RawBlock.labels of rows read with labelled=False
 # Feature names seen by the model (TorchRec's Criteo naming).
 SPARSE_FEATURE_NAMES = [f"cat_{i}" for i in range(NUM_SPARSE_FEATURES)]
 
@@ -84,7 +87,7 @@ class BadRows:
 class RawBlock:
     """One parsed block of raw rows."""
 
-    labels: np.ndarray  # [n] int8
+    labels: np.ndarray  # [n] int8 (NO_LABEL = -1 for rows read with labelled=False)
     dense: np.ndarray  # [n, 13] int64, 0 where missing
     dense_missing: np.ndarray  # [n, 13] bool
     sparse: np.ndarray  # [n, 26] uint32 hash values, 0 where missing
@@ -145,12 +148,14 @@ def _iter_chunks(path: Path, chunk_bytes: int) -> Iterator[_Chunk]:
         yield _Chunk(tail, line, 1, True)
 
 
-def _parse(data: bytes) -> pa.Table:
+def _parse(data: bytes, labelled: bool = True) -> pa.Table:
     """pyarrow's typed parse of a chunk (raises pa.ArrowInvalid on a bad field or field count)."""
-    types = {LABEL: pa.int8(), **{c: pa.int64() for c in DENSE_COLUMNS}, **{c: pa.binary(8) for c in SPARSE_COLUMNS}}
+    types = {**({LABEL: pa.int8()} if labelled else {}), **{c: pa.int64() for c in DENSE_COLUMNS},
+             **{c: pa.binary(8) for c in SPARSE_COLUMNS}}
     return pacsv.read_csv(
         pa.py_buffer(data),
-        read_options=pacsv.ReadOptions(column_names=COLUMNS, block_size=_ARROW_BLOCK),
+        read_options=pacsv.ReadOptions(column_names=COLUMNS if labelled else UNLABELLED_COLUMNS,
+                                       block_size=_ARROW_BLOCK),
         # Empty lines are rows (of nulls), so they are caught as bad rows instead of vanishing.
         parse_options=pacsv.ParseOptions(delimiter="\t", quote_char=False, double_quote=False,
                                          escape_char=False, ignore_empty_lines=False),
@@ -232,15 +237,18 @@ def _int_column(col: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
     return np.asarray(col.fill_null(0) if col.null_count else col, dtype=np.int64), missing
 
 
-def _convert(table: pa.Table, chunk_lines: np.ndarray) -> RawBlock:
+def _convert(table: pa.Table, chunk_lines: np.ndarray, labelled: bool = True) -> RawBlock:
     """Typed columns -> RawBlock; raises _SlowPath on a null or out-of-range label or a non-hex digit."""
     n = table.num_rows
-    col = table.column(LABEL)
-    if col.null_count:
-        raise _SlowPath
-    labels = np.asarray(col, dtype=np.int8)
-    if ((labels != 0) & (labels != 1)).any():
-        raise _SlowPath
+    if labelled:
+        col = table.column(LABEL)
+        if col.null_count:
+            raise _SlowPath
+        labels = np.asarray(col, dtype=np.int8)
+        if ((labels != 0) & (labels != 1)).any():
+            raise _SlowPath
+    else:
+        labels = np.full(n, NO_LABEL, dtype=np.int8)
     dense = np.empty((n, NUM_DENSE_FEATURES), np.int64)
     dense_missing = np.empty((n, NUM_DENSE_FEATURES), bool)
     for j, name in enumerate(DENSE_COLUMNS):
@@ -249,9 +257,13 @@ def _convert(table: pa.Table, chunk_lines: np.ndarray) -> RawBlock:
     return RawBlock(labels, dense, dense_missing, sparse, sparse_missing, chunk_lines)
 
 
-def check_line(line: bytes) -> tuple[str, str] | None:
+def check_line(line: bytes, labelled: bool = True) -> tuple[str, str] | None:
     """(kind, detail) when a raw line (without its newline) is malformed, else None."""
     fields = line.split(b"\t")
+    if not labelled:
+        fields.insert(0, b"0")  # checked as a labelled row with a valid label
+        if len(fields) != NUM_FIELDS:
+            return "wrong_field_count", f"{len(fields) - 1} tab-separated fields, expected {NUM_FIELDS - 1} (no label)"
     if len(fields) != NUM_FIELDS:
         return "wrong_field_count", f"{len(fields)} tab-separated fields, expected {NUM_FIELDS}"
     if fields[0] not in (b"0", b"1"):
@@ -265,14 +277,14 @@ def check_line(line: bytes) -> tuple[str, str] | None:
     return None
 
 
-def _bad_lines(chunk: _Chunk, path: Path) -> list[tuple[int, str, str]]:
+def _bad_lines(chunk: _Chunk, path: Path, labelled: bool = True) -> list[tuple[int, str, str]]:
     """(index within chunk, kind, detail) of every malformed line of a chunk."""
     lines = chunk.data.split(b"\n")
     if not chunk.unterminated:
         lines.pop()  # after the final newline
     bad = []
     for i, line in enumerate(lines):
-        problem = check_line(line)
+        problem = check_line(line, labelled)
         if problem is not None:
             kind, detail = problem
             if chunk.unterminated and i == len(lines) - 1:
@@ -282,7 +294,7 @@ def _bad_lines(chunk: _Chunk, path: Path) -> list[tuple[int, str, str]]:
 
 
 def read_blocks(path: str | Path, block_size_mb: float = 64, bad_rows: str = "error",
-                counter: BadRows | None = None) -> Iterator[RawBlock]:
+                counter: BadRows | None = None, labelled: bool = True) -> Iterator[RawBlock]:
     """Stream a raw Criteo file as parsed, validated blocks of about ``block_size_mb`` raw bytes.
 
     Every line is validated in full on every pass, so all passes over a file agree on its bad rows.
@@ -290,6 +302,7 @@ def read_blocks(path: str | Path, block_size_mb: float = 64, bad_rows: str = "er
     Args:
         bad_rows: ``error`` raises on the first malformed line; ``skip`` drops malformed lines and
             counts them in ``counter``.
+        labelled: False reads rows without the label column (39 fields); their labels are NO_LABEL.
 
     Raises:
         RawDataError: a malformed row under ``bad_rows=error``, naming the file, line and field.
@@ -305,7 +318,7 @@ def read_blocks(path: str | Path, block_size_mb: float = 64, bad_rows: str = "er
         if chunk is None:
             return None
         try:
-            return chunk, _parse(chunk.data)
+            return chunk, _parse(chunk.data, labelled)
         except pa.ArrowInvalid as e:
             return chunk, e
 
@@ -319,11 +332,11 @@ def read_blocks(path: str | Path, block_size_mb: float = 64, bad_rows: str = "er
             try:
                 if isinstance(table, Exception):
                     raise _SlowPath
-                yield _convert(table, lines)
+                yield _convert(table, lines, labelled)
                 continue
             except _SlowPath:
                 pass
-            bad = _bad_lines(chunk, path)
+            bad = _bad_lines(chunk, path, labelled)
             if not bad:
                 raise RawDataError(f"{path} (lines {chunk.first_line + 1}-{chunk.first_line + chunk.num_lines}): "
                                    f"pyarrow rejected the block but no line is malformed: {table}")
@@ -339,8 +352,8 @@ def read_blocks(path: str | Path, block_size_mb: float = 64, bad_rows: str = "er
                 continue
             kept = [ln for ln, d in zip(chunk.data.split(b"\n")[: chunk.num_lines], drop, strict=True) if not d]
             try:
-                table = _parse(b"\n".join(kept) + b"\n")
-                yield _convert(table, lines[~drop])
+                table = _parse(b"\n".join(kept) + b"\n", labelled)
+                yield _convert(table, lines[~drop], labelled)
             except (pa.ArrowInvalid, _SlowPath) as e:
                 raise RawDataError(f"{path} (lines {chunk.first_line + 1}-{chunk.first_line + chunk.num_lines}): "
                                    f"rows still rejected after dropping {len(bad)} malformed lines: {e}") from None

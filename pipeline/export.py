@@ -1,0 +1,478 @@
+"""Export a trained checkpoint as a plain, unsharded model that loads without ``torch.distributed``.
+
+    python -m pipeline.export <run dir | checkpoints dir | step_<N> dir> --out <dir>
+
+builds the training model unsharded (TorchRec's ``DLRM`` with a plain ``EmbeddingBagCollection`` on
+the CPU, from the resolved config in the checkpoint's ``meta.json``), loads the DCP checkpoint into
+it in one process (DCP reassembles table-, row- and column-wise shards into whole tables; no process
+group is created), and writes::
+
+    <out>/
+      model.safetensors | model.pt   the DLRM's state_dict as plain tensors (safetensors when installed,
+                                     else a torch.save dict of tensors: torch.load(weights_only=True))
+      vocab.npz                      id_mode=vocab: the raw hashes that own a table row (a copy of the
+                                     data's vocab.npz, sha256-checked)
+      dense_interaction.pt2          torch.export program of the dense part (bottom MLP, interaction,
+                                     top MLP): (dense [B, 13], pooled embeddings [B, 26, D]) -> logits [B, 1]
+      export.json                    written last: model config, table sizes, weights file and sha256,
+                                     and all that turns a raw Criteo row into model input (dense
+                                     transform and, for the torchrec transform, the file minimums
+                                     preprocessing used; id mode, caps, reserved ids, vocab file)
+
+:func:`load_exported` loads it back as an :class:`ExportedModel` (``pipeline.predict`` uses it). The
+optimizer state in the checkpoint is not exported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import hashlib
+import json
+import logging
+import os
+import shutil
+import sys
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import numpy as np
+import torch
+
+from pipeline.config import NUM_DENSE_FEATURES, NUM_SPARSE_FEATURES, DataConfig, DenseTransform, IdMode, ModelConfig
+
+logger = logging.getLogger("pipeline.export")
+
+EXPORT_JSON = "export.json"
+FORMAT_VERSION = 1
+WEIGHTS_TORCH = "model.pt"
+WEIGHTS_SAFETENSORS = "model.safetensors"
+VOCAB = "vocab.npz"
+PROGRAM = "dense_interaction.pt2"
+# A checkpoint's model entries are "model." + the DMP's state_dict keys, which are "model." (DLRMTrain
+# wraps DLRM as .model) + the DLRM's own keys.
+CHECKPOINT_PREFIX = "model.model."
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class ExportError(RuntimeError):
+    """The checkpoint or data cannot be exported, or an export cannot be loaded; the message says why."""
+
+
+# -- the model ------------------------------------------------------------------------------------
+def build_dlrm(model_cfg: dict | ModelConfig, num_embeddings_per_feature: list[int]) -> torch.nn.Module:
+    """The training architecture (``pipeline.model.dlrm.build_model``) as a plain CPU module, without
+    the loss wrapper; table weights are allocated but not initialised (a checkpoint fills them)."""
+    from pipeline.model.dlrm import build_model
+
+    cfg = model_cfg if isinstance(model_cfg, ModelConfig) else ModelConfig(**model_cfg)
+    dlrm = build_model(cfg, list(num_embeddings_per_feature)).model  # tables on the meta device, MLPs on CPU
+    ebc = dlrm.sparse_arch.embedding_bag_collection
+    ebc.to_empty(device=torch.device("cpu"))  # no random init of tables about to be overwritten
+    ebc._device = torch.device("cpu")  # noqa: SLF001 - EBC records its construction device (meta)
+    return dlrm.eval()
+
+
+# -- finding and reading a checkpoint ---------------------------------------------------------------
+def find_checkpoint(path: str | Path) -> Path:
+    """A ``step_<N>`` folder, a checkpoints folder (its latest), or a run folder (its checkpoints' latest).
+
+    Raises:
+        ExportError: nothing there is a complete checkpoint (the places looked at are named).
+    """
+    from pipeline import checkpoint as ckpt
+
+    path = Path(path)
+    if (path / ckpt.META).is_file() and (path / ".metadata").is_file():
+        return path
+    for root in (path, path / "checkpoints"):
+        if (root / ckpt.LATEST).is_file():
+            found = ckpt.latest_checkpoint(root)
+            if found is not None:
+                return found
+    raise ExportError(f"no checkpoint at {path}: expected a step_<N> folder ({ckpt.META} + .metadata), a checkpoints "
+                      f"folder with '{ckpt.LATEST}', or a run folder with checkpoints/{ckpt.LATEST}")
+
+
+def read_weights(path: Path, meta: dict, dlrm: torch.nn.Module) -> None:
+    """Load the model entries of DCP checkpoint ``path`` into ``dlrm`` in place, in this process only.
+
+    Raises:
+        ExportError: an entry is missing, of another shape, or not a tensor.
+    """
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    from pipeline.checkpoint import SafeFileSystemReader
+
+    own = dlrm.state_dict()
+    reader = SafeFileSystemReader(path)
+    saved = reader.read_metadata().state_dict_metadata
+    problems = []
+    for key, tensor in own.items():
+        entry = saved.get(CHECKPOINT_PREFIX + key)
+        if entry is None:
+            problems.append(f"  not in checkpoint  {CHECKPOINT_PREFIX + key}")
+        elif not isinstance(entry, TensorStorageMetadata):
+            problems.append(f"  not a tensor (refusing to unpickle it)  {CHECKPOINT_PREFIX + key}")
+        elif list(entry.size) != list(tensor.shape):
+            problems.append(f"  shape differs  {key}: checkpoint {list(entry.size)} vs model {list(tensor.shape)}")
+    extra = sorted(k for k in meta.get("shapes", {})
+                   if k.startswith("model.") and k[len(CHECKPOINT_PREFIX):] not in own)
+    problems += [f"  not in the model  {k}" for k in extra]
+    if problems:
+        raise ExportError(f"checkpoint {path} does not fit the model its config describes:\n"
+                          + "\n".join(problems[:40]))
+    target = {CHECKPOINT_PREFIX + k: v for k, v in own.items()}
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process.*")
+        dcp.load(target, storage_reader=reader, no_dist=True)  # in place, no process group
+    dlrm.load_state_dict({k: target[CHECKPOINT_PREFIX + k] for k in own}, strict=True)
+
+
+# -- the input side -------------------------------------------------------------------------------
+def _resolve_dir(path: str) -> Path:
+    """A config path as the training job saw it (relative to the launch folder, usually the repo root)."""
+    p = Path(path)
+    if p.is_absolute() or p.exists():
+        return p
+    return ROOT / p
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(8 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _dense_mins(processed: Path) -> list[dict]:
+    """Per preprocessed part: its source file, the splits it fed, and the file minimum used by the
+    torchrec dense transform (``dense_min`` in parts/<NNN>/done.json)."""
+    out = []
+    for done in sorted((processed / "parts").glob("*/done.json")):
+        record = json.loads(done.read_text())
+        out.append({"source": record["source"]["path"],
+                    "splits": [s for s, v in record["splits"].items() if v["num_rows"] > 0],
+                    "dense_min": record.get("dense_min")})
+    return out
+
+
+def input_spec(data: dict, processed: Path | None, sizes: list[int], out: Path) -> dict:
+    """How a raw Criteo row becomes model input, as preprocessing did it; copies vocab.npz into ``out``.
+
+    Raises:
+        ExportError: vocab mode without the data's vocab.npz, or a vocabulary/manifest that does not
+            match the checkpoint's table sizes.
+    """
+    from pipeline.data.preprocess import DENSE_TRANSFORMS, MISSING_ID, RARE_ID, _caps
+
+    data_cfg = DataConfig(name=data.get("name", "?"), raw_dir=data.get("raw_dir", ""), processed_dir=str(processed),
+                          id_mode=IdMode(data["id_mode"]), max_ids_per_feature=data["max_ids_per_feature"],
+                          num_embeddings_per_feature=list(data.get("num_embeddings_per_feature") or []))
+    transform = DenseTransform(data["dense_transform"])
+    id_mode = IdMode(data["id_mode"])
+    have_data = processed is not None and (processed / "manifest.json").is_file()
+    if have_data:
+        manifest = json.loads((processed / "manifest.json").read_text())
+        if manifest["num_embeddings_per_feature"] != sizes:
+            raise ExportError(f"{processed / 'manifest.json'} lists table sizes "
+                              f"{manifest['num_embeddings_per_feature']}, the checkpoint holds {sizes}: the data "
+                              "was preprocessed again with other settings since training (use --processed-dir to "
+                              "point at the data the model was trained on)")
+    spec: dict[str, Any] = {
+        "layout": "Criteo TSV: [label], I1..I13 integers (empty = missing), "
+                  "C1..C26 8-hex-digit hashes (empty = missing)",
+        "dense_transform": transform.value,
+        "dense_transform_formula": DENSE_TRANSFORMS[transform],
+        "id_mode": id_mode.value,
+        "caps": _caps(data_cfg),
+        "min_id_frequency": data.get("min_id_frequency", 1),
+        "reserved_ids": {"missing": MISSING_ID, **({"rare_or_unseen": RARE_ID} if id_mode == IdMode.vocab else {})},
+        "hash_formula": "1 + hash % (cap - 1)" if id_mode == IdMode.hash else None,
+        "vocab": None,
+        "dense_min": None,
+    }
+    if transform == DenseTransform.torchrec:
+        parts = _dense_mins(processed) if have_data else []
+        train = [p["dense_min"] for p in parts if "train" in p["splits"] and p["dense_min"] is not None]
+        spec["dense_min"] = {"train": min(train) if train else None, "parts": parts}
+        if not train:
+            logger.warning("dense_transform=torchrec but the training file minimum is unknown (no %s): predict "
+                           "will need --dense-min input or an integer", processed / "parts" if processed else "data")
+    if id_mode == IdMode.hash:
+        if spec["caps"] != sizes:
+            raise ExportError(f"id_mode=hash caps {spec['caps']} differ from the checkpoint's table sizes {sizes}")
+        return spec
+    if not have_data or not (processed / VOCAB).is_file():
+        raise ExportError(f"id_mode=vocab needs the data's {VOCAB} (looked in {processed}): pass --processed-dir "
+                          "<the data.processed_dir the model was trained on>")
+    src = processed / VOCAB
+    marker = processed / "vocab.json"
+    digest = _sha256(src)
+    if marker.is_file() and json.loads(marker.read_text()).get("sha256") != digest:
+        raise ExportError(f"{src} does not match the sha256 in {marker}: the vocabulary is damaged")
+    with np.load(src) as z:
+        vocab_sizes = [len(z[f"C{j + 1}"]) + 2 for j in range(NUM_SPARSE_FEATURES)]
+    if vocab_sizes != sizes:
+        raise ExportError(f"{src} gives table sizes {vocab_sizes}, the checkpoint holds {sizes}")
+    shutil.copyfile(src, out / VOCAB)
+    spec["vocab"] = {"file": VOCAB, "sha256": digest, "source": str(src)}
+    return spec
+
+
+# -- torch.export of the dense part ----------------------------------------------------------------
+class DenseInteraction(torch.nn.Module):
+    """The DLRM after the embedding lookup: bottom MLP, interaction, top MLP -> logits [B, 1]."""
+
+    def __init__(self, dlrm: torch.nn.Module) -> None:
+        super().__init__()
+        self.dense_arch, self.inter_arch, self.over_arch = dlrm.dense_arch, dlrm.inter_arch, dlrm.over_arch
+
+    def forward(self, dense_features: torch.Tensor, pooled_embeddings: torch.Tensor) -> torch.Tensor:
+        embedded_dense = self.dense_arch(dense_features)
+        return self.over_arch(self.inter_arch(dense_features=embedded_dense, sparse_features=pooled_embeddings))
+
+
+def export_dense_program(dlrm: torch.nn.Module, path: Path) -> None:
+    """Write a ``torch.export`` program of :class:`DenseInteraction` with a dynamic batch dimension."""
+    from torch.export import Dim
+    from torch.export import export as torch_export
+    from torch.export import save as torch_save_program
+
+    d = dlrm.sparse_arch.D
+    module = copy.deepcopy(DenseInteraction(dlrm)).eval()
+    for m in module.modules():  # buffers that are views of one storage (triu rows/cols) would be saved shared
+        for name, buf in m._buffers.items():  # noqa: SLF001
+            if buf is not None:
+                m._buffers[name] = buf.clone()  # noqa: SLF001
+    example = (torch.zeros(4, NUM_DENSE_FEATURES), torch.zeros(4, NUM_SPARSE_FEATURES, d))
+    batch = Dim("batch", min=1)
+    program = torch_export(module, example, dynamic_shapes=({0: batch}, {0: batch}))
+    torch_save_program(program, str(path))
+
+
+# -- export ---------------------------------------------------------------------------------------
+def _save_tensors(tensors: dict[str, torch.Tensor], out: Path, fmt: str) -> Path:
+    tensors = {k: v.detach().contiguous() for k, v in tensors.items()}
+    if fmt == "safetensors":
+        from safetensors.torch import save_file
+
+        path = out / WEIGHTS_SAFETENSORS
+        save_file(tensors, str(path))
+    else:
+        path = out / WEIGHTS_TORCH
+        torch.save(tensors, path)
+    return path
+
+
+def _weights_format(requested: str) -> str:
+    if requested == "torch":
+        return requested
+    try:
+        import safetensors.torch  # noqa: F401
+    except ImportError:
+        if requested == "safetensors":
+            raise ExportError("--format safetensors: safetensors is not installed (pip install safetensors)") from None
+        return "torch"
+    return "safetensors"
+
+
+def export(checkpoint: str | Path, out: str | Path, processed_dir: str | Path | None = None,
+           weights_format: str = "auto", dense_program: bool = True) -> dict:
+    """Export the checkpoint at ``checkpoint`` (see :func:`find_checkpoint`) into ``out``; returns export.json.
+
+    Runs in one process and never initialises ``torch.distributed``.
+    """
+    from pipeline.checkpoint import read_meta
+    from pipeline.data.criteo import SPARSE_FEATURE_NAMES
+
+    t0 = time.perf_counter()
+    path = find_checkpoint(checkpoint)
+    meta = read_meta(path)
+    cfg = meta.get("config")
+    if not cfg:
+        raise ExportError(f"{path}/meta.json holds no config: it was written by an older version of the pipeline")
+    shapes = meta["shapes"]
+    tables = [f"t_{f}" for f in SPARSE_FEATURE_NAMES]
+    sizes = []
+    for t in tables:
+        key = f"{CHECKPOINT_PREFIX}sparse_arch.embedding_bag_collection.embedding_bags.{t}.weight"
+        if key not in shapes:
+            raise ExportError(f"checkpoint {path} has no table {t} ({key})")
+        sizes.append(shapes[key][0])
+    out = Path(out)
+    if out.exists() and any(out.iterdir()) and not (out / EXPORT_JSON).is_file():
+        raise ExportError(f"--out {out} exists and is not an earlier export: choose an empty or new folder")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / EXPORT_JSON).unlink(missing_ok=True)  # written last: its presence marks a complete export
+
+    dlrm = build_dlrm(cfg["model"], sizes)
+    read_weights(path, meta, dlrm)
+    processed = Path(processed_dir) if processed_dir else _resolve_dir(cfg["data"]["processed_dir"])
+    spec_input = input_spec(cfg["data"], processed, sizes, out)
+
+    fmt = _weights_format(weights_format)
+    for stale in (WEIGHTS_TORCH, WEIGHTS_SAFETENSORS, PROGRAM) + (() if spec_input["vocab"] else (VOCAB,)):
+        (out / stale).unlink(missing_ok=True)
+    weights = _save_tensors(dlrm.state_dict(), out, fmt)
+    program = None
+    if dense_program:
+        try:
+            export_dense_program(dlrm, out / PROGRAM)
+            program = {"file": PROGRAM, "inputs": ["dense_features [B, 13] float32 (transformed)",
+                                                   f"pooled_embeddings [B, 26, {dlrm.sparse_arch.D}] float32"],
+                       "output": "logits [B, 1]"}
+        except Exception as e:  # noqa: BLE001 - optional artifact
+            logger.warning("torch.export of the dense part failed (%s: %s); the export has no %s",
+                           type(e).__name__, e, PROGRAM)
+    import torchrec
+
+    spec = {
+        "format_version": FORMAT_VERSION,
+        "exported_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "source": {"checkpoint": str(path.resolve()), "step": meta["train_state"]["step"],
+                   "saved_by_world_size": meta["world_size"], "saved_at": meta.get("saved_at")},
+        "model": dict(cfg["model"]),
+        "top_in_features": dlrm.top_in_features,
+        "tables": tables,
+        "feature_names": list(SPARSE_FEATURE_NAMES),
+        "num_embeddings_per_feature": sizes,
+        "weights": {"file": weights.name, "format": fmt, "sha256": _sha256(weights),
+                    "num_tensors": len(dlrm.state_dict()), "dtype": "float32",
+                    "parameters": sum(v.numel() for v in dlrm.state_dict().values())},
+        "input": spec_input,
+        "data": {"name": cfg["data"].get("name"), "processed_dir": str(processed), "split": cfg["data"].get("split"),
+                 "raw_dir": cfg["data"].get("raw_dir"), "raw_files": cfg["data"].get("raw_files")},
+        "dense_program": program,
+        "versions": {"torch": torch.__version__, "torchrec": getattr(torchrec, "__version__", "?")},
+    }
+    tmp = out / (EXPORT_JSON + ".tmp")
+    tmp.write_text(json.dumps(spec, indent=2) + "\n")
+    os.replace(tmp, out / EXPORT_JSON)
+    logger.info("exported %s (step %d, saved by %d rank(s)) -> %s in %.1fs: %s parameters, %s, id_mode=%s, "
+                "dense=%s", path, spec["source"]["step"], meta["world_size"], out, time.perf_counter() - t0,
+                f"{spec['weights']['parameters']:,}", weights.name, spec_input["id_mode"],
+                spec_input["dense_transform"])
+    return spec
+
+
+# -- loading an export ------------------------------------------------------------------------------
+@dataclass
+class ExportedModel:
+    """An exported DLRM on the CPU plus what turns raw Criteo rows into its input."""
+
+    dir: Path
+    spec: dict
+    model: torch.nn.Module  # pipeline.model.dlrm.DLRM (plain TorchRec modules), eval mode
+    vocab: list[np.ndarray] | None
+
+    def id_mapper(self):
+        """Raw hashes -> table rows, exactly as preprocessing mapped them (``_IdMapper``)."""
+        from pipeline.data.preprocess import _IdMapper
+
+        inp = self.spec["input"]
+        cfg = DataConfig(name="export", raw_dir="", processed_dir="", id_mode=IdMode(inp["id_mode"]),
+                         num_embeddings_per_feature=list(inp["caps"]))
+        mapper = _IdMapper(cfg, self.vocab)
+        if mapper.num_embeddings != self.spec["num_embeddings_per_feature"]:
+            raise ExportError(f"{self.dir}: the id mapping gives table sizes {mapper.num_embeddings}, the weights "
+                              f"hold {self.spec['num_embeddings_per_feature']}")
+        return mapper
+
+    @torch.inference_mode()
+    def logits(self, dense: np.ndarray | torch.Tensor, ids: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """Logits [B] of transformed dense features [B, 13] float32 and table row ids [B, 26]."""
+        from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+        dense = torch.as_tensor(np.ascontiguousarray(dense) if isinstance(dense, np.ndarray) else dense,
+                                dtype=torch.float32)
+        ids = np.asarray(ids)
+        b = len(ids)
+        values = torch.from_numpy(np.ascontiguousarray(ids.T).reshape(-1).astype(np.int64))  # feature-major
+        kjt = KeyedJaggedTensor(keys=self.spec["feature_names"], values=values,
+                                lengths=torch.ones(NUM_SPARSE_FEATURES * b, dtype=torch.int32), stride=b)
+        return self.model(dense_features=dense, sparse_features=kjt).flatten()
+
+    def predict(self, dense: np.ndarray | torch.Tensor, ids: np.ndarray | torch.Tensor) -> np.ndarray:
+        """Click probabilities [B] float32 (sigmoid of :meth:`logits`, as the trainer's evaluation)."""
+        return torch.sigmoid(self.logits(dense, ids).float()).numpy()
+
+
+def _load_tensors(path: Path, fmt: str) -> dict[str, torch.Tensor]:
+    if fmt == "safetensors":
+        try:
+            from safetensors.torch import load_file
+        except ImportError:
+            raise ExportError(f"{path} is safetensors, which is not installed here: pip install safetensors, or "
+                              "export again with --format torch") from None
+        return load_file(str(path))
+    # Memory-mapped: pages are read as rows are looked up, and the parameters use them in place (assign=True).
+    return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+
+
+def load_exported(export_dir: str | Path) -> ExportedModel:
+    """Load an export written by :func:`export` (CPU, one process, no ``torch.distributed``).
+
+    Raises:
+        ExportError: not an export, a newer format, or files that do not match export.json.
+    """
+    d = Path(export_dir)
+    path = d / EXPORT_JSON
+    if not path.is_file():
+        raise ExportError(f"{path} not found: not an export folder (python -m pipeline.export <run dir> --out {d})")
+    spec = json.loads(path.read_text())
+    if spec.get("format_version", 0) > FORMAT_VERSION:
+        raise ExportError(f"{path} is export format {spec['format_version']}; this code reads up to {FORMAT_VERSION}")
+    w = spec["weights"]
+    tensors = _load_tensors(d / w["file"], w["format"])
+    dlrm = build_dlrm(spec["model"], spec["num_embeddings_per_feature"])
+    try:
+        dlrm.load_state_dict(tensors, strict=True, assign=True)
+    except RuntimeError as e:
+        raise ExportError(f"{d / w['file']} does not fit the model in {path}: {e}") from None
+    vocab = None
+    if spec["input"]["vocab"] is not None:
+        vpath = d / spec["input"]["vocab"]["file"]
+        with np.load(vpath) as z:  # allow_pickle=False: plain arrays only
+            vocab = [z[f"C{j + 1}"] for j in range(NUM_SPARSE_FEATURES)]
+    return ExportedModel(d, spec, dlrm.eval(), vocab)
+
+
+def setup_logging() -> None:
+    """This pipeline's messages at INFO; other libraries' (FBGEMM announces every .so it loads) at WARNING."""
+    logging.basicConfig(level=logging.WARNING, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
+    logging.getLogger("pipeline").setLevel(logging.INFO)
+    logging.getLogger("torch.fx._symbolic_trace").setLevel(logging.ERROR)  # a torch-internal nag at TorchRec's forward
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pipeline.export", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("checkpoint", help="a run folder, its checkpoints folder (the latest is used), or one step_<N>")
+    parser.add_argument("--out", required=True, help="export folder (new, empty, or an earlier export)")
+    parser.add_argument("--processed-dir", default=None,
+                        help="the preprocessed data the model was trained on (default: data.processed_dir from the "
+                             "checkpoint's config); needed for vocab.npz and the torchrec transform's file minimums")
+    parser.add_argument("--format", choices=("auto", "safetensors", "torch"), default="auto",
+                        help="weights file: safetensors when installed (auto), else a torch.save dict of tensors")
+    parser.add_argument("--no-dense-program", action="store_true", help=f"skip the torch.export program ({PROGRAM})")
+    args = parser.parse_args(argv)
+    setup_logging()
+    try:
+        export(args.checkpoint, args.out, args.processed_dir, args.format, not args.no_dense_program)
+    except ExportError as e:
+        logger.error("%s", e)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
