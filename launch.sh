@@ -109,7 +109,7 @@ setup() {
   # torchx.components entry point, so `torchx run dist.ddp ...` is pipeline/launch/components.py.
   # Skipped where the sources are not copied yet (docker/Dockerfile runs setup with the lock files only).
   if [[ -d pipeline && -f README.md ]]; then
-    "$VENV/bin/python" -m pip install --quiet --no-deps --no-build-isolation -e .
+    PYTHONWARNINGS=ignore "$VENV/bin/python" -m pip install --quiet --no-deps --no-build-isolation -e .
   fi
   echo "$want" > "$STAMP"
 }
