@@ -201,6 +201,11 @@ def _validity(arr: pa.Array) -> np.ndarray | None:
     return np.unpackbits(bits, bitorder="little", count=arr.offset + len(arr))[arr.offset :].astype(bool)
 
 
+def _one_chunk(col: pa.ChunkedArray) -> pa.Array:
+    """A column as one contiguous arrow array (pyarrow parses in 1 MiB blocks: many chunks)."""
+    return col.chunk(0) if col.num_chunks == 1 else col.combine_chunks()
+
+
 def _hex8_columns(table: pa.Table) -> tuple[np.ndarray, np.ndarray]:
     """The 26 fixed_size_binary(8) hex columns -> (uint32 [n, 26], missing [n, 26]).
 
@@ -213,28 +218,29 @@ def _hex8_columns(table: pa.Table) -> tuple[np.ndarray, np.ndarray]:
     if n == 0:
         return sparse, missing
     for j, name in enumerate(SPARSE_COLUMNS):
-        col = table.column(name)
-        for arr, start in zip(col.chunks, np.cumsum([0] + [len(c) for c in col.chunks[:-1]]), strict=True):
-            m = len(arr)
-            if not m:
-                continue
-            x = np.frombuffer(arr.buffers()[1], dtype="<u8", count=m, offset=arr.offset * 8)
-            valid = _validity(arr)
-            if valid is not None:
-                x = np.where(valid, x, _ZEROS8)
-                missing[start : start + m, j] = ~valid
-            v = _hex8_to_uint32(x)
-            if v is None:
-                raise _SlowPath
-            sparse[start : start + m, j] = v
+        arr = _one_chunk(table.column(name))
+        x = np.frombuffer(arr.buffers()[1], dtype="<u8", count=n, offset=arr.offset * 8)
+        valid = _validity(arr)
+        if valid is not None:
+            x = np.where(valid, x, _ZEROS8)
+            missing[:, j] = ~valid
+        v = _hex8_to_uint32(x)
+        if v is None:
+            raise _SlowPath
+        sparse[:, j] = v
     sparse[missing] = 0
     return sparse, missing
 
 
 def _int_column(col: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
-    """int64 column -> (values with missing as 0, missing mask)."""
-    missing = ~np.asarray(col.is_valid(), dtype=bool) if col.null_count else np.zeros(len(col), dtype=bool)
-    return np.asarray(col.fill_null(0) if col.null_count else col, dtype=np.int64), missing
+    """int64 column -> (values with missing as 0, missing mask), read straight from the arrow buffers."""
+    arr = _one_chunk(col)
+    n = len(arr)
+    values = np.frombuffer(arr.buffers()[1], dtype=np.int64, count=n, offset=arr.offset * 8) if n else np.zeros(0, np.int64)
+    valid = _validity(arr)
+    if valid is None:
+        return values, np.zeros(n, dtype=bool)
+    return np.where(valid, values, 0), ~valid
 
 
 def _convert(table: pa.Table, chunk_lines: np.ndarray, labelled: bool = True) -> RawBlock:
