@@ -309,12 +309,12 @@ def read_meta(path: str | Path) -> dict:
     return json.loads((Path(path) / META).read_text())
 
 
-def check_compatible(path: Path, state: dict[str, Any], load_optimizer: bool) -> None:
+def check_compatible(path: Path, meta: dict, state: dict[str, Any], load_optimizer: bool) -> None:
     """Fail naming the tables/parameters whose shapes differ or that are missing, before loading.
 
     Only global shapes are compared, so another world size or sharding plan is fine.
     """
-    saved = read_meta(path)["shapes"]
+    saved = meta["shapes"]
     ours = _shapes(state)
     keys = [k for k in ours if load_optimizer or k.startswith("model.")]
     missing = [k for k in keys if k not in saved]
@@ -333,7 +333,8 @@ def load(path: Path, state: dict[str, Any], rank: int, load_optimizer: bool = Tr
     Raises:
         CheckpointError: shapes differ (named), or an entry is not a tensor.
     """
-    check_compatible(path, state, load_optimizer)
+    meta = read_meta(path)
+    check_compatible(path, meta, state, load_optimizer)
     reader = SafeFileSystemReader(path)
     metadata = reader.read_metadata()
     wanted: dict[str, Any] = {}
@@ -344,7 +345,6 @@ def load(path: Path, state: dict[str, Any], rank: int, load_optimizer: bool = Tr
             raise CheckpointError(f"checkpoint {path}: entry {key} is not a tensor; refusing to unpickle it")
     target = state if load_optimizer else {"model": state["model"]}
     dcp.load(target, storage_reader=reader)
-    meta = read_meta(path)
     rng = Path(path) / f"rng_rank{rank}.pt"
     if restore_rng and rng.is_file() and meta["world_size"] > rank:
         _set_rng_state(torch.load(rng, weights_only=True))

@@ -24,6 +24,7 @@ written to the manifest and the model reads them from there.
 
 from __future__ import annotations
 
+import functools
 import glob
 import hashlib
 import json
@@ -131,14 +132,22 @@ def _plan_units(cfg: DataConfig, files: list[Path]) -> list[_Unit]:
     return units
 
 
+_WINDOW = 1 << 20
+
+
+@functools.lru_cache(maxsize=2)
+def _window_draws(seed: int, window: int) -> np.ndarray:
+    """The uniform draws of one 1M-line window (blocks are smaller: consecutive blocks reuse them)."""
+    return np.random.default_rng([seed, window]).random(_WINDOW)
+
+
 def _random_assignment(cfg: DataConfig, lines: np.ndarray) -> np.ndarray:
     """Split index (0 train, 1 val, 2 test) of each line, seeded per line (never by block size)."""
     out = np.empty(len(lines), dtype=np.int8)
-    window = 1 << 20
-    w = lines // window
+    w = lines // _WINDOW
     for wi in np.unique(w):
         sel = w == wi
-        u = np.random.default_rng([cfg.split_seed, int(wi)]).random(window)[lines[sel] - wi * window]
+        u = _window_draws(cfg.split_seed, int(wi))[lines[sel] - wi * _WINDOW]
         out[sel] = np.where(u < cfg.val_fraction, 1, np.where(u < cfg.val_fraction + cfg.test_fraction, 2, 0))
     return out
 
