@@ -162,6 +162,9 @@ case "$cmd" in
     # torchrun prints a banner when OMP_NUM_THREADS is unset; each rank sets its own thread count
     # from trainer.num_threads (default: cores / ranks on this node).
     export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
+    # A fresh rendezvous store for every torchrun restart: the shared one keeps the previous attempt's
+    # addresses, which restarted ranks can read and hang on (pytorch/pytorch#135712).
+    export TORCH_DISABLE_SHARE_RDZV_TCP_STORE="${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}"
     if [[ "$cmd" == sweep ]]; then
       multirun=0
       for arg in "$@"; do

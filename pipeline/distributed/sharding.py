@@ -65,13 +65,40 @@ def init_process_group(cfg: LauncherConfig, env: DistEnv, device: torch.device) 
         if "MASTER_ADDR" not in os.environ:  # run without torchrun: a world of one
             os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
             os.environ.setdefault("MASTER_PORT", str(_free_port()))
-        dist.init_process_group(
-            backend=backend,
-            rank=env.rank,
-            world_size=env.world_size,
-            timeout=datetime.timedelta(seconds=cfg.timeout_s),
-        )
+        timeout = datetime.timedelta(seconds=cfg.timeout_s)
+        dist.init_process_group(backend=backend, rank=env.rank, world_size=env.world_size, timeout=timeout,
+                                store=_restart_safe_store(timeout))
     return backend
+
+
+def _restart_safe_store(timeout: datetime.timedelta) -> dist.Store | None:
+    """The store for ``init_process_group``: None (torch's own env:// rendezvous) except where that is
+    unsafe after a restart.
+
+    torchrun's c10d rendezvous lends the workers its own TCPStore by default
+    (``TORCHELASTIC_USE_AGENT_STORE=True``) and keeps that store across restarts, so the keys the
+    previous attempt's ranks wrote (gloo's and NCCL's addresses) are still there: a restarted rank can
+    read its peer's old address and wait on a dead socket until ``launcher.timeout_s``
+    (pytorch/pytorch#135712). On one node every worker comes from the same agent and agrees on
+    ``TORCHELASTIC_RESTART_COUNT``, so each attempt gets keys of its own. Across nodes the agents'
+    counts can differ, so there our launchers (launch.sh, the TorchX component, the sweep launcher)
+    set ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1``, which gives every attempt a fresh store.
+    """
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    restarts = int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0"))
+    if restarts == 0:
+        return None
+    if os.environ.get("GROUP_WORLD_SIZE", "1") != "1":
+        logger.warning("torchrun may restart this %s-node job (--max-restarts %d) but shares its rendezvous store with "
+                       "the workers, so restarted ranks can read the previous attempt's addresses and hang "
+                       "(pytorch/pytorch#135712): launch with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (launch.sh and "
+                       "the TorchX component do)", os.environ["GROUP_WORLD_SIZE"], restarts)
+        return None
+    attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
+                          int(os.environ["WORLD_SIZE"]), is_master=False, timeout=timeout)
+    return dist.PrefixStore(f"pipeline/attempt_{attempt}", store)
 
 
 def _free_port() -> int:

@@ -114,6 +114,9 @@ def ddp(
         "OMP_NUM_THREADS": "1",
         "PYTHONUNBUFFERED": "1",
         "LOGLEVEL": os.getenv("LOGLEVEL", "WARNING"),  # torchrun's own log level, as TorchX's dist.ddp
+        # A fresh rendezvous store for every restart: the shared one keeps the previous attempt's
+        # addresses, which restarted ranks can read and hang on (pytorch/pytorch#135712).
+        "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1",
         **(env or {}),
         "TORCHX_TRACKING_EXPERIMENT_NAME": argname.experiment_name,
     }

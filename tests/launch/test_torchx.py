@@ -97,6 +97,8 @@ def test_defaults_one_run_folder_per_job_and_resources_per_process() -> None:
     (role,) = app.roles
     assert role.num_replicas == role.min_replicas == 2
     assert role.env["PIPELINE_RUN_ID"] == "${app_id}"  # every rank of every node: outputs/<app id>
+    # Every restart gets a fresh rendezvous store, not one holding the failed attempt's addresses.
+    assert role.env["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] == "1"
     assert (role.resource.cpu, role.resource.gpu, role.resource.memMB) == (16, 0, 32768)
     assert role.image == components.DEFAULT_IMAGE and role.max_retries == 0
     command = shlex.split(role.args[1].split("; ", 1)[1])

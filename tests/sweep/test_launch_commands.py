@@ -80,3 +80,23 @@ def test_submit_puts_torchx_run_options_before_the_component() -> None:
     assert argv[0].endswith("/torchx")
     assert argv[1:] == ["run", "--scheduler", "slurm", "--dryrun", "-cfg", "partition=cpu", "dist.ddp", "-j", "2x8",
                         "model=tiny"]
+
+
+@pytest.mark.parametrize("env", [{}, {"NNODES": "2", "RDZV_ENDPOINT": "node0:29500", "PIPELINE_RUN_ID": "job1"}])
+def test_train_gives_every_torchrun_restart_a_fresh_rendezvous_store(tmp_path, env) -> None:
+    """torchrun's shared rendezvous store keeps a failed attempt's addresses; launch.sh turns sharing off.
+
+    A stand-in venv (the real one's install stamp, a torchrun that prints its environment) shows
+    what launch.sh hands torchrun."""
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    (venv / ".pipeline-installed").write_text((ROOT / ".venv" / ".pipeline-installed").read_text())
+    fake = venv / "bin" / "torchrun"
+    fake.write_text("#!/bin/sh\nenv\n")
+    fake.chmod(0o755)
+    base = {k: v for k, v in os.environ.items()
+            if k not in ("NNODES", "RDZV_ENDPOINT", "PIPELINE_RUN_ID", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE")}
+    out = subprocess.run(["bash", "launch.sh", "train", "model=tiny"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=60, env={**base, "PIPELINE_VENV": str(venv), "MAX_RESTARTS": "2", **env})
+    assert out.returncode == 0, out.stderr
+    assert "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1" in out.stdout.splitlines()
