@@ -23,6 +23,17 @@ class ConfigError(ValueError):
     """A configuration that composes but cannot be run; the message names the key and the fix."""
 
 
+class ModelName(str, enum.Enum):
+    dlrm = "dlrm"  # bottom MLP, interaction, top MLP (Naumov et al. 2019)
+    mf = "mf"  # matrix factorisation: <user, item> + bias
+
+
+class Interaction(str, enum.Enum):
+    dot = "dot"  # pairwise dot products (the paper's)
+    dcn = "dcn"  # DCNv2's low-rank cross network over the concatenated vectors
+    projection = "projection"  # two MLP projections, then their dot products
+
+
 class EmbeddingOptimizer(str, enum.Enum):
     """Sparse optimizers FBGEMM can fuse into the embedding backward."""
 
@@ -99,13 +110,21 @@ class Device(str, enum.Enum):
 
 @dataclass
 class ModelConfig:
-    """DLRM (Naumov et al. 2019); defaults are the paper's Criteo Kaggle configuration."""
+    """DLRM (Naumov et al. 2019) and its family; defaults are the paper's Criteo Kaggle configuration."""
 
-    name: str = "dlrm"  # architecture; only "dlrm" so far
+    name: ModelName = ModelName.dlrm  # dlrm | mf (matrix factorisation: user and item tables, dot product)
     embedding_dim: int = 128  # D: width of every embedding table and of the bottom MLP output
     dense_arch_layer_sizes: list[int] = field(default_factory=lambda: [512, 256, 128])  # bottom MLP
     over_arch_layer_sizes: list[int] = field(default_factory=lambda: [512, 256, 1])  # top MLP
-    self_interaction: bool = False  # add the diagonal <x_i, x_i>: 378 instead of 351 dot products
+    interaction: Interaction = Interaction.dot  # dot | dcn (DCNv2 low-rank cross net) | projection
+    self_interaction: bool = False  # dot: add the diagonal <x_i, x_i>: 378 instead of 351 dot products
+    sparse_arch_layer_sizes: list[int] = field(default_factory=list)  # per-table MLP on the pooled embedding; [] none
+    dcn_num_layers: int = 3  # dcn: cross layers
+    dcn_low_rank_dim: int = 512  # dcn: rank of each cross layer's weight (W = U V^T)
+    projection_branch1_layer_sizes: list[int] = field(default_factory=lambda: [512, 1024])  # projection: F1 = last / D
+    projection_branch2_layer_sizes: list[int] = field(default_factory=lambda: [512, 1024])  # projection: F2 = last / D
+    user_feature: str = "user_id"  # mf: the sparse feature of the user table
+    item_feature: str = "item_id"  # mf: the sparse feature of the item table
 
 
 @dataclass
@@ -278,17 +297,7 @@ def validate(cfg: TrainConfig, world_size: int, device_type: str = "cpu") -> Non
         ConfigError: naming the key(s) and the fix.
     """
     m, d, t = cfg.model, cfg.data, cfg.trainer
-    if m.dense_arch_layer_sizes[-1:] != [m.embedding_dim]:
-        raise ConfigError(
-            f"model.dense_arch_layer_sizes={m.dense_arch_layer_sizes} must end with model.embedding_dim="
-            f"{m.embedding_dim}: the bottom MLP output joins the embeddings in the dot interaction. "
-            f"Set model.dense_arch_layer_sizes=[...,{m.embedding_dim}]"
-        )
-    if len(m.over_arch_layer_sizes) < 2 or m.over_arch_layer_sizes[-1] != 1:
-        raise ConfigError(
-            f"model.over_arch_layer_sizes={m.over_arch_layer_sizes} must have at least two layers and end "
-            "with 1 (one click logit), e.g. [512,256,1]"
-        )
+    _validate_model(m)
     for key, size in (("global_batch_size", d.global_batch_size), ("eval_global_batch_size", d.eval_global_batch_size)):
         if size <= 0:
             raise ConfigError(f"data.{key}={size} must be positive")
@@ -379,3 +388,41 @@ def validate(cfg: TrainConfig, world_size: int, device_type: str = "cpu") -> Non
         )
     if t.device == Device.cpu and cfg.launcher.backend == Backend.nccl:
         raise ConfigError("launcher.backend=nccl needs CUDA but trainer.device=cpu: use launcher.backend=gloo")
+
+
+def _validate_model(m: ModelConfig) -> None:
+    """Shape rules of the model config, each naming its key and a fix."""
+    if m.name == ModelName.mf:
+        if m.user_feature == m.item_feature:
+            raise ConfigError(f"model.user_feature and model.item_feature are both {m.user_feature!r}: "
+                              "matrix factorisation needs two different sparse features")
+        return
+    if m.dense_arch_layer_sizes[-1:] != [m.embedding_dim]:
+        raise ConfigError(
+            f"model.dense_arch_layer_sizes={m.dense_arch_layer_sizes} must end with model.embedding_dim="
+            f"{m.embedding_dim}: the bottom MLP output joins the embeddings in the interaction. "
+            f"Set model.dense_arch_layer_sizes=[...,{m.embedding_dim}]"
+        )
+    if len(m.over_arch_layer_sizes) < 2 or m.over_arch_layer_sizes[-1] != 1:
+        raise ConfigError(
+            f"model.over_arch_layer_sizes={m.over_arch_layer_sizes} must have at least two layers and end "
+            "with 1 (one click logit), e.g. [512,256,1]"
+        )
+    if m.sparse_arch_layer_sizes and m.sparse_arch_layer_sizes[-1] != m.embedding_dim:
+        raise ConfigError(
+            f"model.sparse_arch_layer_sizes={m.sparse_arch_layer_sizes} must end with model.embedding_dim="
+            f"{m.embedding_dim}: the transformed embeddings meet the bottom MLP output in the interaction. "
+            f"Set model.sparse_arch_layer_sizes=[...,{m.embedding_dim}] or [] for none"
+        )
+    if m.self_interaction and m.interaction != Interaction.dot:
+        raise ConfigError(f"model.self_interaction=true applies to model.interaction=dot only, not "
+                          f"{m.interaction.value}: set model.self_interaction=false")
+    if m.interaction == Interaction.dcn and (m.dcn_num_layers < 1 or m.dcn_low_rank_dim < 1):
+        raise ConfigError(f"model.dcn_num_layers={m.dcn_num_layers} and model.dcn_low_rank_dim={m.dcn_low_rank_dim} "
+                          "must both be at least 1")
+    if m.interaction == Interaction.projection:
+        for key in ("projection_branch1_layer_sizes", "projection_branch2_layer_sizes"):
+            sizes = getattr(m, key)
+            if not sizes or sizes[-1] % m.embedding_dim:
+                raise ConfigError(f"model.{key}={sizes} must end with a multiple of model.embedding_dim="
+                                  f"{m.embedding_dim} (the branch output is read as last/D vectors of width D)")

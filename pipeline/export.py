@@ -230,15 +230,17 @@ def input_spec(data: dict, processed: Path | None, sizes: list[int], out: Path) 
 
 # -- torch.export of the dense part ----------------------------------------------------------------
 class DenseInteraction(torch.nn.Module):
-    """The DLRM after the embedding lookup: bottom MLP, interaction, top MLP -> logits [B, 1]."""
+    """The model after the embedding lookup, its ``forward_pooled``: for DLRM the bottom MLP, the
+    optional sparse-feature MLPs, the interaction and the top MLP; for MF the dot product -> logits [B, 1].
+    It holds the model's dense submodules only, not the tables."""
 
     def __init__(self, dlrm: torch.nn.Module) -> None:
         super().__init__()
-        self.dense_arch, self.inter_arch, self.over_arch = dlrm.dense_arch, dlrm.inter_arch, dlrm.over_arch
+        self.body = copy.copy(dlrm)  # shallow: shares the dense submodules, drops the tables below
+        self.body._modules = {name: dlrm._modules[name] for name in dlrm.dense_modules()}  # noqa: SLF001
 
     def forward(self, dense_features: torch.Tensor, pooled_embeddings: torch.Tensor) -> torch.Tensor:
-        embedded_dense = self.dense_arch(dense_features)
-        return self.over_arch(self.inter_arch(dense_features=embedded_dense, sparse_features=pooled_embeddings))
+        return self.body.forward_pooled(dense_features, pooled_embeddings)
 
 
 def export_dense_program(dlrm: torch.nn.Module, path: Path) -> None:
