@@ -34,6 +34,14 @@ class Interaction(str, enum.Enum):
     projection = "projection"  # two MLP projections, then their dot products
 
 
+class EmbeddingDtype(str, enum.Enum):
+    """Precision the embedding tables are stored (and updated) in by FBGEMM's kernels."""
+
+    fp32 = "fp32"
+    fp16 = "fp16"  # half the memory and bandwidth; FBGEMM's CPU and CUDA kernels both have it
+    bf16 = "bf16"  # CUDA kernels only
+
+
 class EmbeddingOptimizer(str, enum.Enum):
     """Sparse optimizers FBGEMM can fuse into the embedding backward."""
 
@@ -176,6 +184,8 @@ class ShardingConfig:
     table_compute_kernels: dict[str, list[str]] = field(default_factory=dict)  # per table name, overrides compute_kernels
     storage_reservation: float = 0.15  # fraction of each device's memory the planner keeps free
     hbm_cap_gb: float | None = None  # per-GPU memory the planner may plan for; null = detected
+    embedding_dtype: EmbeddingDtype = EmbeddingDtype.fp32  # stored table precision: fp32 | fp16 | bf16 (CUDA only)
+    cache_load_factor: float | None = None  # fused_uvm_caching: share of a table's rows cached in HBM; null = TorchRec's 0.2
     print_plan: bool = True  # log the plan on rank 0 at start
 
 
@@ -375,6 +385,19 @@ def validate(cfg: TrainConfig, world_size: int, device_type: str = "cpu") -> Non
                     f"{key}={values}: TorchRec shards tables row-wise only on CUDA. On CPU use table_wise, "
                     "column_wise, table_column_wise or data_parallel (e.g. sharding=column_wise)"
                 )
+        kernels = [("sharding.compute_kernels", cfg.sharding.compute_kernels)]
+        kernels += [(f"sharding.table_compute_kernels.{n}", v) for n, v in cfg.sharding.table_compute_kernels.items()]
+        for key, values in kernels:
+            uvm = sorted(set(values) & {"fused_uvm", "fused_uvm_caching"})
+            if uvm:
+                raise ConfigError(f"{key}={values}: {uvm} keep tables in CUDA unified memory (host memory the GPU "
+                                  "reads), so they need CUDA. On CPU use fused (tables in host memory already)")
+        if cfg.sharding.embedding_dtype == EmbeddingDtype.bf16:
+            raise ConfigError("sharding.embedding_dtype=bf16: FBGEMM's CPU embedding kernel has no bf16 (its CUDA "
+                              "kernel does). On CPU use sharding.embedding_dtype=fp16 or fp32")
+    if cfg.sharding.cache_load_factor is not None and not 0 < cfg.sharding.cache_load_factor <= 1:
+        raise ConfigError(f"sharding.cache_load_factor={cfg.sharding.cache_load_factor} must be in (0, 1]: the share "
+                          "of each fused_uvm_caching table's rows cached in HBM")
     fused_only = not (set(cfg.sharding.sharding_types) == {"data_parallel"})
     if device_type == "cpu" and cfg.optimizer.embedding == EmbeddingOptimizer.adam and fused_only:
         raise ConfigError(

@@ -42,14 +42,20 @@ def table_sizes(data: str, cap: int | None) -> list[int]:
     return [min(s, cap) for s in sizes] if cap else list(sizes)
 
 
-def _bytes_per_row(dim: int, optimizer: str) -> int:
-    """fp32 weights plus the fused optimizer's state per row."""
-    state = {"sgd": 0, "row_wise_adagrad": 4, "adagrad": 4 * dim, "adam": 8 * dim}[optimizer]
-    return 4 * dim + state
+DTYPE_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
+
+
+def _bytes_per_row(dim: int, optimizer: str, dtype: str = "fp32") -> int:
+    """Weights in the table's precision plus the fused optimizer's state per row (stored in the
+    weights' precision, except row-wise Adagrad's one fp32 value per row)."""
+    b = DTYPE_BYTES[dtype]
+    state = {"sgd": 0, "row_wise_adagrad": 4, "adagrad": b * dim, "adam": 2 * b * dim}[optimizer]
+    return b * dim + state
 
 
 def plan(nodes: int, devices_per_node: int, device: str, hbm_gb: float, ddr_gb: float, sizes: list[int],
-         dim: int, batch_size: int, optimizer: str, reservation: float, sharding_types: list[str] | None) -> dict:
+         dim: int, batch_size: int, optimizer: str, reservation: float, sharding_types: list[str] | None,
+         kernels: list[str] | None = None, dtype: str = "fp32", cache_load_factor: float | None = None) -> dict:
     """Run the planner; return the per-table plan and per-rank memory.
 
     Raises:
@@ -60,13 +66,16 @@ def plan(nodes: int, devices_per_node: int, device: str, hbm_gb: float, ddr_gb: 
     from torchrec.distributed.planner.storage_reservations import FixedPercentageStorageReservation
     from torchrec.distributed.planner.types import PlannerError
     from torchrec.distributed.sharding_plan import get_default_sharders
-    from torchrec.modules.embedding_configs import EmbeddingBagConfig
+    from torchrec.distributed.types import CacheParams
+    from torchrec.modules.embedding_configs import DataType, EmbeddingBagConfig
     from torchrec.modules.embedding_modules import EmbeddingBagCollection
     from torchrec import optim as trec_optim
     from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 
     world = nodes * devices_per_node
-    tables = [EmbeddingBagConfig(name=f"t_cat_{i}", embedding_dim=dim, num_embeddings=n, feature_names=[f"cat_{i}"])
+    data_type = {"fp32": DataType.FP32, "fp16": DataType.FP16, "bf16": DataType.BF16}[dtype]
+    tables = [EmbeddingBagConfig(name=f"t_cat_{i}", embedding_dim=dim, num_embeddings=n, feature_names=[f"cat_{i}"],
+                                 data_type=data_type)
               for i, n in enumerate(sizes)]
     ebc = EmbeddingBagCollection(tables=tables, device=torch.device("meta"))
     opt = {"sgd": trec_optim.SGD, "row_wise_adagrad": trec_optim.RowWiseAdagrad, "adagrad": trec_optim.Adagrad,
@@ -75,28 +84,35 @@ def plan(nodes: int, devices_per_node: int, device: str, hbm_gb: float, ddr_gb: 
     topology = Topology(world_size=world, local_world_size=devices_per_node, compute_device=device,
                         hbm_cap=int(hbm_gb * GIB) if device == "cuda" else None, ddr_cap=int(ddr_gb * GIB))
     constraints = None
-    if sharding_types:
-        constraints = {t.name: ParameterConstraints(sharding_types=sharding_types) for t in tables}
+    cache = CacheParams(load_factor=cache_load_factor) if cache_load_factor is not None else None
+    if sharding_types or kernels or cache:
+        constraints = {t.name: ParameterConstraints(sharding_types=sharding_types, compute_kernels=kernels,
+                                                    cache_params=cache) for t in tables}
     planner = EmbeddingShardingPlanner(topology=topology, batch_size=batch_size, constraints=constraints,
                                        storage_reservation=FixedPercentageStorageReservation(reservation))
-    need = [n * _bytes_per_row(dim, optimizer) for n in sizes]
-    # On GPUs, UVM caching kernels may keep tables in host memory too.
-    per_device = ((hbm_gb + ddr_gb) if device == "cuda" else ddr_gb) * GIB * (1 - reservation)
+    need = [n * _bytes_per_row(dim, optimizer, dtype) for n in sizes]
+    # On GPUs, UVM (caching) kernels may keep tables in host memory too; without them, HBM only.
+    uvm = device == "cuda" and (not kernels or bool({"fused_uvm", "fused_uvm_caching"} & set(kernels)))
+    per_device = ((hbm_gb + ddr_gb) if uvm else hbm_gb if device == "cuda" else ddr_gb) * GIB * (1 - reservation)
     try:
         sharding_plan = planner.plan(ebc, get_default_sharders())
     except PlannerError as e:
         total, capacity = sum(need), per_device * world
         largest = sorted(range(len(sizes)), key=lambda i: -need[i])[:5]
-        lines = [f"  t_cat_{i}: {sizes[i]:,} rows x {dim} = {need[i] / GIB:.1f} GiB" for i in largest]
+        lines = [f"  t_cat_{i}: {sizes[i]:,} rows x {dim} {dtype} = {need[i] / GIB:.1f} GiB" for i in largest]
         over = total - capacity
         why = (f"the tables need {total / GIB:.1f} GiB with {optimizer} state, {abs(over) / GIB:.1f} GiB "
                f"{'more than' if over > 0 else 'less than'} the {capacity / GIB:.1f} GiB usable on {world} ranks x ("
-               + (f"{hbm_gb:g} GiB HBM + {ddr_gb:g} GiB host" if device == "cuda" else f"{ddr_gb:g} GiB host memory")
+               + (f"{hbm_gb:g} GiB HBM + {ddr_gb:g} GiB host" if uvm else f"{hbm_gb:g} GiB HBM" if device == "cuda"
+                  else f"{ddr_gb:g} GiB host memory")
                + f"), {reservation:.0%} reserved")
         if over <= 0:
             why += "; in total they would fit, but not under these sharding constraints and per-device limits"
         raise PlanDoesNotFit(f"no sharding plan fits: {why}. Largest tables:\n" + "\n".join(lines) +
-                             "\nCap the tables (--cap), add devices (-j), or allow row_wise/column_wise sharding. "
+                             "\nCap the tables (--cap), add devices (-j), allow row_wise/column_wise sharding"
+                             + (", store them in fp16 (--embedding-dtype fp16)" if dtype == "fp32" else "")
+                             + (", or keep them in host memory behind an HBM cache (--kernels fused,fused_uvm_caching)"
+                                if device == "cuda" and not uvm else "") + ". "
                              f"Planner: {str(e).splitlines()[0][:300]}") from None
     hbm = [0.0] * world
     ddr = [0.0] * world
@@ -141,6 +157,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--optimizer", default="row_wise_adagrad", choices=["sgd", "row_wise_adagrad", "adagrad", "adam"])
     p.add_argument("--storage-reservation", type=float, default=0.15)
     p.add_argument("--sharding-types", default=None, help="comma-separated allowed types, e.g. table_wise")
+    p.add_argument("--kernels", default=None,
+                   help="comma-separated allowed compute kernels, e.g. fused,fused_uvm_caching (GPU: tables that do "
+                        "not fit in HBM stay in host memory with an HBM cache)")
+    p.add_argument("--cache-load-factor", type=float, default=None,
+                   help="fused_uvm_caching: share of a table's rows cached in HBM (TorchRec's default 0.2)")
+    p.add_argument("--embedding-dtype", choices=sorted(DTYPE_BYTES), default="fp32", help="stored table precision")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     a = p.parse_args(argv)
     import logging
@@ -153,7 +175,8 @@ def main(argv: list[str] | None = None) -> int:
     sizes = table_sizes(a.data, a.cap)
     try:
         result = plan(nodes, devices, a.device, a.hbm_gb, a.ddr_gb, sizes, a.embedding_dim, a.batch_size, a.optimizer,
-                      a.storage_reservation, a.sharding_types.split(",") if a.sharding_types else None)
+                      a.storage_reservation, a.sharding_types.split(",") if a.sharding_types else None,
+                      a.kernels.split(",") if a.kernels else None, a.embedding_dtype, a.cache_load_factor)
     except PlanDoesNotFit as e:
         print(f"plan refused: {e}", file=sys.stderr)
         return 1
@@ -161,7 +184,8 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(result, indent=2))
     else:
         print(f"{nodes}x{devices} {a.device} ({a.hbm_gb:g} GiB HBM, {a.ddr_gb:g} GiB host per rank), {a.data}"
-              f"{f' capped at {a.cap:,}' if a.cap else ''}, dim {a.embedding_dim}, {a.optimizer}, batch {a.batch_size}/rank\n")
+              f"{f' capped at {a.cap:,}' if a.cap else ''}, dim {a.embedding_dim} {a.embedding_dtype}, {a.optimizer}, "
+              f"batch {a.batch_size}/rank\n")
         print(format_plan(result))
     return 0
 

@@ -19,6 +19,9 @@ from torchrec.distributed.model_parallel import DistributedModelParallel, get_de
 from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints
 from torchrec.distributed.planner.storage_reservations import FixedPercentageStorageReservation
 from torchrec.distributed.planner.types import KernelConfig, TopologyFactory
+from torchrec.distributed.types import CacheParams
+from torchrec.modules.embedding_configs import DataType
+from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.distributed.planner.types import TrainerConfig as PlannerTrainerConfig
 from torchrec.distributed.types import ShardingPlan
 from torchrec import optim as trec_optim
@@ -30,6 +33,7 @@ from pipeline.config import (
     Backend,
     DenseOptimizer,
     Device,
+    EmbeddingDtype,
     EmbeddingOptimizer,
     LauncherConfig,
     LrDecay,
@@ -198,9 +202,24 @@ def constraints_from_config(cfg: ShardingConfig, tables: list[str], device_type:
         kernels = cfg.table_compute_kernels.get(name) or cfg.compute_kernels or None
         sharding_types = (cfg.table_sharding_types.get(name) or cfg.sharding_types
                           or _types_for_kernels(kernels, device_type))
-        if sharding_types or kernels:
-            out[name] = ParameterConstraints(sharding_types=sharding_types, compute_kernels=kernels)
+        cache = (CacheParams(load_factor=cfg.cache_load_factor)
+                 if cfg.cache_load_factor is not None and (not kernels or "fused_uvm_caching" in kernels) else None)
+        if sharding_types or kernels or cache:
+            out[name] = ParameterConstraints(sharding_types=sharding_types, compute_kernels=kernels, cache_params=cache)
     return out
+
+
+_DATA_TYPES = {EmbeddingDtype.fp32: DataType.FP32, EmbeddingDtype.fp16: DataType.FP16, EmbeddingDtype.bf16: DataType.BF16}
+
+
+def set_embedding_dtype(model: nn.Module, dtype: EmbeddingDtype) -> None:
+    """Store every table in ``dtype``: the sharder builds FBGEMM's kernels from each table config's
+    ``data_type`` (weights and optimizer state in that precision; pooled outputs stay fp32), and the
+    planner sizes the tables by it. Called before planning, while the tables are still on meta."""
+    for module in model.modules():
+        if isinstance(module, EmbeddingBagCollection):
+            for config in module.embedding_bag_configs():
+                config.data_type = _DATA_TYPES[dtype]
 
 
 def plan_sharding(model: nn.Module, cfg: ShardingConfig, env: DistEnv, device: torch.device,
@@ -242,6 +261,7 @@ def shard_model(model: nn.Module, sharding: ShardingConfig, optimizer: Optimizer
     opt_cls, opt_kwargs = _fused_optimizer(optimizer)
     embedding_params = [p for n, p in model.named_parameters() if "embedding_bags" in n]
     apply_optimizer_in_backward(opt_cls, embedding_params, opt_kwargs)
+    set_embedding_dtype(model, sharding.embedding_dtype)
     plan = plan_sharding(model, sharding, env, device, local_batch_size)
     if sharding.print_plan and env.is_rank_zero:
         logger.info("sharding plan (%d ranks):\n  %s", env.world_size, "\n  ".join(describe_plan(plan)))
