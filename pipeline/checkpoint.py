@@ -227,7 +227,14 @@ class Checkpointer:
         self._agree(error, f"create {tmp}")
         try:
             dcp.save(state, checkpoint_id=tmp)
-            torch.save(_rng_state(), tmp / f"rng_rank{self.rank}.pt")
+            # Serialised in memory, then written as plain bytes: a full disk then raises OSError (ENOSPC,
+            # "No space left on device") instead of torch.save's zip-writer "unexpected pos" error.
+            buf = io.BytesIO()
+            torch.save(_rng_state(), buf)
+            with open(tmp / f"rng_rank{self.rank}.pt", "wb") as f:
+                f.write(buf.getbuffer())
+                f.flush()
+                os.fsync(f.fileno())
         except (Exception, DCPCheckpointException) as e:  # noqa: BLE001 - any failure of any rank fails the save
             error = _root_cause(e)
         self._agree(error, f"write {tmp}")
@@ -265,6 +272,7 @@ class Checkpointer:
             latest = self.root / LATEST
             prev = latest.read_text().strip() if latest.is_file() else "none"
             reason = f"{type(error).__name__}: {error}" if error is not None else "another rank failed"
+            reason += _space_note(self.root)
             raise CheckpointError(f"checkpoint save failed to {what} ({reason}); the previous checkpoint ({prev}) "
                                   "is untouched. Check checkpoint.dir is writable and has space.") from error
 
@@ -275,6 +283,18 @@ class Checkpointer:
                 shutil.rmtree(old, ignore_errors=True)
         for stale in self.root.glob(f"{PREFIX}*.tmp"):
             shutil.rmtree(stale, ignore_errors=True)
+
+
+def _space_note(root: Path) -> str:
+    """'; the filesystem ... is full' when it is: a full disk does not always surface as ENOSPC (DCP's
+    writer reports torch.save's zip error 'unexpected pos' when a write comes up short)."""
+    try:
+        usage = shutil.disk_usage(root if root.exists() else root.parent)
+    except OSError:
+        return ""
+    if usage.free < max(16 * 1024**2, usage.total // 1000):
+        return f"; the filesystem of checkpoint.dir is full: {usage.free:,} bytes free of {usage.total:,}"
+    return ""
 
 
 def _root_cause(error: BaseException) -> BaseException:

@@ -130,7 +130,10 @@ def test_full_disk_fails_the_save_and_keeps_the_previous_checkpoint(tmp_path, ti
         run = run_training(tmp_path / "full", [*tiny_data_overrides, "trainer.max_steps=30", "checkpoint.every_steps=10",
                                                "checkpoint.keep_last=3", f"checkpoint.dir={ck}", "trainer.eval_every_steps=0"])
         assert run.returncode != 0
-        assert "checkpoint save failed" in run.output and "No space left on device" in run.output, run.output[-3000:]
+        assert "checkpoint save failed" in run.output, run.output[-3000:]
+        # ENOSPC itself, or (when DCP's writer reports a short write as a zip error) the free space.
+        assert ("No space left on device" in run.output
+                or "the filesystem of checkpoint.dir is full" in run.output), run.output[-3000:]
         latest = (ck / "latest").read_text().strip()
         assert latest == "step_00000010", "the previous checkpoint is still the latest"
         # ...and it still loads.
