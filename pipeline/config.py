@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
-NUM_DENSE_FEATURES = 13  # Criteo: I1..I13
-NUM_SPARSE_FEATURES = 26  # Criteo: C1..C26
+NUM_DENSE_FEATURES = 13  # Criteo: I1..I13 (the default data.dense_columns)
+NUM_SPARSE_FEATURES = 26  # Criteo: C1..C26 (the default data.sparse_columns)
 
 
 class ConfigError(ValueError):
@@ -32,6 +32,13 @@ class Interaction(str, enum.Enum):
     dot = "dot"  # pairwise dot products (the paper's)
     dcn = "dcn"  # DCNv2's low-rank cross network over the concatenated vectors
     projection = "projection"  # two MLP projections, then their dot products
+
+
+class Precision(str, enum.Enum):
+    """Compute precision of the dense part (MLPs, interaction) in training and evaluation."""
+
+    fp32 = "fp32"
+    bf16 = "bf16"  # torch.autocast: bf16 matmuls (tensor cores on GPUs; AMX / AVX-512 BF16 on CPUs that have them)
 
 
 class EmbeddingDtype(str, enum.Enum):
@@ -67,6 +74,13 @@ class IdMode(str, enum.Enum):
 
     vocab = "vocab"  # contiguous ids from a first pass over the training split (frequency threshold)
     hash = "hash"  # raw value modulo the per-feature cap
+
+
+class CategoricalFormat(str, enum.Enum):
+    """How a raw categorical field is written."""
+
+    hex = "hex"  # 8 hex digits, a 32-bit hash (Criteo)
+    int = "int"  # a decimal non-negative integer id below 2^63 (user ids, item ids, ...)
 
 
 class SplitMode(str, enum.Enum):
@@ -149,11 +163,29 @@ class SyntheticConfig:
 
 
 @dataclass
+class MovieLensConfig:
+    """Synthetic MovieLens-style user-item interactions with a known latent-factor ground truth."""
+
+    num_users: int = 6_000  # distinct user ids (activity is Zipf-distributed)
+    num_items: int = 4_000  # distinct item ids (popularity is Zipf-distributed)
+    num_genres: int = 18  # one genre per item
+    num_age_buckets: int = 7  # one age bucket per user
+    latent_dim: int = 8  # rank of the true user x item affinity <u, v>
+    latent_scale: float = 1.0  # std of <u, v> (logit scale): how much the user-item match matters
+    num_train_rows: int = 1_000_000  # interactions in train.tsv
+    num_val_rows: int = 50_000  # interactions in val.tsv
+    num_test_rows: int = 50_000  # interactions in test.tsv
+    zipf_alpha: float = 1.0  # item popularity and user activity exponent (P(rank k) ~ k^-alpha)
+    target_ctr: float = 0.4  # mean like probability the global bias is solved for
+    seed: int = 0  # everything the generator draws comes from this seed
+
+
+@dataclass
 class DataConfig:
     """Where the click log lives, how it is preprocessed, and how batches are cut."""
 
     name: str = MISSING  # dataset name, for logs and the summary
-    raw_dir: str = MISSING  # folder of raw Criteo-format TSV files (relative to the launch folder)
+    raw_dir: str = MISSING  # folder of raw TSV files: label, dense_columns, sparse_columns (relative to the launch folder)
     processed_dir: str = MISSING  # folder for the binary splits and manifest.json
     split: SplitMode = SplitMode.files  # how raw rows are divided into train/val/test
     raw_files: list[str] = field(default_factory=list)  # split=kaggle/random/days: input files or glob patterns (.gz ok)
@@ -162,7 +194,7 @@ class DataConfig:
     split_seed: int = 0  # split=random: seed of the row assignment
     id_mode: IdMode = IdMode.hash  # categorical ids: hash modulo a per-column cap, or contiguous vocabulary
     max_ids_per_feature: int = 10_000_000  # cap on rows per embedding table (both id modes)
-    num_embeddings_per_feature: list[int] = field(default_factory=list)  # per-column caps (26); [] = max_ids_per_feature
+    num_embeddings_per_feature: list[int] = field(default_factory=list)  # per sparse column caps; [] = max_ids_per_feature
     min_id_frequency: int = 1  # id_mode=vocab: ids seen fewer times in train share one bucket
     dense_transform: DenseTransform = DenseTransform.log1p  # integer features -> float32
     bad_rows: BadRowPolicy = BadRowPolicy.error  # malformed raw rows: stop, or drop and count
@@ -171,6 +203,15 @@ class DataConfig:
     eval_global_batch_size: int = 8192  # evaluation samples per step over all ranks
     shuffle: bool = True  # reshuffle training rows every epoch (seeded by trainer.seed and epoch)
     synthetic: SyntheticConfig | None = None  # set: generate raw_dir with this spec when missing
+    movielens: MovieLensConfig | None = None  # set: generate MovieLens-style raw_dir with this spec when missing
+    # The raw layout: tab-separated, no header: label (0/1), then these dense, then these sparse columns.
+    dense_columns: list[str] = field(  # integer columns (empty = missing), in file order; may be []
+        default_factory=lambda: [f"I{i + 1}" for i in range(NUM_DENSE_FEATURES)])
+    sparse_columns: list[str] = field(  # categorical columns (empty = missing), in file order
+        default_factory=lambda: [f"C{i + 1}" for i in range(NUM_SPARSE_FEATURES)])
+    feature_names: list[str] = field(  # KJT keys, tables t_<name>, one per sparse column; [] = the column names
+        default_factory=lambda: [f"cat_{i}" for i in range(NUM_SPARSE_FEATURES)])
+    categorical_format: CategoricalFormat = CategoricalFormat.hex  # hex (8 hex digits) | int (decimal ids >= 0)
 
 
 @dataclass
@@ -217,6 +258,7 @@ class TrainerConfig:
     eval_max_batches: int | None = None  # cap on eval batches mid-training; null = whole split (final eval is always whole)
     seed: int = 0  # model init, shuffling
     device: Device = Device.auto  # where the model runs
+    precision: Precision = Precision.fp32  # bf16: MLPs and interaction under torch.autocast (tables: sharding.embedding_dtype)
     num_threads: int | None = None  # intra-op threads per rank; null = cores / local ranks
     run_doctor: bool = True  # check the torch/fbgemm/torchrec pairing before training
     resume: str = "auto"  # auto = latest checkpoint in the run's checkpoint folder if any; none; or a path
@@ -329,13 +371,14 @@ def validate(cfg: TrainConfig, world_size: int, device_type: str = "cpu") -> Non
         raise ConfigError("data.split=days needs the day files in data.raw_files (in order, or a glob like data/day_*)")
     if d.max_ids_per_feature < 2:
         raise ConfigError(f"data.max_ids_per_feature={d.max_ids_per_feature} must be at least 2")
+    _validate_columns(d)
     if d.num_embeddings_per_feature and (
-        len(d.num_embeddings_per_feature) != NUM_SPARSE_FEATURES or min(d.num_embeddings_per_feature) < 2
+        len(d.num_embeddings_per_feature) != len(d.sparse_columns) or min(d.num_embeddings_per_feature) < 2
     ):
         raise ConfigError(
             f"data.num_embeddings_per_feature has {len(d.num_embeddings_per_feature)} entries (min "
             f"{min(d.num_embeddings_per_feature)}): give one cap >= 2 per categorical column "
-            f"({NUM_SPARSE_FEATURES}), or [] to use data.max_ids_per_feature for all"
+            f"({len(d.sparse_columns)} in data.sparse_columns), or [] to use data.max_ids_per_feature for all"
         )
     if d.block_size_mb < 1:
         raise ConfigError(f"data.block_size_mb={d.block_size_mb} must be at least 1")
@@ -411,6 +454,29 @@ def validate(cfg: TrainConfig, world_size: int, device_type: str = "cpu") -> Non
         )
     if t.device == Device.cpu and cfg.launcher.backend == Backend.nccl:
         raise ConfigError("launcher.backend=nccl needs CUDA but trainer.device=cpu: use launcher.backend=gloo")
+
+
+def _validate_columns(d: DataConfig) -> None:
+    """The declared raw layout: named, distinct columns, one feature name per sparse column."""
+    if not d.sparse_columns:
+        raise ConfigError("data.sparse_columns is empty: declare the categorical columns (at least one), in file order")
+    if d.feature_names and len(d.feature_names) != len(d.sparse_columns):
+        raise ConfigError(
+            f"data.feature_names has {len(d.feature_names)} names but data.sparse_columns has "
+            f"{len(d.sparse_columns)} columns: give one name per column, or data.feature_names=[] to name the "
+            "features after the columns")
+    for key, names in (("data.dense_columns + data.sparse_columns", ["label", *d.dense_columns, *d.sparse_columns]),
+                       ("data.feature_names", list(d.feature_names))):
+        bad = sorted({n for n in names if not n or not n.isprintable() or any(c.isspace() for c in n)})
+        if bad:
+            raise ConfigError(f"{key}: names {bad} must be non-empty and without whitespace")
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ConfigError(f"{key}: {dupes} appear more than once (the label column is called 'label')"
+                              if "label" in dupes else f"{key}: {dupes} appear more than once")
+    if d.synthetic is not None and d.movielens is not None:
+        raise ConfigError("data.synthetic and data.movielens are both set: a data folder has one generator; "
+                          "set one of them to null")
 
 
 def _validate_model(m: ModelConfig) -> None:

@@ -13,11 +13,14 @@ group is created), and writes::
       vocab.npz                      id_mode=vocab: the raw hashes that own a table row (a copy of the
                                      data's vocab.npz, sha256-checked)
       dense_interaction.pt2          torch.export program of the dense part (bottom MLP, interaction,
-                                     top MLP): (dense [B, 13], pooled embeddings [B, 26, D]) -> logits [B, 1]
-      export.json                    written last: model config, table sizes, weights file and sha256,
-                                     and all that turns a raw Criteo row into model input (dense
-                                     transform and, for the torchrec transform, the file minimums
-                                     preprocessing used; id mode, caps, reserved ids, vocab file)
+                                     top MLP): (dense [B, num_dense], pooled embeddings [B, tables, D])
+                                     -> logits [B, 1] (Criteo: [B, 13] and [B, 26, D])
+      export.json                    written last: model config, the data's column schema (dense and
+                                     sparse columns, feature names = KJT keys, categorical format),
+                                     table sizes, weights file and sha256, and all that turns a raw row
+                                     into model input (dense transform and, for the torchrec transform,
+                                     the file minimums preprocessing used; id mode, caps, reserved ids,
+                                     vocab file)
 
 :func:`load_exported` loads it back as an :class:`ExportedModel` (``pipeline.predict`` uses it). The
 optimizer state in the checkpoint is not exported.
@@ -45,12 +48,13 @@ if __package__ in (None, ""):
 import numpy as np
 import torch
 
-from pipeline.config import NUM_DENSE_FEATURES, NUM_SPARSE_FEATURES, DataConfig, DenseTransform, IdMode, ModelConfig
+from pipeline.config import DataConfig, DenseTransform, IdMode, ModelConfig
+from pipeline.data.criteo import CRITEO, Schema
 
 logger = logging.getLogger("pipeline.export")
 
 EXPORT_JSON = "export.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the column schema ("schema"); 1 (no schema) is Criteo's layout
 WEIGHTS_TORCH = "model.pt"
 WEIGHTS_SAFETENSORS = "model.safetensors"
 VOCAB = "vocab.npz"
@@ -66,13 +70,20 @@ class ExportError(RuntimeError):
 
 
 # -- the model ------------------------------------------------------------------------------------
-def build_dlrm(model_cfg: dict | ModelConfig, num_embeddings_per_feature: list[int]) -> torch.nn.Module:
+def build_dlrm(model_cfg: dict | ModelConfig, num_embeddings_per_feature: list[int],
+               feature_names: list[str] | None = None, num_dense_features: int | None = None) -> torch.nn.Module:
     """The training architecture (``pipeline.model.dlrm.build_model``) as a plain CPU module, without
-    the loss wrapper; table weights are allocated but not initialised (a checkpoint fills them)."""
+    the loss wrapper; table weights are allocated but not initialised (a checkpoint fills them).
+
+    ``feature_names`` (one per entry of ``num_embeddings_per_feature``) and ``num_dense_features`` are
+    the data's (manifest or export.json); None = Criteo's."""
     from pipeline.model.dlrm import build_model
 
     cfg = model_cfg if isinstance(model_cfg, ModelConfig) else ModelConfig(**model_cfg)
-    dlrm = build_model(cfg, list(num_embeddings_per_feature)).model  # tables on the meta device, MLPs on CPU
+    dlrm = build_model(cfg, list(num_embeddings_per_feature),  # tables on the meta device, MLPs on CPU
+                       feature_names=list(feature_names if feature_names is not None else CRITEO.feature_names),
+                       num_dense_features=CRITEO.num_dense if num_dense_features is None else num_dense_features,
+                       ).model
     ebc = dlrm.sparse_arch.embedding_bag_collection
     ebc.to_empty(device=torch.device("cpu"))  # no random init of tables about to be overwritten
     ebc._device = torch.device("cpu")  # noqa: SLF001 - EBC records its construction device (meta)
@@ -165,31 +176,52 @@ def _dense_mins(processed: Path) -> list[dict]:
     return out
 
 
-def input_spec(data: dict, processed: Path | None, sizes: list[int], out: Path) -> dict:
-    """How a raw Criteo row becomes model input, as preprocessing did it; copies vocab.npz into ``out``.
+def _differ(sizes: list[int], table_sizes: dict[str, int], feature_names: tuple[str, ...]) -> bool:
+    """True when a feature with a table in the checkpoint has another size in ``sizes``."""
+    return len(sizes) != len(feature_names) or any(
+        f in table_sizes and table_sizes[f] != n for f, n in zip(feature_names, sizes, strict=True))
+
+
+def input_spec(data: dict, processed: Path | None, table_sizes: dict[str, int]) -> tuple[dict, list[int]]:
+    """How a raw row becomes model input, as preprocessing did it (export copies the vocab.npz it names).
+
+    Args:
+        data: the checkpoint's resolved data config.
+        table_sizes: feature name -> rows of its table in the checkpoint (matrix factorisation has tables
+            for two of the data's features only).
+
+    Returns:
+        The input spec, and the table size of every sparse feature of the data (the id mapping's).
 
     Raises:
         ExportError: vocab mode without the data's vocab.npz, or a vocabulary/manifest that does not
             match the checkpoint's table sizes.
     """
-    from pipeline.data.preprocess import DENSE_TRANSFORMS, MISSING_ID, RARE_ID, _caps
+    from pipeline.data.preprocess import DENSE_TRANSFORMS, MISSING_ID, RARE_ID, _caps, manifest_schema
 
+    schema = Schema.from_dict(data)
     data_cfg = DataConfig(name=data.get("name", "?"), raw_dir=data.get("raw_dir", ""), processed_dir=str(processed),
                           id_mode=IdMode(data["id_mode"]), max_ids_per_feature=data["max_ids_per_feature"],
-                          num_embeddings_per_feature=list(data.get("num_embeddings_per_feature") or []))
+                          num_embeddings_per_feature=list(data.get("num_embeddings_per_feature") or []),
+                          sparse_columns=list(schema.sparse_columns))
     transform = DenseTransform(data["dense_transform"])
     id_mode = IdMode(data["id_mode"])
+    held = [table_sizes.get(f) for f in schema.feature_names]  # for messages: None = no table
     have_data = processed is not None and (processed / "manifest.json").is_file()
     if have_data:
         manifest = json.loads((processed / "manifest.json").read_text())
-        if manifest["num_embeddings_per_feature"] != sizes:
+        if manifest_schema(manifest) != schema:
+            raise ExportError(f"{processed / 'manifest.json'} records the columns {manifest_schema(manifest).to_dict()}, "
+                              f"the checkpoint's config declares {schema.to_dict()}: the data was preprocessed again "
+                              "with other settings since training (use --processed-dir to point at the data the "
+                              "model was trained on)")
+        if _differ(manifest["num_embeddings_per_feature"], table_sizes, schema.feature_names):
             raise ExportError(f"{processed / 'manifest.json'} lists table sizes "
-                              f"{manifest['num_embeddings_per_feature']}, the checkpoint holds {sizes}: the data "
+                              f"{manifest['num_embeddings_per_feature']}, the checkpoint holds {held}: the data "
                               "was preprocessed again with other settings since training (use --processed-dir to "
                               "point at the data the model was trained on)")
     spec: dict[str, Any] = {
-        "layout": "Criteo TSV: [label], I1..I13 integers (empty = missing), "
-                  "C1..C26 8-hex-digit hashes (empty = missing)",
+        "layout": schema.describe(),
         "dense_transform": transform.value,
         "dense_transform_formula": DENSE_TRANSFORMS[transform],
         "id_mode": id_mode.value,
@@ -208,9 +240,9 @@ def input_spec(data: dict, processed: Path | None, sizes: list[int], out: Path) 
             logger.warning("dense_transform=torchrec but the training file minimum is unknown (no %s): predict "
                            "will need --dense-min input or an integer", processed / "parts" if processed else "data")
     if id_mode == IdMode.hash:
-        if spec["caps"] != sizes:
-            raise ExportError(f"id_mode=hash caps {spec['caps']} differ from the checkpoint's table sizes {sizes}")
-        return spec
+        if _differ(spec["caps"], table_sizes, schema.feature_names):
+            raise ExportError(f"id_mode=hash caps {spec['caps']} differ from the checkpoint's table sizes {held}")
+        return spec, list(spec["caps"])
     if not have_data or not (processed / VOCAB).is_file():
         raise ExportError(f"id_mode=vocab needs the data's {VOCAB} (looked in {processed}): pass --processed-dir "
                           "<the data.processed_dir the model was trained on>")
@@ -220,12 +252,11 @@ def input_spec(data: dict, processed: Path | None, sizes: list[int], out: Path) 
     if marker.is_file() and json.loads(marker.read_text()).get("sha256") != digest:
         raise ExportError(f"{src} does not match the sha256 in {marker}: the vocabulary is damaged")
     with np.load(src) as z:
-        vocab_sizes = [len(z[f"C{j + 1}"]) + 2 for j in range(NUM_SPARSE_FEATURES)]
-    if vocab_sizes != sizes:
-        raise ExportError(f"{src} gives table sizes {vocab_sizes}, the checkpoint holds {sizes}")
-    shutil.copyfile(src, out / VOCAB)
+        vocab_sizes = [len(z[f"C{j + 1}"]) + 2 for j in range(schema.num_sparse) if f"C{j + 1}" in z]
+    if _differ(vocab_sizes, table_sizes, schema.feature_names):
+        raise ExportError(f"{src} gives table sizes {vocab_sizes}, the checkpoint holds {held}")
     spec["vocab"] = {"file": VOCAB, "sha256": digest, "source": str(src)}
-    return spec
+    return spec, vocab_sizes
 
 
 # -- torch.export of the dense part ----------------------------------------------------------------
@@ -243,7 +274,7 @@ class DenseInteraction(torch.nn.Module):
         return self.body.forward_pooled(dense_features, pooled_embeddings)
 
 
-def export_dense_program(dlrm: torch.nn.Module, path: Path) -> None:
+def export_dense_program(dlrm: torch.nn.Module, path: Path, num_dense_features: int = CRITEO.num_dense) -> None:
     """Write a ``torch.export`` program of :class:`DenseInteraction` with a dynamic batch dimension."""
     from torch.export import Dim
     from torch.export import export as torch_export
@@ -255,7 +286,8 @@ def export_dense_program(dlrm: torch.nn.Module, path: Path) -> None:
         for name, buf in m._buffers.items():  # noqa: SLF001
             if buf is not None:
                 m._buffers[name] = buf.clone()  # noqa: SLF001
-    example = (torch.zeros(4, NUM_DENSE_FEATURES), torch.zeros(4, NUM_SPARSE_FEATURES, d))
+    num_tables = len(dlrm.sparse_arch.sparse_feature_names)  # matrix factorisation: 2, whatever the data has
+    example = (torch.zeros(4, num_dense_features), torch.zeros(4, num_tables, d))
     batch = Dim("batch", min=1)
     program = torch_export(module, example, dynamic_shapes=({0: batch}, {0: batch}))
     torch_save_program(program, str(path))
@@ -294,7 +326,6 @@ def export(checkpoint: str | Path, out: str | Path, processed_dir: str | Path | 
     Runs in one process and never initialises ``torch.distributed``.
     """
     from pipeline.checkpoint import read_meta
-    from pipeline.data.criteo import SPARSE_FEATURE_NAMES
 
     t0 = time.perf_counter()
     path = find_checkpoint(checkpoint)
@@ -303,34 +334,41 @@ def export(checkpoint: str | Path, out: str | Path, processed_dir: str | Path | 
     if not cfg:
         raise ExportError(f"{path}/meta.json holds no config: it was written by an older version of the pipeline")
     shapes = meta["shapes"]
-    tables = [f"t_{f}" for f in SPARSE_FEATURE_NAMES]
-    sizes = []
-    for t in tables:
-        key = f"{CHECKPOINT_PREFIX}sparse_arch.embedding_bag_collection.embedding_bags.{t}.weight"
-        if key not in shapes:
-            raise ExportError(f"checkpoint {path} has no table {t} ({key})")
-        sizes.append(shapes[key][0])
+    schema = Schema.from_dict(cfg["data"])  # configs saved before columns could be declared: Criteo's
+    table_sizes = {}  # feature -> rows; model.name=mf has tables for two of the features only
+    for f in schema.feature_names:
+        key = f"{CHECKPOINT_PREFIX}sparse_arch.embedding_bag_collection.embedding_bags.t_{f}.weight"
+        if key in shapes:
+            table_sizes[f] = shapes[key][0]
+    if not table_sizes:
+        raise ExportError(f"checkpoint {path} has none of the tables t_<feature> of the data's features "
+                          f"{list(schema.feature_names)}")
+    tables = [f"t_{f}" for f in table_sizes]
     out = Path(out)
     if out.exists() and any(out.iterdir()) and not (out / EXPORT_JSON).is_file():
         raise ExportError(f"--out {out} exists and is not an earlier export: choose an empty or new folder")
     out.mkdir(parents=True, exist_ok=True)
     (out / EXPORT_JSON).unlink(missing_ok=True)  # written last: its presence marks a complete export
 
-    dlrm = build_dlrm(cfg["model"], sizes)
-    read_weights(path, meta, dlrm)
     processed = Path(processed_dir) if processed_dir else _resolve_dir(cfg["data"]["processed_dir"])
-    spec_input = input_spec(cfg["data"], processed, sizes, out)
+    spec_input, sizes = input_spec(cfg["data"], processed, table_sizes)
+    dlrm = build_dlrm(cfg["model"], sizes, list(schema.feature_names), schema.num_dense)
+    read_weights(path, meta, dlrm)
 
     fmt = _weights_format(weights_format)
     for stale in (WEIGHTS_TORCH, WEIGHTS_SAFETENSORS, PROGRAM) + (() if spec_input["vocab"] else (VOCAB,)):
         (out / stale).unlink(missing_ok=True)
+    if spec_input["vocab"]:
+        shutil.copyfile(spec_input["vocab"]["source"], out / VOCAB)
     weights = _save_tensors(dlrm.state_dict(), out, fmt)
     program = None
     if dense_program:
         try:
-            export_dense_program(dlrm, out / PROGRAM)
-            program = {"file": PROGRAM, "inputs": ["dense_features [B, 13] float32 (transformed)",
-                                                   f"pooled_embeddings [B, 26, {dlrm.sparse_arch.D}] float32"],
+            export_dense_program(dlrm, out / PROGRAM, schema.num_dense)
+            program = {"file": PROGRAM,
+                       "inputs": [f"dense_features [B, {schema.num_dense}] float32 (transformed)",
+                                  f"pooled_embeddings [B, {len(tables)}, {dlrm.sparse_arch.D}] float32 "
+                                  f"(tables {tables} in order)"],
                        "output": "logits [B, 1]"}
         except Exception as e:  # noqa: BLE001 - optional artifact
             logger.warning("torch.export of the dense part failed (%s: %s); the export has no %s",
@@ -343,10 +381,11 @@ def export(checkpoint: str | Path, out: str | Path, processed_dir: str | Path | 
         "source": {"checkpoint": str(path.resolve()), "step": meta["train_state"]["step"],
                    "saved_by_world_size": meta["world_size"], "saved_at": meta.get("saved_at")},
         "model": dict(cfg["model"]),
-        "top_in_features": dlrm.top_in_features,
+        "top_in_features": getattr(dlrm, "top_in_features", None),  # DLRM only (matrix factorisation has no top MLP)
         "tables": tables,
-        "feature_names": list(SPARSE_FEATURE_NAMES),
-        "num_embeddings_per_feature": sizes,
+        "schema": schema.to_dict(),
+        "feature_names": list(schema.feature_names),  # the KJT keys, one per sparse column
+        "num_embeddings_per_feature": sizes,  # per feature (the id mapping's); tables hold those in "tables"
         "weights": {"file": weights.name, "format": fmt, "sha256": _sha256(weights),
                     "num_tensors": len(dlrm.state_dict()), "dtype": "float32",
                     "parameters": sum(v.numel() for v in dlrm.state_dict().values())},
@@ -369,12 +408,17 @@ def export(checkpoint: str | Path, out: str | Path, processed_dir: str | Path | 
 # -- loading an export ------------------------------------------------------------------------------
 @dataclass
 class ExportedModel:
-    """An exported DLRM on the CPU plus what turns raw Criteo rows into its input."""
+    """An exported DLRM on the CPU plus what turns raw rows into its input."""
 
     dir: Path
     spec: dict
     model: torch.nn.Module  # pipeline.model.dlrm.DLRM (plain TorchRec modules), eval mode
     vocab: list[np.ndarray] | None
+
+    @property
+    def schema(self) -> Schema:
+        """The raw column layout the model was trained on (Criteo's for exports without one)."""
+        return Schema.from_dict(self.spec.get("schema"))
 
     def id_mapper(self):
         """Raw hashes -> table rows, exactly as preprocessing mapped them (``_IdMapper``)."""
@@ -391,7 +435,7 @@ class ExportedModel:
 
     @torch.inference_mode()
     def logits(self, dense: np.ndarray | torch.Tensor, ids: np.ndarray | torch.Tensor) -> torch.Tensor:
-        """Logits [B] of transformed dense features [B, 13] float32 and table row ids [B, 26]."""
+        """Logits [B] of transformed dense features [B, num_dense] float32 and table row ids [B, num_sparse]."""
         from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
         dense = torch.as_tensor(np.ascontiguousarray(dense) if isinstance(dense, np.ndarray) else dense,
@@ -400,7 +444,8 @@ class ExportedModel:
         b = len(ids)
         values = torch.from_numpy(np.ascontiguousarray(ids.T).reshape(-1).astype(np.int64))  # feature-major
         kjt = KeyedJaggedTensor(keys=self.spec["feature_names"], values=values,
-                                lengths=torch.ones(NUM_SPARSE_FEATURES * b, dtype=torch.int32), stride=b)
+                                lengths=torch.ones(len(self.spec["feature_names"]) * b, dtype=torch.int32),
+                                stride=b)
         return self.model(dense_features=dense, sparse_features=kjt).flatten()
 
     def predict(self, dense: np.ndarray | torch.Tensor, ids: np.ndarray | torch.Tensor) -> np.ndarray:
@@ -435,7 +480,8 @@ def load_exported(export_dir: str | Path) -> ExportedModel:
         raise ExportError(f"{path} is export format {spec['format_version']}; this code reads up to {FORMAT_VERSION}")
     w = spec["weights"]
     tensors = _load_tensors(d / w["file"], w["format"])
-    dlrm = build_dlrm(spec["model"], spec["num_embeddings_per_feature"])
+    schema = Schema.from_dict(spec.get("schema"))
+    dlrm = build_dlrm(spec["model"], spec["num_embeddings_per_feature"], list(schema.feature_names), schema.num_dense)
     try:
         dlrm.load_state_dict(tensors, strict=True, assign=True)
     except RuntimeError as e:
@@ -444,7 +490,7 @@ def load_exported(export_dir: str | Path) -> ExportedModel:
     if spec["input"]["vocab"] is not None:
         vpath = d / spec["input"]["vocab"]["file"]
         with np.load(vpath) as z:  # allow_pickle=False: plain arrays only
-            vocab = [z[f"C{j + 1}"] for j in range(NUM_SPARSE_FEATURES)]
+            vocab = [z[f"C{j + 1}"] for j in range(schema.num_sparse)]
     return ExportedModel(d, spec, dlrm.eval(), vocab)
 
 

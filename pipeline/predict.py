@@ -1,11 +1,12 @@
-"""Score raw Criteo rows, or a preprocessed split, with an exported model: one probability per row.
+"""Score raw rows, or a preprocessed split, with an exported model: one probability per row.
 
     python -m pipeline.predict --model <export dir> --input <raw TSV, plain or .gz> --out predictions.tsv
     python -m pipeline.predict --model <export dir> --split val --out predictions_val.npy
 
-``--input``: the training layout (label + 13 integer + 26 categorical fields, 40 in all) or the
-Kaggle test layout without the label (39 fields), detected from the first line (``--layout`` forces
-one). The file is streamed in blocks through the same parser, dense transform and id mapping as
+``--input``: the training layout the export records (Criteo's: label + 13 integer + 26 categorical
+fields, 40 in all; or the columns declared in ``data.dense_columns``/``data.sparse_columns``) or the same
+without the label (39 fields for Criteo, the Kaggle test layout), detected from the first line
+(``--layout`` forces one). The file is streamed in blocks through the same parser, dense transform and id mapping as
 preprocessing (``read_blocks``, ``transform_dense``, ``_IdMapper`` with the export's vocab.npz or
 hash caps), so a row scores exactly as it did in the trainer's evaluation. Output rows follow input
 lines one to one; with ``--bad-rows skip`` a malformed line scores NaN (and is counted) instead of
@@ -38,7 +39,7 @@ import numpy as np
 import torch
 
 from pipeline.config import DenseTransform
-from pipeline.data.criteo import NUM_FIELDS, BadRows, RawDataError, open_raw, read_blocks
+from pipeline.data.criteo import CRITEO, BadRows, RawDataError, Schema, open_raw, read_blocks
 from pipeline.export import ExportedModel, ExportError, load_exported, setup_logging
 
 logger = logging.getLogger("pipeline.predict")
@@ -65,9 +66,9 @@ class PredictResult:
 
 
 # -- raw input ------------------------------------------------------------------------------------
-def detect_labelled(path: str | Path, max_lines: int = 1000) -> bool:
-    """True for the training layout (40 fields), False for the unlabelled one (39), from the first line
-    with either count (malformed lines before it are left to the parser's bad-row policy).
+def detect_labelled(path: str | Path, max_lines: int = 1000, schema: Schema = CRITEO) -> bool:
+    """True for the training layout (Criteo: 40 fields), False for the unlabelled one (39), from the first
+    line with either count (malformed lines before it are left to the parser's bad-row policy).
 
     Raises:
         PredictError: none of the first lines has 39 or 40 fields.
@@ -81,24 +82,28 @@ def detect_labelled(path: str | Path, max_lines: int = 1000) -> bool:
     if not any(lines):
         return True  # empty: no rows to score either way
     seen = []
+    num_fields = schema.num_fields
     for line in lines[:max_lines]:
         fields = line.rstrip(b"\r").count(b"\t") + 1
-        if fields == NUM_FIELDS:
+        if fields == num_fields:
             return True
-        if fields == NUM_FIELDS - 1:
+        if fields == num_fields - 1:
             return False
         seen.append(fields)
-    raise PredictError(f"{path}: no line among the first {len(seen)} has {NUM_FIELDS} tab-separated fields (label, "
-                       f"I1..I13, C1..C26) or {NUM_FIELDS - 1} (no label); the first has {seen[0] if seen else 0}. "
+    named = ", ".join(c[0] if len(c) == 1 else f"{c[0]}..{c[-1]}"
+                      for c in (schema.dense_columns, schema.sparse_columns) if c)
+    raise PredictError(f"{path}: no line among the first {len(seen)} has {num_fields} tab-separated fields (label, "
+                       f"{named}) or {num_fields - 1} (no label); the first has {seen[0] if seen else 0}. "
                        "--layout labelled|unlabelled forces one")
 
 
-def file_dense_min(path: str | Path, labelled: bool, block_size_mb: float, bad_rows: str) -> int:
+def file_dense_min(path: str | Path, labelled: bool, block_size_mb: float, bad_rows: str,
+                   schema: Schema = CRITEO) -> int:
     """The smallest integer feature in the file (missing counts as 0), as TorchRec's converter and
     preprocessing (``_dense_min``) take it."""
     lo = None
-    for block in read_blocks(path, block_size_mb, bad_rows, BadRows(), labelled):
-        if len(block):
+    for block in read_blocks(path, block_size_mb, bad_rows, BadRows(), labelled, schema):
+        if block.dense.size:
             m = int(block.dense.min())
             lo = m if lo is None else min(lo, m)
     return 0 if lo is None else lo
@@ -116,7 +121,7 @@ def resolve_dense_min(model: ExportedModel, choice: str, path: str | Path, label
     if DenseTransform(inp["dense_transform"]) != DenseTransform.torchrec:
         return None
     if choice == "input":
-        return file_dense_min(path, labelled, block_size_mb, bad_rows)
+        return file_dense_min(path, labelled, block_size_mb, bad_rows, model.schema)
     if choice == "train":
         recorded = (inp.get("dense_min") or {}).get("train")
         if recorded is None:
@@ -156,7 +161,7 @@ def predict_raw(model: ExportedModel, path: str | Path, labelled: bool, *, batch
     counter = counter if counter is not None else BadRows()
     already_bad = counter.total
     emitted = good = 0  # lines covered so far; good rows among them
-    for block in read_blocks(path, block_size_mb, bad_rows, counter, labelled):
+    for block in read_blocks(path, block_size_mb, bad_rows, counter, labelled, model.schema):
         if not len(block):
             continue
         with np.errstate(invalid="ignore", divide="ignore"):  # counted and reported instead
@@ -188,13 +193,15 @@ def predict_split(model: ExportedModel, processed_dir: str | Path, split: str,
         PredictError: the data was preprocessed with other settings than the model was trained on.
     """
     from pipeline.data.loader import BinarySplit
-    from pipeline.data.preprocess import load_manifest
+    from pipeline.data.preprocess import load_manifest, manifest_schema
 
     manifest = load_manifest(processed_dir)
     inp = model.spec["input"]
     settings = manifest.get("settings", {})
     ours = {"id_mode": inp["id_mode"], "caps": inp["caps"], "dense_transform": inp["dense_transform"]}
     differ = {k: (settings.get(k), v) for k, v in ours.items() if settings.get(k) != v}
+    if manifest_schema(manifest) != model.schema:
+        differ["columns"] = (manifest_schema(manifest).to_dict(), model.schema.to_dict())
     if manifest["num_embeddings_per_feature"] != model.spec["num_embeddings_per_feature"]:
         differ["table sizes"] = (manifest["num_embeddings_per_feature"], model.spec["num_embeddings_per_feature"])
     if differ:
@@ -254,7 +261,7 @@ def run(model: ExportedModel, out: str, *, input_path: str | None = None, split:
     result = PredictResult()
     counter = BadRows()
     if input_path is not None:
-        labelled = detect_labelled(input_path) if layout == "auto" else layout == "labelled"
+        labelled = detect_labelled(input_path, schema=model.schema) if layout == "auto" else layout == "labelled"
         result.labelled = labelled
         result.dense_min = resolve_dense_min(model, dense_min, input_path, labelled, block_size_mb, bad_rows)
         stream = predict_raw(model, input_path, labelled, batch_size=batch_size, block_size_mb=block_size_mb,
@@ -294,13 +301,13 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="an export folder (python -m pipeline.export ... --out DIR)")
     src = parser.add_mutually_exclusive_group(required=True)
-    src.add_argument("--input", help="raw Criteo TSV (plain or .gz), with or without the label column")
+    src.add_argument("--input", help="raw TSV in the export's layout (plain or .gz), with or without the label column")
     src.add_argument("--split", choices=("train", "val", "test"), help="a split of preprocessed data instead")
     parser.add_argument("--out", required=True, help="predictions: .npy (float32) or text (one per line); - = stdout")
     parser.add_argument("--processed-dir",
                         help="--split: the preprocessed data (default: the export's data.processed_dir)")
     parser.add_argument("--layout", choices=("auto", "labelled", "unlabelled"), default="auto",
-                        help="--input: 40 fields with a label or 39 without; auto = from the first line")
+                        help="--input: with a label (Criteo: 40 fields) or without (39); auto = from the first line")
     parser.add_argument("--bad-rows", choices=("error", "skip"), default="error",
                         help="--input: stop at the first malformed line (naming it), or score it NaN and count it")
     parser.add_argument("--dense-min", default="train",

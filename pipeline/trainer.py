@@ -16,9 +16,10 @@ from tqdm import tqdm
 from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 
 from pipeline import checkpoint as ckpt
-from pipeline.config import TrainConfig, validate
+from pipeline.config import Precision, TrainConfig, validate
 from pipeline.data.loader import BinarySplit, eval_batches, num_train_batches, train_batches
 from pipeline.data.prepare import prepare_data_distributed
+from pipeline.data.preprocess import manifest_schema
 from pipeline.distributed.sharding import (
     init_process_group,
     lr_scheduler,
@@ -109,7 +110,9 @@ class Trainer:
         self.eval_splits = {s: BinarySplit(cfg.data.processed_dir, s, self.manifest) for s in ("val", "test")}
 
         torch.manual_seed(cfg.trainer.seed)  # identical MLP init on every rank (DDP also broadcasts)
-        model = build_model(cfg.model, self.manifest["num_embeddings_per_feature"])
+        schema = manifest_schema(self.manifest)  # the columns the data was preprocessed with
+        model = build_model(cfg.model, self.manifest["num_embeddings_per_feature"],
+                            feature_names=list(schema.feature_names), num_dense_features=schema.num_dense)
         self.local_batch_size = cfg.data.global_batch_size // self.env.world_size
         self.model, self.optimizer = shard_model(
             model, cfg.sharding, cfg.optimizer, self.env, self.device, self.local_batch_size
@@ -210,6 +213,11 @@ class Trainer:
             )
 
     # -- evaluation ---------------------------------------------------------------------------
+    def _autocast(self) -> torch.autocast:
+        """bf16 autocast of the matmuls when trainer.precision=bf16 (the loss and metrics stay fp32)."""
+        return torch.autocast(self.device.type, dtype=torch.bfloat16,
+                              enabled=self.cfg.trainer.precision == Precision.bf16)
+
     @torch.no_grad()
     def evaluate(self, split: str, max_batches: int | None = None, save_predictions: bool = False) -> BinaryMetrics:
         """Exact metrics of the current model on ``split`` over all ranks (same result on each).
@@ -222,8 +230,9 @@ class Trainer:
         batches = eval_batches(self.eval_splits[split], self.cfg.data.eval_global_batch_size,
                                self.env.rank, self.env.world_size, max_batches)
         for eb in batches:
-            _, (_, logits, labels) = self.model(eb.batch.to(self.device))
-            gatherer.update(logits, labels, eb.weights, eb.rows if save_predictions else None)
+            with self._autocast():
+                _, (_, logits, labels) = self.model(eb.batch.to(self.device))
+            gatherer.update(logits.float(), labels, eb.weights, eb.rows if save_predictions else None)
         self.model.train()
         metrics = gatherer.compute()
         if save_predictions and self.env.is_rank_zero:
@@ -273,7 +282,8 @@ class Trainer:
         window_steps, window_s, mark = 0, 0.0, time.perf_counter()
         self.stopped_early: str | None = None
         while self.step < self.total_steps:
-            loss, _, _ = pipeline.progress(batches)
+            with self._autocast():  # forward (and the backward it records) of the dense part in bf16
+                loss, _, _ = pipeline.progress(batches)
             self.scheduler.step()
             self.step += 1
             loss_sum += loss  # stays on device: no host sync per step

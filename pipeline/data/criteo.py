@@ -1,14 +1,18 @@
-"""The raw Criteo click-log layout and a fast, streaming, validating parser for it.
+"""The raw click-log layout (Criteo's, or one declared in config) and a fast, streaming, validating parser.
 
-One row per line, tab-separated, no header: label (0/1), 13 integer features I1..I13 (empty =
-missing, may be negative), 26 categorical features C1..C26 as 8-hex-digit hashes (empty = missing).
-Files may be plain or gzip-compressed (``.gz``, decompressed while streaming). ``labelled=False``
-reads the same layout without the label column (39 fields, the Kaggle ``test.txt`` layout).
+One row per line, tab-separated, no header: label (0/1), the integer (dense) columns (empty =
+missing, may be negative), then the categorical (sparse) columns (empty = missing). Criteo's layout
+(:data:`CRITEO`, the default) has 13 integer features I1..I13 and 26 categorical features C1..C26 as
+8-hex-digit hashes; a :class:`Schema` built from ``data.dense_columns``, ``data.sparse_columns`` and
+``data.categorical_format`` declares any other (e.g. decimal user and item ids). Files may be plain or
+gzip-compressed (``.gz``, decompressed while streaming). ``labelled=False`` reads the same layout
+without the label column (39 fields for Criteo, the Kaggle ``test.txt`` layout).
 
 How it is fast: the file is read in line-aligned chunks of ``block_size_mb`` raw bytes, and each
 chunk is parsed by pyarrow's multithreaded CSV reader straight into typed columns (labels int8,
 dense int64, categoricals as fixed-size 8-byte binary), while the previous chunk is converted in
-numpy (8 hex digits -> uint32 through a 64K-entry table of digit pairs). No Python loop touches a
+numpy (8 hex digits -> uint32 through a 64K-entry table of digit pairs; decimal ids are checked by
+pyarrow's regex kernel and cast to int64). No Python loop touches a
 row, and memory stays a small multiple of the chunk size whatever the file size.
 
 How it is exact about bad rows: a chunk that fails the fast path (pyarrow rejects a field, a label
@@ -29,7 +33,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pacsv
 
-from pipeline.config import NUM_DENSE_FEATURES, NUM_SPARSE_FEATURES
+import pyarrow.compute as pc
+
+from pipeline.config import NUM_DENSE_FEATURES, NUM_SPARSE_FEATURES, CategoricalFormat, DataConfig
 
 LABEL = "label"
 DENSE_COLUMNS = [f"I{i + 1}" for i in range(NUM_DENSE_FEATURES)]
@@ -41,11 +47,70 @@ NO_LABEL = -1  # RawBlock.labels of rows read with labelled=False
 # Feature names seen by the model (TorchRec's Criteo naming).
 SPARSE_FEATURE_NAMES = [f"cat_{i}" for i in range(NUM_SPARSE_FEATURES)]
 
+
+@dataclass(frozen=True)
+class Schema:
+    """A raw layout: label, then ``dense_columns``, then ``sparse_columns``; the default is Criteo's."""
+
+    dense_columns: tuple[str, ...] = tuple(DENSE_COLUMNS)
+    sparse_columns: tuple[str, ...] = tuple(SPARSE_COLUMNS)
+    feature_names: tuple[str, ...] = tuple(SPARSE_FEATURE_NAMES)  # KJT keys, one per sparse column
+    categorical_format: CategoricalFormat = CategoricalFormat.hex
+
+    @classmethod
+    def from_config(cls, cfg: DataConfig) -> Schema:
+        """The layout ``data.dense_columns``/``sparse_columns``/``feature_names``/``categorical_format`` declare."""
+        return cls(tuple(cfg.dense_columns), tuple(cfg.sparse_columns),
+                   tuple(cfg.feature_names or cfg.sparse_columns), CategoricalFormat(cfg.categorical_format))
+
+    @classmethod
+    def from_dict(cls, d: dict | None) -> Schema:
+        """From a manifest, export.json or resolved data config; keys it lacks (written before columns could
+        be declared) are Criteo's."""
+        d = d or {}
+        sparse = tuple(d.get("sparse_columns") or SPARSE_COLUMNS)
+        names = d.get("feature_names") or (SPARSE_FEATURE_NAMES if "sparse_columns" not in d else sparse)
+        return cls(tuple(d.get("dense_columns", DENSE_COLUMNS)), sparse, tuple(names),
+                   CategoricalFormat(d.get("categorical_format", "hex")))
+
+    def to_dict(self) -> dict:
+        return {"dense_columns": list(self.dense_columns), "sparse_columns": list(self.sparse_columns),
+                "feature_names": list(self.feature_names), "categorical_format": self.categorical_format.value}
+
+    @property
+    def num_dense(self) -> int:
+        return len(self.dense_columns)
+
+    @property
+    def num_sparse(self) -> int:
+        return len(self.sparse_columns)
+
+    @property
+    def columns(self) -> list[str]:
+        return [LABEL, *self.dense_columns, *self.sparse_columns]
+
+    @property
+    def num_fields(self) -> int:
+        """Fields of a labelled row."""
+        return 1 + self.num_dense + self.num_sparse
+
+    def describe(self) -> str:
+        """The layout in words, for messages and export.json."""
+        def span(cols: tuple[str, ...]) -> str:
+            return "none" if not cols else cols[0] if len(cols) == 1 else f"{cols[0]}..{cols[-1]}"
+        cats = "8-hex-digit hashes" if self.categorical_format == CategoricalFormat.hex else "decimal integer ids"
+        return (f"TSV: [label], {self.num_dense} integer(s) {span(self.dense_columns)} (empty = missing), "
+                f"{self.num_sparse} categorical(s) {span(self.sparse_columns)} as {cats} (empty = missing)")
+
+
+CRITEO = Schema()
+
 # Kinds of malformed rows, as counted in the manifest.
 BAD_ROW_KINDS = ("wrong_field_count", "bad_label", "bad_dense", "bad_categorical", "truncated_last_line")
 
 _HEX_CHARS = frozenset(b"0123456789abcdefABCDEF")
 _INT_RE = re.compile(rb"[+-]?[0-9]+")
+_UINT_RE = re.compile(rb"[0-9]+")
 _ARROW_BLOCK = 1 << 20  # pyarrow parses each chunk in 1 MiB blocks, in parallel
 _MAX_EXAMPLES = 10
 
@@ -88,10 +153,10 @@ class RawBlock:
     """One parsed block of raw rows."""
 
     labels: np.ndarray  # [n] int8 (NO_LABEL = -1 for rows read with labelled=False)
-    dense: np.ndarray  # [n, 13] int64, 0 where missing
-    dense_missing: np.ndarray  # [n, 13] bool
-    sparse: np.ndarray  # [n, 26] uint32 hash values, 0 where missing
-    sparse_missing: np.ndarray  # [n, 26] bool
+    dense: np.ndarray  # [n, num_dense] int64, 0 where missing
+    dense_missing: np.ndarray  # [n, num_dense] bool
+    sparse: np.ndarray  # [n, num_sparse] uint32 hashes (hex) or int64 ids (int), 0 where missing
+    sparse_missing: np.ndarray  # [n, num_sparse] bool
     line_index: np.ndarray  # [n] int64, 0-based line of each row in its file (bad lines leave gaps)
 
     def __len__(self) -> int:
@@ -148,13 +213,15 @@ def _iter_chunks(path: Path, chunk_bytes: int) -> Iterator[_Chunk]:
         yield _Chunk(tail, line, 1, True)
 
 
-def _parse(data: bytes, labelled: bool = True) -> pa.Table:
+def _parse(data: bytes, labelled: bool = True, schema: Schema = CRITEO) -> pa.Table:
     """pyarrow's typed parse of a chunk (raises pa.ArrowInvalid on a bad field or field count)."""
-    types = {**({LABEL: pa.int8()} if labelled else {}), **{c: pa.int64() for c in DENSE_COLUMNS},
-             **{c: pa.binary(8) for c in SPARSE_COLUMNS}}
+    # Decimal ids are read as text: pyarrow's integer parser also takes " 7" and "0x1f", which are not ids.
+    cat_type = pa.binary(8) if schema.categorical_format == CategoricalFormat.hex else pa.string()
+    types = {**({LABEL: pa.int8()} if labelled else {}), **{c: pa.int64() for c in schema.dense_columns},
+             **{c: cat_type for c in schema.sparse_columns}}
     return pacsv.read_csv(
         pa.py_buffer(data),
-        read_options=pacsv.ReadOptions(column_names=COLUMNS if labelled else UNLABELLED_COLUMNS,
+        read_options=pacsv.ReadOptions(column_names=schema.columns if labelled else schema.columns[1:],
                                        block_size=_ARROW_BLOCK),
         # Empty lines are rows (of nulls), so they are caught as bad rows instead of vanishing.
         parse_options=pacsv.ParseOptions(delimiter="\t", quote_char=False, double_quote=False,
@@ -206,18 +273,18 @@ def _one_chunk(col: pa.ChunkedArray) -> pa.Array:
     return col.chunk(0) if col.num_chunks == 1 else col.combine_chunks()
 
 
-def _hex8_columns(table: pa.Table) -> tuple[np.ndarray, np.ndarray]:
-    """The 26 fixed_size_binary(8) hex columns -> (uint32 [n, 26], missing [n, 26]).
+def _hex8_columns(table: pa.Table, schema: Schema = CRITEO) -> tuple[np.ndarray, np.ndarray]:
+    """The fixed_size_binary(8) hex columns -> (uint32 [n, F], missing [n, F]).
 
     Column by column, so every temporary stays small (large temporaries are fresh mmaps whose
     page faults would cost more than the arithmetic). Raises _SlowPath on a non-hex character.
     """
     n = table.num_rows
-    sparse = np.zeros((n, NUM_SPARSE_FEATURES), dtype=np.uint32)
-    missing = np.zeros((n, NUM_SPARSE_FEATURES), dtype=bool)
+    sparse = np.zeros((n, schema.num_sparse), dtype=np.uint32)
+    missing = np.zeros((n, schema.num_sparse), dtype=bool)
     if n == 0:
         return sparse, missing
-    for j, name in enumerate(SPARSE_COLUMNS):
+    for j, name in enumerate(schema.sparse_columns):
         arr = _one_chunk(table.column(name))
         x = np.frombuffer(arr.buffers()[1], dtype="<u8", count=n, offset=arr.offset * 8)
         valid = _validity(arr)
@@ -232,6 +299,29 @@ def _hex8_columns(table: pa.Table) -> tuple[np.ndarray, np.ndarray]:
     return sparse, missing
 
 
+_DECIMAL_ID = r"^[0-9]{1,19}$"  # the cast below rejects 19 digits >= 2^63
+
+
+def _decimal_id_columns(table: pa.Table, schema: Schema) -> tuple[np.ndarray, np.ndarray]:
+    """The decimal-id text columns -> (int64 [n, F], missing [n, F]); raises _SlowPath on a bad id."""
+    n = table.num_rows
+    sparse = np.zeros((n, schema.num_sparse), dtype=np.int64)
+    missing = np.zeros((n, schema.num_sparse), dtype=bool)
+    for j, name in enumerate(schema.sparse_columns):
+        col = _one_chunk(table.column(name))
+        if n == 0:
+            break
+        ok = pc.match_substring_regex(col, _DECIMAL_ID)
+        if pc.any(pc.invert(ok)).as_py():  # nulls (missing) stay null and do not count
+            raise _SlowPath
+        try:
+            values, missing[:, j] = _int_column(pa.chunked_array([pc.cast(col, pa.int64())]))
+        except pa.ArrowInvalid:  # out of int64 range
+            raise _SlowPath from None
+        sparse[:, j] = values
+    return sparse, missing
+
+
 def _int_column(col: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
     """int64 column -> (values with missing as 0, missing mask), read straight from the arrow buffers."""
     arr = _one_chunk(col)
@@ -243,8 +333,8 @@ def _int_column(col: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
     return np.where(valid, values, 0), ~valid
 
 
-def _convert(table: pa.Table, chunk_lines: np.ndarray, labelled: bool = True) -> RawBlock:
-    """Typed columns -> RawBlock; raises _SlowPath on a null or out-of-range label or a non-hex digit."""
+def _convert(table: pa.Table, chunk_lines: np.ndarray, labelled: bool = True, schema: Schema = CRITEO) -> RawBlock:
+    """Typed columns -> RawBlock; raises _SlowPath on a null or out-of-range label or a bad categorical."""
     n = table.num_rows
     if labelled:
         col = table.column(LABEL)
@@ -255,42 +345,52 @@ def _convert(table: pa.Table, chunk_lines: np.ndarray, labelled: bool = True) ->
             raise _SlowPath
     else:
         labels = np.full(n, NO_LABEL, dtype=np.int8)
-    dense = np.empty((n, NUM_DENSE_FEATURES), np.int64)
-    dense_missing = np.empty((n, NUM_DENSE_FEATURES), bool)
-    for j, name in enumerate(DENSE_COLUMNS):
+    dense = np.empty((n, schema.num_dense), np.int64)
+    dense_missing = np.empty((n, schema.num_dense), bool)
+    for j, name in enumerate(schema.dense_columns):
         dense[:, j], dense_missing[:, j] = _int_column(table.column(name))
-    sparse, sparse_missing = _hex8_columns(table)
+    if schema.categorical_format == CategoricalFormat.hex:
+        sparse, sparse_missing = _hex8_columns(table, schema)
+    else:
+        sparse, sparse_missing = _decimal_id_columns(table, schema)
     return RawBlock(labels, dense, dense_missing, sparse, sparse_missing, chunk_lines)
 
 
-def check_line(line: bytes, labelled: bool = True) -> tuple[str, str] | None:
+def check_line(line: bytes, labelled: bool = True, schema: Schema = CRITEO) -> tuple[str, str] | None:
     """(kind, detail) when a raw line (without its newline) is malformed, else None."""
     fields = line.split(b"\t")
+    num_fields = schema.num_fields
     if not labelled:
         fields.insert(0, b"0")  # checked as a labelled row with a valid label
-        if len(fields) != NUM_FIELDS:
-            return "wrong_field_count", f"{len(fields) - 1} tab-separated fields, expected {NUM_FIELDS - 1} (no label)"
-    if len(fields) != NUM_FIELDS:
-        return "wrong_field_count", f"{len(fields)} tab-separated fields, expected {NUM_FIELDS}"
+        if len(fields) != num_fields:
+            return "wrong_field_count", f"{len(fields) - 1} tab-separated fields, expected {num_fields - 1} (no label)"
+    if len(fields) != num_fields:
+        return "wrong_field_count", f"{len(fields)} tab-separated fields, expected {num_fields}"
     if fields[0] not in (b"0", b"1"):
         return "bad_label", f"field {LABEL} is {fields[0][:20]!r}, expected 0 or 1"
-    for name, v in zip(DENSE_COLUMNS, fields[1 : 1 + NUM_DENSE_FEATURES], strict=True):
+    num_dense = schema.num_dense
+    for name, v in zip(schema.dense_columns, fields[1 : 1 + num_dense], strict=True):
         if v and (not _INT_RE.fullmatch(v) or not -(2**63) <= int(v) < 2**63):
             return "bad_dense", f"field {name} is {v[:20]!r}, expected an integer or empty"
-    for name, v in zip(SPARSE_COLUMNS, fields[1 + NUM_DENSE_FEATURES :], strict=True):
-        if v and (len(v) != 8 or not _HEX_CHARS.issuperset(v)):
+    hex_ids = schema.categorical_format == CategoricalFormat.hex
+    for name, v in zip(schema.sparse_columns, fields[1 + num_dense :], strict=True):
+        if not v:
+            continue
+        if hex_ids and (len(v) != 8 or not _HEX_CHARS.issuperset(v)):
             return "bad_categorical", f"field {name} is {v[:20]!r}, expected 8 hex digits or empty"
+        if not hex_ids and (not _UINT_RE.fullmatch(v) or int(v) >= 2**63):
+            return "bad_categorical", f"field {name} is {v[:20]!r}, expected a decimal integer id in [0, 2^63) or empty"
     return None
 
 
-def _bad_lines(chunk: _Chunk, path: Path, labelled: bool = True) -> list[tuple[int, str, str]]:
+def _bad_lines(chunk: _Chunk, path: Path, labelled: bool = True, schema: Schema = CRITEO) -> list[tuple[int, str, str]]:
     """(index within chunk, kind, detail) of every malformed line of a chunk."""
     lines = chunk.data.split(b"\n")
     if not chunk.unterminated:
         lines.pop()  # after the final newline
     bad = []
     for i, line in enumerate(lines):
-        problem = check_line(line, labelled)
+        problem = check_line(line, labelled, schema)
         if problem is not None:
             kind, detail = problem
             if chunk.unterminated and i == len(lines) - 1:
@@ -300,8 +400,8 @@ def _bad_lines(chunk: _Chunk, path: Path, labelled: bool = True) -> list[tuple[i
 
 
 def read_blocks(path: str | Path, block_size_mb: float = 64, bad_rows: str = "error",
-                counter: BadRows | None = None, labelled: bool = True) -> Iterator[RawBlock]:
-    """Stream a raw Criteo file as parsed, validated blocks of about ``block_size_mb`` raw bytes.
+                counter: BadRows | None = None, labelled: bool = True, schema: Schema = CRITEO) -> Iterator[RawBlock]:
+    """Stream a raw file as parsed, validated blocks of about ``block_size_mb`` raw bytes.
 
     Every line is validated in full on every pass, so all passes over a file agree on its bad rows.
 
@@ -309,6 +409,7 @@ def read_blocks(path: str | Path, block_size_mb: float = 64, bad_rows: str = "er
         bad_rows: ``error`` raises on the first malformed line; ``skip`` drops malformed lines and
             counts them in ``counter``.
         labelled: False reads rows without the label column (39 fields); their labels are NO_LABEL.
+        schema: the column layout (default Criteo's); hex categoricals come out uint32, decimal ones int64.
 
     Raises:
         RawDataError: a malformed row under ``bad_rows=error``, naming the file, line and field.
@@ -324,7 +425,7 @@ def read_blocks(path: str | Path, block_size_mb: float = 64, bad_rows: str = "er
         if chunk is None:
             return None
         try:
-            return chunk, _parse(chunk.data, labelled)
+            return chunk, _parse(chunk.data, labelled, schema)
         except pa.ArrowInvalid as e:
             return chunk, e
 
@@ -338,11 +439,11 @@ def read_blocks(path: str | Path, block_size_mb: float = 64, bad_rows: str = "er
             try:
                 if isinstance(table, Exception):
                     raise _SlowPath
-                yield _convert(table, lines, labelled)
+                yield _convert(table, lines, labelled, schema)
                 continue
             except _SlowPath:
                 pass
-            bad = _bad_lines(chunk, path, labelled)
+            bad = _bad_lines(chunk, path, labelled, schema)
             if not bad:
                 raise RawDataError(f"{path} (lines {chunk.first_line + 1}-{chunk.first_line + chunk.num_lines}): "
                                    f"pyarrow rejected the block but no line is malformed: {table}")
@@ -358,8 +459,8 @@ def read_blocks(path: str | Path, block_size_mb: float = 64, bad_rows: str = "er
                 continue
             kept = [ln for ln, d in zip(chunk.data.split(b"\n")[: chunk.num_lines], drop, strict=True) if not d]
             try:
-                table = _parse(b"\n".join(kept) + b"\n", labelled)
-                yield _convert(table, lines[~drop], labelled)
+                table = _parse(b"\n".join(kept) + b"\n", labelled, schema)
+                yield _convert(table, lines[~drop], labelled, schema)
             except (pa.ArrowInvalid, _SlowPath) as e:
                 raise RawDataError(f"{path} (lines {chunk.first_line + 1}-{chunk.first_line + chunk.num_lines}): "
                                    f"rows still rejected after dropping {len(bad)} malformed lines: {e}") from None

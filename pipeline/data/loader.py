@@ -18,8 +18,7 @@ import torch
 from torchrec.datasets.utils import Batch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from pipeline.data.criteo import SPARSE_FEATURE_NAMES
-from pipeline.data.preprocess import load_manifest
+from pipeline.data.preprocess import load_manifest, manifest_schema
 
 logger = logging.getLogger(__name__)
 
@@ -31,6 +30,13 @@ class EvalBatch:
     batch: Batch
     weights: torch.Tensor  # [local_batch_size] float32, 1 for real rows
     rows: torch.Tensor  # [local_batch_size] int64, the split's row of each sample (padding repeats row 0)
+
+
+def _map(path: Path, f: dict) -> np.ndarray:
+    """A part's column group, memory-mapped (an empty file, e.g. dense with no dense columns, cannot be)."""
+    if 0 in f["shape"]:
+        return np.zeros(f["shape"], dtype=f["dtype"])
+    return np.memmap(path, dtype=f["dtype"], mode="r", shape=tuple(f["shape"]))
 
 
 class BinarySplit:
@@ -47,15 +53,13 @@ class BinarySplit:
             raise KeyError(f"split {split!r} not in {self.dir / 'manifest.json'}")
         info = self.manifest["splits"][split]
         self.split = split
+        self.feature_names: list[str] = list(manifest_schema(self.manifest).feature_names)  # the KJT keys
         self.num_rows: int = info["num_rows"]
         self.parts: list[dict[str, np.ndarray]] = []
         for part in info["parts"]:
             if part["num_rows"] == 0:
                 continue
-            self.parts.append({
-                key: np.memmap(self.dir / f["path"], dtype=f["dtype"], mode="r", shape=tuple(f["shape"]))
-                for key, f in part["files"].items()
-            })
+            self.parts.append({key: _map(self.dir / f["path"], f) for key, f in part["files"].items()})
         self.starts = np.cumsum([0] + [len(p["labels"]) for p in self.parts])
         if self.starts[-1] != self.num_rows:
             raise ValueError(f"{self.dir / 'manifest.json'}: split {split} lists {self.num_rows} rows but its parts "
@@ -81,17 +85,17 @@ class BinarySplit:
         return self.gather(key, np.arange(self.num_rows))
 
     def make_batch(self, rows: np.ndarray) -> Batch:
-        """Gather ``rows`` into a Batch: dense [b, 13], KJT of 26 one-id features, labels [b]."""
+        """Gather ``rows`` into a Batch: dense [b, num_dense], KJT of the manifest's one-id features, labels [b]."""
         dense = torch.from_numpy(np.ascontiguousarray(self.gather("dense", rows)))
-        ids = self.gather("sparse", rows)  # [b, 26]
+        ids = self.gather("sparse", rows)  # [b, num_sparse]
         labels = torch.from_numpy(self.gather("labels", rows).astype(np.float32))
         b = len(rows)
         # KJT values are feature-major: all of feature 0's ids, then feature 1's, ...
         values = torch.from_numpy(np.ascontiguousarray(ids.T).reshape(-1).astype(np.int64))
         kjt = KeyedJaggedTensor(
-            keys=SPARSE_FEATURE_NAMES,
+            keys=self.feature_names,
             values=values,
-            lengths=torch.ones(len(SPARSE_FEATURE_NAMES) * b, dtype=torch.int32),
+            lengths=torch.ones(len(self.feature_names) * b, dtype=torch.int32),
             stride=b,
         )
         return Batch(dense_features=dense, sparse_features=kjt, labels=labels)

@@ -1,13 +1,17 @@
-"""Raw Criteo TSV -> columnar binary splits + ``manifest.json``, restartable per input file.
+"""Raw TSV (Criteo's layout or the one ``data.*_columns`` declare) -> columnar binary splits +
+``manifest.json``, restartable per input file.
 
 Output folder (``data.processed_dir``)::
 
     manifest.json                 written last: rows per split and their parts (files, dtype, shape,
-                                  sha256), table sizes, id settings, dense transform, sources with
-                                  sizes, bad-row counts by kind, the generator's optimum if known
-    vocab.npz, vocab.json         id_mode=vocab: per column, the raw hashes that own a table row
-    parts/<NNN>/<split>/dense.bin     float32 [rows, 13], already transformed
-    parts/<NNN>/<split>/sparse.bin    int32 [rows, 26] table row ids (int64 when a cap exceeds 2^31)
+                                  sha256), the schema (dense_columns, sparse_columns, feature_names =
+                                  the KJT keys, categorical_format), table sizes, id settings, dense
+                                  transform, sources with sizes, bad-row counts by kind, the
+                                  generator's optimum if known
+    vocab.npz, vocab.json         id_mode=vocab: per sparse column (arrays C1..CF by position), the raw
+                                  hashes or ids that own a table row
+    parts/<NNN>/<split>/dense.bin     float32 [rows, num_dense], already transformed
+    parts/<NNN>/<split>/sparse.bin    int32 [rows, num_sparse] table row ids (int64 when a cap exceeds 2^31)
     parts/<NNN>/<split>/labels.bin    uint8 [rows]
     parts/<NNN>/done.json         input file NNN is finished: its outputs' sha256s, rows, bad rows
 
@@ -39,14 +43,12 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.config import (
-    NUM_DENSE_FEATURES,
-    NUM_SPARSE_FEATURES,
     DataConfig,
     DenseTransform,
     IdMode,
     SplitMode,
 )
-from pipeline.data.criteo import BadRows, RawBlock, RawDataError, count_lines, read_blocks
+from pipeline.data.criteo import CRITEO, BadRows, RawBlock, RawDataError, Schema, count_lines, read_blocks
 
 logger = logging.getLogger(__name__)
 
@@ -158,7 +160,8 @@ def _unit_blocks(unit: _Unit, cfg: DataConfig, counter: BadRows,
     every wanted line range has ended."""
     wanted = [s for s in unit.splits if s in only]
     last_line = None if unit.random_split else max(unit.ranges[s][1] for s in wanted)
-    for block in read_blocks(unit.path, cfg.block_size_mb, cfg.bad_rows.value, counter):
+    for block in read_blocks(unit.path, cfg.block_size_mb, cfg.bad_rows.value, counter,
+                             schema=Schema.from_config(cfg)):
         lines = block.line_index
         if unit.random_split:
             assigned = _random_assignment(cfg, lines)
@@ -178,7 +181,7 @@ def _unit_blocks(unit: _Unit, cfg: DataConfig, counter: BadRows,
 
 def transform_dense(block: RawBlock, transform: DenseTransform = DenseTransform.log1p,
                     file_min: int | None = None) -> np.ndarray:
-    """The 13 integer features -> float32 [n, 13] (missing is 0 before the transform)."""
+    """The integer features -> float32 [n, num_dense] (missing is 0 before the transform)."""
     if transform == DenseTransform.log1p:
         return np.log1p(np.maximum(block.dense, 0)).astype(np.float32)
     # TorchRec's converter, operation for operation: int32, shift by the file's min, float32 log.
@@ -187,20 +190,21 @@ def transform_dense(block: RawBlock, transform: DenseTransform = DenseTransform.
 
 
 def _caps(cfg: DataConfig) -> list[int]:
-    return list(cfg.num_embeddings_per_feature) or [cfg.max_ids_per_feature] * NUM_SPARSE_FEATURES
+    return list(cfg.num_embeddings_per_feature) or [cfg.max_ids_per_feature] * len(cfg.sparse_columns)
 
 
 class _IdCounter:
     """Per column, the training hashes and how often each occurs; merged as it grows to bound memory."""
 
-    def __init__(self) -> None:
-        self.keys = [np.zeros(0, np.uint32) for _ in range(NUM_SPARSE_FEATURES)]
-        self.counts = [np.zeros(0, np.int64) for _ in range(NUM_SPARSE_FEATURES)]
-        self.pending: list[list[np.ndarray]] = [[] for _ in range(NUM_SPARSE_FEATURES)]
-        self.pending_len = [0] * NUM_SPARSE_FEATURES
+    def __init__(self, num_sparse: int) -> None:
+        self.num_sparse = num_sparse
+        self.keys = [np.zeros(0, np.uint32) for _ in range(num_sparse)]
+        self.counts = [np.zeros(0, np.int64) for _ in range(num_sparse)]
+        self.pending: list[list[np.ndarray]] = [[] for _ in range(num_sparse)]
+        self.pending_len = [0] * num_sparse
 
     def add(self, block: RawBlock) -> None:
-        for j in range(NUM_SPARSE_FEATURES):
+        for j in range(self.num_sparse):
             values = block.sparse[~block.sparse_missing[:, j], j]
             self.pending[j].append(values)
             self.pending_len[j] += len(values)
@@ -220,7 +224,7 @@ class _IdCounter:
     def vocab(self, caps: list[int], min_frequency: int) -> list[np.ndarray]:
         """Per column, the hashes that get their own row, most frequent first (at most cap - 2)."""
         out = []
-        for j in range(NUM_SPARSE_FEATURES):
+        for j in range(self.num_sparse):
             self._merge(j)
             k, c = self.keys[j], self.counts[j]
             order = np.argsort(-c, kind="stable")  # most frequent first, ties by hash value
@@ -248,7 +252,7 @@ class _IdMapper:
 
     def __call__(self, block: RawBlock) -> np.ndarray:
         out = np.empty(block.sparse.shape, dtype=self.dtype)
-        for j in range(NUM_SPARSE_FEATURES):
+        for j in range(block.sparse.shape[1]):
             h = block.sparse[:, j]
             if self.mode == IdMode.hash:
                 ids = 1 + h.astype(np.int64) % (self.caps[j] - 1)
@@ -264,15 +268,13 @@ class _IdMapper:
         return out
 
 
-_WIDTHS = {"dense": [NUM_DENSE_FEATURES], "sparse": [NUM_SPARSE_FEATURES], "labels": []}
-
-
 class _SplitWriter:
     """Appends blocks to one part's binary files of a split, hashing them as they are written."""
 
-    def __init__(self, root: Path, rel_dir: str, sparse_dtype: np.dtype):
+    def __init__(self, root: Path, rel_dir: str, sparse_dtype: np.dtype, schema: Schema):
         self.root = root
         self.rel_dir = rel_dir
+        self.widths = {"dense": [schema.num_dense], "sparse": [schema.num_sparse], "labels": []}
         (root / rel_dir).mkdir(parents=True, exist_ok=True)
         self.dtypes = {"dense": np.dtype(np.float32), "sparse": np.dtype(sparse_dtype), "labels": np.dtype(np.uint8)}
         self.files = {k: open(root / rel_dir / f"{k}.bin", "wb") for k in self.dtypes}
@@ -281,7 +283,7 @@ class _SplitWriter:
 
     def write(self, dense: np.ndarray, sparse: np.ndarray, labels: np.ndarray) -> None:
         for key, arr in (("dense", dense), ("sparse", sparse), ("labels", labels)):
-            buf = memoryview(np.ascontiguousarray(arr, dtype=self.dtypes[key])).cast("B")
+            buf = memoryview(np.ascontiguousarray(arr, dtype=self.dtypes[key]).reshape(-1)).cast("B")  # [n, 0] too
             self.files[key].write(buf)
             self.hashes[key].update(buf)
         self.num_rows += len(labels)
@@ -295,7 +297,7 @@ class _SplitWriter:
             "num_rows": self.num_rows,
             "files": {
                 k: {"path": f"{self.rel_dir}/{k}.bin", "dtype": self.dtypes[k].name,
-                    "shape": [self.num_rows, *_WIDTHS[k]], "sha256": self.hashes[k].hexdigest()}
+                    "shape": [self.num_rows, *self.widths[k]], "sha256": self.hashes[k].hexdigest()}
                 for k in self.dtypes
             },
         }
@@ -332,6 +334,10 @@ def _write_json(path: Path, obj: dict) -> None:
 
 def _settings(cfg: DataConfig) -> dict:
     """The inputs that determine the output; outputs made with other settings are rebuilt."""
+    schema = Schema.from_config(cfg)
+    # Criteo's layout is left out, so data preprocessed before columns could be declared (hours for
+    # Criteo 1TB) keeps its fingerprints and is reused; any other layout is part of the settings.
+    layout = {} if schema == CRITEO else {"schema": schema.to_dict()}
     return {
         "split": cfg.split.value,
         "raw_files": list(cfg.raw_files),
@@ -343,6 +349,7 @@ def _settings(cfg: DataConfig) -> dict:
         "min_id_frequency": cfg.min_id_frequency,
         "dense_transform": cfg.dense_transform.value,
         "bad_rows": cfg.bad_rows.value,
+        **layout,
     }
 
 
@@ -357,6 +364,11 @@ def _sources(files: list[Path]) -> list[dict]:
 
 def _fingerprint(settings: dict, source: dict, extra: str = "") -> str:
     return hashlib.sha256(json.dumps([settings, source, extra], sort_keys=True).encode()).hexdigest()[:16]
+
+
+def manifest_schema(manifest: dict) -> Schema:
+    """The column layout a manifest records (Criteo's for manifests written before layouts were declared)."""
+    return Schema.from_dict(manifest)
 
 
 def load_manifest(processed_dir: str | Path) -> dict:
@@ -381,7 +393,13 @@ def is_current(cfg: DataConfig) -> bool:
         sources = _sources(raw_files(cfg))
     except FileNotFoundError:
         return False
-    return m.get("version") == MANIFEST_VERSION and m.get("settings") == _settings(cfg) and m.get("sources") == sources
+    if m.get("version") != MANIFEST_VERSION or m.get("sources") != sources:
+        return False
+    if manifest_schema(m) != Schema.from_config(cfg):
+        logger.info("%s was preprocessed with columns %s, the config declares %s: preprocessing again", path,
+                    manifest_schema(m).to_dict(), Schema.from_config(cfg).to_dict())
+        return False
+    return m.get("settings") == _settings(cfg)
 
 
 def _load_or_build_vocab(cfg: DataConfig, units: list[_Unit], out: Path, settings: dict,
@@ -394,9 +412,9 @@ def _load_or_build_vocab(cfg: DataConfig, units: list[_Unit], out: Path, setting
         if m.get("fingerprint") == key and _sha256_file(npz) == m.get("sha256"):
             logger.info("vocabulary in %s verified, reused", npz)
             with np.load(npz) as z:
-                return [z[f"C{j + 1}"] for j in range(NUM_SPARSE_FEATURES)], m["sha256"]
+                return [z[f"C{j + 1}"] for j in range(len(cfg.sparse_columns))], m["sha256"]
     t0 = time.perf_counter()
-    counter = _IdCounter()
+    counter = _IdCounter(len(cfg.sparse_columns))
     ignored = BadRows()  # the main pass counts bad rows; this pass sees the same ones
     for unit in units:
         if "train" in unit.splits:
@@ -416,8 +434,9 @@ def _load_or_build_vocab(cfg: DataConfig, units: list[_Unit], out: Path, setting
 def _dense_min(unit: _Unit, cfg: DataConfig) -> int:
     """The smallest integer feature in the whole file (missing counts as 0), as TorchRec's converter takes it."""
     lo = None
-    for block in read_blocks(unit.path, cfg.block_size_mb, cfg.bad_rows.value, BadRows()):
-        if len(block):
+    for block in read_blocks(unit.path, cfg.block_size_mb, cfg.bad_rows.value, BadRows(),
+                             schema=Schema.from_config(cfg)):
+        if block.dense.size:
             m = int(block.dense.min())
             lo = m if lo is None else min(lo, m)
     return 0 if lo is None else lo
@@ -429,7 +448,7 @@ def _process_unit(unit: _Unit, cfg: DataConfig, out: Path, mapper: _IdMapper, ke
     rel = f"parts/{unit.name}"
     file_min = _dense_min(unit, cfg) if cfg.dense_transform == DenseTransform.torchrec else None
     counter = BadRows()
-    writers = {s: _SplitWriter(out, f"{rel}/{s}", mapper.dtype) for s in unit.splits}
+    writers = {s: _SplitWriter(out, f"{rel}/{s}", mapper.dtype, Schema.from_config(cfg)) for s in unit.splits}
     for split, block in _unit_blocks(unit, cfg, counter):
         writers[split].write(transform_dense(block, cfg.dense_transform, file_min), mapper(block), block.labels)
     record = {
@@ -509,8 +528,9 @@ def preprocess(cfg: DataConfig) -> dict:
         "settings": settings,
         "sources": sources,
         "splits": splits,
-        "num_dense_features": NUM_DENSE_FEATURES,
-        "num_sparse_features": NUM_SPARSE_FEATURES,
+        **Schema.from_config(cfg).to_dict(),
+        "num_dense_features": len(cfg.dense_columns),
+        "num_sparse_features": len(cfg.sparse_columns),
         "num_embeddings_per_feature": mapper.num_embeddings,
         "reserved_ids": {"missing": MISSING_ID, **({"rare_or_unseen": RARE_ID} if vocab is not None else {})},
         "dense_transform": DENSE_TRANSFORMS[cfg.dense_transform],
@@ -528,7 +548,7 @@ def preprocess(cfg: DataConfig) -> dict:
 
 
 def _optimum(cfg: DataConfig) -> dict | None:
-    """The synthetic generator's Bayes-optimal metrics, when the raw data came from it."""
+    """The synthetic (or MovieLens-style) generator's Bayes-optimal metrics, when the raw data came from it."""
     from pipeline.data.synthetic import OPTIMUM_FILE
 
     path = Path(cfg.raw_dir) / OPTIMUM_FILE
@@ -537,4 +557,4 @@ def _optimum(cfg: DataConfig) -> dict | None:
     return None
 
 
-__all__ = ["RawDataError", "preprocess", "load_manifest", "is_current", "raw_files", "MANIFEST"]
+__all__ = ["RawDataError", "preprocess", "load_manifest", "manifest_schema", "is_current", "raw_files", "MANIFEST"]
