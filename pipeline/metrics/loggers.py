@@ -103,7 +103,7 @@ class TensorBoardBackend:
             self._writer.close()
         # Event file names carry the time in seconds: the suffix keeps two files of one second apart.
         self._writer = SummaryWriter(logdir=str(self.log_dir), purge_step=purge_step, flush_secs=self.flush_secs,
-                                     filename_suffix=f".{os.getpid()}.{next(_FILE_NUMBERS)}")
+                                     filename_suffix=f".{os.getpid()}.{next(_FILE_NUMBERS):06d}")
         return self._writer
 
     def log(self, record: dict) -> None:
@@ -182,12 +182,21 @@ def _records(path: Path) -> Iterable[bytes]:
 def read_scalars(log_dir: str | Path, files: Sequence[Path] | None = None) -> dict[str, list[tuple[int, float]]]:
     """All scalars of the event files in ``log_dir``: {tag: [(step, value), ...]} in step order.
 
-    Files are read in name (= creation time) order; a SessionLog START at step S (a resumed run's
-    ``purge_step``) drops the points at or after S written before it, as TensorBoard does.
+    Files are read in the order they were opened (the wall time of their first event; names only
+    resolve to the second); a SessionLog START at step S (a resumed run's ``purge_step``) drops the
+    points at or after S written before it, as TensorBoard does.
     """
     from tensorboardX.proto.event_pb2 import Event, SessionLog
 
-    paths = sorted(files) if files is not None else sorted(Path(log_dir).glob(EVENT_FILE_GLOB))
+    def opened(path: Path) -> tuple[float, str]:
+        event = Event()
+        for payload in _records(path):
+            event.ParseFromString(payload)
+            break
+        return event.wall_time, path.name
+
+    paths = list(files) if files is not None else list(Path(log_dir).glob(EVENT_FILE_GLOB))
+    paths.sort(key=opened)
     series: dict[str, list[tuple[int, float]]] = {}
     for path in paths:
         for payload in _records(path):

@@ -211,3 +211,24 @@ def test_tensorboard_samples_axis(tmp_path) -> None:
     scalars = loggers.read_scalars(tmp_path)
     assert scalars["train/loss"] == [(256, 0.5), (512, 0.5), (768, 0.25)]
     assert scalars["progress/step"] == [(256, 1.0), (512, 2.0), (768, 3.0)]
+
+
+def test_event_files_are_read_in_the_order_they_were_opened(tmp_path) -> None:
+    """Names resolve only to the second: a resumed run's file opened in the same second must still count
+    as the later one, whatever its name sorts as (the bug: '.10' sorted before '.9')."""
+    import shutil
+
+    first = loggers.TensorBoardBackend(tmp_path / "a")
+    first.log(_train(1, 1.0))
+    first.log(_train(2, 2.0))
+    first.close()
+    second = loggers.TensorBoardBackend(tmp_path / "b")
+    second.log({"event": "resume", "step": 1, "samples": 256})
+    second.log(_train(2, 5.0))
+    second.close()
+    (old,), (new,) = list((tmp_path / "a").glob(loggers.EVENT_FILE_GLOB)), list((tmp_path / "b").glob(loggers.EVENT_FILE_GLOB))
+    merged = tmp_path / "merged"
+    merged.mkdir()
+    shutil.copy(old, merged / "events.out.tfevents.100.host.9")  # the older file gets the later-sorting name
+    shutil.copy(new, merged / "events.out.tfevents.100.host.10")
+    assert loggers.read_scalars(merged)["train/loss"] == [(1, 1.0), (2, 5.0)]
