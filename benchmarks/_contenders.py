@@ -38,6 +38,19 @@ def summarize(step_s: list[float], batch: int, warmup: int) -> dict:
     return {"median": statistics.median(rates), "min": min(rates), "max": max(rates), "steps": len(rates)}
 
 
+def profile(a, step, name: str) -> None:
+    """torch.profiler over ``a.profile_steps`` steps: the top ops by self CPU time to ``a.profile/<name>.txt``."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    a.profile.mkdir(parents=True, exist_ok=True)
+    with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+        for i in range(a.profile_steps):
+            step(i)
+    table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=60)
+    (a.profile / f"{name}.txt").write_text(f"{a.profile_steps} steps, batch {a.batch}\n{table}\n")
+
+
 def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
@@ -81,13 +94,19 @@ def run_plain(a) -> dict:
     loss_fn = nn.BCEWithLogitsLoss()
     batches = random_batches(a.warmup + a.steps, a.batch, a.rows, 0)
     times = []
-    for dense, ids, labels in batches:
-        t = time.perf_counter()
+
+    def step(dense, ids, labels) -> None:
         opt.zero_grad()
         loss = loss_fn(model(dense, ids), labels)
         loss.backward()
         opt.step()
+
+    for dense, ids, labels in batches:
+        t = time.perf_counter()
+        step(dense, ids, labels)
         times.append(time.perf_counter() - t)
+    if a.profile:
+        profile(a, lambda i: step(*batches[i % len(batches)]), "plain")
     model.eval()
     inf = []
     with torch.no_grad():
@@ -143,6 +162,9 @@ def run_torchrec(a) -> dict:
         t = time.perf_counter()
         pipeline.progress(it)
         times.append(time.perf_counter() - t)
+    if a.profile:
+        more = iter([to_batch(*b) for b in random_batches(a.profile_steps + 2, local, a.rows, rank + 1)])
+        profile(a, lambda i: pipeline.progress(more), f"torchrec_rank{rank}")
     pipeline.detach()
     dmp.eval()
     inf = []
@@ -175,6 +197,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--infer-steps", type=int, default=30)
     p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--profile", type=Path, default=None, help="also profile --profile-steps steps into this folder")
+    p.add_argument("--profile-steps", type=int, default=10)
     a = p.parse_args()
     result = run_plain(a) if a.contender == "plain" else run_torchrec(a)
     if result:

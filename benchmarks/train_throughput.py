@@ -16,6 +16,7 @@ fraction of it is printed.
 
     .venv/bin/python benchmarks/train_throughput.py                          # 512,2048,8192 x 1,2 ranks
     .venv/bin/python benchmarks/train_throughput.py --batch-sizes 2048 --ranks 1 --rounds 2
+    .venv/bin/python benchmarks/train_throughput.py --batch-sizes 2048 --ranks 1 --profile 10 --workdir /tmp/b
 """
 
 from __future__ import annotations
@@ -93,28 +94,35 @@ def prepare_data(work: Path, rows: int, train_rows: int, eval_rows: int) -> list
     return over
 
 
-def run_ours(work: Path, tag: str, data: list[str], batch: int, nproc: int, warmup: int, steps: int) -> dict:
+def run_ours(work: Path, tag: str, data: list[str], batch: int, nproc: int, warmup: int, steps: int,
+             profile_steps: int = 0) -> dict:
     run_dir = work / f"ours_{tag}"
+    # Profiled steps (if any) come after the measured ones and are not counted.
+    profile = [f"trainer.profile_steps={profile_steps}", f"trainer.profile_wait_steps={warmup + steps}"] \
+        if profile_steps else []
     cmd = [*torchrun(nproc), "pipeline/train.py", f"hydra.run.dir={run_dir}", *data, "model=dlrm_criteo",
            "optimizer=sgd", "optimizer.lr=0.01", "optimizer.warmup_steps=0", f"data.global_batch_size={batch}",
-           f"data.eval_global_batch_size={batch}", f"trainer.max_steps={warmup + steps}", "trainer.eval_every_steps=0",
-           "logger.log_every_steps=1", "logger.progress_bar=false", "checkpoint.every_steps=0",
-           "checkpoint.save_at_end=false"]
+           f"data.eval_global_batch_size={batch}", f"trainer.max_steps={warmup + steps + (profile_steps + 1 if profile_steps else 0)}",
+           "trainer.eval_every_steps=0", "logger.log_every_steps=1", "logger.progress_bar=false",
+           "checkpoint.every_steps=0", "checkpoint.save_at_end=false", *profile]
     env = {**os.environ, "PIPELINE_RUN_ID": run_dir.name, "OMP_NUM_THREADS": "1"}
     rc, peak = run_measured(cmd, env, work / f"ours_{tag}.log")
     if rc:
         raise RuntimeError(f"ours failed (rc {rc}): see {work / f'ours_{tag}.log'}")
     events = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    rates = [e["train/samples_per_s"] for e in events if e["event"] == "train"][warmup:]
+    rates = [e["train/samples_per_s"] for e in events if e["event"] == "train"][warmup:warmup + steps]
     val = next(e for e in events if e["event"] == "eval" and e["split"] == "val")
     return {"train": {"median": statistics.median(rates), "min": min(rates), "max": max(rates), "steps": len(rates)},
             "infer": {"median": val["eval/num_samples"] / val["eval/seconds"]}, "peak_rss_mib": peak}
 
 
-def run_baseline(work: Path, tag: str, who: str, batch: int, nproc: int, rows: int, warmup: int, steps: int) -> dict:
+def run_baseline(work: Path, tag: str, who: str, batch: int, nproc: int, rows: int, warmup: int, steps: int,
+                 profile_steps: int = 0) -> dict:
     out = work / f"{who}_{tag}.json"
     script = [str(ROOT / "benchmarks" / "_contenders.py"), who, f"--batch={batch}", f"--rows={rows}",
               f"--warmup={warmup}", f"--steps={steps}", f"--out={out}"]
+    if profile_steps:
+        script += [f"--profile={work / f'profile_{tag}'}", f"--profile-steps={profile_steps}"]
     cmd = [*torchrun(nproc), *script] if who == "torchrec" else [PY, *script]
     env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // nproc))}
     rc, peak = run_measured(cmd, env, work / f"{who}_{tag}.log")
@@ -134,6 +142,9 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--rounds", type=int, default=1, help="repeat each contender, alternating")
     p.add_argument("--workdir", default=None)
+    p.add_argument("--profile", type=int, default=0, metavar="STEPS",
+                   help="also torch.profiler STEPS steps of each contender after the measured ones (not counted): "
+                        "ours in <workdir>/ours_<tag>/profile/, the baselines in <workdir>/profile_<tag>/")
     a = p.parse_args()
     batches = [int(x) for x in a.batch_sizes.split(",")]
     ranks = [int(x) for x in a.ranks.split(",")]
@@ -153,10 +164,12 @@ def main() -> None:
             results: dict[str, list[dict]] = {"ours": [], "torchrec": [], "plain": []}
             for r in range(a.rounds):
                 tag = f"b{batch}_r{nproc}_{r}"
-                results["ours"].append(run_ours(work, tag, data, batch, nproc, a.warmup, a.steps))
-                results["torchrec"].append(run_baseline(work, tag, "torchrec", batch, nproc, a.rows, a.warmup, a.steps))
+                results["ours"].append(run_ours(work, tag, data, batch, nproc, a.warmup, a.steps, a.profile))
+                results["torchrec"].append(run_baseline(work, tag, "torchrec", batch, nproc, a.rows, a.warmup, a.steps,
+                                                        a.profile))
                 if nproc == 1:
-                    results["plain"].append(run_baseline(work, tag, "plain", batch, nproc, a.rows, a.warmup, a.steps))
+                    results["plain"].append(run_baseline(work, tag, "plain", batch, nproc, a.rows, a.warmup, a.steps,
+                                                         a.profile))
             agg = {}
             for who, rs in results.items():
                 if rs:

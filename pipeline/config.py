@@ -260,6 +260,9 @@ class TrainerConfig:
     device: Device = Device.auto  # where the model runs
     precision: Precision = Precision.fp32  # bf16: MLPs and interaction under torch.autocast (tables: sharding.embedding_dtype)
     num_threads: int | None = None  # intra-op threads per rank; null = cores / local ranks
+    keep_freed_memory: bool = True  # glibc: reuse freed pages instead of page-faulting fresh ones each step
+    profile_steps: int = 0  # torch.profiler over this many training steps -> <run dir>/profile/; 0 = off
+    profile_wait_steps: int = 10  # steps (after the first, which warms up) before profiling starts
     run_doctor: bool = True  # check the torch/fbgemm/torchrec pairing before training
     resume: str = "auto"  # auto = latest checkpoint in the run's checkpoint folder if any; none; or a path
     early_stop_auc: float | None = None  # stop once a mid-training val AUC reaches this; null = off

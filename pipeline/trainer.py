@@ -22,6 +22,7 @@ from pipeline.data.prepare import prepare_data_distributed
 from pipeline.data.preprocess import manifest_schema
 from pipeline.distributed.sharding import (
     init_process_group,
+    keep_freed_memory,
     lr_scheduler,
     select_device,
     set_num_threads,
@@ -95,14 +96,16 @@ class Trainer:
             from pipeline.doctor import check_environment
 
             check_environment()
+        self.malloc_tuned = cfg.trainer.keep_freed_memory and keep_freed_memory()  # before the big allocations
         self.device = select_device(cfg.trainer, self.env)
         validate(cfg, self.env.world_size, self.device.type)
         self.backend = init_process_group(cfg.launcher, self.env, self.device)
         self.num_threads = set_num_threads(cfg.trainer.num_threads, self.env)
         self.writer = RunWriter(self.run_dir, self.env.is_rank_zero, cfg.logger)
         logger.info(
-            "rank %d/%d (pid %d) on %s, backend %s, %d threads, run folder %s",
-            self.env.rank, self.env.world_size, os.getpid(), self.device, self.backend, self.num_threads, self.run_dir,
+            "rank %d/%d (pid %d) on %s, backend %s, %d threads%s, run folder %s",
+            self.env.rank, self.env.world_size, os.getpid(), self.device, self.backend, self.num_threads,
+            ", freed memory kept for reuse" if self.malloc_tuned else "", self.run_dir,
         )
 
         self.manifest = prepare_data_distributed(cfg.data, self.env.is_rank_zero)
@@ -257,6 +260,30 @@ class Trainer:
         return metrics
 
     # -- training -----------------------------------------------------------------------------
+    def _profiler(self) -> torch.profiler.profile | None:
+        """torch.profiler over ``trainer.profile_steps`` steps; each rank writes ``profile/rank<N>.txt``
+        (ops by self time) and ``profile/rank<N>.trace.json`` (open in Perfetto or chrome://tracing)."""
+        t = self.cfg.trainer
+        if t.profile_steps <= 0:
+            return None
+        out = self.run_dir / "profile"
+        out.mkdir(parents=True, exist_ok=True)
+        rank, steps, gbs = self.env.rank, t.profile_steps, self.cfg.data.global_batch_size
+
+        def write(prof: torch.profiler.profile) -> None:
+            table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30, max_name_column_width=70)
+            (out / f"rank{rank}.txt").write_text(
+                f"{steps} training steps at global batch {gbs} from step {self.step - steps + 1}, rank {rank} of "
+                f"{self.env.world_size}, {self.num_threads} threads, {self.device}\n{table}\n")
+            prof.export_chrome_trace(str(out / f"rank{rank}.trace.json"))
+            logger.info("profile of %d steps written to %s", steps, out / f"rank{rank}.txt")
+
+        activities = [torch.profiler.ProfilerActivity.CPU]
+        if self.device.type == "cuda":
+            activities.append(torch.profiler.ProfilerActivity.CUDA)
+        schedule = torch.profiler.schedule(wait=t.profile_wait_steps, warmup=1, active=steps, repeat=1)
+        return torch.profiler.profile(activities=activities, schedule=schedule, on_trace_ready=write)
+
     def train(self) -> dict:
         """Train for the configured steps, evaluate, write summary.json; return the summary."""
         cfg, env = self.cfg, self.env
@@ -281,6 +308,9 @@ class Trainer:
         # A log window's training time excludes the evaluations inside it.
         window_steps, window_s, mark = 0, 0.0, time.perf_counter()
         self.stopped_early: str | None = None
+        profiler = self._profiler()
+        if profiler is not None:
+            profiler.start()
         while self.step < self.total_steps:
             with self._autocast():  # forward (and the backward it records) of the dense part in bf16
                 loss, _, _ = pipeline.progress(batches)
@@ -292,6 +322,8 @@ class Trainer:
             self._bad_step = torch.where(first_bad, step_t, self._bad_step)
             self._bad_value = torch.where(first_bad, loss.detach(), self._bad_value)
             window_steps += 1
+            if profiler is not None:
+                profiler.step()
             bar.update(gbs)
             if self.step % log_every == 0 or self.step == self.total_steps:
                 window_s += time.perf_counter() - mark
@@ -324,6 +356,8 @@ class Trainer:
                 self.save_checkpoint()
                 mark = time.perf_counter()
         bar.close()
+        if profiler is not None:
+            profiler.stop()  # writes the profile if the run ended inside the profiled steps
         pipeline.detach()
         self._check_loss_finite()
         if cfg.checkpoint.save_at_end and self.step > 0:

@@ -103,3 +103,26 @@ def test_schedule_drives_the_fused_table_lr(tmp_path, tiny_data_overrides) -> No
         assert fused_lr == pytest.approx(0.04), "the tables' lr followed the schedule to half"
     finally:
         trainer.close()
+
+
+def test_profile_steps_write_a_profile_of_the_sharded_step(tmp_path, tiny_data_overrides) -> None:
+    """trainer.profile_steps profiles training steps (FBGEMM's fused kernels, the interaction) into the
+    run folder; the sharded collection hands its pooled embeddings over in feature order, so the model
+    takes them without a copy."""
+    from pipeline.data.loader import eval_batches
+
+    trainer = _trainer(tmp_path, [*tiny_data_overrides, "optimizer=sgd", "trainer.profile_steps=2",
+                                  "trainer.profile_wait_steps=1"])
+    try:
+        trainer.train()
+        table = (tmp_path / "profile" / "rank0.txt").read_text()
+        assert table.startswith("2 training steps at global batch")
+        assert "split_embedding_codegen_forward_cpu" in table and "_PairwiseDot" in table
+        assert (tmp_path / "profile" / "rank0.trace.json").stat().st_size > 0
+        dlrm = trainer.model.module.model
+        batch = next(iter(eval_batches(trainer.eval_splits["val"], 64, 0, 1, 1))).batch
+        kt = dlrm.sparse_arch.embedding_bag_collection(batch.sparse_features)
+        kt = kt.wait() if hasattr(kt, "wait") else kt
+        assert kt.keys() == dlrm.sparse_arch.sparse_feature_names and kt.key_dim() == 1
+    finally:
+        trainer.close()

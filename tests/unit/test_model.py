@@ -46,3 +46,47 @@ def test_forward_gives_one_logit_per_sample() -> None:
                             lengths=torch.ones(26 * b, dtype=torch.int32), stride=b)
     logits = model.model(torch.randn(b, 13), kjt)
     assert logits.shape == (b, 1)
+
+
+@pytest.mark.parametrize("self_interaction", [False, True])
+def test_dot_interaction_gradients_match_autograd_of_the_gram_matrix(self_interaction: bool) -> None:
+    """The one-GEMM backward gives autograd's gradients of bmm + gather, diagonal included."""
+    b, f, d = 7, 5, 6
+    dense, sparse = torch.randn(b, d, dtype=torch.float64), torch.randn(b, f, d, dtype=torch.float64)
+    upstream = torch.randn(b, d + (f + 1) * (f + 2 * self_interaction) // 2, dtype=torch.float64)
+
+    def reference(x, s):
+        vectors = torch.cat([x.unsqueeze(1), s], dim=1)
+        i, j = torch.triu_indices(f + 1, f + 1, offset=0 if self_interaction else 1)
+        return torch.cat([x, torch.bmm(vectors, vectors.transpose(1, 2))[:, i, j]], dim=1)
+
+    grads = []
+    for fn in (reference, DotInteraction(f, self_interaction=self_interaction)):
+        x, s = dense.clone().requires_grad_(), sparse.clone().requires_grad_()
+        out = fn(x, s)
+        out.backward(upstream)
+        grads.append((out.detach(), x.grad, s.grad))
+    for ours, ref in zip(grads[1], grads[0], strict=True):
+        torch.testing.assert_close(ours, ref)
+    assert torch.autograd.gradcheck(DotInteraction(f, self_interaction), (dense[:2].clone().requires_grad_(),
+                                                                         sparse[:2].clone().requires_grad_()))
+
+
+def test_dot_interaction_has_torchrec_interaction_arch_layout() -> None:
+    from torchrec.models.dlrm import InteractionArch
+
+    dense, sparse = torch.randn(4, 8), torch.randn(4, 26, 8)
+    torch.testing.assert_close(DotInteraction(26, self_interaction=False)(dense, sparse),
+                               InteractionArch(26)(dense, sparse))
+
+
+def test_pooled_embeddings_are_a_view_when_the_keys_are_in_order() -> None:
+    from torchrec.sparse.jagged_tensor import KeyedTensor
+
+    from pipeline.model.dlrm import pooled_values
+
+    values = torch.randn(3, 4 * 2)
+    kt = KeyedTensor(keys=["a", "b", "c", "d"], length_per_key=[2] * 4, values=values)
+    assert pooled_values(kt, ["a", "b", "c", "d"], 2).data_ptr() == values.data_ptr()
+    reordered = pooled_values(kt, ["b", "a", "d", "c"], 2)
+    torch.testing.assert_close(reordered, values.view(3, 4, 2)[:, [1, 0, 3, 2]])
