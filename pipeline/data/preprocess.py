@@ -36,9 +36,10 @@ import logging
 import os
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -154,14 +155,15 @@ def _random_assignment(cfg: DataConfig, lines: np.ndarray) -> np.ndarray:
     return out
 
 
-def _unit_blocks(unit: _Unit, cfg: DataConfig, counter: BadRows,
-                 only: tuple[str, ...] = SPLITS) -> Iterator[tuple[str, RawBlock]]:
-    """(split, rows of a block) of one input file, for the splits in ``only``; stops reading once
-    every wanted line range has ended."""
+def _assigned_blocks(unit: _Unit, cfg: DataConfig, counter: BadRows, only: tuple[str, ...] = SPLITS,
+                     then: Callable[[RawBlock], Any] | None = None) -> Iterator[tuple[RawBlock, np.ndarray, Any]]:
+    """(block, split index of each row: 0 train, 1 val, 2 test, -1 none, ``then(block)`` computed in the
+    reader's worker threads) of one input file; stops reading once every wanted line range (of the
+    splits in ``only``) has ended."""
     wanted = [s for s in unit.splits if s in only]
     last_line = None if unit.random_split else max(unit.ranges[s][1] for s in wanted)
-    for block in read_blocks(unit.path, cfg.block_size_mb, cfg.bad_rows.value, counter,
-                             schema=Schema.from_config(cfg)):
+    for block, extra in read_blocks(unit.path, cfg.block_size_mb, cfg.bad_rows.value, counter,
+                                    schema=Schema.from_config(cfg), then=then or (lambda _: None)):
         lines = block.line_index
         if unit.random_split:
             assigned = _random_assignment(cfg, lines)
@@ -169,21 +171,38 @@ def _unit_blocks(unit: _Unit, cfg: DataConfig, counter: BadRows,
             assigned = np.full(len(block), -1, dtype=np.int8)
             for s, (lo, hi) in unit.ranges.items():
                 assigned[(lines >= lo) & (lines < hi)] = SPLITS.index(s)
+        yield block, assigned, extra
+        if last_line is not None and len(lines) and lines[-1] + 1 >= last_line:
+            break
+
+
+def _unit_blocks(unit: _Unit, cfg: DataConfig, counter: BadRows,
+                 only: tuple[str, ...] = SPLITS) -> Iterator[tuple[str, RawBlock]]:
+    """(split, rows of a block) of one input file, for the splits in ``only``."""
+    wanted = [s for s in unit.splits if s in only]
+    for block, assigned, _ in _assigned_blocks(unit, cfg, counter, only):
         for s in wanted:
             keep = assigned == SPLITS.index(s)
             if keep.all():
                 yield s, block
             elif keep.any():
                 yield s, block.take(keep)
-        if last_line is not None and len(lines) and lines[-1] + 1 >= last_line:
-            break
+
+
+_LOG1P_TABLE = np.log1p(np.arange(1 << 16, dtype=np.float64)).astype(np.float32)
 
 
 def transform_dense(block: RawBlock, transform: DenseTransform = DenseTransform.log1p,
                     file_min: int | None = None) -> np.ndarray:
     """The integer features -> float32 [n, num_dense] (missing is 0 before the transform)."""
     if transform == DenseTransform.log1p:
-        return np.log1p(np.maximum(block.dense, 0)).astype(np.float32)
+        x = np.maximum(block.dense, 0)
+        # Most counts are small: a table of float32(log1p(float64(k))) gives the same bits as computing.
+        out = np.take(_LOG1P_TABLE, np.minimum(x, len(_LOG1P_TABLE) - 1))
+        large = x >= len(_LOG1P_TABLE)
+        if large.any():
+            out[large] = np.log1p(x[large]).astype(np.float32)
+        return out
     # TorchRec's converter, operation for operation: int32, shift by the file's min, float32 log.
     shifted = (block.dense - (file_min - 2)).astype(np.int32)
     return np.log(shifted, dtype=np.float32)
@@ -251,18 +270,23 @@ class _IdMapper:
         self.dtype = np.int32 if max(self.num_embeddings) < 2**31 else np.int64
 
     def __call__(self, block: RawBlock) -> np.ndarray:
+        if self.mode == IdMode.hash:
+            # All columns at once, in the hashes' own width (uint32 division is several times int64's).
+            h = block.sparse
+            wide = h.dtype != np.uint32 or max(self.caps) - 1 > np.iinfo(np.uint32).max
+            ids = h % np.asarray([c - 1 for c in self.caps], dtype=h.dtype if not wide else np.int64)
+            ids += 1
+            ids[block.sparse_missing] = MISSING_ID
+            return ids.astype(self.dtype, order="C")  # rows are written whole
         out = np.empty(block.sparse.shape, dtype=self.dtype)
         for j in range(block.sparse.shape[1]):
             h = block.sparse[:, j]
-            if self.mode == IdMode.hash:
-                ids = 1 + h.astype(np.int64) % (self.caps[j] - 1)
+            keys = self.sorted_keys[j]
+            if len(keys):
+                pos = np.minimum(np.searchsorted(keys, h), len(keys) - 1)
+                ids = np.where(keys[pos] == h, self.sorted_ids[j][pos], RARE_ID)
             else:
-                keys = self.sorted_keys[j]
-                if len(keys):
-                    pos = np.minimum(np.searchsorted(keys, h), len(keys) - 1)
-                    ids = np.where(keys[pos] == h, self.sorted_ids[j][pos], RARE_ID)
-                else:
-                    ids = np.full(len(h), RARE_ID, dtype=np.int64)
+                ids = np.full(len(h), RARE_ID, dtype=np.int64)
             ids[block.sparse_missing[:, j]] = MISSING_ID
             out[:, j] = ids
         return out
@@ -449,8 +473,18 @@ def _process_unit(unit: _Unit, cfg: DataConfig, out: Path, mapper: _IdMapper, ke
     file_min = _dense_min(unit, cfg) if cfg.dense_transform == DenseTransform.torchrec else None
     counter = BadRows()
     writers = {s: _SplitWriter(out, f"{rel}/{s}", mapper.dtype, Schema.from_config(cfg)) for s in unit.splits}
-    for split, block in _unit_blocks(unit, cfg, counter):
-        writers[split].write(transform_dense(block, cfg.dense_transform, file_min), mapper(block), block.labels)
+    def outputs(block: RawBlock) -> tuple[np.ndarray, np.ndarray]:  # in the reader's threads
+        return transform_dense(block, cfg.dense_transform, file_min), mapper(block)
+
+    for block, assigned, (dense, ids) in _assigned_blocks(unit, cfg, counter, then=outputs):
+        # The whole block is transformed and mapped, then its (narrower) outputs split: rows are independent.
+        labels = block.labels
+        for split, writer in writers.items():
+            keep = assigned == SPLITS.index(split)
+            if keep.all():
+                writer.write(dense, ids, labels)
+            elif keep.any():
+                writer.write(dense[keep], ids[keep], labels[keep])
     record = {
         "fingerprint": key,
         "source": _sources([unit.path])[0],
