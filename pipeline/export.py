@@ -9,7 +9,8 @@ group is created), and writes::
 
     <out>/
       model.safetensors | model.pt   the DLRM's state_dict as plain tensors (safetensors when installed,
-                                     else a torch.save dict of tensors: torch.load(weights_only=True))
+                                     else a torch.save dict of tensors: torch.load(weights_only=True));
+                                     ``--quantize int8``: tables int8 row-wise as ``<table>.weight_int8_rowwise``
       vocab.npz                      id_mode=vocab: the raw hashes that own a table row (a copy of the
                                      data's vocab.npz, sha256-checked)
       dense_interaction.pt2          torch.export program of the dense part (bottom MLP, interaction,
@@ -54,7 +55,9 @@ from pipeline.data.criteo import CRITEO, Schema
 logger = logging.getLogger("pipeline.export")
 
 EXPORT_JSON = "export.json"
-FORMAT_VERSION = 2  # 2: the column schema ("schema"); 1 (no schema) is Criteo's layout
+FORMAT_VERSION = 3  # 3: int8 row-wise tables (weights.table_format); 2: the column schema; 1: Criteo's layout
+TABLE_FORMATS = ("float32", "int8_rowwise")
+INT8_KEY = "weight_int8_rowwise"  # <table>.weight_int8_rowwise replaces <table>.weight in an int8 export
 WEIGHTS_TORCH = "model.pt"
 WEIGHTS_SAFETENSORS = "model.safetensors"
 VOCAB = "vocab.npz"
@@ -88,6 +91,63 @@ def build_dlrm(model_cfg: dict | ModelConfig, num_embeddings_per_feature: list[i
     ebc.to_empty(device=torch.device("cpu"))  # no random init of tables about to be overwritten
     ebc._device = torch.device("cpu")  # noqa: SLF001 - EBC records its construction device (meta)
     return dlrm.eval()
+
+
+def _is_table_weight(key: str) -> bool:
+    return ".embedding_bags." in key and key.endswith(".weight")
+
+
+def quantize_tables(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Every table weight [rows, D] -> int8 row-wise [rows, D + 8] (PyTorch's fused 8-bit format: per row
+    the uint8 codes, then its fp32 scale and bias), under ``<table>.weight_int8_rowwise``; the dense
+    part's tensors are kept as they are."""
+    out = {}
+    for key, value in state.items():
+        if _is_table_weight(key):
+            out[key[: -len("weight")] + INT8_KEY] = torch.ops.quantized.embedding_bag_byte_prepack(
+                value.detach().float().contiguous())
+        else:
+            out[key] = value
+    return out
+
+
+class Int8EmbeddingBagCollection(torch.nn.Module):
+    """An ``EmbeddingBagCollection``'s lookups (sum pooling) from int8 row-wise tables, with PyTorch's
+    quantized CPU kernel ``embedding_bag_byte_rowwise_offsets``: the same KeyedTensor out, a quarter of
+    the table memory. State dict keys: ``embedding_bags.<table>.weight_int8_rowwise``."""
+
+    def __init__(self, ebc: torch.nn.Module) -> None:
+        super().__init__()
+        self.embedding_bags = torch.nn.ModuleDict()
+        self.lookups: list[tuple[str, str, int]] = []  # (feature, table, dim)
+        for cfg in ebc.embedding_bag_configs():
+            if len(cfg.feature_names) != 1:
+                raise ExportError(f"int8 tables support one feature per table; {cfg.name} has {cfg.feature_names}")
+            table = torch.nn.Module()
+            table.register_buffer(INT8_KEY, torch.empty(cfg.num_embeddings, cfg.embedding_dim + 8, dtype=torch.uint8))
+            self.embedding_bags[cfg.name] = table
+            self.lookups.append((cfg.feature_names[0], cfg.name, cfg.embedding_dim))
+
+    def forward(self, features):
+        from torchrec.sparse.jagged_tensor import KeyedTensor
+
+        per_feature = features.to_dict()
+        pooled = []
+        for feature, table, _ in self.lookups:
+            jt = per_feature[feature]
+            indices = jt.values()
+            pooled.append(torch.ops.quantized.embedding_bag_byte_rowwise_offsets(
+                getattr(self.embedding_bags[table], INT8_KEY), indices, jt.offsets().to(indices.dtype),
+                False, 0, False, jt.weights_or_none(), None, True))  # sum pooling; offsets end with the total
+        return KeyedTensor(keys=[f for f, _, _ in self.lookups], length_per_key=[d for _, _, d in self.lookups],
+                           values=torch.cat(pooled, dim=1))
+
+
+def use_int8_tables(dlrm: torch.nn.Module) -> torch.nn.Module:
+    """Swap the model's float tables for :class:`Int8EmbeddingBagCollection` (to be filled by load_state_dict)."""
+    arch = dlrm.sparse_arch
+    arch.embedding_bag_collection = Int8EmbeddingBagCollection(arch.embedding_bag_collection)
+    return dlrm
 
 
 # -- finding and reading a checkpoint ---------------------------------------------------------------
@@ -320,13 +380,16 @@ def _weights_format(requested: str) -> str:
 
 
 def export(checkpoint: str | Path, out: str | Path, processed_dir: str | Path | None = None,
-           weights_format: str = "auto", dense_program: bool = True) -> dict:
+           weights_format: str = "auto", dense_program: bool = True, quantize: str = "none") -> dict:
     """Export the checkpoint at ``checkpoint`` (see :func:`find_checkpoint`) into ``out``; returns export.json.
 
-    Runs in one process and never initialises ``torch.distributed``.
+    Runs in one process and never initialises ``torch.distributed``. ``quantize="int8"`` stores the
+    tables int8 row-wise (:func:`quantize_tables`); the dense part stays float32.
     """
     from pipeline.checkpoint import read_meta
 
+    if quantize not in ("none", "int8"):
+        raise ExportError(f"quantize={quantize!r}: expected 'none' or 'int8'")
     t0 = time.perf_counter()
     path = find_checkpoint(checkpoint)
     meta = read_meta(path)
@@ -360,7 +423,11 @@ def export(checkpoint: str | Path, out: str | Path, processed_dir: str | Path | 
         (out / stale).unlink(missing_ok=True)
     if spec_input["vocab"]:
         shutil.copyfile(spec_input["vocab"]["source"], out / VOCAB)
-    weights = _save_tensors(dlrm.state_dict(), out, fmt)
+    state = dlrm.state_dict()
+    table_format = "int8_rowwise" if quantize == "int8" else "float32"
+    if quantize == "int8":
+        state = quantize_tables(state)
+    weights = _save_tensors(state, out, fmt)
     program = None
     if dense_program:
         try:
@@ -376,7 +443,7 @@ def export(checkpoint: str | Path, out: str | Path, processed_dir: str | Path | 
     import torchrec
 
     spec = {
-        "format_version": FORMAT_VERSION,
+        "format_version": FORMAT_VERSION if quantize == "int8" else 2,  # readers of format 2 load float exports
         "exported_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "source": {"checkpoint": str(path.resolve()), "step": meta["train_state"]["step"],
                    "saved_by_world_size": meta["world_size"], "saved_at": meta.get("saved_at")},
@@ -387,7 +454,8 @@ def export(checkpoint: str | Path, out: str | Path, processed_dir: str | Path | 
         "feature_names": list(schema.feature_names),  # the KJT keys, one per sparse column
         "num_embeddings_per_feature": sizes,  # per feature (the id mapping's); tables hold those in "tables"
         "weights": {"file": weights.name, "format": fmt, "sha256": _sha256(weights),
-                    "num_tensors": len(dlrm.state_dict()), "dtype": "float32",
+                    "num_tensors": len(state), "dtype": "float32", "table_format": table_format,
+                    "bytes": weights.stat().st_size,
                     "parameters": sum(v.numel() for v in dlrm.state_dict().values())},
         "input": spec_input,
         "data": {"name": cfg["data"].get("name"), "processed_dir": str(processed), "split": cfg["data"].get("split"),
@@ -398,9 +466,10 @@ def export(checkpoint: str | Path, out: str | Path, processed_dir: str | Path | 
     tmp = out / (EXPORT_JSON + ".tmp")
     tmp.write_text(json.dumps(spec, indent=2) + "\n")
     os.replace(tmp, out / EXPORT_JSON)
-    logger.info("exported %s (step %d, saved by %d rank(s)) -> %s in %.1fs: %s parameters, %s, id_mode=%s, "
-                "dense=%s", path, spec["source"]["step"], meta["world_size"], out, time.perf_counter() - t0,
-                f"{spec['weights']['parameters']:,}", weights.name, spec_input["id_mode"],
+    logger.info("exported %s (step %d, saved by %d rank(s)) -> %s in %.1fs: %s parameters, %s (%s tables, %.1f MiB), "
+                "id_mode=%s, dense=%s", path, spec["source"]["step"], meta["world_size"], out, time.perf_counter() - t0,
+                f"{spec['weights']['parameters']:,}", weights.name, table_format, weights.stat().st_size / 2**20,
+                spec_input["id_mode"],
                 spec_input["dense_transform"])
     return spec
 
@@ -482,6 +551,11 @@ def load_exported(export_dir: str | Path) -> ExportedModel:
     tensors = _load_tensors(d / w["file"], w["format"])
     schema = Schema.from_dict(spec.get("schema"))
     dlrm = build_dlrm(spec["model"], spec["num_embeddings_per_feature"], list(schema.feature_names), schema.num_dense)
+    table_format = w.get("table_format", "float32")
+    if table_format not in TABLE_FORMATS:
+        raise ExportError(f"{path}: weights.table_format {table_format!r} is not one of {TABLE_FORMATS}")
+    if table_format == "int8_rowwise":
+        use_int8_tables(dlrm)
     try:
         dlrm.load_state_dict(tensors, strict=True, assign=True)
     except RuntimeError as e:
@@ -512,10 +586,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--format", choices=("auto", "safetensors", "torch"), default="auto",
                         help="weights file: safetensors when installed (auto), else a torch.save dict of tensors")
     parser.add_argument("--no-dense-program", action="store_true", help=f"skip the torch.export program ({PROGRAM})")
+    parser.add_argument("--quantize", choices=("none", "int8"), default="none",
+                        help="int8: tables stored int8 row-wise (a quarter of the size; the dense part stays float32)")
     args = parser.parse_args(argv)
     setup_logging()
     try:
-        export(args.checkpoint, args.out, args.processed_dir, args.format, not args.no_dense_program)
+        export(args.checkpoint, args.out, args.processed_dir, args.format, not args.no_dense_program, args.quantize)
     except ExportError as e:
         logger.error("%s", e)
         return 1

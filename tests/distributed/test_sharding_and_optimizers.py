@@ -117,8 +117,9 @@ def test_profile_steps_write_a_profile_of_the_sharded_step(tmp_path, tiny_data_o
         trainer.train()
         table = (tmp_path / "profile" / "rank0.txt").read_text()
         assert table.startswith("2 training steps at global batch")
-        assert "split_embedding_codegen_forward_cpu" in table and "_PairwiseDot" in table
-        assert (tmp_path / "profile" / "rank0.trace.json").stat().st_size > 0
+        assert "Self CPU time total" in table
+        trace = (tmp_path / "profile" / "rank0.trace.json").read_text()  # every event (the table keeps the top 30)
+        assert "split_embedding_codegen_forward_cpu" in trace and "_PairwiseDot" in trace
         dlrm = trainer.model.module.model
         batch = next(iter(eval_batches(trainer.eval_splits["val"], 64, 0, 1, 1))).batch
         kt = dlrm.sparse_arch.embedding_bag_collection(batch.sparse_features)
