@@ -198,7 +198,7 @@ class DataConfig:
     min_id_frequency: int = 1  # id_mode=vocab: ids seen fewer times in train share one bucket
     dense_transform: DenseTransform = DenseTransform.log1p  # integer features -> float32
     bad_rows: BadRowPolicy = BadRowPolicy.error  # malformed raw rows: stop, or drop and count
-    block_size_mb: int = 16  # raw bytes parsed per block while preprocessing (memory is a few times this)
+    block_size_mb: int = 8  # raw bytes parsed per block while preprocessing (memory is a few times this)
     global_batch_size: int = 2048  # training samples per step over all ranks
     eval_global_batch_size: int = 8192  # evaluation samples per step over all ranks
     shuffle: bool = True  # reshuffle training rows every epoch (seeded by trainer.seed and epoch)

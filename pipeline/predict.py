@@ -143,7 +143,7 @@ def _score(model: ExportedModel, dense: np.ndarray, ids: np.ndarray, batch_size:
 
 
 def predict_raw(model: ExportedModel, path: str | Path, labelled: bool, *, batch_size: int = DEFAULT_BATCH,
-                block_size_mb: float = 16, bad_rows: str = "error", dense_min: int | None = None,
+                block_size_mb: float = 8, bad_rows: str = "error", dense_min: int | None = None,
                 counter: BadRows | None = None, result: PredictResult | None = None
                 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Stream (probabilities float32, labels int8) for consecutive lines of a raw file.
@@ -253,7 +253,7 @@ class _Output:
 
 def run(model: ExportedModel, out: str, *, input_path: str | None = None, split: str | None = None,
         processed_dir: str | None = None, layout: str = "auto", batch_size: int = DEFAULT_BATCH,
-        block_size_mb: float = 16, bad_rows: str = "error", dense_min: str = "train") -> PredictResult:
+        block_size_mb: float = 8, bad_rows: str = "error", dense_min: str = "train") -> PredictResult:
     """Score ``input_path`` (raw) or ``split`` (preprocessed) into ``out``; see the module docstring."""
     from pipeline.metrics.functional import binary_metrics
 
@@ -315,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
                              "file's, recorded at export), input (the input file's own, TorchRec's per-file "
                              "converter), or an integer")
     parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH, help="rows per forward pass")
-    parser.add_argument("--block-size-mb", type=float, default=16, help="--input: raw bytes parsed per block")
+    parser.add_argument("--block-size-mb", type=float, default=8, help="--input: raw bytes parsed per block")
     parser.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 1) - 1),
                         help="torch intra-op threads (default: cores - 1, leaving one to the parser thread; more "
                              "threads than free cores make OpenMP spin: 10k instead of 60k rows/s on 2 busy cores)")

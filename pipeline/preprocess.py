@@ -18,7 +18,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline.config import TrainConfig, register_configs
-from pipeline.runtime import register_resolvers
+from pipeline.runtime import keep_freed_memory, register_resolvers
 
 logger = logging.getLogger("pipeline.preprocess")
 
@@ -31,6 +31,8 @@ def main(dict_cfg: DictConfig) -> None:
     from pipeline.data.prepare import prepare_data
 
     cfg: TrainConfig = OmegaConf.to_object(dict_cfg)
+    if cfg.trainer.keep_freed_memory:
+        keep_freed_memory()  # each block's columns reuse the previous block's pages, as in training
     manifest = prepare_data(cfg.data)
     rows = {s: v["num_rows"] for s, v in manifest["splits"].items()}
     logger.info("manifest %s: rows %s, table sizes %s", Path(cfg.data.processed_dir) / "manifest.json",

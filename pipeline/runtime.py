@@ -68,3 +68,31 @@ class DistEnv:
             local_rank=int(os.environ.get("LOCAL_RANK", "0")),
             local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", str(world_size))),
         )
+
+
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # glibc's mallopt parameters (malloc.h)
+
+
+def keep_freed_memory() -> bool:
+    """Make glibc keep freed memory for reuse instead of handing it back to the OS; True if applied.
+
+    By default glibc serves every block above its mmap threshold (at most 32 MiB) with a fresh ``mmap``
+    and unmaps it on free, and trims the heap's free top: a training step's large activations and
+    gradients (the [B, 27, D] interaction input, pooled embeddings, the top MLP's input) are then
+    page-faulted and zero-filled again every step, and preprocessing's per-block columns likewise
+    every block (about 10% of its time here). With ``mmap`` off for blocks and trimming off, they
+    come from pages the process already has. Peak memory is unchanged (the same blocks are live at the
+    peak); memory freed after the peak stays with the process until it exits. Not glibc (macOS,
+    musl): nothing to do.
+    """
+    import ctypes
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return mallopt(_M_MMAP_MAX, 0) == 1 and mallopt(_M_TRIM_THRESHOLD, 2**31 - 1) == 1

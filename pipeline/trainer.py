@@ -22,7 +22,6 @@ from pipeline.data.prepare import prepare_data_distributed
 from pipeline.data.preprocess import manifest_schema
 from pipeline.distributed.sharding import (
     init_process_group,
-    keep_freed_memory,
     lr_scheduler,
     select_device,
     set_num_threads,
@@ -32,7 +31,7 @@ from pipeline.metrics.evaluator import PredictionGatherer
 from pipeline.metrics.functional import BinaryMetrics
 from pipeline.metrics.loggers import make_backends, process_memory_mib
 from pipeline.model.dlrm import build_model
-from pipeline.runtime import DistEnv
+from pipeline.runtime import DistEnv, keep_freed_memory
 
 logger = logging.getLogger(__name__)
 

@@ -173,10 +173,11 @@ class RawBlock:
 
 @dataclass
 class _Chunk:
-    data: bytes  # whole lines; the last one may lack its newline when unterminated
+    data: bytes | memoryview  # whole lines; the last one may lack its newline when unterminated
     first_line: int  # 0-based line index of the chunk's first line in its file
     num_lines: int
     unterminated: bool  # the file ends inside this chunk without a final newline
+    last: bool = False  # no data follows (as far as the reader could tell: a short read)
 
 
 def open_raw(path: str | Path) -> pa.NativeFile:
@@ -195,30 +196,50 @@ def count_lines(path: str | Path, chunk_bytes: int = 64 << 20) -> int:
     return n + (last != b"\n")
 
 
-def _iter_chunks(path: Path, chunk_bytes: int) -> Iterator[_Chunk]:
-    """Line-aligned chunks of about ``chunk_bytes`` raw bytes."""
+def _iter_chunks(path: Path, chunk_bytes: int, taper: int = 0) -> Iterator[_Chunk]:
+    """Line-aligned chunks of about ``chunk_bytes`` raw bytes.
+
+    Each chunk is read straight into its own buffer after the previous chunk's partial last line:
+    one copy out of the page cache, none to join or cut (chunks are views of that buffer).
+    ``taper`` > 0 (plain files, whose size is known): the last chunks shrink, down to an eighth, so
+    that the ``taper`` workers parsing them side by side finish together instead of one parsing a
+    whole chunk alone at the end.
+    """
     line = 0
     tail = b""
+    left = path.stat().st_size if taper and path.suffix != ".gz" else None
     with open_raw(path) as f:
         while True:
-            data = f.read(chunk_bytes)
-            if not data:
+            want = chunk_bytes
+            if left is not None:
+                want = min(chunk_bytes, max(chunk_bytes // 8, left // (2 * taper), 1))
+            buf = bytearray(len(tail) + want)
+            buf[: len(tail)] = tail
+            view = memoryview(buf)
+            got = f.readinto(view[len(tail) :])
+            if not got:
                 break
-            buf = tail + data if tail else data
-            cut = buf.rfind(b"\n") + 1
+            if left is not None:
+                left -= got
+            end = len(tail) + got
+            cut = buf.rfind(b"\n", 0, end) + 1
             if cut == 0:  # one line longer than a chunk: keep reading
-                tail = buf
+                tail = bytes(view[:end])
                 continue
-            tail = buf[cut:]
+            tail = bytes(view[cut:end])
             n = buf.count(b"\n", 0, cut)
-            yield _Chunk(buf[:cut], line, n, False)
+            yield _Chunk(view[:cut], line, n, False, last=got < want and not tail)
             line += n
     if tail:
-        yield _Chunk(tail, line, 1, True)
+        yield _Chunk(tail, line, 1, True, last=True)
 
 
-def _parse(data: bytes, labelled: bool = True, schema: Schema = CRITEO) -> pa.Table:
-    """pyarrow's typed parse of a chunk (raises pa.ArrowInvalid on a bad field or field count)."""
+def _parse(data: bytes | memoryview, labelled: bool = True, schema: Schema = CRITEO, threads: bool = True) -> pa.Table:
+    """pyarrow's typed parse of a chunk (raises pa.ArrowInvalid on a bad field or field count).
+
+    ``threads=False`` parses on the calling thread only: cheaper per row (no hand-offs between
+    pyarrow's threads) when several chunks are parsed at once anyway.
+    """
     # Decimal ids are read as text: pyarrow's integer parser also takes " 7" and "0x1f", which are not ids.
     cat_type = pa.binary(8) if schema.categorical_format == CategoricalFormat.hex else pa.string()
     types = {**({LABEL: pa.int8()} if labelled else {}), **{c: pa.int64() for c in schema.dense_columns},
@@ -226,7 +247,7 @@ def _parse(data: bytes, labelled: bool = True, schema: Schema = CRITEO) -> pa.Ta
     return pacsv.read_csv(
         pa.py_buffer(data),
         read_options=pacsv.ReadOptions(column_names=schema.columns if labelled else schema.columns[1:],
-                                       block_size=_ARROW_BLOCK),
+                                       block_size=_ARROW_BLOCK, use_threads=threads),
         # Empty lines are rows (of nulls), so they are caught as bad rows instead of vanishing.
         parse_options=pacsv.ParseOptions(delimiter="\t", quote_char=False, double_quote=False,
                                          escape_char=False, ignore_empty_lines=False),
@@ -299,8 +320,7 @@ def _hex8_columns(table: pa.Table, schema: Schema = CRITEO) -> tuple[np.ndarray,
         v = _hex8_to_uint32(x)
         if v is None:
             raise _SlowPath
-        sparse[:, j] = v
-    sparse[missing] = 0
+        sparse[:, j] = v  # a missing value was decoded from "00000000": 0
     return sparse, missing
 
 
@@ -390,7 +410,7 @@ def check_line(line: bytes, labelled: bool = True, schema: Schema = CRITEO) -> t
 
 def _bad_lines(chunk: _Chunk, path: Path, labelled: bool = True, schema: Schema = CRITEO) -> list[tuple[int, str, str]]:
     """(index within chunk, kind, detail) of every malformed line of a chunk."""
-    lines = chunk.data.split(b"\n")
+    lines = bytes(chunk.data).split(b"\n")
     if not chunk.unterminated:
         lines.pop()  # after the final newline
     bad = []
@@ -426,12 +446,14 @@ def read_blocks(path: str | Path, block_size_mb: float = 64, bad_rows: str = "er
     if bad_rows not in ("error", "skip"):
         raise ValueError(f"bad_rows={bad_rows!r}: expected 'error' or 'skip'")
     counter = counter if counter is not None else BadRows()
-    chunks = _iter_chunks(path, max(1, int(block_size_mb * (1 << 20))))
+    workers = max(1, min(4, os.cpu_count() or 1))
+    chunks = _iter_chunks(path, max(1, int(block_size_mb * (1 << 20))), taper=workers if workers > 1 else 0)
 
     def parse_and_convert(chunk: _Chunk) -> RawBlock | pa.Table | Exception:
         """The chunk's RawBlock, or what the slow path needs: the parsed table or pyarrow's error."""
         try:
-            table = _parse(chunk.data, labelled, schema)
+            # One thread per chunk while chunks are parsed side by side; the last one may be alone.
+            table = _parse(chunk.data, labelled, schema, threads=workers == 1 or chunk.last)
         except pa.ArrowInvalid as e:
             return e
         lines = np.arange(chunk.first_line, chunk.first_line + chunk.num_lines, dtype=np.int64)
@@ -442,9 +464,8 @@ def read_blocks(path: str | Path, block_size_mb: float = 64, bad_rows: str = "er
         return block if then is None else (block, then(block))
 
     # One thread reads chunks (in order: one read in flight at a time) while up to ``depth`` chunks
-    # are parsed (pyarrow, threaded) and converted (numpy, which releases the GIL) in the pool;
+    # are parsed (pyarrow, one thread each) and converted (numpy, which releases the GIL) in the pool;
     # blocks come out in file order. Memory: about ``depth`` + 1 chunks and their columns.
-    workers = max(1, min(4, os.cpu_count() or 1))
     depth = workers + 1
     with ThreadPoolExecutor(max_workers=workers + 1, thread_name_prefix="criteo-read") as pool:
         read = pool.submit(next, chunks, None)
@@ -483,7 +504,7 @@ def read_blocks(path: str | Path, block_size_mb: float = 64, bad_rows: str = "er
             drop[[i for i, _, _ in bad]] = True
             if drop.all():
                 continue
-            kept = [ln for ln, d in zip(chunk.data.split(b"\n")[: chunk.num_lines], drop, strict=True) if not d]
+            kept = [ln for ln, d in zip(bytes(chunk.data).split(b"\n")[: chunk.num_lines], drop, strict=True) if not d]
             try:
                 table = _parse(b"\n".join(kept) + b"\n", labelled, schema)
                 block = _convert(table, lines[~drop], labelled, schema)

@@ -37,6 +37,7 @@ import os
 import re
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -155,22 +156,32 @@ def _random_assignment(cfg: DataConfig, lines: np.ndarray) -> np.ndarray:
     return out
 
 
+def _assignment(unit: _Unit, cfg: DataConfig, lines: np.ndarray) -> np.ndarray:
+    """Split index of each line of a block: 0 train, 1 val, 2 test, -1 none."""
+    if unit.random_split:
+        return _random_assignment(cfg, lines)
+    assigned = np.full(len(lines), -1, dtype=np.int8)
+    for s, (lo, hi) in unit.ranges.items():
+        assigned[(lines >= lo) & (lines < hi)] = SPLITS.index(s)
+    return assigned
+
+
 def _assigned_blocks(unit: _Unit, cfg: DataConfig, counter: BadRows, only: tuple[str, ...] = SPLITS,
-                     then: Callable[[RawBlock], Any] | None = None) -> Iterator[tuple[RawBlock, np.ndarray, Any]]:
-    """(block, split index of each row: 0 train, 1 val, 2 test, -1 none, ``then(block)`` computed in the
-    reader's worker threads) of one input file; stops reading once every wanted line range (of the
-    splits in ``only``) has ended."""
+                     then: Callable[[RawBlock, np.ndarray], Any] | None = None,
+                     ) -> Iterator[tuple[RawBlock, np.ndarray, Any]]:
+    """(block, split index of each row: 0 train, 1 val, 2 test, -1 none, ``then(block, split index)``)
+    of one input file; the split indices and ``then`` are computed in the reader's worker threads.
+    Stops reading once every wanted line range (of the splits in ``only``) has ended."""
     wanted = [s for s in unit.splits if s in only]
     last_line = None if unit.random_split else max(unit.ranges[s][1] for s in wanted)
-    for block, extra in read_blocks(unit.path, cfg.block_size_mb, cfg.bad_rows.value, counter,
-                                    schema=Schema.from_config(cfg), then=then or (lambda _: None)):
+
+    def assign(block: RawBlock) -> tuple[np.ndarray, Any]:
+        assigned = _assignment(unit, cfg, block.line_index)
+        return assigned, None if then is None else then(block, assigned)
+
+    for block, (assigned, extra) in read_blocks(unit.path, cfg.block_size_mb, cfg.bad_rows.value, counter,
+                                                schema=Schema.from_config(cfg), then=assign):
         lines = block.line_index
-        if unit.random_split:
-            assigned = _random_assignment(cfg, lines)
-        else:
-            assigned = np.full(len(block), -1, dtype=np.int8)
-            for s, (lo, hi) in unit.ranges.items():
-                assigned[(lines >= lo) & (lines < hi)] = SPLITS.index(s)
         yield block, assigned, extra
         if last_line is not None and len(lines) and lines[-1] + 1 >= last_line:
             break
@@ -196,11 +207,11 @@ def transform_dense(block: RawBlock, transform: DenseTransform = DenseTransform.
                     file_min: int | None = None) -> np.ndarray:
     """The integer features -> float32 [n, num_dense] (missing is 0 before the transform)."""
     if transform == DenseTransform.log1p:
-        x = np.maximum(block.dense, 0)
+        x = block.dense
         # Most counts are small: a table of float32(log1p(float64(k))) gives the same bits as computing.
-        out = np.take(_LOG1P_TABLE, np.minimum(x, len(_LOG1P_TABLE) - 1))
-        large = x >= len(_LOG1P_TABLE)
-        if large.any():
+        out = np.take(_LOG1P_TABLE, np.clip(x, 0, len(_LOG1P_TABLE) - 1))
+        if x.max(initial=0) >= len(_LOG1P_TABLE):
+            large = x >= len(_LOG1P_TABLE)
             out[large] = np.log1p(x[large]).astype(np.float32)
         return out
     # TorchRec's converter, operation for operation: int32, shift by the file's min, float32 log.
@@ -275,8 +286,8 @@ class _IdMapper:
             h = block.sparse
             wide = h.dtype != np.uint32 or max(self.caps) - 1 > np.iinfo(np.uint32).max
             ids = h % np.asarray([c - 1 for c in self.caps], dtype=h.dtype if not wide else np.int64)
-            ids += 1
-            ids[block.sparse_missing] = MISSING_ID
+            # A missing value's hash is 0: adding "present" (1 or 0) gives 1 + hash % (cap - 1), or MISSING_ID.
+            np.add(ids, ~block.sparse_missing, out=ids, casting="unsafe")
             return ids.astype(self.dtype, order="C")  # rows are written whole
         out = np.empty(block.sparse.shape, dtype=self.dtype)
         for j in range(block.sparse.shape[1]):
@@ -292,8 +303,17 @@ class _IdMapper:
         return out
 
 
+_SYNC_EVERY = 8 << 20  # bytes written between background fdatasyncs
+
+
 class _SplitWriter:
-    """Appends blocks to one part's binary files of a split, hashing them as they are written."""
+    """Appends blocks to one part's binary files of a split, hashing them as they are written.
+
+    Written data is flushed to disk in the background (an ``fdatasync`` on a helper thread every
+    ``_SYNC_EVERY`` bytes) while parsing goes on, so the final ``fsync`` at ``close`` finds little
+    left to write instead of the whole part. A failed background sync (disk full, I/O error) is
+    raised by ``close``.
+    """
 
     def __init__(self, root: Path, rel_dir: str, sparse_dtype: np.dtype, schema: Schema):
         self.root = root
@@ -304,19 +324,50 @@ class _SplitWriter:
         self.files = {k: open(root / rel_dir / f"{k}.bin", "wb") for k in self.dtypes}
         self.hashes = {k: hashlib.sha256() for k in self.dtypes}
         self.num_rows = 0
+        self.unsynced = 0
+        self.syncer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="part-sync")
+        self.syncing: Future | None = None
+        self.closing = False
 
     def write(self, dense: np.ndarray, sparse: np.ndarray, labels: np.ndarray) -> None:
         for key, arr in (("dense", dense), ("sparse", sparse), ("labels", labels)):
             buf = memoryview(np.ascontiguousarray(arr, dtype=self.dtypes[key]).reshape(-1)).cast("B")  # [n, 0] too
             self.files[key].write(buf)
             self.hashes[key].update(buf)
+            self.unsynced += buf.nbytes
         self.num_rows += len(labels)
+        if self.unsynced >= _SYNC_EVERY and (self.syncing is None or self.syncing.done()):
+            if self.syncing is not None:
+                self.syncing.result()  # raises a failed sync's error
+            for f in self.files.values():
+                f.flush()
+            self.syncing = self.syncer.submit(lambda fds: [os.fdatasync(fd) for fd in fds],
+                                              [f.fileno() for f in self.files.values()])
+            self.unsynced = 0
 
-    def close(self) -> dict:
+    def start_close(self) -> None:
+        """Flush and start the final fsync on the helper thread (``close`` waits for it)."""
         for f in self.files.values():
             f.flush()
+        self.syncing = self.syncer.submit(self._final_sync, self.syncing)
+        self.closing = True
+
+    def _final_sync(self, previous: Future | None) -> None:
+        if previous is not None:
+            previous.result()
+        for f in self.files.values():
             os.fsync(f.fileno())
-            f.close()
+
+    def close(self) -> dict:
+        """Wait until every byte is on disk (raising a failed sync's error) and close the files."""
+        if not self.closing:
+            self.start_close()
+        try:
+            self.syncing.result()
+        finally:
+            self.syncer.shutdown()
+            for f in self.files.values():
+                f.close()
         return {
             "num_rows": self.num_rows,
             "files": {
@@ -473,18 +524,25 @@ def _process_unit(unit: _Unit, cfg: DataConfig, out: Path, mapper: _IdMapper, ke
     file_min = _dense_min(unit, cfg) if cfg.dense_transform == DenseTransform.torchrec else None
     counter = BadRows()
     writers = {s: _SplitWriter(out, f"{rel}/{s}", mapper.dtype, Schema.from_config(cfg)) for s in unit.splits}
-    def outputs(block: RawBlock) -> tuple[np.ndarray, np.ndarray]:  # in the reader's threads
-        return transform_dense(block, cfg.dense_transform, file_min), mapper(block)
 
-    for block, assigned, (dense, ids) in _assigned_blocks(unit, cfg, counter, then=outputs):
+    def outputs(block: RawBlock, assigned: np.ndarray) -> dict[str, tuple[np.ndarray, ...]]:
+        """In the reader's threads: each split's rows, transformed and mapped, ready to write."""
         # The whole block is transformed and mapped, then its (narrower) outputs split: rows are independent.
-        labels = block.labels
-        for split, writer in writers.items():
+        dense, ids, labels = transform_dense(block, cfg.dense_transform, file_min), mapper(block), block.labels
+        rows = {}
+        for split in writers:
             keep = assigned == SPLITS.index(split)
             if keep.all():
-                writer.write(dense, ids, labels)
+                rows[split] = dense, ids, labels
             elif keep.any():
-                writer.write(dense[keep], ids[keep], labels[keep])
+                rows[split] = dense[keep], ids[keep], labels[keep]
+        return rows
+
+    for _, _, rows in _assigned_blocks(unit, cfg, counter, then=outputs):
+        for split, (dense, ids, labels) in rows.items():
+            writers[split].write(dense, ids, labels)
+    for writer in writers.values():
+        writer.start_close()  # the splits' final fsyncs run side by side
     record = {
         "fingerprint": key,
         "source": _sources([unit.path])[0],

@@ -126,6 +126,46 @@ def generated(tmp_path_factory) -> Path:
     return root
 
 
+@pytest.mark.parametrize("suffix", ["", ".gz"])
+def test_chunks_cover_the_file_exactly_and_taper_at_the_end(tmp_path, generated, suffix) -> None:
+    from pipeline.data.criteo import _iter_chunks
+
+    data = (generated / "train.tsv").read_bytes() + b"1\t2"  # and an unterminated last line
+    path = tmp_path / f"f.tsv{suffix}"
+    path.write_bytes(gzip.compress(data) if suffix else data)
+    size = 64 << 10
+    for taper in (0, 2):
+        chunks = list(_iter_chunks(path, size, taper))
+        assert b"".join(bytes(c.data) for c in chunks) == data
+        assert [c.first_line for c in chunks] == list(np.cumsum([0] + [c.num_lines for c in chunks[:-1]]))
+        assert sum(c.num_lines for c in chunks) == data.count(b"\n") + 1
+        assert chunks[-1].unterminated and chunks[-1].last and not any(c.last for c in chunks[:-1])
+        lengths = [len(c.data) for c in chunks[:-2]]  # not the end of the file, nor the unterminated line
+        if taper and not suffix:  # the size of a plain file is known: its last chunks shrink, to an eighth
+            assert max(lengths) > size - 300 and size // 8 - 300 < min(lengths) < size // 4
+        else:
+            assert min(lengths) > size - 300, "full chunks (up to the last whole line) until the end"
+
+
+def test_a_failed_background_sync_fails_the_preprocessing(tmp_path, generated, monkeypatch) -> None:
+    import errno
+    import os
+
+    from pipeline.data import preprocess as pp
+
+    def full(fd: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(pp, "_SYNC_EVERY", 1 << 10)  # a sync after every block
+    monkeypatch.setattr(os, "fdatasync", full)
+    cfg = DataConfig(name="t", raw_dir=str(generated), processed_dir=str(tmp_path / "out"), split=SplitMode.random,
+                     raw_files=[str(generated / "train.tsv")], id_mode=IdMode.hash, max_ids_per_feature=1000,
+                     block_size_mb=1)
+    with pytest.raises(OSError, match="No space left"):
+        preprocess(cfg)
+    assert not list((tmp_path / "out").glob("parts/*/done.json")) and not (tmp_path / "out" / "manifest.json").exists()
+
+
 @pytest.mark.filterwarnings("ignore:Local function is not supported by pickle")
 def test_torchrec_dense_mode_equals_torchrec_converter(tmp_path, generated) -> None:
     from torchrec.datasets.criteo import BinaryCriteoUtils

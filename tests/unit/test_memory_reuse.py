@@ -11,7 +11,7 @@ import pytest
 
 _FAULTS = """
 import resource, sys, torch
-from pipeline.distributed.sharding import keep_freed_memory
+from pipeline.runtime import keep_freed_memory
 applied = keep_freed_memory() if sys.argv[1] == "keep" else False
 for _ in range(3):  # 64 MiB blocks: above glibc's largest mmap threshold
     x = torch.ones(16 * 2**20); del x
