@@ -10,6 +10,10 @@ users run it (``./launch.sh train``), alternating, ``--repeats`` times each:
 
 It prints each setting's training samples/s (median over repeats, from ``summary.json``, which counts
 training time only), and its cost against ``quiet`` in percent. The target is at most 2% for ``default``.
+Because this machine's run-to-run noise is larger than 2%, it also prints the direct measurement:
+``summary.json``'s ``bookkeeping_fraction``, the share of training time rank 0 spent in the loop's
+own per-step code (loss tracking, the non-finite check, log events with their all-reduces and memory
+readings, the bar), timed in the run itself.
 
     .venv/bin/python benchmarks/logging_overhead.py
     .venv/bin/python benchmarks/logging_overhead.py --steps 200 --repeats 5 --nproc 2
@@ -48,6 +52,7 @@ def main() -> int:
             "data.synthetic.num_test_rows=8192", f"trainer.max_steps={args.steps}", "trainer.eval_every_steps=0",
             "checkpoint.every_steps=0", "checkpoint.save_at_end=false", "trainer.resume=none"]
     rates: dict[str, list[float]] = {name: [] for name in SETTINGS}
+    booked: dict[str, list[float]] = {name: [] for name in SETTINGS}
     for r in range(args.repeats):
         for name, extra in SETTINGS.items():
             run_dir = work / f"{name}_{r}"
@@ -57,14 +62,18 @@ def main() -> int:
             if proc.returncode != 0:
                 print(f"{name}: failed (rc {proc.returncode})\n{(proc.stdout + proc.stderr)[-3000:]}", file=sys.stderr)
                 return 1
-            rates[name].append(json.loads((run_dir / "summary.json").read_text())["train_samples_per_s"])
+            summary = json.loads((run_dir / "summary.json").read_text())
+            rates[name].append(summary["train_samples_per_s"])
+            booked[name].append(summary["bookkeeping_fraction"])
     quiet = statistics.median(rates["quiet"])
     print(f"model=dlrm_criteo data=synthetic, batch 2048, {args.steps} steps per run, {args.nproc} rank(s), "
           f"{args.repeats} alternating repeats")
-    print(f"{'setting':12s} {'samples/s':>10s} {'min':>9s} {'max':>9s} {'cost vs quiet':>14s}")
+    print(f"{'setting':12s} {'samples/s':>10s} {'min':>9s} {'max':>9s} {'cost vs quiet':>14s} {'bookkeeping':>12s}")
     for name, values in rates.items():
         med = statistics.median(values)
-        print(f"{name:12s} {med:10,.0f} {min(values):9,.0f} {max(values):9,.0f} {100 * (1 - med / quiet):13.1f}%")
+        print(f"{name:12s} {med:10,.0f} {min(values):9,.0f} {max(values):9,.0f} {100 * (1 - med / quiet):13.1f}%"
+              f" {100 * statistics.median(booked[name]):11.2f}%")
+    print("bookkeeping = the loop's own per-step code as a share of training time, timed in each run (median)")
     return 0
 
 

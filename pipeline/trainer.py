@@ -124,6 +124,7 @@ class Trainer:
         self.scheduler = lr_scheduler(self.optimizer, cfg.optimizer, self.total_steps)
         self.step = 0
         self.train_seconds = 0.0
+        self.bookkeeping_seconds = 0.0  # this process's time in the loop's loss/metric/log/progress code
         self.best_auc, self.evals_without_gain = float("-inf"), 0  # early stopping on patience
         self._bad_step: torch.Tensor | None = None
         self._bad_value: torch.Tensor | None = None
@@ -299,6 +300,7 @@ class Trainer:
         bar = tqdm(total=self.total_steps * gbs, initial=self.step * gbs, unit="sample", unit_scale=True,
                    mininterval=2.0, disable=not (env.is_rank_zero and cfg.logger.progress_bar), desc="train")
         wall0 = time.perf_counter()
+        self.train_seconds_at_start = self.train_seconds  # a resumed run's earlier training time is in there
         loss_sum = torch.zeros((), device=self.device)
         # The first step whose loss is not finite, tracked on the device (no per-step host sync).
         self._bad_step = torch.full((), -1, dtype=torch.int64, device=self.device)
@@ -314,6 +316,7 @@ class Trainer:
             with self._autocast():  # forward (and the backward it records) of the dense part in bf16
                 loss, _, _ = pipeline.progress(batches)
             self.scheduler.step()
+            book = time.perf_counter()  # from here to the evaluation: bookkeeping, not training
             self.step += 1
             loss_sum += loss  # stays on device: no host sync per step
             step_t += 1
@@ -337,6 +340,7 @@ class Trainer:
                 bar.set_postfix(loss=f"{mean_loss:.4f}")
                 loss_sum.zero_()
                 window_steps, window_s, mark = 0, 0.0, time.perf_counter()
+            self.bookkeeping_seconds += time.perf_counter() - book
             if eval_every and self.step % eval_every == 0 and self.step < self.total_steps:
                 window_s += time.perf_counter() - mark
                 pipeline.detach()  # a direct forward must not consume the pipeline's prefetched batch
@@ -383,6 +387,7 @@ class Trainer:
     def _finish(self, final: dict[str, BinaryMetrics], wall_s: float) -> dict:
         optimum = self.manifest.get("optimum")
         samples = self.step * self.cfg.data.global_batch_size
+        this_run = self.train_seconds - getattr(self, "train_seconds_at_start", 0.0)
         summary = {
             "run_dir": str(self.run_dir),
             "world_size": self.env.world_size,
@@ -396,6 +401,9 @@ class Trainer:
             "global_batch_size": self.cfg.data.global_batch_size,
             "train_samples_per_s": samples / self.train_seconds if self.train_seconds else None,
             "train_seconds": round(self.train_seconds, 3),
+            # Rank 0's time in the per-step loss tracking, metric/log events and progress bar, as a
+            # fraction of training time (on CUDA a log event's sync also waits for queued kernels).
+            "bookkeeping_fraction": round(self.bookkeeping_seconds / this_run, 5) if this_run > 0 else None,
             "wall_seconds": round(wall_s, 3),
             "final": {s: asdict(m) for s, m in final.items()},
             "data_rows": {s: v.get("num_rows") for s, v in self.manifest.get("splits", {}).items()},

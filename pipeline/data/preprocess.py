@@ -328,6 +328,7 @@ class _SplitWriter:
         self.syncer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="part-sync")
         self.syncing: Future | None = None
         self.closing = False
+        self.closed = False
 
     def write(self, dense: np.ndarray, sparse: np.ndarray, labels: np.ndarray) -> None:
         for key, arr in (("dense", dense), ("sparse", sparse), ("labels", labels)):
@@ -358,6 +359,15 @@ class _SplitWriter:
         for f in self.files.values():
             os.fsync(f.fileno())
 
+    def abort(self) -> None:
+        """Stop the helper thread and close the files (the part is not done: a rerun redoes it)."""
+        if self.closed:
+            return
+        self.closed = True
+        self.syncer.shutdown(wait=True)
+        for f in self.files.values():
+            f.close()
+
     def close(self) -> dict:
         """Wait until every byte is on disk (raising a failed sync's error) and close the files."""
         if not self.closing:
@@ -365,6 +375,7 @@ class _SplitWriter:
         try:
             self.syncing.result()
         finally:
+            self.closed = True
             self.syncer.shutdown()
             for f in self.files.values():
                 f.close()
@@ -538,15 +549,21 @@ def _process_unit(unit: _Unit, cfg: DataConfig, out: Path, mapper: _IdMapper, ke
                 rows[split] = dense[keep], ids[keep], labels[keep]
         return rows
 
-    for _, _, rows in _assigned_blocks(unit, cfg, counter, then=outputs):
-        for split, (dense, ids, labels) in rows.items():
-            writers[split].write(dense, ids, labels)
-    for writer in writers.values():
-        writer.start_close()  # the splits' final fsyncs run side by side
+    try:
+        for _, _, rows in _assigned_blocks(unit, cfg, counter, then=outputs):
+            for split, (dense, ids, labels) in rows.items():
+                writers[split].write(dense, ids, labels)
+        for writer in writers.values():
+            writer.start_close()  # the splits' final fsyncs run side by side
+        closed = {s: w.close() for s, w in writers.items()}
+    except BaseException:
+        for writer in writers.values():
+            writer.abort()
+        raise
     record = {
         "fingerprint": key,
         "source": _sources([unit.path])[0],
-        "splits": {s: w.close() for s, w in writers.items()},
+        "splits": closed,
         "bad_rows": counter.to_dict(),
         "dense_min": file_min,
         "seconds": round(time.perf_counter() - t0, 2),
