@@ -101,9 +101,33 @@ def pooled_values(kt: KeyedTensor, names: list[str], dim: int) -> torch.Tensor:
     return torch.cat([per_key[name] for name in names], dim=1).view(-1, len(names), dim)
 
 
+def pooled_for_dot(kt: KeyedTensor, names: list[str], dim: int, pair_i: torch.Tensor, pair_j: torch.Tensor,
+                   padded: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The pooled embeddings as a view [B, F, D] in the collection's own key order, and the pair indices
+    (``flat_pairs`` of :class:`DotInteraction`) remapped to that order; ``None`` for the indices when
+    the order is already ``names``.
+
+    Sharded over several ranks, the collection's output lists each rank's tables together (e.g.
+    table-wise on 2 ranks: rank 0's 13 features, then rank 1's), so :func:`pooled_values` would copy
+    the 26 slices back into feature order, forward and backward, every step. The dot interaction does
+    not need that order: the Gram matrix of the vectors in any order holds the same dot products, and
+    only which entries are read changes. Falls back to :func:`pooled_values` when the output is not a
+    permutation of ``names`` of width ``dim`` each.
+    """
+    values, keys = kt.values(), kt.keys()
+    if keys == names or kt.key_dim() != 1 or sorted(keys) != sorted(names) \
+            or values.shape[1] != len(names) * dim or any(n != dim for n in kt.length_per_key()):
+        return pooled_values(kt, names, dim), None
+    position = {k: p for p, k in enumerate(keys)}
+    # Row of each vector in the stacked input: the dense vector first, then the pooled ones in kt order.
+    rows = torch.tensor([0, *(1 + position[n] for n in names)], dtype=pair_i.dtype, device=pair_i.device)
+    return values.view(values.shape[0], len(names), dim), rows[pair_i] * padded + rows[pair_j]
+
+
 # Leaves for torch.fx (TrainPipelineSparseDist traces the model): their bodies run eagerly.
 torch.fx.wrap("pairwise_dot")
 torch.fx.wrap("pooled_values")
+torch.fx.wrap("pooled_for_dot")
 
 
 class DotInteraction(nn.Module):
@@ -118,11 +142,16 @@ class DotInteraction(nn.Module):
         num_vectors = num_sparse_features + 1
         self.padded = -(-num_vectors // 4) * 4  # 27 -> 28
         i, j = torch.triu_indices(num_vectors, num_vectors, offset=0 if self_interaction else 1)
+        self.register_buffer("pair_i", i, persistent=False)
+        self.register_buffer("pair_j", j, persistent=False)
         self.register_buffer("flat_pairs", i * self.padded + j, persistent=False)
         self.num_interactions = i.numel()
 
-    def forward(self, dense_features: torch.Tensor, sparse_features: torch.Tensor) -> torch.Tensor:
-        return pairwise_dot(dense_features, sparse_features, self.flat_pairs, self.padded)
+    def forward(self, dense_features: torch.Tensor, sparse_features: torch.Tensor,
+                flat_pairs: torch.Tensor | None = None) -> torch.Tensor:
+        """``flat_pairs``: the pair indices for pooled vectors in another order (:func:`pooled_for_dot`)."""
+        return pairwise_dot(dense_features, sparse_features, self.flat_pairs if flat_pairs is None else flat_pairs,
+                            self.padded)
 
 
 class FeatureMLPs(nn.Module):
@@ -186,9 +215,15 @@ class DLRM(TorchRecDLRM):
         self.top_in_features: int = self.over_arch.model[0]._mlp[0]._linear.in_features  # 479 or 506 for Criteo
 
     def forward(self, dense_features: torch.Tensor, sparse_features: KeyedJaggedTensor) -> torch.Tensor:
-        pooled = pooled_values(self.sparse_arch.embedding_bag_collection(sparse_features),
-                               self.sparse_arch.sparse_feature_names, self.sparse_arch.D)
-        return self.forward_pooled(dense_features, pooled)
+        kt = self.sparse_arch.embedding_bag_collection(sparse_features)
+        names, dim = self.sparse_arch.sparse_feature_names, self.sparse_arch.D
+        if self.sparse_mlp is None and isinstance(self.inter_arch, DotInteraction):
+            # Whatever order the (sharded) collection returns the features in: no copy to reorder them.
+            pooled, flat_pairs = pooled_for_dot(kt, names, dim, self.inter_arch.pair_i, self.inter_arch.pair_j,
+                                                self.inter_arch.padded)
+            embedded_dense = self.dense_arch(dense_features)
+            return self.over_arch(self.inter_arch(embedded_dense, pooled, flat_pairs))
+        return self.forward_pooled(dense_features, pooled_values(kt, names, dim))
 
     def forward_pooled(self, dense_features: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
         """Logits [B, 1] from the dense features [B, I] and the pooled embeddings [B, F, D]."""

@@ -90,3 +90,31 @@ def test_pooled_embeddings_are_a_view_when_the_keys_are_in_order() -> None:
     assert pooled_values(kt, ["a", "b", "c", "d"], 2).data_ptr() == values.data_ptr()
     reordered = pooled_values(kt, ["b", "a", "d", "c"], 2)
     torch.testing.assert_close(reordered, values.view(3, 4, 2)[:, [1, 0, 3, 2]])
+
+
+@pytest.mark.parametrize("self_interaction", [False, True])
+def test_dot_interaction_reads_pooled_embeddings_in_the_shards_order(self_interaction) -> None:
+    """Sharded over ranks the collection returns features grouped by rank; the dot interaction reads them
+    in that order (a view, no reordering copy) and gives the same outputs and gradients."""
+    from torchrec.sparse.jagged_tensor import KeyedTensor
+
+    from pipeline.model.dlrm import pooled_for_dot, pooled_values
+
+    names, d, b = [f"f{k}" for k in range(6)], 4, 5
+    shard_order = ["f1", "f3", "f5", "f0", "f2", "f4"]  # e.g. two ranks, table-wise
+    inter = DotInteraction(len(names), self_interaction)
+    values = torch.randn(b, len(names) * d, dtype=torch.float64, requires_grad=True)
+    dense = torch.randn(b, d, dtype=torch.float64, requires_grad=True)
+    kt = KeyedTensor(keys=shard_order, length_per_key=[d] * len(names), values=values)
+
+    pooled, flat = pooled_for_dot(kt, names, d, inter.pair_i, inter.pair_j, inter.padded)
+    assert flat is not None and pooled.data_ptr() == values.data_ptr(), "a view of the shards' output"
+    out = inter(dense, pooled, flat)
+    grads = torch.autograd.grad(out.pow(2).sum(), (values, dense))
+    expected = inter(dense, pooled_values(kt, names, d))
+    expected_grads = torch.autograd.grad(expected.pow(2).sum(), (values, dense))
+    torch.testing.assert_close(out, expected)
+    for got, want in zip(grads, expected_grads):
+        torch.testing.assert_close(got, want)
+    in_order = KeyedTensor(keys=names, length_per_key=[d] * len(names), values=values)
+    assert pooled_for_dot(in_order, names, d, inter.pair_i, inter.pair_j, inter.padded)[1] is None
