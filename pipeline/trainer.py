@@ -124,6 +124,7 @@ class Trainer:
         self.scheduler = lr_scheduler(self.optimizer, cfg.optimizer, self.total_steps)
         self.step = 0
         self.train_seconds = 0.0
+        self.train_seconds_at_start = 0.0  # training time before this process's train() (a resumed run's)
         self.bookkeeping_seconds = 0.0  # this process's time in the loop's loss/metric/log/progress code
         self.best_auc, self.evals_without_gain = float("-inf"), 0  # early stopping on patience
         self._bad_step: torch.Tensor | None = None
@@ -300,7 +301,7 @@ class Trainer:
         bar = tqdm(total=self.total_steps * gbs, initial=self.step * gbs, unit="sample", unit_scale=True,
                    mininterval=2.0, disable=not (env.is_rank_zero and cfg.logger.progress_bar), desc="train")
         wall0 = time.perf_counter()
-        self.train_seconds_at_start = self.train_seconds  # a resumed run's earlier training time is in there
+        self.train_seconds_at_start = self.train_seconds
         loss_sum = torch.zeros((), device=self.device)
         # The first step whose loss is not finite, tracked on the device (no per-step host sync).
         self._bad_step = torch.full((), -1, dtype=torch.int64, device=self.device)
@@ -387,7 +388,7 @@ class Trainer:
     def _finish(self, final: dict[str, BinaryMetrics], wall_s: float) -> dict:
         optimum = self.manifest.get("optimum")
         samples = self.step * self.cfg.data.global_batch_size
-        this_run = self.train_seconds - getattr(self, "train_seconds_at_start", 0.0)
+        this_run = self.train_seconds - self.train_seconds_at_start
         summary = {
             "run_dir": str(self.run_dir),
             "world_size": self.env.world_size,

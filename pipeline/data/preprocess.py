@@ -326,9 +326,8 @@ class _SplitWriter:
         self.num_rows = 0
         self.unsynced = 0
         self.syncer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="part-sync")
-        self.syncing: Future | None = None
-        self.closing = False
-        self.closed = False
+        self.syncing: Future | None = None  # the latest background sync
+        self.final: Future | None = None  # the final fsync, once closing has started
 
     def write(self, dense: np.ndarray, sparse: np.ndarray, labels: np.ndarray) -> None:
         for key, arr in (("dense", dense), ("sparse", sparse), ("labels", labels)):
@@ -348,10 +347,10 @@ class _SplitWriter:
 
     def start_close(self) -> None:
         """Flush and start the final fsync on the helper thread (``close`` waits for it)."""
-        for f in self.files.values():
-            f.flush()
-        self.syncing = self.syncer.submit(self._final_sync, self.syncing)
-        self.closing = True
+        if self.final is None:
+            for f in self.files.values():
+                f.flush()
+            self.final = self.syncer.submit(self._final_sync, self.syncing)
 
     def _final_sync(self, previous: Future | None) -> None:
         if previous is not None:
@@ -361,24 +360,17 @@ class _SplitWriter:
 
     def abort(self) -> None:
         """Stop the helper thread and close the files (the part is not done: a rerun redoes it)."""
-        if self.closed:
-            return
-        self.closed = True
         self.syncer.shutdown(wait=True)
         for f in self.files.values():
-            f.close()
+            f.close()  # a no-op on a closed file
 
     def close(self) -> dict:
         """Wait until every byte is on disk (raising a failed sync's error) and close the files."""
-        if not self.closing:
-            self.start_close()
+        self.start_close()
         try:
-            self.syncing.result()
+            self.final.result()
         finally:
-            self.closed = True
-            self.syncer.shutdown()
-            for f in self.files.values():
-                f.close()
+            self.abort()
         return {
             "num_rows": self.num_rows,
             "files": {

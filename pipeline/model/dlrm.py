@@ -101,27 +101,36 @@ def pooled_values(kt: KeyedTensor, names: list[str], dim: int) -> torch.Tensor:
     return torch.cat([per_key[name] for name in names], dim=1).view(-1, len(names), dim)
 
 
-def pooled_for_dot(kt: KeyedTensor, names: list[str], dim: int, pair_i: torch.Tensor, pair_j: torch.Tensor,
-                   padded: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The pooled embeddings as a view [B, F, D] in the collection's own key order, and the pair indices
-    (``flat_pairs`` of :class:`DotInteraction`) remapped to that order; ``None`` for the indices when
-    the order is already ``names``.
+_REORDERED_PAIRS: dict[tuple, torch.Tensor] = {}
+
+
+def pooled_for_dot(kt: KeyedTensor, names: list[str], dim: int, flat_pairs: torch.Tensor, pair_i: torch.Tensor,
+                   pair_j: torch.Tensor, padded: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The pooled embeddings as [B, F, D] in the collection's own key order (a view), and the pair
+    indices of :class:`DotInteraction` (``flat_pairs``) for that order.
 
     Sharded over several ranks, the collection's output lists each rank's tables together (e.g.
     table-wise on 2 ranks: rank 0's 13 features, then rank 1's), so :func:`pooled_values` would copy
     the 26 slices back into feature order, forward and backward, every step. The dot interaction does
     not need that order: the Gram matrix of the vectors in any order holds the same dot products, and
-    only which entries are read changes. Falls back to :func:`pooled_values` when the output is not a
-    permutation of ``names`` of width ``dim`` each.
+    only which entries are read changes. The remapped indices are computed once per key order. Falls
+    back to :func:`pooled_values` and ``flat_pairs`` when the output is not a permutation of ``names``
+    of width ``dim`` each.
     """
     values, keys = kt.values(), kt.keys()
-    if keys == names or kt.key_dim() != 1 or sorted(keys) != sorted(names) \
-            or values.shape[1] != len(names) * dim or any(n != dim for n in kt.length_per_key()):
-        return pooled_values(kt, names, dim), None
-    position = {k: p for p, k in enumerate(keys)}
-    # Row of each vector in the stacked input: the dense vector first, then the pooled ones in kt order.
-    rows = torch.tensor([0, *(1 + position[n] for n in names)], dtype=pair_i.dtype, device=pair_i.device)
-    return values.view(values.shape[0], len(names), dim), rows[pair_i] * padded + rows[pair_j]
+    if keys == names:
+        return pooled_values(kt, names, dim), flat_pairs
+    cache_key = (tuple(keys), tuple(names), dim, padded, pair_i.numel(), str(pair_i.device))
+    pairs = _REORDERED_PAIRS.get(cache_key)
+    if pairs is None:
+        if kt.key_dim() != 1 or sorted(keys) != sorted(names) or values.shape[1] != len(names) * dim \
+                or any(n != dim for n in kt.length_per_key()):
+            return pooled_values(kt, names, dim), flat_pairs
+        position = {k: p for p, k in enumerate(keys)}
+        # Row of each vector in the stacked input: the dense vector first, then the pooled ones in kt order.
+        rows = torch.tensor([0, *(1 + position[n] for n in names)], dtype=pair_i.dtype, device=pair_i.device)
+        pairs = _REORDERED_PAIRS[cache_key] = rows[pair_i] * padded + rows[pair_j]
+    return values.view(values.shape[0], len(names), dim), pairs
 
 
 # Leaves for torch.fx (TrainPipelineSparseDist traces the model): their bodies run eagerly.
@@ -219,17 +228,21 @@ class DLRM(TorchRecDLRM):
         names, dim = self.sparse_arch.sparse_feature_names, self.sparse_arch.D
         if self.sparse_mlp is None and isinstance(self.inter_arch, DotInteraction):
             # Whatever order the (sharded) collection returns the features in: no copy to reorder them.
-            pooled, flat_pairs = pooled_for_dot(kt, names, dim, self.inter_arch.pair_i, self.inter_arch.pair_j,
-                                                self.inter_arch.padded)
-            embedded_dense = self.dense_arch(dense_features)
-            return self.over_arch(self.inter_arch(embedded_dense, pooled, flat_pairs))
+            inter = self.inter_arch
+            pooled, flat_pairs = pooled_for_dot(kt, names, dim, inter.flat_pairs, inter.pair_i, inter.pair_j,
+                                                inter.padded)
+            return self.forward_pooled(dense_features, pooled, flat_pairs)
         return self.forward_pooled(dense_features, pooled_values(kt, names, dim))
 
-    def forward_pooled(self, dense_features: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
-        """Logits [B, 1] from the dense features [B, I] and the pooled embeddings [B, F, D]."""
+    def forward_pooled(self, dense_features: torch.Tensor, pooled: torch.Tensor,
+                       flat_pairs: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits [B, 1] from the dense features [B, I] and the pooled embeddings [B, F, D] (in feature
+        order, or in the order ``flat_pairs`` of the dot interaction was made for)."""
         if self.sparse_mlp is not None:
             pooled = self.sparse_mlp(pooled)
         embedded_dense = self.dense_arch(dense_features)
+        if flat_pairs is not None:
+            return self.over_arch(self.inter_arch(embedded_dense, pooled, flat_pairs))
         return self.over_arch(self.inter_arch(dense_features=embedded_dense, sparse_features=pooled))
 
     def dense_modules(self) -> list[str]:

@@ -107,8 +107,11 @@ def test_dot_interaction_reads_pooled_embeddings_in_the_shards_order(self_intera
     dense = torch.randn(b, d, dtype=torch.float64, requires_grad=True)
     kt = KeyedTensor(keys=shard_order, length_per_key=[d] * len(names), values=values)
 
-    pooled, flat = pooled_for_dot(kt, names, d, inter.pair_i, inter.pair_j, inter.padded)
-    assert flat is not None and pooled.data_ptr() == values.data_ptr(), "a view of the shards' output"
+    pooled, flat = pooled_for_dot(kt, names, d, inter.flat_pairs, inter.pair_i, inter.pair_j, inter.padded)
+    assert pooled.data_ptr() == values.data_ptr(), "a view of the shards' output"
+    assert not torch.equal(flat, inter.flat_pairs), "pair indices remapped to the shards' order"
+    again = pooled_for_dot(kt, names, d, inter.flat_pairs, inter.pair_i, inter.pair_j, inter.padded)[1]
+    assert again is flat, "computed once per key order"
     out = inter(dense, pooled, flat)
     grads = torch.autograd.grad(out.pow(2).sum(), (values, dense))
     expected = inter(dense, pooled_values(kt, names, d))
@@ -117,4 +120,5 @@ def test_dot_interaction_reads_pooled_embeddings_in_the_shards_order(self_intera
     for got, want in zip(grads, expected_grads):
         torch.testing.assert_close(got, want)
     in_order = KeyedTensor(keys=names, length_per_key=[d] * len(names), values=values)
-    assert pooled_for_dot(in_order, names, d, inter.pair_i, inter.pair_j, inter.padded)[1] is None
+    assert pooled_for_dot(in_order, names, d, inter.flat_pairs, inter.pair_i, inter.pair_j, inter.padded)[1] \
+        is inter.flat_pairs
