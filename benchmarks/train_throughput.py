@@ -9,7 +9,9 @@ In one run, alternating the contenders, for each batch size and rank count:
     (c) plain     a plain-PyTorch DLRM in the style of facebookresearch/dlrm dlrm_s_pytorch.py (1 process)
 
 Training samples/s is the median over --steps steps after --warmup (min and max too); inference is
-forward only (ours: the final evaluation pass over the validation split at the same batch size).
+forward only: the baselines' median over 30 batches after --warmup; ours, the final evaluation pass over
+the validation split (--eval-batches batches at the same batch size: rows over the pass's seconds, its
+first batch, loss, metric updates and the all-gather of predictions included).
 Peak memory is the largest process's max RSS. The compute bound is the model's FLOPs per sample
 (MLP GEMMs + interaction, x3 for training) over the GEMM rate measured here, and each contender's
 fraction of it is printed.
@@ -140,6 +142,8 @@ def main() -> None:
     p.add_argument("--rows", type=int, default=100_000, help="rows per table (26 tables, dim 128)")
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--eval-batches", type=int, default=16,
+                   help="validation (and test) split size in batches of the largest batch size: ours' inference pass")
     p.add_argument("--rounds", type=int, default=1, help="repeat each contender, alternating")
     p.add_argument("--workdir", default=None)
     p.add_argument("--profile", type=int, default=0, metavar="STEPS",
@@ -152,7 +156,7 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     train_rows = max(batches) * (a.warmup + a.steps + 2)
     print(f"preparing {train_rows:,} training rows hashed into 26 x {a.rows:,} tables in {work} ...", flush=True)
-    data = prepare_data(work, a.rows, train_rows, max(batches) * 4)
+    data = prepare_data(work, a.rows, train_rows, max(batches) * a.eval_batches)
     rate = gemm_rate()
     train_flops, infer_flops = flops_per_sample(128, [512, 256, 128], [512, 256, 1])
     print(f"GEMM {rate / 1e9:.0f} GFLOP/s fp32 on {os.cpu_count()} cores; the model needs {train_flops / 1e6:.2f} MFLOP per "

@@ -56,42 +56,72 @@ def _pairs(dense: torch.Tensor, stacked: torch.Tensor, flat_pairs: torch.Tensor)
     return torch.cat((dense, gram.index_select(1, flat_pairs)), dim=1)
 
 
+# Rows per slice of the batch in the CPU interaction. The stacked vectors of 256 rows (3.5 MiB) stay in
+# cache between the copy that builds them and the GEMMs that read them; over a whole batch of 8192 rows
+# (117 MiB) each pass goes to memory. Seen here (2 cores), no-grad forward at 8192 rows 88 -> 35 ms;
+# training at 2048 rows forward 10.7 -> 7.6 ms and backward 15.4 -> 11.9 ms (best of 40).
+CPU_CHUNK_ROWS = 256
+
+
+def _chunks(dense: torch.Tensor) -> list[tuple[int, int]]:
+    b = dense.shape[0]
+    step = CPU_CHUNK_ROWS if dense.device.type == "cpu" else max(b, 1)
+    return [(s, min(b, s + step)) for s in range(0, b, step)]
+
+
+def _pairs_chunked(dense: torch.Tensor, sparse: torch.Tensor, flat_pairs: torch.Tensor, padded: int) -> torch.Tensor:
+    """:func:`_pairs` of :func:`_stack_vectors`, one slice of rows at a time (the same numbers)."""
+    b, d = dense.shape
+    out = dense.new_empty(b, d + flat_pairs.numel())
+    for s, e in _chunks(dense):
+        out[s:e] = _pairs(dense[s:e], _stack_vectors(dense[s:e], sparse[s:e], padded), flat_pairs)
+    return out
+
+
 class _PairwiseDot(torch.autograd.Function):
     """``[dense, gram(x)[pairs]]`` for ``x = [dense; pooled]`` with a cheaper backward.
 
     Autograd's backward of ``bmm(x, x^T)`` followed by the pair gather runs two batched GEMMs and a
     scatter-add of the pair gradients; the Gram matrix is symmetric, so ``dx = (G + G^T) x`` with ``G``
     the pair gradients scattered into [N, N]: one batched GEMM. The same numbers within float rounding.
+    Forward and backward run over slices of rows (:data:`CPU_CHUNK_ROWS`), and the backward stacks each
+    slice again rather than keeping the [B, N, D] stack: less memory, and the gradient of the pooled
+    embeddings comes out contiguous (the sharded collection would otherwise copy it).
     """
 
     @staticmethod
     def forward(ctx, dense: torch.Tensor, sparse: torch.Tensor, flat_pairs: torch.Tensor, padded: int) -> torch.Tensor:
-        stacked = _stack_vectors(dense, sparse, padded)  # [B, P, D]
-        ctx.save_for_backward(stacked, flat_pairs)
-        ctx.num_sparse = sparse.shape[1]
-        return _pairs(dense, stacked, flat_pairs)
+        ctx.save_for_backward(dense, sparse, flat_pairs)
+        ctx.padded = padded
+        return _pairs_chunked(dense, sparse, flat_pairs, padded)
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
-        stacked, flat_pairs = ctx.saved_tensors
-        b, p, d = stacked.shape
-        grad_pairs = grad_out[:, d:]
+        dense, sparse, flat_pairs = ctx.saved_tensors
+        p, (b, f, d) = ctx.padded, sparse.shape
+        grad_dense = grad_out[:, :d].clone()
+        grad_sparse = sparse.new_empty(b, f, d)
         # G + G^T in one buffer: each pair's gradient added at (i, j) and at (j, i); a diagonal pair lands
         # twice, as it should (d<x,x>/dx = 2x). Cheaper than scattering G and adding its transpose.
         transposed_pairs = (flat_pairs % p) * p + flat_pairs // p
-        g = grad_out.new_zeros(b, p * p)
-        g.index_add_(1, flat_pairs, grad_pairs).index_add_(1, transposed_pairs, grad_pairs)
-        grad_stacked = torch.bmm(g.view(b, p, p), stacked)
-        return grad_out[:, :d] + grad_stacked[:, 0], grad_stacked[:, 1 : ctx.num_sparse + 1], None, None
+        for s, e in _chunks(dense):
+            grad_pairs = grad_out[s:e, d:]
+            g = grad_out.new_zeros(e - s, p * p)
+            g.index_add_(1, flat_pairs, grad_pairs).index_add_(1, transposed_pairs, grad_pairs)
+            grad_stacked = torch.bmm(g.view(e - s, p, p), _stack_vectors(dense[s:e], sparse[s:e], p))
+            grad_dense[s:e] += grad_stacked[:, 0]
+            grad_sparse[s:e] = grad_stacked[:, 1 : f + 1]
+        return grad_dense, grad_sparse, None, None
 
 
 def pairwise_dot(dense: torch.Tensor, sparse: torch.Tensor, flat_pairs: torch.Tensor, padded: int) -> torch.Tensor:
     """``[dense, <x_i, x_j> for each pair]`` over ``x = [dense; sparse]`` stacked into ``padded`` rows;
     ``flat_pairs`` = i * padded + j."""
-    if torch.is_grad_enabled() and (dense.requires_grad or sparse.requires_grad) \
-            and not torch.compiler.is_compiling() and not torch.compiler.is_exporting():
+    if torch.compiler.is_compiling() or torch.compiler.is_exporting():
+        return _pairs(dense, _stack_vectors(dense, sparse, padded), flat_pairs)  # one traceable graph
+    if torch.is_grad_enabled() and (dense.requires_grad or sparse.requires_grad):
         return _PairwiseDot.apply(dense, sparse, flat_pairs, padded)
-    return _pairs(dense, _stack_vectors(dense, sparse, padded), flat_pairs)
+    return _pairs_chunked(dense, sparse, flat_pairs, padded)
 
 
 def pooled_values(kt: KeyedTensor, names: list[str], dim: int) -> torch.Tensor:

@@ -48,9 +48,13 @@ def test_forward_gives_one_logit_per_sample() -> None:
     assert logits.shape == (b, 1)
 
 
+@pytest.mark.parametrize("chunk_rows", [512, 3])
 @pytest.mark.parametrize("self_interaction", [False, True])
-def test_dot_interaction_gradients_match_autograd_of_the_gram_matrix(self_interaction: bool) -> None:
-    """The one-GEMM backward gives autograd's gradients of bmm + gather, diagonal included."""
+def test_dot_interaction_gradients_match_autograd_of_the_gram_matrix(self_interaction: bool, chunk_rows: int,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """The one-GEMM backward gives autograd's gradients of bmm + gather, diagonal included, whether the
+    batch is one slice of rows or several (7 rows in slices of 3: 3 + 3 + 1)."""
+    monkeypatch.setattr("pipeline.model.dlrm.CPU_CHUNK_ROWS", chunk_rows)
     b, f, d = 7, 5, 6
     dense, sparse = torch.randn(b, d, dtype=torch.float64), torch.randn(b, f, d, dtype=torch.float64)
     upstream = torch.randn(b, d + (f + 1) * (f + 2 * self_interaction) // 2, dtype=torch.float64)
@@ -68,8 +72,11 @@ def test_dot_interaction_gradients_match_autograd_of_the_gram_matrix(self_intera
         grads.append((out.detach(), x.grad, s.grad))
     for ours, ref in zip(grads[1], grads[0], strict=True):
         torch.testing.assert_close(ours, ref)
-    assert torch.autograd.gradcheck(DotInteraction(f, self_interaction), (dense[:2].clone().requires_grad_(),
-                                                                         sparse[:2].clone().requires_grad_()))
+    assert grads[1][2].is_contiguous(), "the pooled embeddings' gradient needs no copy before the tables"
+    with torch.no_grad():
+        torch.testing.assert_close(DotInteraction(f, self_interaction)(dense, sparse), grads[0][0])
+    assert torch.autograd.gradcheck(DotInteraction(f, self_interaction), (dense[:4].clone().requires_grad_(),
+                                                                         sparse[:4].clone().requires_grad_()))
 
 
 def test_dot_interaction_has_torchrec_interaction_arch_layout() -> None:
