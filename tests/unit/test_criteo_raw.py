@@ -1,6 +1,6 @@
 """The raw Criteo parser and preprocessing on real-format edge cases: bad rows under both policies,
-the torchrec-compatible dense mode, the 1TB day-file layout (plain and .gz), per-column caps, and
-resuming a killed preprocessing."""
+the compiled scanner against pyarrow's parse and the line checks, the torchrec-compatible dense mode,
+the 1TB day-file layout (plain and .gz), per-column caps, and resuming a killed preprocessing."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ import pytest
 
 from pipeline.config import BadRowPolicy, DataConfig, DenseTransform, IdMode, SplitMode, SyntheticConfig
 from pipeline.data import synthetic
+from pipeline.data import criteo
 from pipeline.data.criteo import BAD_ROW_KINDS, BadRows, RawDataError, count_lines, read_blocks
 from pipeline.data.loader import BinarySplit, train_batches
 from pipeline.data.preprocess import preprocess, raw_files
@@ -41,6 +42,8 @@ BAD = [
     ("bad_categorical", row(cats=["xyz12345", *["68fd1e64"] * 25]), "field C1 is b'xyz12345'"),
     ("bad_categorical", row(cats=[*["68fd1e64"] * 25, "0a1b2c3d4"]), "field C26 is b'0a1b2c3d4'"),
     ("bad_categorical", row(cats=["68fd1e64", "0a1b", *["68fd1e64"] * 24]), "field C2 is b'0a1b'"),
+    ("bad_dense", row(dense=["+5", *["1"] * 12]), "field I1 is b'+5'"),
+    ("bad_dense", row(dense=[*["1"] * 6, "-", *["1"] * 6]), "field I7 is b'-'"),
 ]
 
 
@@ -103,6 +106,106 @@ def test_skip_policy_drops_and_counts_every_bad_row_across_blocks(tmp_path) -> N
     assert got["dense"][:, 0].tolist() == expected_good, "good rows all kept, in order"
     assert got["line_index"].tolist() == expected_good, "each row keeps its line number"
     assert counter.examples[0].startswith(f"{path}:")
+
+
+_FIELDS = ("labels", "dense", "dense_missing", "sparse", "sparse_missing", "line_index")
+
+
+def _scan(lines: list[str], labelled: bool = True):
+    data = ("\n".join(lines) + "\n").encode()
+    return criteo._scan_chunk(criteo._Chunk(memoryview(data), 7, len(lines), False), labelled, criteo.CRITEO)
+
+
+def _random_good_rows(rng: np.random.Generator, n: int, labelled: bool = True) -> list[str]:
+    """Rows the scanner must accept: missing fields, negatives, "-0", leading zeros, 18-digit
+    integers, upper- and lower-case hex."""
+    def dense() -> str:
+        k = rng.integers(8)
+        return ("" if k == 0 else "-0" if k == 1 else "007" if k == 2 else str(int(rng.integers(-10**18 + 1, 10**18)))
+                if k == 3 else str(int(rng.integers(-3, 100_000))))
+
+    def cat() -> str:
+        if rng.random() < 0.15:
+            return ""
+        h = f"{int(rng.integers(2**32)):08x}"
+        return h.upper() if rng.random() < 0.2 else h
+
+    return ["\t".join([*([str(int(rng.integers(2)))] if labelled else []), *(dense() for _ in range(13)),
+                       *(cat() for _ in range(26))]) for _ in range(n)]
+
+
+@pytest.mark.parametrize("labelled", [True, False])
+def test_scanner_gives_what_pyarrow_and_the_conversion_give(labelled) -> None:
+    lines = _random_good_rows(np.random.default_rng(1), 3000, labelled)
+    got = _scan(lines, labelled)
+    assert got is not None, "the scanner accepted every well-formed row"
+    data = ("\n".join(lines) + "\n").encode()
+    want = criteo._convert(criteo._parse(data, labelled), np.arange(7, 7 + len(lines)), labelled)
+    for k in _FIELDS:
+        assert np.array_equal(getattr(got, k), getattr(want, k)), k
+    assert got.sparse.flags.f_contiguous == want.sparse.flags.f_contiguous
+
+
+def _reference_row(line: str) -> tuple:
+    """What a row means, by the line check's rules, parsed with Python's int()."""
+    f = line.split("\t")
+    return (int(f[0]), [int(v) if v else 0 for v in f[1:14]], [int(v, 16) if v else 0 for v in f[14:]],
+            [not v for v in f[1:14]], [not v for v in f[14:]])
+
+
+def test_scanner_never_accepts_a_row_the_line_check_rejects() -> None:
+    """Random edits of good rows: whenever the scanner accepts a chunk, every row in it passes the
+    line check and parses to what Python's int() gives; whenever a row fails the line check, the
+    scanner rejects its chunk (the chunk then takes pyarrow's path and the line checks)."""
+    rng = np.random.default_rng(2)
+    alphabet = list("0123456789abcdefABCDEFg-+ \t\r\n.x")
+    accepted = rejected = 0
+    for _ in range(400):
+        lines = _random_good_rows(rng, 4)
+        for _ in range(rng.integers(1, 3)):  # edit one row: insert, delete or replace a character
+            i = int(rng.integers(len(lines)))
+            line, at, op = lines[i], int(rng.integers(len(lines[i]) + 1)), rng.integers(3)
+            c = str(rng.choice(alphabet))
+            lines[i] = (line[:at] + c + line[at:] if op == 0 else line[:at] + line[at + 1:] if op == 1
+                        else line[:at] + c + line[at + 1:])
+        lines = "\n".join(lines).split("\n")  # an inserted newline makes two lines
+        ok = all(criteo.check_line(ln.encode()) is None for ln in lines)
+        got = _scan(lines)
+        if got is None:
+            rejected += 1
+            continue
+        accepted += 1
+        assert ok, f"scanner accepted a malformed row: {lines}"
+        for r, line in enumerate(lines):
+            label, dense, sparse, dmiss, smiss = _reference_row(line)
+            assert got.labels[r] == label and got.dense[r].tolist() == dense and got.sparse[r].tolist() == sparse
+            assert got.dense_missing[r].tolist() == dmiss and got.sparse_missing[r].tolist() == smiss
+    assert accepted > 20 and rejected > 200, (accepted, rejected)  # both sides were exercised
+
+
+def test_every_bad_row_kind_is_rejected_by_the_scanner() -> None:
+    for kind, line, _ in BAD:
+        assert _scan([GOOD[0], line, GOOD[2]]) is None, kind
+    assert _scan([GOOD[0], row(dense=["1" * 19, *["1"] * 12])]) is None, "19 digits: left to pyarrow"
+    assert _scan(GOOD) is not None
+
+
+def test_clean_hex_rows_never_reach_pyarrow(tmp_path, monkeypatch) -> None:
+    """The fast path is the one taken: with pyarrow's parse disabled, clean files still read (and a
+    file with a bad row still needs it)."""
+    def no_pyarrow(*a, **k):
+        raise AssertionError("pyarrow's parse was called")
+
+    path = tmp_path / "clean.tsv"
+    lines = _random_good_rows(np.random.default_rng(3), 5000)
+    path.write_text("\n".join(lines) + "\n")
+    want = criteo._convert(criteo._parse(path.read_bytes()), np.arange(5000))
+    monkeypatch.setattr(criteo, "_parse", no_pyarrow)
+    got = _read_all(path, block_size_mb=0.05)  # ~200 rows per chunk, in the worker threads
+    assert all(np.array_equal(got[k], getattr(want, k)) for k in _FIELDS) and len(got["labels"]) == 5000
+    path.write_text("\n".join([*lines[:10], BAD[0][1]]) + "\n")
+    with pytest.raises(AssertionError, match="pyarrow's parse was called"):
+        _read_all(path)
 
 
 def test_preprocess_skip_counts_bad_rows_in_the_manifest(tmp_path) -> None:
