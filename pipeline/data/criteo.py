@@ -22,8 +22,9 @@ multiple of the chunk size whatever the file size.
 
 How it is exact about bad rows: a chunk the scanner rejects goes through pyarrow's path, and a chunk
 that fails that too (pyarrow rejects a field, a label is not 0/1, a hash has a non-hex digit) is
-re-checked line by line in Python (:func:`check_line`) to find every bad line, its kind and its field. Policy ``error`` raises :class:`RawDataError` naming file, line and field;
-``skip`` drops the bad lines, counts them by kind in :class:`BadRows`, and parses the rest.
+re-checked line by line in Python (:func:`check_line`) to find every bad line, its kind and its
+field. Policy ``error`` raises :class:`RawDataError` naming file, line and field; ``skip`` drops the
+bad lines, counts them by kind in :class:`BadRows`, and parses the rest.
 """
 
 from __future__ import annotations
@@ -195,7 +196,7 @@ def count_lines(path: str | Path, chunk_bytes: int = 64 << 20) -> int:
     n, last = 0, b"\n"
     with open_raw(path) as f:
         while chunk := f.read(chunk_bytes):
-            n += chunk.count(b"\n")
+            n += _count_newlines(np.frombuffer(chunk, dtype=np.uint8))
             last = chunk[-1:]
     return n + (last != b"\n")
 
