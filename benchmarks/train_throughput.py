@@ -7,6 +7,8 @@ In one run, alternating the contenders, for each batch size and rank count:
                   dataset hashed into 26 tables of --rows rows
     (b) torchrec  the minimal idiomatic TorchRec loop (benchmarks/_contenders.py) at the same config
     (c) plain     a plain-PyTorch DLRM in the style of facebookresearch/dlrm dlrm_s_pytorch.py (1 process)
+    (a') ours_bf16 with --bf16: (a) with trainer.precision=bf16 (MLPs and interaction under bf16
+                  autocast; fast on CPUs with AMX or AVX-512 BF16), beside fp32 (a); (b) and (c) stay fp32
 
 Training samples/s is the median over --steps steps after --warmup (min and max too); inference is
 forward only: the baselines' median over 30 batches after --warmup; ours, the final evaluation pass over
@@ -19,6 +21,7 @@ fraction of it is printed.
     .venv/bin/python benchmarks/train_throughput.py                          # 512,2048,8192 x 1,2 ranks
     .venv/bin/python benchmarks/train_throughput.py --batch-sizes 2048 --ranks 1 --rounds 2
     .venv/bin/python benchmarks/train_throughput.py --batch-sizes 2048 --ranks 1 --profile 10 --workdir /tmp/b
+    .venv/bin/python benchmarks/train_throughput.py --batch-sizes 2048,8192 --ranks 1 --bf16
 """
 
 from __future__ import annotations
@@ -97,8 +100,8 @@ def prepare_data(work: Path, rows: int, train_rows: int, eval_rows: int) -> list
 
 
 def run_ours(work: Path, tag: str, data: list[str], batch: int, nproc: int, warmup: int, steps: int,
-             profile_steps: int = 0) -> dict:
-    run_dir = work / f"ours_{tag}"
+             profile_steps: int = 0, name: str = "ours", extra: tuple[str, ...] = ()) -> dict:
+    run_dir = work / f"{name}_{tag}"
     # Profiled steps (if any) come after the measured ones and are not counted.
     profile = [f"trainer.profile_steps={profile_steps}", f"trainer.profile_wait_steps={warmup + steps}"] \
         if profile_steps else []
@@ -106,11 +109,11 @@ def run_ours(work: Path, tag: str, data: list[str], batch: int, nproc: int, warm
            "optimizer=sgd", "optimizer.lr=0.01", "optimizer.warmup_steps=0", f"data.global_batch_size={batch}",
            f"data.eval_global_batch_size={batch}", f"trainer.max_steps={warmup + steps + (profile_steps + 1 if profile_steps else 0)}",
            "trainer.eval_every_steps=0", "logger.log_every_steps=1", "logger.progress_bar=false",
-           "checkpoint.every_steps=0", "checkpoint.save_at_end=false", *profile]
+           "checkpoint.every_steps=0", "checkpoint.save_at_end=false", *profile, *extra]
     env = {**os.environ, "PIPELINE_RUN_ID": run_dir.name, "OMP_NUM_THREADS": "1"}
-    rc, peak = run_measured(cmd, env, work / f"ours_{tag}.log")
+    rc, peak = run_measured(cmd, env, work / f"{name}_{tag}.log")
     if rc:
-        raise RuntimeError(f"ours failed (rc {rc}): see {work / f'ours_{tag}.log'}")
+        raise RuntimeError(f"{name} failed (rc {rc}): see {work / f'{name}_{tag}.log'}")
     events = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     rates = [e["train/samples_per_s"] for e in events if e["event"] == "train"][warmup:warmup + steps]
     val = next(e for e in events if e["event"] == "eval" and e["split"] == "val")
@@ -149,6 +152,8 @@ def main() -> None:
     p.add_argument("--profile", type=int, default=0, metavar="STEPS",
                    help="also torch.profiler STEPS steps of each contender after the measured ones (not counted): "
                         "ours in <workdir>/ours_<tag>/profile/, the baselines in <workdir>/profile_<tag>/")
+    p.add_argument("--bf16", action="store_true",
+                   help="also run ours with trainer.precision=bf16 (contender ours_bf16; the baselines stay fp32)")
     a = p.parse_args()
     batches = [int(x) for x in a.batch_sizes.split(",")]
     ranks = [int(x) for x in a.ranks.split(",")]
@@ -165,10 +170,14 @@ def main() -> None:
     rows = []
     for batch in batches:
         for nproc in ranks:
-            results: dict[str, list[dict]] = {"ours": [], "torchrec": [], "plain": []}
+            results: dict[str, list[dict]] = {"ours": [], **({"ours_bf16": []} if a.bf16 else {}), "torchrec": [],
+                                              "plain": []}
             for r in range(a.rounds):
                 tag = f"b{batch}_r{nproc}_{r}"
                 results["ours"].append(run_ours(work, tag, data, batch, nproc, a.warmup, a.steps, a.profile))
+                if a.bf16:
+                    results["ours_bf16"].append(run_ours(work, tag, data, batch, nproc, a.warmup, a.steps, a.profile,
+                                                         "ours_bf16", ("trainer.precision=bf16",)))
                 results["torchrec"].append(run_baseline(work, tag, "torchrec", batch, nproc, a.rows, a.warmup, a.steps,
                                                         a.profile))
                 if nproc == 1:
@@ -189,14 +198,18 @@ def main() -> None:
             for who, v in agg.items():
                 print(f"  {who:9s} {v['train']:>14,.0f} {v['train_min']:>8,.0f} {v['train_max']:>8,.0f} "
                       f"{v['train'] * train_flops / rate:>8.0%} {v['infer']:>9,.0f} {v['rss']:>7,.0f}Mi")
-            ours = agg["ours"]
-            line = f"  ratios: train a/b {ours['train'] / agg['torchrec']['train']:.2f}x"
-            if "plain" in agg:
-                line += f", a/c {ours['train'] / agg['plain']['train']:.2f}x"
-            line += f"; infer a/b {ours['infer'] / agg['torchrec']['infer']:.2f}x"
-            if "plain" in agg:
-                line += f", a/c {ours['infer'] / agg['plain']['infer']:.2f}x"
-            print(line + "\n", flush=True)
+            for who in ("ours", "ours_bf16"):
+                if who not in agg:
+                    continue
+                ours = agg[who]
+                line = f"  ratios{'' if who == 'ours' else ' (bf16)'}: train a/b {ours['train'] / agg['torchrec']['train']:.2f}x"
+                if "plain" in agg:
+                    line += f", a/c {ours['train'] / agg['plain']['train']:.2f}x"
+                line += f"; infer a/b {ours['infer'] / agg['torchrec']['infer']:.2f}x"
+                if "plain" in agg:
+                    line += f", a/c {ours['infer'] / agg['plain']['infer']:.2f}x"
+                print(line, flush=True)
+            print(flush=True)
     for batch in batches:
         per = {n: agg["ours"]["train"] for b, n, agg in rows if b == batch}
         if 1 in per and 2 in per:
