@@ -355,7 +355,7 @@ _NIBBLE[np.frombuffer(b"0123456789abcdef", np.uint8)] = np.arange(16)
 _NIBBLE[np.frombuffer(b"ABCDEF", np.uint8)] = np.arange(10, 16)
 
 
-def _compiled(fn: Callable) -> Callable:
+def compiled(fn: Callable) -> Callable:
     """``fn`` compiled by numba without the GIL, its machine code cached in ``__pycache__`` (or the
     user's cache folder) so only the first run after an install compiles (about 0.6 s; loading the
     cache costs about 0.15 s); compiled in every process where no cache folder is writable."""
@@ -365,7 +365,7 @@ def _compiled(fn: Callable) -> Callable:
         return numba.njit(nogil=True, boundscheck=False)(fn)
 
 
-@_compiled
+@compiled
 def _scan_hex_rows(buf, labelled, nibble, labels, dense, dense_missing, sparse, sparse_missing):  # pragma: no cover
     """Parse ``len(labels)`` newline-terminated rows of the hex layout from ``buf`` (uint8, ending in a newline).
 

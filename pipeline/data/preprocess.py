@@ -50,7 +50,17 @@ from pipeline.config import (
     IdMode,
     SplitMode,
 )
-from pipeline.data.criteo import CRITEO, BadRows, RawBlock, RawDataError, Schema, count_lines, read_blocks
+from pipeline.data.criteo import (
+    CRITEO,
+    BadRows,
+    RawBlock,
+    RawDataError,
+    Schema,
+    compile_scanner,
+    compiled,
+    count_lines,
+    read_blocks,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -262,23 +272,74 @@ class _IdCounter:
         return out
 
 
+_FIB = np.uint64(0x9E3779B97F4A7C15)  # 2^64 / golden ratio: Fibonacci hashing spreads consecutive keys
+
+
+@compiled
+def _fill_table(keys, ids, bits, table_keys, table_ids):  # pragma: no cover - compiled
+    """Insert ``keys`` -> ``ids`` (all ids > 0; 0 marks an empty slot) into an open-addressing table of
+    ``2**bits`` slots with linear probing."""
+    mask = (1 << bits) - 1
+    for i in range(keys.shape[0]):
+        s = np.int64((np.uint64(keys[i]) * _FIB) >> np.uint64(64 - bits))  # the top bits: < 2^bits
+        while table_ids[s] != 0:
+            s = (s + 1) & mask
+        table_keys[s] = keys[i]
+        table_ids[s] = ids[i]
+
+
+@compiled
+def _lookup_ids(sparse, missing, table_keys, table_ids, offsets, bits, rare, out):  # pragma: no cover
+    """``out[i, j]``: the id of ``sparse[i, j]`` in column ``j``'s table, ``rare`` if it has none, 0 if missing."""
+    for j in range(sparse.shape[1]):
+        off = offsets[j]
+        b = bits[j]
+        mask = (1 << b) - 1
+        for i in range(sparse.shape[0]):
+            if missing[i, j]:
+                out[i, j] = 0
+                continue
+            k = sparse[i, j]
+            s = np.int64((np.uint64(k) * _FIB) >> np.uint64(64 - b))
+            while True:
+                v = table_ids[off + s]
+                if v == 0:
+                    out[i, j] = rare
+                    break
+                if table_keys[off + s] == k:
+                    out[i, j] = v
+                    break
+                s = (s + 1) & mask
+
+
 class _IdMapper:
-    """Raw hashes -> table row ids, in vocab or hash mode."""
+    """Raw hashes -> table row ids, in vocab or hash mode.
+
+    Vocab mode looks ids up in one open-addressing hash table per column (compiled, at most half full):
+    a probe or two per value, where a binary search over a sorted vocabulary of millions of keys cost
+    a cache miss per step.
+    """
 
     def __init__(self, cfg: DataConfig, vocab: list[np.ndarray] | None):
         self.mode = cfg.id_mode
         self.caps = _caps(cfg)
         if vocab is not None:
-            self.sorted_keys = []
-            self.sorted_ids = []
-            for v in vocab:
-                order = np.argsort(v)
-                self.sorted_keys.append(v[order])
-                self.sorted_ids.append((order + 2).astype(np.int64))  # 0 missing, 1 rare
             self.num_embeddings = [len(v) + 2 for v in vocab]
+            self.dtype = np.int32 if max(self.num_embeddings) < 2**31 else np.int64
+            # Slots per column: a power of two at least twice the vocabulary (16 at least).
+            self.bits = np.array([max(4, int(2 * len(v) - 1).bit_length()) for v in vocab], dtype=np.int64)
+            sizes = 1 << self.bits
+            self.offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
+            key_dtype = np.result_type(np.uint32, *(v.dtype for v in vocab))
+            self.table_keys = np.zeros(int(sizes.sum()), dtype=key_dtype)
+            self.table_ids = np.zeros(int(sizes.sum()), dtype=self.dtype)
+            for j, v in enumerate(vocab):
+                span = slice(self.offsets[j], self.offsets[j] + sizes[j])
+                ids = np.arange(2, len(v) + 2, dtype=self.dtype)  # 0 missing, 1 rare; by descending frequency
+                _fill_table(v.astype(key_dtype), ids, self.bits[j], self.table_keys[span], self.table_ids[span])
         else:
             self.num_embeddings = list(self.caps)
-        self.dtype = np.int32 if max(self.num_embeddings) < 2**31 else np.int64
+            self.dtype = np.int32 if max(self.num_embeddings) < 2**31 else np.int64
 
     def __call__(self, block: RawBlock) -> np.ndarray:
         if self.mode == IdMode.hash:
@@ -290,17 +351,20 @@ class _IdMapper:
             np.add(ids, ~block.sparse_missing, out=ids, casting="unsafe")
             return ids.astype(self.dtype, order="C")  # rows are written whole
         out = np.empty(block.sparse.shape, dtype=self.dtype)
-        for j in range(block.sparse.shape[1]):
-            h = block.sparse[:, j]
-            keys = self.sorted_keys[j]
-            if len(keys):
-                pos = np.minimum(np.searchsorted(keys, h), len(keys) - 1)
-                ids = np.where(keys[pos] == h, self.sorted_ids[j][pos], RARE_ID)
-            else:
-                ids = np.full(len(h), RARE_ID, dtype=np.int64)
-            ids[block.sparse_missing[:, j]] = MISSING_ID
-            out[:, j] = ids
+        _lookup_ids(block.sparse.astype(self.table_keys.dtype, copy=False), block.sparse_missing, self.table_keys,
+                    self.table_ids, self.offsets, self.bits, RARE_ID, out)
         return out
+
+
+def compile_kernels() -> None:
+    """Compile (or load from the cache) the raw-row scanner and the vocabulary lookup, e.g. while
+    building a container image."""
+    compile_scanner()
+    mapper = _IdMapper(DataConfig(id_mode=IdMode.vocab), [np.array([7, 3], np.uint32)] * len(CRITEO.sparse_columns))
+    block = RawBlock(np.zeros(1, np.int8), np.zeros((1, 13), np.int64), np.zeros((1, 13), bool),
+                     np.full((1, 26), 3, np.uint32), np.zeros((1, 26), bool), np.zeros(1, np.int64))
+    if mapper(block).tolist() != [[3] * 26]:
+        raise RuntimeError("the compiled vocabulary lookup gave a wrong id")
 
 
 _SYNC_EVERY = 8 << 20  # bytes written between background fdatasyncs

@@ -10,9 +10,9 @@ import torch
 
 from pipeline.config import BadRowPolicy, DataConfig, IdMode, SplitMode, SyntheticConfig
 from pipeline.data import synthetic
-from pipeline.data.criteo import RawDataError, read_blocks
+from pipeline.data.criteo import RawBlock, RawDataError, read_blocks
 from pipeline.data.loader import BinarySplit, epoch_order, eval_batches, train_batches
-from pipeline.data.preprocess import MISSING_ID, is_current, preprocess
+from pipeline.data.preprocess import MISSING_ID, RARE_ID, _IdMapper, is_current, preprocess
 
 SMALL = SyntheticConfig(num_train_rows=5000, num_val_rows=1500, num_test_rows=1000, max_cardinality=200, seed=3)
 
@@ -73,6 +73,33 @@ def test_hash_mode_maps_modulo_the_cap(tmp_path, processed) -> None:
         for j in range(26):
             h = rows[i][14 + j]
             assert ids[i, j] == (0 if h == "" else 1 + int(h, 16) % 96)
+
+
+@pytest.mark.parametrize("dtype", [np.uint32, np.int64])  # hex hashes, decimal ids (beyond 2^32 too)
+def test_vocab_mode_gives_each_key_its_rank_and_others_the_rare_id(dtype) -> None:
+    """The compiled hash-table lookup against a dict: id = 2 + position in the vocabulary (most frequent
+    first), RARE_ID for keys outside it, MISSING_ID for missing values; empty, tiny and large
+    vocabularies (tables at most half full, so probe chains occur)."""
+    rng = np.random.default_rng(0)
+    hi = 2**32 if dtype == np.uint32 else 2**50
+    sizes = [0, 1, 2, 7, 100, 20_000] * 4 + [3, 50_000]
+    vocab = [rng.choice(hi, size=n, replace=False).astype(dtype) for n in sizes]
+    mapper = _IdMapper(DataConfig(id_mode=IdMode.vocab), vocab)
+    assert mapper.num_embeddings == [n + 2 for n in sizes]
+    n = 5000
+    sparse = np.empty((n, 26), dtype, order="F")
+    for j, v in enumerate(vocab):
+        unseen = rng.integers(0, hi, 20).astype(dtype)
+        sparse[:, j] = rng.choice(np.concatenate([v, unseen]), n)
+    missing = np.asfortranarray(rng.random((n, 26)) < 0.1)
+    block = RawBlock(np.zeros(n, np.int8), np.zeros((n, 13), np.int64), np.zeros((n, 13), bool), sparse, missing,
+                     np.arange(n))
+    got = mapper(block)
+    for j, v in enumerate(vocab):
+        rank = {int(k): i + 2 for i, k in enumerate(v)}
+        want = [MISSING_ID if m else rank.get(int(k), RARE_ID) for k, m in zip(sparse[:, j], missing[:, j])]
+        assert got[:, j].tolist() == want, j
+    assert (got == RARE_ID).any() and (got > RARE_ID).any()
 
 
 def test_two_ranks_split_each_global_batch_of_one(processed) -> None:
