@@ -12,7 +12,7 @@ from pipeline.config import BadRowPolicy, DataConfig, IdMode, SplitMode, Synthet
 from pipeline.data import synthetic
 from pipeline.data.criteo import RawBlock, RawDataError, read_blocks
 from pipeline.data.loader import BinarySplit, epoch_order, eval_batches, train_batches
-from pipeline.data.preprocess import MISSING_ID, RARE_ID, _IdMapper, is_current, preprocess
+from pipeline.data.preprocess import MISSING_ID, RARE_ID, _IdMapper, compile_kernels, is_current, preprocess
 
 SMALL = SyntheticConfig(num_train_rows=5000, num_val_rows=1500, num_test_rows=1000, max_cardinality=200, seed=3)
 
@@ -100,6 +100,11 @@ def test_vocab_mode_gives_each_key_its_rank_and_others_the_rare_id(dtype) -> Non
         want = [MISSING_ID if m else rank.get(int(k), RARE_ID) for k, m in zip(sparse[:, j], missing[:, j])]
         assert got[:, j].tolist() == want, j
     assert (got == RARE_ID).any() and (got > RARE_ID).any()
+
+
+def test_compile_kernels_checks_the_compiled_code() -> None:
+    """What the Docker image runs at build time: compiles (or loads) both kernels and checks their output."""
+    compile_kernels()
 
 
 def test_two_ranks_split_each_global_batch_of_one(processed) -> None:
