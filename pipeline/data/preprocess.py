@@ -317,15 +317,16 @@ class _IdMapper:
 
     Vocab mode looks ids up in one open-addressing hash table per column (compiled, at most half full):
     a probe or two per value, where a binary search over a sorted vocabulary of millions of keys cost
-    a cache miss per step.
+    a cache miss per step. The tables take 2-4 slots of key + id per vocabulary entry (16-32 bytes for
+    hex hashes and int32 ids; a 10M-entry column: 256 MiB at most).
     """
 
     def __init__(self, cfg: DataConfig, vocab: list[np.ndarray] | None):
         self.mode = cfg.id_mode
         self.caps = _caps(cfg)
+        self.num_embeddings = [len(v) + 2 for v in vocab] if vocab is not None else list(self.caps)
+        self.dtype = np.int32 if max(self.num_embeddings) < 2**31 else np.int64
         if vocab is not None:
-            self.num_embeddings = [len(v) + 2 for v in vocab]
-            self.dtype = np.int32 if max(self.num_embeddings) < 2**31 else np.int64
             # Slots per column: a power of two at least twice the vocabulary (16 at least).
             self.bits = np.array([max(4, int(2 * len(v) - 1).bit_length()) for v in vocab], dtype=np.int64)
             sizes = 1 << self.bits
@@ -337,9 +338,6 @@ class _IdMapper:
                 span = slice(self.offsets[j], self.offsets[j] + sizes[j])
                 ids = np.arange(2, len(v) + 2, dtype=self.dtype)  # 0 missing, 1 rare; by descending frequency
                 _fill_table(v.astype(key_dtype), ids, self.bits[j], self.table_keys[span], self.table_ids[span])
-        else:
-            self.num_embeddings = list(self.caps)
-            self.dtype = np.int32 if max(self.num_embeddings) < 2**31 else np.int64
 
     def __call__(self, block: RawBlock) -> np.ndarray:
         if self.mode == IdMode.hash:
