@@ -201,8 +201,8 @@ def main() -> None:
             for who in ("ours", "ours_bf16"):
                 if who not in agg:
                     continue
-                ours = agg[who]
-                line = f"  ratios{'' if who == 'ours' else ' (bf16)'}: train a/b {ours['train'] / agg['torchrec']['train']:.2f}x"
+                ours, label = agg[who], "ratios" if who == "ours" else "ratios (bf16)"
+                line = f"  {label}: train a/b {ours['train'] / agg['torchrec']['train']:.2f}x"
                 if "plain" in agg:
                     line += f", a/c {ours['train'] / agg['plain']['train']:.2f}x"
                 line += f"; infer a/b {ours['infer'] / agg['torchrec']['infer']:.2f}x"

@@ -282,17 +282,17 @@ def _parse(data: bytes | memoryview, labelled: bool = True, schema: Schema = CRI
     )
 
 
+_NIBBLE = np.full(256, 0xFF, dtype=np.uint8)  # hex character -> its value; 0xFF if not a hex digit
+_NIBBLE[np.frombuffer(b"0123456789abcdef", np.uint8)] = np.arange(16)
+_NIBBLE[np.frombuffer(b"ABCDEF", np.uint8)] = np.arange(10, 16)
+
+
 def _pair_lut() -> np.ndarray:
     """Two hex characters (as a little-endian uint16) -> their byte value; 0xFFFF if either isn't hex."""
-    nibble = np.full(256, 0xFFFF, dtype=np.uint32)
-    for i, ch in enumerate(b"0123456789abcdef"):
-        nibble[ch] = i
-    for i, ch in enumerate(b"ABCDEF"):
-        nibble[ch] = 10 + i
-    first, second = np.meshgrid(nibble, nibble, indexing="ij")  # first char = low byte of the uint16
-    lut = (first << 4) | second
-    lut[(first == 0xFFFF) | (second == 0xFFFF)] = 0xFFFF
-    return lut.T.ravel().astype(np.uint16)  # index = first | second << 8
+    first, second = np.meshgrid(_NIBBLE.astype(np.uint16), _NIBBLE.astype(np.uint16), indexing="ij")
+    lut = (first << 4) | second  # first char = low byte of the uint16
+    lut[(first > 15) | (second > 15)] = 0xFFFF
+    return lut.T.ravel()  # index = first | second << 8
 
 
 _PAIR_LUT = _pair_lut()
@@ -348,11 +348,6 @@ def _hex8_columns(table: pa.Table, schema: Schema = CRITEO) -> tuple[np.ndarray,
             raise _SlowPath
         sparse[:, j] = v  # a missing value was decoded from "00000000": 0
     return sparse, missing
-
-
-_NIBBLE = np.full(256, 0xFF, dtype=np.uint8)  # hex character -> its value; 0xFF if not a hex digit
-_NIBBLE[np.frombuffer(b"0123456789abcdef", np.uint8)] = np.arange(16)
-_NIBBLE[np.frombuffer(b"ABCDEF", np.uint8)] = np.arange(10, 16)
 
 
 def compiled(fn: Callable) -> Callable:

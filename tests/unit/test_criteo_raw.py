@@ -414,3 +414,18 @@ def test_memory_stays_bounded_by_the_block_size(tmp_path, generated) -> None:
         peaks[path.name] = int(out[1]) / 1024  # MiB
     size_mb = large.stat().st_size / 2**20
     assert peaks["large.tsv"] - peaks["small.tsv"] < 0.25 * (size_mb - small.stat().st_size / 2**20), peaks
+
+
+def test_kernels_compile_without_a_writable_cache_folder(monkeypatch) -> None:
+    """Where numba finds no folder to cache machine code in, it refuses ``cache=True`` at decoration
+    ("no locator available"); ``compiled`` then compiles in-process instead of failing the import."""
+    import numba
+    import numba.core.caching
+
+    def plus_one(x):
+        return x + 1
+
+    monkeypatch.setattr(numba.core.caching.CacheImpl, "_locator_classes", [])
+    with pytest.raises(RuntimeError, match="no locator available"):
+        numba.njit(cache=True)(plus_one)
+    assert criteo.compiled(plus_one)(41) == 42
