@@ -42,15 +42,16 @@ from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.api import CheckpointException as DCPCheckpointException
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata, TensorStorageMetadata
 
+from pipeline.errors import CheckpointError  # noqa: F401 - re-exported: the checkpoint's own error
+
 logger = logging.getLogger(__name__)
 
 LATEST = "latest"
+BEST = "best"  # names the checkpoint with the best validation metric so far (trainer.restore_best)
 META = "meta.json"
 PREFIX = "step_"
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint cannot be saved or loaded; the message says which and why."""
 
 
 # -- safe loading --------------------------------------------------------------------------------
@@ -155,16 +156,21 @@ def _set_rng_state(s: dict[str, torch.Tensor]) -> None:
 
 
 # -- finding checkpoints --------------------------------------------------------------------------
-def latest_checkpoint(root: str | Path) -> Path | None:
-    """The newest complete checkpoint under ``root`` (by its ``latest`` pointer), or None."""
+def latest_checkpoint(root: str | Path, pointer_name: str = LATEST) -> Path | None:
+    """The complete checkpoint under ``root`` its ``latest`` (or ``best``) pointer names, or None."""
     root = Path(root)
-    pointer = root / LATEST
+    pointer = root / pointer_name
     if not pointer.is_file():
         return None
     path = root / pointer.read_text().strip()
     if not (path / META).is_file() or not (path / ".metadata").is_file():
         raise CheckpointError(f"{pointer} names {path}, which is not a complete checkpoint")
     return path
+
+
+def best_checkpoint(root: str | Path) -> Path | None:
+    """The checkpoint with the best validation metric under ``root`` (its ``best`` pointer), or None."""
+    return latest_checkpoint(root, BEST)
 
 
 def resolve_resume(resume: str, root: Path) -> Path | None:
@@ -205,8 +211,10 @@ class Checkpointer:
             by_time = bool(flag.item())
         return by_steps or by_time
 
-    def save(self, state: dict[str, Any], train_state: TrainState, extra_meta: dict) -> Path:
+    def save(self, state: dict[str, Any], train_state: TrainState, extra_meta: dict, best: bool = False) -> Path:
         """Write a checkpoint of ``state`` (collective: every rank calls it). Returns its folder.
+
+        ``best``: it also becomes the ``best`` checkpoint, which pruning keeps beside the last K.
 
         Raises:
             CheckpointError: the folder cannot be written (permissions, full disk); the previous
@@ -254,6 +262,8 @@ class Checkpointer:
                     shutil.rmtree(final)
                 os.replace(tmp, final)
                 _write_atomic(self.root / LATEST, name + "\n")
+                if best:
+                    _write_atomic(self.root / BEST, name + "\n")
                 _fsync_dir(self.root)
                 self._prune(keep=name)
         except OSError as e:
@@ -276,10 +286,18 @@ class Checkpointer:
             raise CheckpointError(f"checkpoint save failed to {what} ({reason}); the previous checkpoint ({prev}) "
                                   "is untouched. Check checkpoint.dir is writable and has space.") from error
 
+    def mark_best(self, path: Path) -> None:
+        """Point ``best`` at an existing checkpoint (rank 0 writes; every rank calls)."""
+        if self.rank == 0:
+            _write_atomic(self.root / BEST, path.name + "\n")
+            _fsync_dir(self.root)
+
     def _prune(self, keep: str) -> None:
+        """Keep the last ``keep_last`` complete checkpoints and the best one; drop the rest and stale tmp folders."""
+        best = (self.root / BEST).read_text().strip() if (self.root / BEST).is_file() else None
         done = sorted(p for p in self.root.glob(f"{PREFIX}*") if p.is_dir() and not p.name.endswith(".tmp"))
         for old in done[: max(0, len(done) - self.keep_last)]:
-            if old.name != keep:
+            if old.name not in (keep, best):
                 shutil.rmtree(old, ignore_errors=True)
         for stale in self.root.glob(f"{PREFIX}*.tmp"):
             shutil.rmtree(stale, ignore_errors=True)

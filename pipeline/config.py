@@ -15,12 +15,10 @@ from dataclasses import dataclass, field
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
+from pipeline.errors import ConfigError  # noqa: F401 - re-exported: the config's own error
+
 NUM_DENSE_FEATURES = 13  # Criteo: I1..I13 (the default data.dense_columns)
 NUM_SPARSE_FEATURES = 26  # Criteo: C1..C26 (the default data.sparse_columns)
-
-
-class ConfigError(ValueError):
-    """A configuration that composes but cannot be run; the message names the key and the fix."""
 
 
 class ModelName(str, enum.Enum):
@@ -118,6 +116,13 @@ class TensorBoardStep(str, enum.Enum):
     samples = "samples"  # samples seen: compares runs of different global batch sizes
 
 
+class BestMetric(str, enum.Enum):
+    """The validation metric the best checkpoint (and early stopping on patience) is judged by."""
+
+    logloss = "logloss"  # lower is better; rewards calibrated probabilities as well as ranking
+    auc = "auc"  # higher is better; ranking only
+
+
 class Backend(str, enum.Enum):
     auto = "auto"  # nccl when CUDA is available, else gloo
     gloo = "gloo"
@@ -188,18 +193,21 @@ class DataConfig:
     raw_dir: str = MISSING  # folder of raw TSV files: label, dense_columns, sparse_columns (relative to the launch folder)
     processed_dir: str = MISSING  # folder for the binary splits and manifest.json
     split: SplitMode = SplitMode.files  # how raw rows are divided into train/val/test
+    train_files: list[str] = field(default_factory=list)  # split=files: training files or globs (.gz ok); [] = <raw_dir>/train.tsv
+    val_files: list[str] = field(default_factory=list)  # split=files: validation files or globs; [] = <raw_dir>/val.tsv
+    test_files: list[str] = field(default_factory=list)  # split=files: test files or globs; [] = <raw_dir>/test.tsv if present, else none
     raw_files: list[str] = field(default_factory=list)  # split=kaggle/random/days: input files or glob patterns (.gz ok)
     val_fraction: float = 0.05  # split=random: fraction of rows for val
     test_fraction: float = 0.05  # split=random: fraction of rows for test
     split_seed: int = 0  # split=random: seed of the row assignment
     id_mode: IdMode = IdMode.hash  # categorical ids: hash modulo a per-column cap, or contiguous vocabulary
-    max_ids_per_feature: int = 10_000_000  # cap on rows per embedding table (both id modes)
+    max_ids_per_feature: int | None = None  # cap on rows per table; null = from the data (vocab: all values; hash: 2x distinct)
     num_embeddings_per_feature: list[int] = field(default_factory=list)  # per sparse column caps; [] = max_ids_per_feature
-    min_id_frequency: int = 1  # id_mode=vocab: ids seen fewer times in train share one bucket
+    min_id_frequency: int = 2  # id_mode=vocab: values seen fewer times in train share the rare-or-unseen row (applied when read)
     dense_transform: DenseTransform = DenseTransform.log1p  # integer features -> float32
     bad_rows: BadRowPolicy = BadRowPolicy.error  # malformed raw rows: stop, or drop and count
     block_size_mb: int = 8  # raw bytes parsed per block while preprocessing (memory is a few times this)
-    global_batch_size: int = 2048  # training samples per step over all ranks
+    global_batch_size: int | None = None  # training samples per step over all ranks; null = chosen from the training rows
     eval_global_batch_size: int = 8192  # evaluation samples per step over all ranks
     shuffle: bool = True  # reshuffle training rows every epoch (seeded by trainer.seed and epoch)
     synthetic: SyntheticConfig | None = None  # set: generate raw_dir with this spec when missing
@@ -242,9 +250,11 @@ class OptimizerConfig:
     eps: float = 1e-8  # Adagrad/Adam epsilon
     weight_decay: float = 0.0  # dense optimizer only
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # Adam only
-    warmup_steps: int = 0  # linear warmup from 0 over this many steps (tables and MLPs alike)
-    decay: LrDecay = LrDecay.none  # schedule after warmup
+    warmup_fraction: float = 0.0  # linear warm-up from 0 over this fraction of the run's steps (tables and MLPs alike)
+    warmup_steps: int | None = None  # warm-up in steps instead (wins over warmup_fraction); clipped to the run
+    decay: LrDecay = LrDecay.none  # schedule after warm-up
     decay_start: float = 0.5  # decay=linear: fraction of the run's steps after which decay begins
+    decay_start_step: int | None = None  # decay=linear: the step decay begins instead (wins over decay_start)
     final_lr_fraction: float = 0.0  # decay=linear: lr at the last step, as a fraction of lr
 
 
@@ -252,9 +262,11 @@ class OptimizerConfig:
 class TrainerConfig:
     """The training loop."""
 
-    num_epochs: int = 1  # passes over the training split
+    num_epochs: int | None = None  # passes over the training split; null = chosen from the training rows (1 from 1M rows)
+    reset_tables_each_epoch: bool = True  # epochs after the first start from re-initialised tables (and their optimizer state)
     max_steps: int | None = None  # stop after this many steps; null = num_epochs
-    eval_every_steps: int = 0  # evaluate on val every N steps; 0 = only at the end
+    eval_every_fraction: float = 0.0  # evaluate on val after every this fraction of the run's steps; 0 = only at the end
+    eval_every_steps: int | None = None  # evaluate every N steps instead (wins over eval_every_fraction); 0 = only at the end
     eval_max_batches: int | None = None  # cap on eval batches mid-training; null = whole split (final eval is always whole)
     seed: int = 0  # model init, shuffling
     device: Device = Device.auto  # where the model runs
@@ -265,8 +277,10 @@ class TrainerConfig:
     profile_wait_steps: int = 10  # steps (after the first, which warms up) before profiling starts
     run_doctor: bool = True  # check the torch/fbgemm/torchrec pairing before training
     resume: str = "auto"  # auto = latest checkpoint in the run's checkpoint folder if any; none; or a path
+    restore_best: bool = True  # keep the checkpoint with the best val metric; final metrics (and export) come from it
+    best_metric: BestMetric = BestMetric.logloss  # what "best" means: logloss (rewards calibration too) | auc
     early_stop_auc: float | None = None  # stop once a mid-training val AUC reaches this; null = off
-    early_stop_patience: int = 0  # stop after this many mid-training evals without a val AUC gain; 0 = off
+    early_stop_patience: int = 0  # stop after this many mid-training evals without a gain in best_metric; 0 = off
     early_stop_min_delta: float = 0.0  # a gain smaller than this does not count as improvement
     save_predictions: bool = False  # final eval writes predictions_<split>.npy (one probability per row, row order)
     stop_on_nonfinite_loss: bool = True  # stop with the step when the training loss is NaN/Inf (checked each log step and before saves)
@@ -353,15 +367,7 @@ def validate(cfg: TrainConfig, world_size: int, device_type: str = "cpu") -> Non
     """
     m, d, t = cfg.model, cfg.data, cfg.trainer
     _validate_model(m)
-    for key, size in (("global_batch_size", d.global_batch_size), ("eval_global_batch_size", d.eval_global_batch_size)):
-        if size <= 0:
-            raise ConfigError(f"data.{key}={size} must be positive")
-        if size % world_size:
-            lower = max(world_size, size // world_size * world_size)
-            raise ConfigError(
-                f"data.{key}={size} must be divisible by world_size={world_size} (the batch size is global): "
-                f"use data.{key}={lower} or {lower + world_size}"
-            )
+    validate_batch_sizes(d, world_size)
     if d.split == SplitMode.random:
         if not (0 < d.val_fraction < 1 and 0 < d.test_fraction < 1 and d.val_fraction + d.test_fraction < 1):
             raise ConfigError(
@@ -372,7 +378,7 @@ def validate(cfg: TrainConfig, world_size: int, device_type: str = "cpu") -> Non
         raise ConfigError(f"data.split={d.split.value} needs exactly one file in data.raw_files, got {d.raw_files}")
     if d.split == SplitMode.days and not d.raw_files:
         raise ConfigError("data.split=days needs the day files in data.raw_files (in order, or a glob like data/day_*)")
-    if d.max_ids_per_feature < 2:
+    if d.max_ids_per_feature is not None and d.max_ids_per_feature < 2:
         raise ConfigError(f"data.max_ids_per_feature={d.max_ids_per_feature} must be at least 2")
     _validate_columns(d)
     if d.num_embeddings_per_feature and (
@@ -383,9 +389,12 @@ def validate(cfg: TrainConfig, world_size: int, device_type: str = "cpu") -> Non
             f"{min(d.num_embeddings_per_feature)}): give one cap >= 2 per categorical column "
             f"({len(d.sparse_columns)} in data.sparse_columns), or [] to use data.max_ids_per_feature for all"
         )
+    if d.min_id_frequency < 1:
+        raise ConfigError(f"data.min_id_frequency={d.min_id_frequency} must be at least 1 (1 = every training value "
+                          "gets its own row)")
     if d.block_size_mb < 1:
         raise ConfigError(f"data.block_size_mb={d.block_size_mb} must be at least 1")
-    if t.num_epochs < 1 and t.max_steps is None:
+    if t.num_epochs is not None and t.num_epochs < 1 and t.max_steps is None:
         raise ConfigError(f"trainer.num_epochs={t.num_epochs} must be >= 1 (or set trainer.max_steps)")
     if t.max_steps is not None and t.max_steps < 1:
         raise ConfigError(f"trainer.max_steps={t.max_steps} must be >= 1 or null")
@@ -393,11 +402,14 @@ def validate(cfg: TrainConfig, world_size: int, device_type: str = "cpu") -> Non
     if c.every_steps < 0 or c.every_minutes < 0 or c.keep_last < 1:
         raise ConfigError(f"checkpoint.every_steps={c.every_steps} and checkpoint.every_minutes={c.every_minutes} "
                           f"must be >= 0 and checkpoint.keep_last={c.keep_last} >= 1")
-    if (t.early_stop_auc is not None or t.early_stop_patience) and not t.eval_every_steps:
+    mid_evals = t.eval_every_steps if t.eval_every_steps is not None else t.eval_every_fraction
+    if (t.early_stop_auc is not None or t.early_stop_patience) and not mid_evals:
         raise ConfigError("trainer.early_stop_auc / trainer.early_stop_patience act on mid-training evaluations: "
-                          "set trainer.eval_every_steps > 0")
-    if t.eval_every_steps < 0:
-        raise ConfigError(f"trainer.eval_every_steps={t.eval_every_steps} must be >= 0 (0 = only at the end)")
+                          "set trainer.eval_every_fraction (e.g. 0.1) or trainer.eval_every_steps > 0")
+    if t.eval_every_steps is not None and t.eval_every_steps < 0:
+        raise ConfigError(f"trainer.eval_every_steps={t.eval_every_steps} must be >= 0 (0 = only at the end) or null")
+    if not 0 <= t.eval_every_fraction <= 1:
+        raise ConfigError(f"trainer.eval_every_fraction={t.eval_every_fraction} must be in [0, 1] (0 = only at the end)")
     if cfg.optimizer.lr <= 0:
         raise ConfigError(f"optimizer.lr={cfg.optimizer.lr} must be positive")
     if not 0 <= cfg.optimizer.decay_start <= 1 or not 0 <= cfg.optimizer.final_lr_fraction <= 1:
@@ -405,8 +417,13 @@ def validate(cfg: TrainConfig, world_size: int, device_type: str = "cpu") -> Non
             f"optimizer.decay_start={cfg.optimizer.decay_start} and optimizer.final_lr_fraction="
             f"{cfg.optimizer.final_lr_fraction} must be in [0, 1]"
         )
-    if cfg.optimizer.warmup_steps < 0:
-        raise ConfigError(f"optimizer.warmup_steps={cfg.optimizer.warmup_steps} must be >= 0")
+    o = cfg.optimizer
+    if not 0 <= o.warmup_fraction < 1:
+        raise ConfigError(f"optimizer.warmup_fraction={o.warmup_fraction} must be in [0, 1): a share of the run's steps "
+                          "(for a number of steps use optimizer.warmup_steps)")
+    for key in ("warmup_steps", "decay_start_step"):
+        if getattr(o, key) is not None and getattr(o, key) < 0:
+            raise ConfigError(f"optimizer.{key}={getattr(o, key)} must be >= 0, or null to use the fraction")
     if len(cfg.optimizer.betas) != 2:
         raise ConfigError(f"optimizer.betas={cfg.optimizer.betas} must have two values")
     if not 0 <= cfg.sharding.storage_reservation < 1:
@@ -457,6 +474,25 @@ def validate(cfg: TrainConfig, world_size: int, device_type: str = "cpu") -> Non
         )
     if t.device == Device.cpu and cfg.launcher.backend == Backend.nccl:
         raise ConfigError("launcher.backend=nccl needs CUDA but trainer.device=cpu: use launcher.backend=gloo")
+
+
+def validate_batch_sizes(d: DataConfig, world_size: int) -> None:
+    """Batch sizes are positive and split evenly over the ranks (null: still to be chosen from the data).
+
+    Raises:
+        ConfigError: naming the key and the nearest sizes that work.
+    """
+    for key, size in (("global_batch_size", d.global_batch_size), ("eval_global_batch_size", d.eval_global_batch_size)):
+        if size is None:
+            continue
+        if size <= 0:
+            raise ConfigError(f"data.{key}={size} must be positive")
+        if size % world_size:
+            lower = max(world_size, size // world_size * world_size)
+            raise ConfigError(
+                f"data.{key}={size} must be divisible by world_size={world_size} (the batch size is global): "
+                f"use data.{key}={lower} or {lower + world_size}"
+            )
 
 
 def _validate_columns(d: DataConfig) -> None:

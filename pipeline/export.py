@@ -35,7 +35,6 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 import sys
 import time
 import warnings
@@ -151,8 +150,9 @@ def use_int8_tables(dlrm: torch.nn.Module) -> torch.nn.Module:
 
 
 # -- finding and reading a checkpoint ---------------------------------------------------------------
-def find_checkpoint(path: str | Path) -> Path:
-    """A ``step_<N>`` folder, a checkpoints folder (its latest), or a run folder (its checkpoints' latest).
+def find_checkpoint(path: str | Path, which: str = "best") -> Path:
+    """A ``step_<N>`` folder, or the checkpoint a checkpoints folder (or a run folder's) points at: ``best`` (the
+    best validation AUC, what the run's final metrics came from; its latest when it kept no best) or ``latest``.
 
     Raises:
         ExportError: nothing there is a complete checkpoint (the places looked at are named).
@@ -162,11 +162,13 @@ def find_checkpoint(path: str | Path) -> Path:
     path = Path(path)
     if (path / ckpt.META).is_file() and (path / ".metadata").is_file():
         return path
+    pointers = (ckpt.BEST, ckpt.LATEST) if which == "best" else (ckpt.LATEST,)
     for root in (path, path / "checkpoints"):
-        if (root / ckpt.LATEST).is_file():
-            found = ckpt.latest_checkpoint(root)
-            if found is not None:
-                return found
+        for pointer in pointers:
+            if (root / pointer).is_file():
+                found = ckpt.latest_checkpoint(root, pointer)
+                if found is not None:
+                    return found
     raise ExportError(f"no checkpoint at {path}: expected a step_<N> folder ({ckpt.META} + .metadata), a checkpoints "
                       f"folder with '{ckpt.LATEST}', or a run folder with checkpoints/{ckpt.LATEST}")
 
@@ -257,37 +259,36 @@ def input_spec(data: dict, processed: Path | None, table_sizes: dict[str, int]) 
         ExportError: vocab mode without the data's vocab.npz, or a vocabulary/manifest that does not
             match the checkpoint's table sizes.
     """
-    from pipeline.data.preprocess import DENSE_TRANSFORMS, MISSING_ID, RARE_ID, _caps, manifest_schema
+    from pipeline.data import preprocess as pp
 
     schema = Schema.from_dict(data)
-    data_cfg = DataConfig(name=data.get("name", "?"), raw_dir=data.get("raw_dir", ""), processed_dir=str(processed),
-                          id_mode=IdMode(data["id_mode"]), max_ids_per_feature=data["max_ids_per_feature"],
-                          num_embeddings_per_feature=list(data.get("num_embeddings_per_feature") or []),
-                          sparse_columns=list(schema.sparse_columns))
     transform = DenseTransform(data["dense_transform"])
     id_mode = IdMode(data["id_mode"])
+    min_frequency = data.get("min_id_frequency", 1) if id_mode == IdMode.vocab else 1
     held = [table_sizes.get(f) for f in schema.feature_names]  # for messages: None = no table
     have_data = processed is not None and (processed / "manifest.json").is_file()
+    manifest_sizes = None
     if have_data:
         manifest = json.loads((processed / "manifest.json").read_text())
-        if manifest_schema(manifest) != schema:
-            raise ExportError(f"{processed / 'manifest.json'} records the columns {manifest_schema(manifest).to_dict()}, "
+        if pp.manifest_schema(manifest) != schema:
+            raise ExportError(f"{processed / 'manifest.json'} records the columns {pp.manifest_schema(manifest).to_dict()}, "
                               f"the checkpoint's config declares {schema.to_dict()}: the data was preprocessed again "
                               "with other settings since training (use --processed-dir to point at the data the "
                               "model was trained on)")
-        if _differ(manifest["num_embeddings_per_feature"], table_sizes, schema.feature_names):
-            raise ExportError(f"{processed / 'manifest.json'} lists table sizes "
-                              f"{manifest['num_embeddings_per_feature']}, the checkpoint holds {held}: the data "
+        manifest_sizes = pp.table_sizes(manifest, processed, min_frequency)
+        if _differ(manifest_sizes, table_sizes, schema.feature_names):
+            raise ExportError(f"{processed / 'manifest.json'} gives table sizes {manifest_sizes} (with "
+                              f"data.min_id_frequency={min_frequency}), the checkpoint holds {held}: the data "
                               "was preprocessed again with other settings since training (use --processed-dir to "
                               "point at the data the model was trained on)")
     spec: dict[str, Any] = {
         "layout": schema.describe(),
         "dense_transform": transform.value,
-        "dense_transform_formula": DENSE_TRANSFORMS[transform],
+        "dense_transform_formula": pp.DENSE_TRANSFORMS[transform],
         "id_mode": id_mode.value,
-        "caps": _caps(data_cfg),
-        "min_id_frequency": data.get("min_id_frequency", 1),
-        "reserved_ids": {"missing": MISSING_ID, **({"rare_or_unseen": RARE_ID} if id_mode == IdMode.vocab else {})},
+        "caps": None,
+        "min_id_frequency": min_frequency,
+        "reserved_ids": {"missing": pp.MISSING_ID, **({"rare_or_unseen": pp.RARE_ID} if id_mode == IdMode.vocab else {})},
         "hash_formula": "1 + hash % (cap - 1)" if id_mode == IdMode.hash else None,
         "vocab": None,
         "dense_min": None,
@@ -300,6 +301,12 @@ def input_spec(data: dict, processed: Path | None, table_sizes: dict[str, int]) 
             logger.warning("dense_transform=torchrec but the training file minimum is unknown (no %s): predict "
                            "will need --dense-min input or an integer", processed / "parts" if processed else "data")
     if id_mode == IdMode.hash:
+        caps = _hash_caps(data, manifest_sizes, len(schema.feature_names))
+        if caps is None:
+            raise ExportError("id_mode=hash with caps chosen from the data (data.max_ids_per_feature=null) needs the "
+                              f"data's manifest (looked in {processed}): pass --processed-dir <the data.processed_dir "
+                              "the model was trained on>")
+        spec["caps"] = caps
         if _differ(spec["caps"], table_sizes, schema.feature_names):
             raise ExportError(f"id_mode=hash caps {spec['caps']} differ from the checkpoint's table sizes {held}")
         return spec, list(spec["caps"])
@@ -311,12 +318,23 @@ def input_spec(data: dict, processed: Path | None, table_sizes: dict[str, int]) 
     digest = _sha256(src)
     if marker.is_file() and json.loads(marker.read_text()).get("sha256") != digest:
         raise ExportError(f"{src} does not match the sha256 in {marker}: the vocabulary is damaged")
-    with np.load(src) as z:
-        vocab_sizes = [len(z[f"C{j + 1}"]) + 2 for j in range(schema.num_sparse) if f"C{j + 1}" in z]
+    vocab = pp.load_vocab(processed, schema.num_sparse, min_frequency)
+    vocab_sizes = [len(v) + 2 for v in vocab]
     if _differ(vocab_sizes, table_sizes, schema.feature_names):
         raise ExportError(f"{src} gives table sizes {vocab_sizes}, the checkpoint holds {held}")
-    spec["vocab"] = {"file": VOCAB, "sha256": digest, "source": str(src)}
+    # The export's copy holds the values that own a row under data.min_id_frequency (the rest read as rare).
+    spec["vocab"] = {"file": VOCAB, "source": str(src), "source_sha256": digest, "min_id_frequency": min_frequency,
+                     "arrays": vocab}
     return spec, vocab_sizes
+
+
+def _hash_caps(data: dict, manifest_sizes: list[int] | None, num_sparse: int) -> list[int] | None:
+    """Hash mode's per-column caps: the config's, else (chosen from the data) the manifest's table sizes."""
+    if data.get("num_embeddings_per_feature"):
+        return list(data["num_embeddings_per_feature"])
+    if data.get("max_ids_per_feature") is not None:
+        return [data["max_ids_per_feature"]] * num_sparse
+    return manifest_sizes
 
 
 # -- torch.export of the dense part ----------------------------------------------------------------
@@ -380,7 +398,8 @@ def _weights_format(requested: str) -> str:
 
 
 def export(checkpoint: str | Path, out: str | Path, processed_dir: str | Path | None = None,
-           weights_format: str = "auto", dense_program: bool = True, quantize: str = "none") -> dict:
+           weights_format: str = "auto", dense_program: bool = True, quantize: str = "none",
+           which: str = "best") -> dict:
     """Export the checkpoint at ``checkpoint`` (see :func:`find_checkpoint`) into ``out``; returns export.json.
 
     Runs in one process and never initialises ``torch.distributed``. ``quantize="int8"`` stores the
@@ -391,7 +410,7 @@ def export(checkpoint: str | Path, out: str | Path, processed_dir: str | Path | 
     if quantize not in ("none", "int8"):
         raise ExportError(f"quantize={quantize!r}: expected 'none' or 'int8'")
     t0 = time.perf_counter()
-    path = find_checkpoint(checkpoint)
+    path = find_checkpoint(checkpoint, which)
     meta = read_meta(path)
     cfg = meta.get("config")
     if not cfg:
@@ -422,7 +441,9 @@ def export(checkpoint: str | Path, out: str | Path, processed_dir: str | Path | 
     for stale in (WEIGHTS_TORCH, WEIGHTS_SAFETENSORS, PROGRAM) + (() if spec_input["vocab"] else (VOCAB,)):
         (out / stale).unlink(missing_ok=True)
     if spec_input["vocab"]:
-        shutil.copyfile(spec_input["vocab"]["source"], out / VOCAB)
+        arrays = spec_input["vocab"].pop("arrays")
+        np.savez(out / VOCAB, **{f"C{j + 1}": v for j, v in enumerate(arrays)})
+        spec_input["vocab"]["sha256"] = _sha256(out / VOCAB)
     state = dlrm.state_dict()
     table_format = "int8_rowwise" if quantize == "int8" else "float32"
     if quantize == "int8":
@@ -491,12 +512,14 @@ class ExportedModel:
 
     def id_mapper(self):
         """Raw hashes -> table rows, exactly as preprocessing mapped them (``_IdMapper``)."""
-        from pipeline.data.preprocess import _IdMapper
+        from pipeline.data.preprocess import NO_CAP, _IdMapper
 
         inp = self.spec["input"]
+        num_sparse = len(self.spec["num_embeddings_per_feature"])
+        caps = list(inp["caps"]) if inp.get("caps") else [NO_CAP] * num_sparse
         cfg = DataConfig(name="export", raw_dir="", processed_dir="", id_mode=IdMode(inp["id_mode"]),
-                         num_embeddings_per_feature=list(inp["caps"]))
-        mapper = _IdMapper(cfg, self.vocab)
+                         num_embeddings_per_feature=caps)
+        mapper = _IdMapper(cfg, self.vocab, caps)
         if mapper.num_embeddings != self.spec["num_embeddings_per_feature"]:
             raise ExportError(f"{self.dir}: the id mapping gives table sizes {mapper.num_embeddings}, the weights "
                               f"hold {self.spec['num_embeddings_per_feature']}")
@@ -578,7 +601,10 @@ def setup_logging() -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipeline.export", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("checkpoint", help="a run folder, its checkpoints folder (the latest is used), or one step_<N>")
+    parser.add_argument("checkpoint", help="a run folder, its checkpoints folder, or one step_<N>")
+    parser.add_argument("--checkpoint", dest="which", choices=("best", "latest"), default="best",
+                        help="in a run or checkpoints folder: the best checkpoint (the run's final metrics came from "
+                             "it; default) or the latest")
     parser.add_argument("--out", required=True, help="export folder (new, empty, or an earlier export)")
     parser.add_argument("--processed-dir", default=None,
                         help="the preprocessed data the model was trained on (default: data.processed_dir from the "
@@ -591,7 +617,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     setup_logging()
     try:
-        export(args.checkpoint, args.out, args.processed_dir, args.format, not args.no_dense_program, args.quantize)
+        export(args.checkpoint, args.out, args.processed_dir, args.format, not args.no_dense_program, args.quantize,
+               which=args.which)
     except ExportError as e:
         logger.error("%s", e)
         return 1

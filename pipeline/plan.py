@@ -16,6 +16,8 @@ import json
 import sys
 from pathlib import Path
 
+from pipeline.distributed.planner import PlanDoesNotFit
+
 # Per-column row counts of the public datasets (TorchRec's and MLPerf's DLRM examples use the same).
 CARDINALITIES = {
     "criteo_kaggle": [1460, 583, 10131227, 2202608, 305, 24, 12517, 633, 3, 93145, 5683, 8351593, 3194, 27, 14992,
@@ -24,10 +26,6 @@ CARDINALITIES = {
                    11267, 128, 4, 974, 14, 48937457, 11316796, 40094537, 452104, 12606, 104, 35],
 }
 GIB = 1024**3
-
-
-class PlanDoesNotFit(RuntimeError):
-    """The tables cannot be placed on the given topology; the message says by how much and which."""
 
 
 def table_sizes(data: str, cap: int | None) -> list[int]:
@@ -43,34 +41,27 @@ def table_sizes(data: str, cap: int | None) -> list[int]:
 
 
 DTYPE_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
+DEFAULT_HBM_GB = 80  # --device cuda on a machine without a GPU: an H100's
 
 
-def _bytes_per_row(dim: int, optimizer: str, dtype: str = "fp32") -> int:
-    """Weights in the table's precision plus the fused optimizer's state per row (stored in the
-    weights' precision, except row-wise Adagrad's one fp32 value per row)."""
-    b = DTYPE_BYTES[dtype]
-    state = {"sgd": 0, "row_wise_adagrad": 4, "adagrad": b * dim, "adam": 2 * b * dim}[optimizer]
-    return b * dim + state
-
-
-def plan(nodes: int, devices_per_node: int, device: str, hbm_gb: float, ddr_gb: float, sizes: list[int],
+def plan(nodes: int, devices_per_node: int, device: str, hbm_gb: float | None, ddr_gb: float | None, sizes: list[int],
          dim: int, batch_size: int, optimizer: str, reservation: float, sharding_types: list[str] | None,
          kernels: list[str] | None = None, dtype: str = "fp32", cache_load_factor: float | None = None) -> dict:
-    """Run the planner; return the per-table plan and per-rank memory.
+    """Run the planner the training job runs (``pipeline.distributed.planner``) for another topology; return
+    the per-table plan and per-rank memory. ``hbm_gb`` / ``ddr_gb`` None: this machine's (its GPU; its host
+    memory available, shared by ``devices_per_node`` ranks).
 
     Raises:
-        PlanDoesNotFit: naming the shortfall and the largest tables.
+        PlanDoesNotFit: naming the shortfall, the largest tables and the fixes.
     """
     import torch
-    from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
-    from torchrec.distributed.planner.storage_reservations import FixedPercentageStorageReservation
-    from torchrec.distributed.planner.types import PlannerError
-    from torchrec.distributed.sharding_plan import get_default_sharders
-    from torchrec.distributed.types import CacheParams
+    from torchrec import optim as trec_optim
     from torchrec.modules.embedding_configs import DataType, EmbeddingBagConfig
     from torchrec.modules.embedding_modules import EmbeddingBagCollection
-    from torchrec import optim as trec_optim
     from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
+
+    from pipeline.config import ShardingConfig
+    from pipeline.distributed import planner
 
     world = nodes * devices_per_node
     data_type = {"fp32": DataType.FP32, "fp16": DataType.FP16, "bf16": DataType.BF16}[dtype]
@@ -81,52 +72,39 @@ def plan(nodes: int, devices_per_node: int, device: str, hbm_gb: float, ddr_gb: 
     opt = {"sgd": trec_optim.SGD, "row_wise_adagrad": trec_optim.RowWiseAdagrad, "adagrad": trec_optim.Adagrad,
            "adam": trec_optim.Adam}[optimizer]
     apply_optimizer_in_backward(opt, ebc.parameters(), {"lr": 0.01})
-    topology = Topology(world_size=world, local_world_size=devices_per_node, compute_device=device,
-                        hbm_cap=int(hbm_gb * GIB) if device == "cuda" else None, ddr_cap=int(ddr_gb * GIB))
-    constraints = None
-    cache = CacheParams(load_factor=cache_load_factor) if cache_load_factor is not None else None
-    if sharding_types or kernels or cache:
-        constraints = {t.name: ParameterConstraints(sharding_types=sharding_types, compute_kernels=kernels,
-                                                    cache_params=cache) for t in tables}
-    planner = EmbeddingShardingPlanner(topology=topology, batch_size=batch_size, constraints=constraints,
-                                       storage_reservation=FixedPercentageStorageReservation(reservation))
-    need = [n * _bytes_per_row(dim, optimizer, dtype) for n in sizes]
-    # On GPUs, UVM (caching) kernels may keep tables in host memory too; without them, HBM only.
-    uvm = device == "cuda" and (not kernels or bool({"fused_uvm", "fused_uvm_caching"} & set(kernels)))
-    per_device = ((hbm_gb + ddr_gb) if uvm else hbm_gb if device == "cuda" else ddr_gb) * GIB * (1 - reservation)
-    try:
-        sharding_plan = planner.plan(ebc, get_default_sharders())
-    except PlannerError as e:
-        total, capacity = sum(need), per_device * world
-        largest = sorted(range(len(sizes)), key=lambda i: -need[i])[:5]
-        lines = [f"  t_cat_{i}: {sizes[i]:,} rows x {dim} {dtype} = {need[i] / GIB:.1f} GiB" for i in largest]
-        over = total - capacity
-        why = (f"the tables need {total / GIB:.1f} GiB with {optimizer} state, {abs(over) / GIB:.1f} GiB "
-               f"{'more than' if over > 0 else 'less than'} the {capacity / GIB:.1f} GiB usable on {world} ranks x ("
-               + (f"{hbm_gb:g} GiB HBM + {ddr_gb:g} GiB host" if uvm else f"{hbm_gb:g} GiB HBM" if device == "cuda"
-                  else f"{ddr_gb:g} GiB host memory")
-               + f"), {reservation:.0%} reserved")
-        if over <= 0:
-            why += "; in total they would fit, but not under these sharding constraints and per-device limits"
-        raise PlanDoesNotFit(f"no sharding plan fits: {why}. Largest tables:\n" + "\n".join(lines) +
-                             "\nCap the tables (--cap), add devices (-j), allow row_wise/column_wise sharding"
-                             + (", store them in fp16 (--embedding-dtype fp16)" if dtype == "fp32" else "")
-                             + (", or keep them in host memory behind an HBM cache (--kernels fused,fused_uvm_caching)"
-                                if device == "cuda" and not uvm else "") + ". "
-                             f"Planner: {str(e).splitlines()[0][:300]}") from None
-    hbm = [0.0] * world
-    ddr = [0.0] * world
-    for option in planner._best_plan or []:  # the chosen ShardingOptions, with each shard's storage
+    detected = planner.detect_memory(torch.device("cuda" if device == "cuda" and torch.cuda.is_available() else "cpu"),
+                                     devices_per_node)
+    given = []
+    if device == "cuda":
+        hbm = int(hbm_gb * GIB) if hbm_gb is not None else detected.hbm or DEFAULT_HBM_GB * GIB
+        given.append("HBM given" if hbm_gb is not None else "HBM of this machine's GPU" if detected.hbm
+                     else f"{DEFAULT_HBM_GB} GiB HBM (no GPU here; --hbm-gb to change)")
+    else:
+        hbm = None
+    ddr = int(ddr_gb * GIB) if ddr_gb is not None else detected.ddr
+    given.append("host memory given" if ddr_gb is not None else f"host memory available here / {devices_per_node}")
+    memory = planner.Memory(hbm, ddr, "; ".join(given))
+    sharding = ShardingConfig(sharding_types=list(sharding_types or []), compute_kernels=list(kernels or []),
+                              cache_load_factor=cache_load_factor)
+    constraints = planner.constraints_from_config(sharding, [t.name for t in tables], device)
+    req = planner.PlanRequest(world, devices_per_node, device, memory, batch_size, reservation, optimizer,
+                              cap_fix="--cap {cap}", other_fixes=("more devices (-j)", "--embedding-dtype fp16"),
+                              cache_fix="keep tables in host memory behind an HBM cache: --kernels fused,fused_uvm_caching")
+    sharding_plan, best = planner.plan(ebc, req, constraints, kernels, collective=False)
+    hbm_used = [0.0] * world
+    ddr_used = [0.0] * world
+    for option in best._best_plan or []:  # the chosen ShardingOptions, with each shard's storage
         for shard in option.shards:
-            hbm[shard.rank] += shard.storage.hbm
-            ddr[shard.rank] += shard.storage.ddr
+            hbm_used[shard.rank] += shard.storage.hbm
+            ddr_used[shard.rank] += shard.storage.ddr
     rows = []
     for module_plan in sharding_plan.plan.values():
         for table, ps in module_plan.items():  # type: ignore[union-attr]
             rows.append({"table": table, "rows": sizes[int(table.rsplit("_", 1)[1])], "sharding": ps.sharding_type,
                          "kernel": ps.compute_kernel, "ranks": sorted(set(ps.ranks or []))})
-    return {"world_size": world, "tables": rows, "hbm_gib": [h / GIB for h in hbm], "ddr_gib": [d / GIB for d in ddr],
-            "capacity_gib": {"hbm": hbm_gb if device == "cuda" else 0.0, "ddr": ddr_gb}}
+    return {"world_size": world, "tables": rows, "hbm_gib": [h / GIB for h in hbm_used],
+            "ddr_gib": [d / GIB for d in ddr_used],
+            "capacity_gib": {"hbm": hbm / GIB if hbm else 0.0, "ddr": ddr / GIB}, "memory": memory.source}
 
 
 def format_plan(result: dict) -> str:
@@ -148,8 +126,10 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-j", default="1x2", help="NODESxDEVICES, e.g. 2x8")
     p.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
-    p.add_argument("--hbm-gb", type=float, default=80.0, help="HBM per GPU (H100 80GB: 80)")
-    p.add_argument("--ddr-gb", type=float, default=128.0, help="host memory per rank")
+    p.add_argument("--hbm-gb", type=float, default=None,
+                   help=f"HBM per GPU; default this machine's GPU, else {DEFAULT_HBM_GB} (an H100)")
+    p.add_argument("--ddr-gb", type=float, default=None,
+                   help="host memory per rank; default the host memory available here / devices per node")
     p.add_argument("--data", default="criteo_1tb", help="criteo_1tb, criteo_kaggle, or processed:<folder>")
     p.add_argument("--cap", type=int, default=None, help="cap on rows per table (e.g. 40000000)")
     p.add_argument("--embedding-dim", type=int, default=128)
@@ -183,7 +163,10 @@ def main(argv: list[str] | None = None) -> int:
     if a.json:
         print(json.dumps(result, indent=2))
     else:
-        print(f"{nodes}x{devices} {a.device} ({a.hbm_gb:g} GiB HBM, {a.ddr_gb:g} GiB host per rank), {a.data}"
+        cap_gib = result["capacity_gib"]
+        hbm_text = f"{cap_gib['hbm']:.3g} GiB HBM, " if a.device == "cuda" else ""
+        print(f"{nodes}x{devices} {a.device} ({hbm_text}{cap_gib['ddr']:.3g} GiB host per rank: {result['memory']}), "
+              f"{a.data}"
               f"{f' capped at {a.cap:,}' if a.cap else ''}, dim {a.embedding_dim} {a.embedding_dtype}, {a.optimizer}, "
               f"batch {a.batch_size}/rank\n")
         print(format_plan(result))

@@ -193,24 +193,25 @@ def predict_split(model: ExportedModel, processed_dir: str | Path, split: str,
         PredictError: the data was preprocessed with other settings than the model was trained on.
     """
     from pipeline.data.loader import BinarySplit
-    from pipeline.data.preprocess import load_manifest, manifest_schema
+    from pipeline.data.preprocess import load_manifest, manifest_schema, table_sizes
 
     manifest = load_manifest(processed_dir)
     inp = model.spec["input"]
     settings = manifest.get("settings", {})
-    ours = {"id_mode": inp["id_mode"], "caps": inp["caps"], "dense_transform": inp["dense_transform"]}
+    ours = {"id_mode": inp["id_mode"], "dense_transform": inp["dense_transform"]}
     differ = {k: (settings.get(k), v) for k, v in ours.items() if settings.get(k) != v}
     if manifest_schema(manifest) != model.schema:
         differ["columns"] = (manifest_schema(manifest).to_dict(), model.schema.to_dict())
-    if manifest["num_embeddings_per_feature"] != model.spec["num_embeddings_per_feature"]:
-        differ["table sizes"] = (manifest["num_embeddings_per_feature"], model.spec["num_embeddings_per_feature"])
+    sizes = table_sizes(manifest, processed_dir, inp.get("min_id_frequency", 1))
+    if sizes != model.spec["num_embeddings_per_feature"]:
+        differ["table sizes"] = (sizes, model.spec["num_embeddings_per_feature"])
     if differ:
         raise PredictError(f"{processed_dir} was preprocessed with other settings than the model was trained on "
                            f"(data vs model): {differ}; score the raw file with --input instead")
-    data = BinarySplit(processed_dir, split, manifest)
+    data = BinarySplit(processed_dir, split, manifest, sizes)
     for lo in range(0, len(data), batch_size):
         rows = np.arange(lo, min(lo + batch_size, len(data)))
-        yield model.predict(data.gather("dense", rows), data.gather("sparse", rows)), data.gather("labels", rows)
+        yield model.predict(data.gather("dense", rows), data.ids(rows)), data.gather("labels", rows)
 
 
 # -- output ---------------------------------------------------------------------------------------

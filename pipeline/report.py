@@ -340,7 +340,9 @@ def _highlights(run: Run) -> list[str]:
         emb_lr = o.get("embedding_lr")
         lines.append(f"**optimizer**: {o.get('name')} (tables {o.get('embedding')}, MLPs {o.get('dense')}), lr "
                      f"{o.get('lr')}" + (f", embedding_lr {emb_lr}" if emb_lr is not None else "")
-                     + f", warmup {o.get('warmup_steps')} steps, decay {o.get('decay')}")
+                     + (f"; {s['schedule']}" if s.get("schedule") else
+                        f", warmup {o.get('warmup_steps') if o.get('warmup_steps') is not None else o.get('warmup_fraction')}"
+                        f", decay {o.get('decay')}"))
     gbs = run.global_batch_size
     ws = s.get("world_size")
     parts = []

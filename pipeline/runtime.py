@@ -38,12 +38,21 @@ def _rank_zero_only(value: str, other: str | None = None) -> str | None:
     return value if env_rank() == 0 else other
 
 
+def jobs_side_by_side(nproc_per_job: int | str) -> int:
+    """How many jobs of ``nproc_per_job`` ranks this machine runs at once: one rank per core."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // max(1, int(nproc_per_job)))
+
+
 def register_resolvers() -> None:
-    """Register ``${run_id:}`` and ``${rank_zero_only:a[,b]}``; call before Hydra composes."""
+    """Register ``${run_id:}``, ``${rank_zero_only:a[,b]}`` and ``${jobs_side_by_side:N}``; call before Hydra
+    composes."""
     if not OmegaConf.has_resolver("run_id"):
         OmegaConf.register_new_resolver("run_id", run_id, use_cache=True)
     if not OmegaConf.has_resolver("rank_zero_only"):
         OmegaConf.register_new_resolver("rank_zero_only", _rank_zero_only)
+    if not OmegaConf.has_resolver("jobs_side_by_side"):
+        OmegaConf.register_new_resolver("jobs_side_by_side", jobs_side_by_side)
 
 
 @dataclass(frozen=True)

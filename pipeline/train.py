@@ -18,7 +18,8 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline.config import ConfigError, TrainConfig, register_configs
+from pipeline.config import TrainConfig, register_configs
+from pipeline.errors import CheckpointError, ConfigError, UserError
 from pipeline.runtime import env_rank, register_resolvers
 
 logger = logging.getLogger("pipeline.train")
@@ -38,24 +39,16 @@ def main(dict_cfg: DictConfig) -> None:
     logging.getLogger("pipeline").setLevel(cfg.logger.level)
     if env_rank() == 0:
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(dict_cfg, resolve=True))
-    from pipeline.checkpoint import CheckpointError
-    from pipeline.trainer import NonFiniteLossError
-
     try:
         trainer = Trainer(cfg, run_dir)
-    except ConfigError as e:
-        logger.error("invalid config: %s", e)
-        raise SystemExit(2) from None
-    except CheckpointError as e:
-        logger.error("cannot resume: %s", e)
-        raise SystemExit(3) from None
-    try:
-        trainer.train()
-    except (NonFiniteLossError, CheckpointError) as e:
-        logger.error("%s", e)
-        raise SystemExit(3) from None
-    finally:
-        trainer.close()
+        try:
+            trainer.train()
+        finally:
+            trainer.close()
+    except UserError as e:  # a message that names the problem and the fix; no traceback
+        prefix = {ConfigError: "invalid config: ", CheckpointError: "cannot resume: "}.get(type(e), "")
+        logger.error("%s%s", prefix, e)
+        raise SystemExit(e.exit_code) from None
 
 
 if __name__ == "__main__":

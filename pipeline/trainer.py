@@ -1,4 +1,5 @@
-"""The training loop: TrainPipelineSparseDist over a sharded DLRM, periodic and final evaluation."""
+"""The training loop: TrainPipelineSparseDist over a sharded DLRM, periodic and final evaluation, the best
+checkpoint kept and restored."""
 
 from __future__ import annotations
 
@@ -6,37 +7,42 @@ import json
 import logging
 import os
 import time
-from dataclasses import asdict
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
-from tqdm import tqdm
 from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
+from tqdm import tqdm
 
 from pipeline import checkpoint as ckpt
-from pipeline.config import Precision, TrainConfig, validate
+from pipeline.autoconfig import adapt_to_data
+from pipeline.config import BestMetric, Precision, TrainConfig, validate, validate_batch_sizes
 from pipeline.data.loader import BinarySplit, eval_batches, num_train_batches, train_batches
 from pipeline.data.prepare import prepare_data_distributed
-from pipeline.data.preprocess import manifest_schema
+from pipeline.data.preprocess import manifest_schema, table_sizes
 from pipeline.distributed.sharding import (
     init_process_group,
-    lr_scheduler,
+    reset_tables,
     select_device,
     set_num_threads,
     shard_model,
 )
+from pipeline.errors import DataError, TrainingError
 from pipeline.metrics.evaluator import PredictionGatherer
 from pipeline.metrics.functional import BinaryMetrics
 from pipeline.metrics.loggers import make_backends, process_memory_mib
 from pipeline.model.dlrm import build_model
+from pipeline.optim.schedule import lr_scheduler, resolve_schedule
 from pipeline.runtime import DistEnv, keep_freed_memory
 
 logger = logging.getLogger(__name__)
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(TrainingError):
     """The training loss became NaN or Inf; the message names the step."""
 
 
@@ -84,6 +90,107 @@ class RunWriter:
         self._backends = []
 
 
+class StepTimer:
+    """Training time in log windows, excluding what runs inside :meth:`paused` (evaluations, saves), and the
+    loop's own bookkeeping time (loss tracking, log events, progress bar)."""
+
+    def __init__(self, train_seconds: float) -> None:
+        self.train_seconds = train_seconds  # over the whole run, a resumed run's earlier time included
+        self.bookkeeping_seconds = 0.0
+        self.window_steps = 0
+        self._window_s = 0.0
+        self._mark = time.perf_counter()
+
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        self._window_s += time.perf_counter() - self._mark
+        try:
+            yield
+        finally:
+            self._mark = time.perf_counter()
+
+    @contextmanager
+    def bookkeeping(self) -> Iterator[None]:
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.bookkeeping_seconds += time.perf_counter() - t0
+
+    def close_window(self) -> tuple[int, float]:
+        """End the log window: (steps, seconds) trained in it."""
+        now = time.perf_counter()
+        seconds = self._window_s + now - self._mark
+        steps = self.window_steps
+        self.train_seconds += seconds
+        self.window_steps, self._window_s, self._mark = 0, 0.0, now
+        return steps, seconds
+
+
+class LossTracker:
+    """The mean training loss of a log window and the first non-finite loss, kept on the device (no host sync
+    per step)."""
+
+    def __init__(self, device: torch.device, step: int) -> None:
+        self.loss_sum = torch.zeros((), device=device)
+        self.bad_step = torch.full((), -1, dtype=torch.int64, device=device)
+        self.bad_value = torch.zeros((), device=device)
+        self._step = torch.tensor(step, dtype=torch.int64, device=device)
+
+    def update(self, loss: torch.Tensor) -> None:
+        self.loss_sum += loss
+        self._step += 1
+        first_bad = ~torch.isfinite(loss) & (self.bad_step < 0)
+        self.bad_step = torch.where(first_bad, self._step, self.bad_step)
+        self.bad_value = torch.where(first_bad, loss.detach(), self.bad_value)
+
+    def first_bad(self) -> tuple[int, float] | None:
+        step = int(self.bad_step.item())
+        return (step, self.bad_value.item()) if step >= 0 else None
+
+
+@dataclass
+class BestTracker:
+    """The best validation value of ``trainer.best_metric`` so far, the step of its checkpoint, and evaluations
+    since it improved."""
+
+    metric: BestMetric = BestMetric.logloss
+    value: float | None = None
+    step: int | None = None
+    evals_without_gain: int = 0
+
+    def _gain(self, metrics: BinaryMetrics) -> float:
+        """How much better than the best so far ``metrics`` is (inf for the first)."""
+        if self.value is None:
+            return float("inf")
+        new = getattr(metrics, self.metric.value)
+        return new - self.value if self.metric == BestMetric.auc else self.value - new
+
+    def update(self, metrics: BinaryMetrics, step: int, min_delta: float = 0.0) -> bool:
+        """Record an evaluation; True when it is the new best (a gain of more than ``min_delta`` resets patience)."""
+        gain = self._gain(metrics)
+        self.evals_without_gain = 0 if gain > min_delta else self.evals_without_gain + 1
+        if gain > 0:
+            self.value, self.step = getattr(metrics, self.metric.value), step
+            return True
+        return False
+
+    def describe(self) -> str:
+        return f"val {self.metric.value} {self.value:.4f} at step {self.step}" if self.step is not None else "none"
+
+    def to_dict(self) -> dict:
+        return {"metric": self.metric.value, "value": self.value, "step": self.step,
+                "evals_without_gain": self.evals_without_gain}
+
+    @classmethod
+    def from_dict(cls, d: dict | None, metric: BestMetric) -> BestTracker:
+        """From a checkpoint's record; one kept for another metric starts over (its patience count kept)."""
+        d = d or {}
+        if d.get("metric") != metric.value or d.get("value") is None:
+            return cls(metric, evals_without_gain=d.get("evals_without_gain", 0))
+        return cls(metric, d["value"], d.get("step"), d.get("evals_without_gain", 0))
+
+
 class Trainer:
     """Owns the process group, the sharded model, its optimizers and the data of one job."""
 
@@ -108,33 +215,67 @@ class Trainer:
         )
 
         self.manifest = prepare_data_distributed(cfg.data, self.env.is_rank_zero)
-        self.train_split = BinarySplit(cfg.data.processed_dir, "train", self.manifest)
-        self.eval_splits = {s: BinarySplit(cfg.data.processed_dir, s, self.manifest) for s in ("val", "test")}
+        sizes = table_sizes(self.manifest, cfg.data.processed_dir, cfg.data.min_id_frequency)
+        self.train_split = BinarySplit(cfg.data.processed_dir, "train", self.manifest, sizes)
+        self.eval_splits = {s: BinarySplit(cfg.data.processed_dir, s, self.manifest, sizes) for s in ("val", "test")
+                            if self.manifest["splits"].get(s, {}).get("num_rows")}
+        if "val" not in self.eval_splits:
+            raise DataError(f"the val split of {cfg.data.processed_dir} has no rows: evaluation and the best "
+                            "checkpoint need validation data (data.val_files, or data.val_fraction with data=tsv)")
+        self.adapted = adapt_to_data(cfg, len(self.train_split), self.env.world_size)
+        validate_batch_sizes(cfg.data, self.env.world_size)
+        if self.env.is_rank_zero:
+            for line in self.adapted:
+                logger.info("chosen from the data: %s", line)
+            self._write_resolved_config()
+        self.steps_per_epoch = num_train_batches(len(self.train_split), cfg.data.global_batch_size)
+        if self.steps_per_epoch == 0:
+            raise DataError(f"the train split of {cfg.data.processed_dir} has {len(self.train_split):,} rows, fewer "
+                            f"than one global batch (data.global_batch_size={cfg.data.global_batch_size}): use a smaller "
+                            "batch or more training data")
+        self.total_steps = cfg.trainer.max_steps or self.steps_per_epoch * cfg.trainer.num_epochs
 
         torch.manual_seed(cfg.trainer.seed)  # identical MLP init on every rank (DDP also broadcasts)
         schema = manifest_schema(self.manifest)  # the columns the data was preprocessed with
-        model = build_model(cfg.model, self.manifest["num_embeddings_per_feature"],
-                            feature_names=list(schema.feature_names), num_dense_features=schema.num_dense)
+        model = build_model(cfg.model, sizes, feature_names=list(schema.feature_names),
+                            num_dense_features=schema.num_dense)
         self.local_batch_size = cfg.data.global_batch_size // self.env.world_size
         self.model, self.optimizer = shard_model(
             model, cfg.sharding, cfg.optimizer, self.env, self.device, self.local_batch_size
         )
-        self.steps_per_epoch = num_train_batches(len(self.train_split), cfg.data.global_batch_size)
-        self.total_steps = cfg.trainer.max_steps or self.steps_per_epoch * cfg.trainer.num_epochs
-        self.scheduler = lr_scheduler(self.optimizer, cfg.optimizer, self.total_steps)
+        # Tables re-initialised each epoch need their full rate in every epoch: only the MLPs' rate decays then.
+        decay_tables = not (cfg.trainer.reset_tables_each_epoch and self.total_steps > self.steps_per_epoch)
+        self.schedule, warnings = resolve_schedule(cfg.optimizer, self.total_steps, decay_tables)
+        if self.env.is_rank_zero:
+            for warning in warnings:
+                logger.warning("%s", warning)
+        self.scheduler = lr_scheduler(self.optimizer, self.schedule, num_table_groups=self._num_table_groups())
+        self.eval_every, self.eval_in_epoch = self._eval_cadence()
         self.step = 0
-        self.train_seconds = 0.0
+        self.timer = StepTimer(0.0)
         self.train_seconds_at_start = 0.0  # training time before this process's train() (a resumed run's)
-        self.bookkeeping_seconds = 0.0  # this process's time in the loop's loss/metric/log/progress code
-        self.best_auc, self.evals_without_gain = float("-inf"), 0  # early stopping on patience
-        self._bad_step: torch.Tensor | None = None
-        self._bad_value: torch.Tensor | None = None
+        self.best = BestTracker(cfg.trainer.best_metric)
+        self.stopped_early: str | None = None
+        self.loss: LossTracker | None = None
+        self.final_step = 0
+        self._last_val: tuple[int, BinaryMetrics] | None = None  # (step, metrics) of the last whole-split val eval
+        self._last_saved_step: int | None = None
         c = cfg.checkpoint
         self.checkpointer = ckpt.Checkpointer(c.dir or self.run_dir / "checkpoints", self.env.rank,
                                               self.env.world_size, c.every_steps, c.every_minutes, c.keep_last)
         resume = ckpt.resolve_resume(cfg.trainer.resume, self.checkpointer.root)
         if resume is not None:
             self.restore(resume, load_optimizer=c.load_optimizer)
+
+    def _write_resolved_config(self) -> None:
+        """config.yaml with the values chosen from the data filled in (what this run really used)."""
+        from omegaconf import OmegaConf
+
+        (self.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(self.cfg)))
+
+    def _num_table_groups(self) -> int:
+        """How many of the combined optimizer's param groups are the fused table optimizer's (they come first)."""
+        return len(self.optimizer.optimizers[0][1].param_groups)
 
     # -- checkpoints --------------------------------------------------------------------------
     def _dense_optimizer(self):
@@ -147,40 +288,37 @@ class Trainer:
             dense.init_state()  # Adam-style state appears at the first step; loading needs it to exist
         return ckpt.tensor_state(self.model, self.optimizer)
 
-    def save_checkpoint(self) -> None:
+    def save_checkpoint(self, best: bool = False) -> Path:
         self._check_loss_finite()  # never save a diverged state over a good one
         train_state = ckpt.TrainState(step=self.step, epoch=self.step // self.steps_per_epoch,
                                       step_in_epoch=self.step % self.steps_per_epoch,
-                                      train_seconds=self.train_seconds, samples=self.step * self.cfg.data.global_batch_size)
+                                      train_seconds=self.timer.train_seconds,
+                                      samples=self.step * self.cfg.data.global_batch_size)
         sched = {k: v for k, v in self.scheduler.state_dict().items() if k != "lr_lambdas"}
         from omegaconf import OmegaConf
 
         path = self.checkpointer.save(self.tensor_state(), train_state, {
             "scheduler": sched, "global_batch_size": self.cfg.data.global_batch_size,
-            "early_stop": {"best_auc": self.best_auc if self.best_auc > float("-inf") else None,
-                           "evals_without_gain": self.evals_without_gain},
+            "early_stop": self.best.to_dict(),
             "config": OmegaConf.to_container(OmegaConf.structured(self.cfg), enum_to_str=True),
-        })
-        self.writer.event({"event": "checkpoint", "step": self.step, "path": str(path)})
+        }, best=best)
+        self.writer.event({"event": "checkpoint", "step": self.step, "path": str(path), "best": best})
+        self._last_saved_step = self.step
+        return path
 
     def restore(self, path: Path, load_optimizer: bool = True) -> None:
         """Load a checkpoint (from any world size or sharding plan) and continue where it stopped."""
         t0 = time.perf_counter()
-        state = self.tensor_state()
-        meta = ckpt.load(path, state, self.env.rank, load_optimizer=load_optimizer)
-        self.model.load_state_dict(state["model"])
+        meta = self._load_weights(path, load_optimizer)
         if load_optimizer:
-            self.optimizer.load_state_dict({"state": state["optim"]})
             ts = ckpt.TrainState(**meta["train_state"])
             if meta.get("global_batch_size") != self.cfg.data.global_batch_size:
                 logger.warning("checkpoint was trained at global batch %s, this run uses %d: the data position "
                                "is mapped by samples seen", meta.get("global_batch_size"), self.cfg.data.global_batch_size)
                 ts.step = ts.samples // self.cfg.data.global_batch_size
             self.step = ts.step
-            self.train_seconds = ts.train_seconds
-            es = meta.get("early_stop") or {}
-            self.best_auc = es.get("best_auc") if es.get("best_auc") is not None else float("-inf")
-            self.evals_without_gain = es.get("evals_without_gain", 0)
+            self.timer.train_seconds = ts.train_seconds
+            self.best = BestTracker.from_dict(meta.get("early_stop"), self.cfg.trainer.best_metric)
             self.scheduler.load_state_dict({**meta["scheduler"], "lr_lambdas": [None] * len(self.optimizer.param_groups)})
             for group, lr in zip(self.optimizer.param_groups, self.scheduler.get_last_lr(), strict=True):
                 group["lr"] = lr
@@ -189,31 +327,25 @@ class Trainer:
         self.writer.event({"event": "resume", "step": self.step, "samples": self.step * self.cfg.data.global_batch_size,
                            "path": str(path), "saved_world_size": meta["world_size"]})
 
-    def _early_stop(self, metrics: BinaryMetrics) -> str | None:
-        """The reason to stop after this mid-training evaluation, or None (same on every rank: metrics are)."""
-        t = self.cfg.trainer
-        if t.early_stop_auc is not None and metrics.auc >= t.early_stop_auc:
-            return f"val AUC {metrics.auc:.4f} reached trainer.early_stop_auc={t.early_stop_auc}"
-        if t.early_stop_patience:
-            if metrics.auc > self.best_auc + t.early_stop_min_delta:
-                self.best_auc, self.evals_without_gain = metrics.auc, 0
-            else:
-                self.evals_without_gain += 1
-                if self.evals_without_gain >= t.early_stop_patience:
-                    return (f"no val AUC gain over {self.best_auc:.4f} in {self.evals_without_gain} evaluations "
-                            f"(trainer.early_stop_patience={t.early_stop_patience})")
-        return None
+    def _load_weights(self, path: Path, load_optimizer: bool, restore_rng: bool = True) -> dict:
+        state = self.tensor_state()
+        meta = ckpt.load(path, state, self.env.rank, load_optimizer=load_optimizer, restore_rng=restore_rng)
+        self.model.load_state_dict(state["model"])
+        if load_optimizer:
+            self.optimizer.load_state_dict({"state": state["optim"]})
+        return meta
 
     def _check_loss_finite(self) -> None:
-        if not self.cfg.trainer.stop_on_nonfinite_loss or self._bad_step is None:
+        if not self.cfg.trainer.stop_on_nonfinite_loss or self.loss is None:
             return
-        step = int(self._bad_step.item())
-        if step >= 0:
-            latest = ckpt.latest_checkpoint(self.checkpointer.root) if (self.checkpointer.root / ckpt.LATEST).exists() else None
+        bad = self.loss.first_bad()
+        if bad is not None:
+            root = self.checkpointer.root
+            latest = ckpt.latest_checkpoint(root) if (root / ckpt.LATEST).exists() else None
             raise NonFiniteLossError(
-                f"training loss (BCE) is {self._bad_value.item()} at step {step}: stopped. Last good checkpoint: "
-                f"{latest or 'none'} (not overwritten). Try a lower optimizer.lr / optimizer.embedding_lr or more "
-                "optimizer.warmup_steps, then resume with trainer.resume=auto."
+                f"training loss (BCE) is {bad[1]} at step {bad[0]}: stopped. Last good checkpoint: {latest or 'none'} "
+                "(not overwritten). Try a lower optimizer.lr / optimizer.embedding_lr or a longer warm-up "
+                "(optimizer.warmup_fraction), then resume with trainer.resume=auto."
             )
 
     # -- evaluation ---------------------------------------------------------------------------
@@ -243,22 +375,69 @@ class Trainer:
             np.save(self.run_dir / f"predictions_{split}.npy", gatherer.predictions.numpy())
         return metrics
 
-    def _log_eval(self, split: str, metrics: BinaryMetrics, seconds: float, partial: bool) -> None:
+    def _timed_eval(self, split: str, max_batches: int | None, save_predictions: bool = False,
+                    model_step: int | None = None) -> BinaryMetrics:
+        """Evaluate and log the event; ``model_step``: the step of the weights evaluated, when not the current."""
+        t0 = time.perf_counter()
+        metrics = self.evaluate(split, max_batches, save_predictions)
+        seconds = time.perf_counter() - t0
+        partial = max_batches is not None
         record = {"event": "eval", "split": split, "step": self.step,
                   "samples": self.step * self.cfg.data.global_batch_size, "partial": partial,
                   **{f"eval/{k}": v for k, v in asdict(metrics).items()}, "eval/seconds": round(seconds, 3)}
+        if model_step is not None:
+            record["model_step"] = model_step
         self.writer.event(record)
         logger.info(
-            "eval %s step %d: auc %.4f logloss %.4f ne %.4f acc %.4f calibration %.3f (%s rows%s)",
-            split, self.step, metrics.auc, metrics.logloss, metrics.normalized_entropy, metrics.accuracy,
-            metrics.calibration, f"{metrics.num_samples:,}", ", partial" if partial else "",
+            "eval %s step %d%s: auc %.4f logloss %.4f ne %.4f acc %.4f calibration %.3f (%s rows%s)",
+            split, self.step, f" (best checkpoint, step {model_step})" if model_step is not None else "", metrics.auc,
+            metrics.logloss, metrics.normalized_entropy, metrics.accuracy, metrics.calibration,
+            f"{metrics.num_samples:,}", ", partial" if partial else "",
         )
-
-    def _timed_eval(self, split: str, max_batches: int | None, save_predictions: bool = False) -> BinaryMetrics:
-        t0 = time.perf_counter()
-        metrics = self.evaluate(split, max_batches, save_predictions)
-        self._log_eval(split, metrics, time.perf_counter() - t0, partial=max_batches is not None)
         return metrics
+
+    def _eval_cadence(self) -> tuple[int, bool]:
+        """(every how many steps val is evaluated, whether counted from each epoch's start).
+
+        ``trainer.eval_every_steps`` counts steps of the run. ``trainer.eval_every_fraction`` spreads about
+        1/fraction evaluations over the run, the same number in every epoch, so each epoch's end is one of them.
+        """
+        t = self.cfg.trainer
+        if t.eval_every_steps is not None:
+            return t.eval_every_steps, False
+        if t.eval_every_fraction <= 0:
+            return 0, False
+        epochs = max(1, -(-self.total_steps // self.steps_per_epoch))
+        per_epoch = max(1, round(1 / t.eval_every_fraction / epochs))
+        span = min(self.total_steps, self.steps_per_epoch)
+        return max(1, -(-span // per_epoch)), True
+
+    def _eval_due(self) -> bool:
+        """A mid-training evaluation after this step (the run's last step has its own): at the cadence and at the
+        end of every epoch of a multi-epoch run."""
+        if self.step >= self.total_steps:
+            return False
+        epoch_end = self.step % self.steps_per_epoch == 0
+        if self.eval_every:
+            position = self.step % self.steps_per_epoch if self.eval_in_epoch else self.step
+            if position % self.eval_every == 0:
+                return True
+        return epoch_end and self.total_steps > self.steps_per_epoch
+
+    def _validate_and_keep_best(self) -> str | None:
+        """Evaluate on val, save the best checkpoint when it improved; return the reason to stop early, if any."""
+        t = self.cfg.trainer
+        metrics = self._timed_eval("val", t.eval_max_batches)
+        self._last_val = (self.step, metrics) if t.eval_max_batches is None else None
+        improved = self.best.update(metrics, self.step, t.early_stop_min_delta)
+        if improved and t.restore_best:
+            self.save_checkpoint(best=True)
+        if t.early_stop_auc is not None and metrics.auc >= t.early_stop_auc:
+            return f"val AUC {metrics.auc:.4f} reached trainer.early_stop_auc={t.early_stop_auc}"
+        if t.early_stop_patience and self.best.evals_without_gain >= t.early_stop_patience:
+            return (f"no gain over the best {self.best.describe()} in {self.best.evals_without_gain} evaluations "
+                    f"(trainer.early_stop_patience={t.early_stop_patience})")
+        return None
 
     # -- training -----------------------------------------------------------------------------
     def _profiler(self) -> torch.profiler.profile | None:
@@ -285,89 +464,110 @@ class Trainer:
         schedule = torch.profiler.schedule(wait=t.profile_wait_steps, warmup=1, active=steps, repeat=1)
         return torch.profiler.profile(activities=activities, schedule=schedule, on_trace_ready=write)
 
+    def _start_epoch(self) -> None:
+        """From the second epoch on, fresh tables (trainer.reset_tables_each_epoch): see the config."""
+        if self.cfg.trainer.reset_tables_each_epoch and self.step > 0 and self.step % self.steps_per_epoch == 0:
+            reset_tables(self.model)
+            logger.info("epoch %d starts from re-initialised tables (trainer.reset_tables_each_epoch)",
+                        self.step // self.steps_per_epoch)
+
+    def _log_train(self, bar: tqdm, wall0: float) -> None:
+        steps, seconds = self.timer.close_window()
+        self._check_loss_finite()
+        gbs = self.cfg.data.global_batch_size
+        mean_loss = self._mean_over_ranks(self.loss.loss_sum / steps)
+        self.loss.loss_sum.zero_()
+        self.writer.event({"event": "train", "step": self.step, "epoch": (self.step - 1) // self.steps_per_epoch,
+                           "samples": self.step * gbs, "train/loss": mean_loss, "train/samples_per_s": steps * gbs / seconds,
+                           "lr": self.optimizer.param_groups[-1]["lr"], "time_s": round(time.perf_counter() - wall0, 3),
+                           **self._memory_over_ranks()})
+        bar.set_postfix(loss=f"{mean_loss:.4f}")
+
     def train(self) -> dict:
-        """Train for the configured steps, evaluate, write summary.json; return the summary."""
+        """Train for the configured steps, keep the best checkpoint, evaluate, write summary.json; return it."""
         cfg, env = self.cfg, self.env
         gbs = cfg.data.global_batch_size
         batches = train_batches(self.train_split, gbs, env.rank, env.world_size, cfg.trainer.seed, cfg.data.shuffle,
                                 start_epoch=self.step // self.steps_per_epoch, start_step=self.step % self.steps_per_epoch)
         pipeline = TrainPipelineSparseDist(self.model, self.optimizer, self.device, execute_all_batches=True)
         log_every = max(1, cfg.logger.log_every_steps)
-        eval_every = cfg.trainer.eval_every_steps
         logger.info(
-            "training %d steps (%d per epoch) at global batch %d (%d per rank), %s rows",
+            "training %d steps (%d per epoch) at global batch %d (%d per rank), %s rows; %s; %s",
             self.total_steps, self.steps_per_epoch, gbs, self.local_batch_size, f"{len(self.train_split):,}",
+            self.schedule.describe(),
+            f"val evaluated every {self.eval_every} steps" if self.eval_every else "val evaluated at the end",
         )
         bar = tqdm(total=self.total_steps * gbs, initial=self.step * gbs, unit="sample", unit_scale=True,
                    mininterval=2.0, disable=not (env.is_rank_zero and cfg.logger.progress_bar), desc="train")
         wall0 = time.perf_counter()
-        self.train_seconds_at_start = self.train_seconds
-        loss_sum = torch.zeros((), device=self.device)
-        # The first step whose loss is not finite, tracked on the device (no per-step host sync).
-        self._bad_step = torch.full((), -1, dtype=torch.int64, device=self.device)
-        self._bad_value = torch.zeros((), device=self.device)
-        step_t = torch.tensor(self.step, dtype=torch.int64, device=self.device)
-        # A log window's training time excludes the evaluations inside it.
-        window_steps, window_s, mark = 0, 0.0, time.perf_counter()
-        self.stopped_early: str | None = None
+        self.timer = StepTimer(self.timer.train_seconds)
+        self.train_seconds_at_start = self.timer.train_seconds
+        self.loss = LossTracker(self.device, self.step)
         profiler = self._profiler()
         if profiler is not None:
             profiler.start()
         while self.step < self.total_steps:
+            self._start_epoch()
             with self._autocast():  # forward (and the backward it records) of the dense part in bf16
                 loss, _, _ = pipeline.progress(batches)
             self.scheduler.step()
-            book = time.perf_counter()  # from here to the evaluation: bookkeeping, not training
-            self.step += 1
-            loss_sum += loss  # stays on device: no host sync per step
-            step_t += 1
-            first_bad = ~torch.isfinite(loss) & (self._bad_step < 0)
-            self._bad_step = torch.where(first_bad, step_t, self._bad_step)
-            self._bad_value = torch.where(first_bad, loss.detach(), self._bad_value)
-            window_steps += 1
-            if profiler is not None:
-                profiler.step()
-            bar.update(gbs)
-            if self.step % log_every == 0 or self.step == self.total_steps:
-                window_s += time.perf_counter() - mark
-                self.train_seconds += window_s
-                self._check_loss_finite()
-                mean_loss = self._mean_over_ranks(loss_sum / window_steps)
-                rate = window_steps * gbs / window_s
-                self.writer.event({"event": "train", "step": self.step, "epoch": (self.step - 1) // self.steps_per_epoch,
-                                   "samples": self.step * gbs, "train/loss": mean_loss, "train/samples_per_s": rate,
-                                   "lr": self.optimizer.param_groups[-1]["lr"],
-                                   "time_s": round(time.perf_counter() - wall0, 3), **self._memory_over_ranks()})
-                bar.set_postfix(loss=f"{mean_loss:.4f}")
-                loss_sum.zero_()
-                window_steps, window_s, mark = 0, 0.0, time.perf_counter()
-            self.bookkeeping_seconds += time.perf_counter() - book
-            if eval_every and self.step % eval_every == 0 and self.step < self.total_steps:
-                window_s += time.perf_counter() - mark
-                pipeline.detach()  # a direct forward must not consume the pipeline's prefetched batch
-                metrics = self._timed_eval("val", cfg.trainer.eval_max_batches)
-                mark = time.perf_counter()
-                self.stopped_early = self._early_stop(metrics)
+            with self.timer.bookkeeping():
+                self.step += 1
+                self.timer.window_steps += 1
+                self.loss.update(loss)
+                if profiler is not None:
+                    profiler.step()
+                bar.update(gbs)
+                if self.step % log_every == 0 or self.step == self.total_steps:
+                    self._log_train(bar, wall0)
+            if self._eval_due():
+                with self.timer.paused():
+                    pipeline.detach()  # a direct forward must not consume the pipeline's prefetched batch
+                    self.stopped_early = self._validate_and_keep_best()
                 if self.stopped_early:
                     logger.info("early stop at step %d: %s", self.step, self.stopped_early)
                     self.writer.event({"event": "early_stop", "step": self.step, "reason": self.stopped_early})
-                    window_s += time.perf_counter() - mark
-                    self.train_seconds += window_s
-                    window_s, window_steps = 0.0, 0
+                    self.timer.close_window()
                     break
-            if self.step < self.total_steps and self.checkpointer.due(self.step):
-                window_s += time.perf_counter() - mark  # saving is not training time
-                self.save_checkpoint()
-                mark = time.perf_counter()
+            if self.step < self.total_steps and self.checkpointer.due(self.step) and self._last_saved_step != self.step:
+                with self.timer.paused():  # saving is not training time
+                    self.save_checkpoint()
         bar.close()
         if profiler is not None:
             profiler.stop()  # writes the profile if the run ended inside the profiled steps
         pipeline.detach()
         self._check_loss_finite()
-        if cfg.checkpoint.save_at_end and self.step > 0:
-            self.save_checkpoint()
-        final = {split: self._timed_eval(split, None, cfg.trainer.save_predictions) for split in ("val", "test")}
+        final = self._final_evaluation()
         return self._finish(final, time.perf_counter() - wall0)
+
+    def _final_evaluation(self) -> dict[str, BinaryMetrics]:
+        """Evaluate the last state on val, save it (as the best if it is); with trainer.restore_best, load the best
+        checkpoint when it is an earlier one; then every split's final metrics come from that model."""
+        t, c = self.cfg.trainer, self.cfg.checkpoint
+        if self._last_val is not None and self._last_val[0] == self.step:
+            last_val, improved = self._last_val[1], self.best.step == self.step  # an early stop's whole-split eval
+        else:
+            last_val = self._timed_eval("val", None)
+            improved = self.best.update(last_val, self.step)
+        if self.step > 0 and self._last_saved_step != self.step and (c.save_at_end or (improved and t.restore_best)):
+            self.save_checkpoint(best=improved and t.restore_best)
+        final = {"val": last_val}
+        self.final_step = self.step
+        if t.restore_best and self.best.step is not None and self.best.step != self.step:
+            best = ckpt.best_checkpoint(self.checkpointer.root)
+            if best is None:
+                raise TrainingError(f"trainer.restore_best: no best checkpoint under {self.checkpointer.root}")
+            self._load_weights(best, load_optimizer=False, restore_rng=False)
+            self.final_step = self.best.step
+            logger.info("restored the best checkpoint %s (%s) for the final metrics", best, self.best.describe())
+            final["val"] = self._timed_eval("val", None, t.save_predictions, model_step=self.best.step)
+        elif t.save_predictions:
+            final["val"] = self._timed_eval("val", None, True)
+        for split in self.eval_splits:
+            if split != "val":
+                model_step = self.final_step if self.final_step != self.step else None
+                final[split] = self._timed_eval(split, None, t.save_predictions, model_step=model_step)
+        return final
 
     def _mean_over_ranks(self, value: torch.Tensor) -> float:
         if self.env.world_size > 1:
@@ -388,7 +588,8 @@ class Trainer:
     def _finish(self, final: dict[str, BinaryMetrics], wall_s: float) -> dict:
         optimum = self.manifest.get("optimum")
         samples = self.step * self.cfg.data.global_batch_size
-        this_run = self.train_seconds - self.train_seconds_at_start
+        train_seconds = self.timer.train_seconds
+        this_run = train_seconds - self.train_seconds_at_start
         summary = {
             "run_dir": str(self.run_dir),
             "world_size": self.env.world_size,
@@ -400,16 +601,20 @@ class Trainer:
             "epochs": self.step / self.steps_per_epoch,
             "samples": samples,
             "global_batch_size": self.cfg.data.global_batch_size,
-            "train_samples_per_s": samples / self.train_seconds if self.train_seconds else None,
-            "train_seconds": round(self.train_seconds, 3),
+            "schedule": self.schedule.describe(),
+            "chosen_from_data": self.adapted,
+            "train_samples_per_s": samples / train_seconds if train_seconds else None,
+            "train_seconds": round(train_seconds, 3),
             # Rank 0's time in the per-step loss tracking, metric/log events and progress bar, as a
             # fraction of training time (on CUDA a log event's sync also waits for queued kernels).
-            "bookkeeping_fraction": round(self.bookkeeping_seconds / this_run, 5) if this_run > 0 else None,
+            "bookkeeping_fraction": round(self.timer.bookkeeping_seconds / this_run, 5) if this_run > 0 else None,
             "wall_seconds": round(wall_s, 3),
             "final": {s: asdict(m) for s, m in final.items()},
+            "final_model_step": self.final_step,
+            "best": self.best.to_dict(),
             "data_rows": {s: v.get("num_rows") for s, v in self.manifest.get("splits", {}).items()},
             "optimum": optimum,
-            "stopped_early": getattr(self, "stopped_early", None),
+            "stopped_early": self.stopped_early,
         }
         if optimum:
             summary["gap_to_optimum"] = {
@@ -418,7 +623,8 @@ class Trainer:
             }
         self.writer.summary(summary)
         if self.env.is_rank_zero:
-            logger.info("final metrics%s:\n%s", " beside the data's optimum" if optimum else "",
+            restored = f" (the best checkpoint, step {self.final_step})" if self.final_step != self.step else ""
+            logger.info("final metrics%s%s:\n%s", restored, " beside the data's optimum" if optimum else "",
                         format_final(final, optimum))
             logger.info("throughput %.0f samples/s over %d steps; wall %.1fs; summary in %s",
                         summary["train_samples_per_s"] or 0, self.step, wall_s, self.run_dir / "summary.json")

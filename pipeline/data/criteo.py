@@ -45,6 +45,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
 from pipeline.config import NUM_DENSE_FEATURES, NUM_SPARSE_FEATURES, CategoricalFormat, DataConfig
+from pipeline.errors import DataError
 
 LABEL = "label"
 DENSE_COLUMNS = [f"I{i + 1}" for i in range(NUM_DENSE_FEATURES)]
@@ -124,7 +125,7 @@ _ARROW_BLOCK = 4 << 20  # pyarrow parses each chunk in 4 MiB blocks, in parallel
 _MAX_EXAMPLES = 10
 
 
-class RawDataError(ValueError):
+class RawDataError(DataError):
     """A malformed raw row; the message names the file, line and field."""
 
 

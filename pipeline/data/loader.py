@@ -18,7 +18,7 @@ import torch
 from torchrec.datasets.utils import Batch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from pipeline.data.preprocess import load_manifest, manifest_schema
+from pipeline.data.preprocess import RARE_ID, load_manifest, manifest_schema
 
 logger = logging.getLogger(__name__)
 
@@ -43,10 +43,13 @@ class BinarySplit:
     """One preprocessed split (train/val/test), memory-mapped part by part: only touched pages are read.
 
     A split is the concatenation of its parts (one per raw input file that feeds it); row ``i`` of
-    the split is found by the parts' cumulative row counts.
+    the split is found by the parts' cumulative row counts. ``table_sizes`` (per feature, see
+    ``preprocess.table_sizes``): an id at or above its table's size is read as the shared "rare or
+    unseen" id, which is how ``data.min_id_frequency`` applies without preprocessing again.
     """
 
-    def __init__(self, processed_dir: str | Path, split: str, manifest: dict | None = None):
+    def __init__(self, processed_dir: str | Path, split: str, manifest: dict | None = None,
+                 table_sizes: list[int] | None = None):
         self.dir = Path(processed_dir)
         self.manifest = manifest or load_manifest(processed_dir)
         if split not in self.manifest["splits"]:
@@ -61,6 +64,10 @@ class BinarySplit:
                 continue
             self.parts.append({key: _map(self.dir / f["path"], f) for key, f in part["files"].items()})
         self.starts = np.cumsum([0] + [len(p["labels"]) for p in self.parts])
+        full = list(self.manifest["num_embeddings_per_feature"])
+        # Only the tables smaller than the ids stored (a frequency threshold) need ids folded when read.
+        self.id_limits = (np.asarray(table_sizes, dtype=np.int64)
+                          if table_sizes is not None and list(table_sizes) != full else None)
         if self.starts[-1] != self.num_rows:
             raise ValueError(f"{self.dir / 'manifest.json'}: split {split} lists {self.num_rows} rows but its parts "
                              f"hold {self.starts[-1]}")
@@ -84,10 +91,18 @@ class BinarySplit:
         """A whole column group (dense, sparse or labels) of the split, read into memory."""
         return self.gather(key, np.arange(self.num_rows))
 
+    def ids(self, rows: np.ndarray) -> np.ndarray:
+        """Table row ids [len(rows), num_sparse] of ``rows``; values below data.min_id_frequency read as the
+        shared rare-or-unseen id."""
+        ids = self.gather("sparse", rows)
+        if self.id_limits is not None:
+            ids = np.where(ids >= self.id_limits, RARE_ID, ids)
+        return ids
+
     def make_batch(self, rows: np.ndarray) -> Batch:
         """Gather ``rows`` into a Batch: dense [b, num_dense], KJT of the manifest's one-id features, labels [b]."""
         dense = torch.from_numpy(np.ascontiguousarray(self.gather("dense", rows)))
-        ids = self.gather("sparse", rows)  # [b, num_sparse]
+        ids = self.ids(rows)  # [b, num_sparse]
         labels = torch.from_numpy(self.gather("labels", rows).astype(np.float32))
         b = len(rows)
         # KJT values are feature-major: all of feature 0's ids, then feature 1's, ...

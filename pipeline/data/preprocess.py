@@ -50,6 +50,7 @@ from pipeline.config import (
     IdMode,
     SplitMode,
 )
+from pipeline.errors import DataError, MissingDataError
 from pipeline.data.criteo import (
     CRITEO,
     BadRows,
@@ -65,7 +66,7 @@ from pipeline.data.criteo import (
 logger = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
-MANIFEST_VERSION = 2
+MANIFEST_VERSION = 3  # 3: vocab.npz holds the counts; data.min_id_frequency applies when batches are read
 DONE = "done.json"
 DENSE_TRANSFORMS = {
     DenseTransform.log1p: "log(1 + max(x, 0)), missing -> 0 (the DLRM reference)",
@@ -100,34 +101,73 @@ def _natural_key(path: str) -> list:
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", path)]
 
 
-def raw_files(cfg: DataConfig) -> list[Path]:
-    """The input files in order; glob patterns in ``data.raw_files`` are expanded (day_2 before day_10).
+def _expand(key: str, entries: list[str]) -> list[Path]:
+    """Files and glob patterns of one config key, patterns expanded in natural order (day_2 before day_10).
 
     Raises:
-        FileNotFoundError: a file or pattern matches nothing (the config key is named).
+        MissingDataError: a pattern matches nothing, or a file is not there (the key is named).
     """
-    if cfg.split == SplitMode.files:
-        paths = [Path(cfg.raw_dir) / f"{s}.tsv" for s in SPLITS]
-    else:
-        paths = []
-        for entry in cfg.raw_files:
-            if glob.has_magic(entry):
-                matches = sorted(glob.glob(entry), key=_natural_key)
-                if not matches:
-                    raise FileNotFoundError(f"data.raw_files pattern {entry!r} matches no file")
-                paths.extend(Path(m) for m in matches)
-            else:
-                paths.append(Path(entry))
+    paths = []
+    for entry in entries:
+        if glob.has_magic(entry):
+            matches = sorted(glob.glob(entry), key=_natural_key)
+            if not matches:
+                raise MissingDataError(f"{key}: pattern {entry!r} matches no file")
+            paths.extend(Path(m) for m in matches if Path(m).is_file())
+        else:
+            paths.append(Path(entry))
     for path in paths:
         if not path.is_file():
-            key = "data.raw_dir" if cfg.split == SplitMode.files else "data.raw_files"
-            raise FileNotFoundError(f"raw file {path} not found ({key}={cfg.raw_dir if key == 'data.raw_dir' else cfg.raw_files})")
+            raise MissingDataError(f"raw file {path} not found ({key}={entries})")
     return paths
+
+
+def split_files(cfg: DataConfig) -> dict[str, list[Path]]:
+    """``data.split=files``: each split's input files. An empty list means ``<raw_dir>/<split>.tsv``; for
+    test, that file is optional (no test split without it).
+
+    Raises:
+        MissingDataError: a file or pattern is not there, or train/val have none (the key is named).
+        DataError: one file is listed for two splits.
+    """
+    out: dict[str, list[Path]] = {}
+    for split in SPLITS:
+        key = f"data.{split}_files"
+        entries = list(getattr(cfg, f"{split}_files"))
+        if entries:
+            out[split] = _expand(key, entries)
+            continue
+        default = Path(cfg.raw_dir) / f"{split}.tsv"
+        if default.is_file():
+            out[split] = [default]
+        elif split != "test":
+            raise MissingDataError(f"no {split} data: {key} is empty and {default} does not exist. Name your "
+                                   f"files, e.g. {key}=[clicks/{split}_*.tsv.gz] (data.raw_dir={cfg.raw_dir})")
+    seen: dict[Path, str] = {}
+    for split, paths in out.items():
+        for path in paths:
+            other = seen.setdefault(path.resolve(), split)
+            if other != split:
+                raise DataError(f"{path} is listed for both {other} and {split} (data.{other}_files, "
+                                f"data.{split}_files): a file feeds one split")
+    return out
+
+
+def raw_files(cfg: DataConfig) -> list[Path]:
+    """The input files in order (``split=files``: train, then val, then test files).
+
+    Raises:
+        MissingDataError: a file or pattern matches nothing (the config key is named).
+    """
+    if cfg.split == SplitMode.files:
+        return [p for paths in split_files(cfg).values() for p in paths]
+    return _expand("data.raw_files", list(cfg.raw_files))
 
 
 def _plan_units(cfg: DataConfig, files: list[Path]) -> list[_Unit]:
     if cfg.split == SplitMode.files:
-        return [_Unit(i, p, {s: (0, 2**62)}) for i, (p, s) in enumerate(zip(files, SPLITS, strict=True))]
+        per_split = [(p, s) for s, paths in split_files(cfg).items() for p in paths]
+        return [_Unit(i, p, {s: (0, 2**62)}) for i, (p, s) in enumerate(per_split)]
     if cfg.split == SplitMode.random:
         return [_Unit(0, files[0], random_split=True)]
     if cfg.split == SplitMode.kaggle:
@@ -139,7 +179,7 @@ def _plan_units(cfg: DataConfig, files: list[Path]) -> list[_Unit]:
         return [_Unit(0, files[0], {"train": (0, train_end), "val": (train_end, val_end), "test": (val_end, n)})]
     # days: every file but the last is training; the last day is halved into validation and test.
     if len(files) < 2:
-        raise ValueError(f"data.split=days needs at least 2 day files, got {[str(f) for f in files]}")
+        raise DataError(f"data.split=days needs at least 2 day files, got {[str(f) for f in files]}")
     n = count_lines(files[-1])
     units = [_Unit(i, p, {"train": (0, 2**62)}) for i, p in enumerate(files[:-1])]
     units.append(_Unit(len(files) - 1, files[-1], {"val": (0, n // 2), "test": (n // 2, n)}))
@@ -229,8 +269,23 @@ def transform_dense(block: RawBlock, transform: DenseTransform = DenseTransform.
     return np.log(shifted, dtype=np.float32)
 
 
-def _caps(cfg: DataConfig) -> list[int]:
-    return list(cfg.num_embeddings_per_feature) or [cfg.max_ids_per_feature] * len(cfg.sparse_columns)
+NO_CAP = 2**62  # vocab mode without data.max_ids_per_feature: every value seen in training gets a row
+
+
+def configured_caps(cfg: DataConfig) -> list[int] | None:
+    """Rows per table the config fixes (``data.num_embeddings_per_feature`` or ``data.max_ids_per_feature``); None
+    when the data decides: every training value in vocab mode, :func:`auto_hash_cap` in hash mode."""
+    if cfg.num_embeddings_per_feature:
+        return list(cfg.num_embeddings_per_feature)
+    if cfg.max_ids_per_feature is not None:
+        return [cfg.max_ids_per_feature] * len(cfg.sparse_columns)
+    return None
+
+
+def auto_hash_cap(num_distinct: int) -> int:
+    """Hash mode's table size for a column with ``num_distinct`` training values: ``1 +`` the next power of two
+    at or above twice that (at most about two fifths of the values share a row with another)."""
+    return 1 + (1 << max(1, 2 * num_distinct - 1).bit_length())
 
 
 class _IdCounter:
@@ -261,15 +316,22 @@ class _IdCounter:
         self.keys[j] = keys
         self.pending[j], self.pending_len[j] = [], 0
 
-    def vocab(self, caps: list[int], min_frequency: int) -> list[np.ndarray]:
-        """Per column, the hashes that get their own row, most frequent first (at most cap - 2)."""
-        out = []
+    def num_distinct(self) -> list[int]:
+        """Distinct values per column."""
+        for j in range(self.num_sparse):
+            self._merge(j)
+        return [len(k) for k in self.keys]
+
+    def vocab(self, caps: list[int]) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """Per column, the hashes that get their own row, most frequent first (at most cap - 2), and their counts."""
+        keys, counts = [], []
         for j in range(self.num_sparse):
             self._merge(j)
             k, c = self.keys[j], self.counts[j]
-            order = np.argsort(-c, kind="stable")  # most frequent first, ties by hash value
-            out.append(k[order[c[order] >= min_frequency][: caps[j] - 2]])
-        return out
+            order = np.argsort(-c, kind="stable")[: caps[j] - 2]  # most frequent first, ties by hash value
+            keys.append(k[order])
+            counts.append(c[order])
+        return keys, counts
 
 
 _FIB = np.uint64(0x9E3779B97F4A7C15)  # 2^64 / golden ratio: Fibonacci hashing spreads consecutive keys
@@ -321,9 +383,9 @@ class _IdMapper:
     hex hashes and int32 ids; a 10M-entry column: 256 MiB at most).
     """
 
-    def __init__(self, cfg: DataConfig, vocab: list[np.ndarray] | None):
+    def __init__(self, cfg: DataConfig, vocab: list[np.ndarray] | None, caps: list[int] | None = None):
         self.mode = cfg.id_mode
-        self.caps = _caps(cfg)
+        self.caps = list(caps or configured_caps(cfg) or [NO_CAP] * len(cfg.sparse_columns))
         self.num_embeddings = [len(v) + 2 for v in vocab] if vocab is not None else list(self.caps)
         self.dtype = np.int32 if max(self.num_embeddings) < 2**31 else np.int64
         if vocab is not None:
@@ -358,7 +420,8 @@ def compile_kernels() -> None:
     """Compile (or load from the cache) the raw-row scanner and the vocabulary lookup, e.g. while
     building a container image."""
     compile_scanner()
-    mapper = _IdMapper(DataConfig(id_mode=IdMode.vocab), [np.array([7, 3], np.uint32)] * len(CRITEO.sparse_columns))
+    num_sparse = len(CRITEO.sparse_columns)
+    mapper = _IdMapper(DataConfig(id_mode=IdMode.vocab), [np.array([7, 3], np.uint32)] * num_sparse, [NO_CAP] * num_sparse)
     block = RawBlock(np.zeros(1, np.int8), np.zeros((1, 13), np.int64), np.zeros((1, 13), bool),
                      np.full((1, 26), 3, np.uint32), np.zeros((1, 26), bool), np.zeros(1, np.int64))
     if mapper(block).tolist() != [[3] * 26]:
@@ -481,12 +544,12 @@ def _settings(cfg: DataConfig) -> dict:
     return {
         "split": cfg.split.value,
         "raw_files": list(cfg.raw_files),
+        **({"files": {k: [str(p) for p in v] for k, v in split_files(cfg).items()}} if cfg.split == SplitMode.files else {}),
         "val_fraction": cfg.val_fraction,
         "test_fraction": cfg.test_fraction,
         "split_seed": cfg.split_seed,
         "id_mode": cfg.id_mode.value,
-        "caps": _caps(cfg),
-        "min_id_frequency": cfg.min_id_frequency,
+        "caps": configured_caps(cfg) or "auto",
         "dense_transform": cfg.dense_transform.value,
         "bad_rows": cfg.bad_rows.value,
         **layout,
@@ -509,6 +572,47 @@ def _fingerprint(settings: dict, source: dict, extra: str = "") -> str:
 def manifest_schema(manifest: dict) -> Schema:
     """The column layout a manifest records (Criteo's for manifests written before layouts were declared)."""
     return Schema.from_dict(manifest)
+
+
+def _vocab_counts(processed_dir: str | Path, num_sparse: int) -> list[np.ndarray]:
+    """Per column, the training count of each vocabulary entry (descending, as the ids are assigned)."""
+    path = Path(processed_dir) / "vocab.npz"
+    with np.load(path) as z:  # one array at a time: the counts only, not the keys
+        missing = [j for j in range(num_sparse) if f"count_C{j + 1}" not in z]
+        if missing:
+            raise DataError(f"{path} has no counts (written by an older version): preprocess again")
+        return [z[f"count_C{j + 1}"] for j in range(num_sparse)]
+
+
+def vocab_rows(counts: np.ndarray, min_frequency: int) -> int:
+    """Vocabulary entries seen at least ``min_frequency`` times: the first ones, since ids follow the counts."""
+    return int(np.count_nonzero(counts >= max(1, min_frequency)))
+
+
+def table_sizes(manifest: dict, processed_dir: str | Path, min_frequency: int) -> list[int]:
+    """Rows of each feature's table for training on this data with ``data.min_id_frequency``.
+
+    Vocab mode: the ids of values seen fewer than ``min_frequency`` times in training are folded into the
+    shared "rare or unseen" row (id 1) when batches are read, so one preprocessing serves every threshold
+    (a tuner can search it); the table holds the values above it plus the two reserved rows. Hash mode: the
+    manifest's sizes.
+    """
+    sizes = list(manifest["num_embeddings_per_feature"])
+    if manifest.get("settings", {}).get("id_mode") != IdMode.vocab.value or min_frequency <= 1:
+        return sizes
+    counts = _vocab_counts(processed_dir, len(sizes))
+    return [min(n, vocab_rows(c, min_frequency) + 2) for n, c in zip(sizes, counts, strict=True)]
+
+
+def load_vocab(processed_dir: str | Path, num_sparse: int, min_frequency: int = 1) -> list[np.ndarray]:
+    """Per column, the raw values that own a table row under ``min_frequency`` (id ``2 + position``)."""
+    path = Path(processed_dir) / "vocab.npz"
+    with np.load(path) as z:
+        keys = [z[f"C{j + 1}"] for j in range(num_sparse)]
+    if min_frequency <= 1:
+        return keys
+    counts = _vocab_counts(processed_dir, num_sparse)
+    return [k[: vocab_rows(c, min_frequency)] for k, c in zip(keys, counts, strict=True)]
 
 
 def load_manifest(processed_dir: str | Path) -> dict:
@@ -542,9 +646,21 @@ def is_current(cfg: DataConfig) -> bool:
     return m.get("settings") == _settings(cfg)
 
 
+def _count_ids(cfg: DataConfig, units: list[_Unit]) -> _IdCounter:
+    """A first pass over the training rows: every categorical value and how often it occurs."""
+    counter = _IdCounter(len(cfg.sparse_columns))
+    ignored = BadRows()  # the main pass counts bad rows; this pass sees the same ones
+    for unit in units:
+        if "train" in unit.splits:
+            for _, block in _unit_blocks(unit, cfg, ignored, only=("train",)):
+                counter.add(block)
+    return counter
+
+
 def _load_or_build_vocab(cfg: DataConfig, units: list[_Unit], out: Path, settings: dict,
                          sources: list[dict]) -> tuple[list[np.ndarray], str]:
-    """The vocabulary from a first pass over the training rows, reused when already built and intact."""
+    """The vocabulary (every training value by descending count, at most the cap) from a first pass over the
+    training rows, with the counts; reused when already built and intact."""
     marker, npz = out / "vocab.json", out / "vocab.npz"
     key = _fingerprint(settings, sources)
     if marker.exists() and npz.exists():
@@ -554,21 +670,35 @@ def _load_or_build_vocab(cfg: DataConfig, units: list[_Unit], out: Path, setting
             with np.load(npz) as z:
                 return [z[f"C{j + 1}"] for j in range(len(cfg.sparse_columns))], m["sha256"]
     t0 = time.perf_counter()
-    counter = _IdCounter(len(cfg.sparse_columns))
-    ignored = BadRows()  # the main pass counts bad rows; this pass sees the same ones
-    for unit in units:
-        if "train" in unit.splits:
-            for _, block in _unit_blocks(unit, cfg, ignored, only=("train",)):
-                counter.add(block)
-    vocab = counter.vocab(_caps(cfg), cfg.min_id_frequency)
+    counter = _count_ids(cfg, units)
+    vocab, counts = counter.vocab(configured_caps(cfg) or [NO_CAP] * len(cfg.sparse_columns))
     marker.unlink(missing_ok=True)
     tmp = out / "vocab.tmp.npz"
-    np.savez(tmp, **{f"C{j + 1}": v for j, v in enumerate(vocab)})
+    np.savez(tmp, **{f"C{j + 1}": v for j, v in enumerate(vocab)}, **{f"count_C{j + 1}": c for j, c in enumerate(counts)})
     os.replace(tmp, npz)
     digest = _sha256_file(npz)
     _write_json(marker, {"fingerprint": key, "sha256": digest, "sizes": [len(v) for v in vocab]})
     logger.info("built the vocabulary in %.1fs: %s ids", time.perf_counter() - t0, f"{sum(len(v) for v in vocab):,}")
     return vocab, digest
+
+
+def _load_or_count_hash_caps(cfg: DataConfig, units: list[_Unit], out: Path, settings: dict,
+                             sources: list[dict]) -> list[int]:
+    """Hash mode without a configured cap: :func:`auto_hash_cap` of each column's distinct training values,
+    from a first pass (reused from ``hash_caps.json`` when the settings and sources match)."""
+    marker = out / "hash_caps.json"
+    key = _fingerprint(settings, sources)
+    if marker.exists():
+        m = json.loads(marker.read_text())
+        if m.get("fingerprint") == key:
+            return m["caps"]
+    t0 = time.perf_counter()
+    distinct = _count_ids(cfg, units).num_distinct()
+    caps = [auto_hash_cap(n) for n in distinct]
+    _write_json(marker, {"fingerprint": key, "distinct": distinct, "caps": caps})
+    logger.info("hash caps from %s distinct training values per column in %.1fs (data.max_ids_per_feature=null): %s",
+                distinct, time.perf_counter() - t0, caps)
+    return caps
 
 
 def _dense_min(unit: _Unit, cfg: DataConfig) -> int:
@@ -624,6 +754,12 @@ def _process_unit(unit: _Unit, cfg: DataConfig, out: Path, mapper: _IdMapper, ke
     }
     _write_json(out / rel / DONE, record)
     rows = sum(v["num_rows"] for v in record["splits"].values())
+    if rows == 0:
+        if counter.total:
+            raise DataError(f"{unit.path}: all {counter.total:,} rows are malformed and were skipped "
+                            f"(data.bad_rows=skip; by kind {({k: v for k, v in counter.counts.items() if v})}); first: "
+                            f"{counter.examples[0] if counter.examples else '-'}")
+        raise DataError(f"{unit.path} has no rows: an empty input file")
     logger.info("part %s: %s -> %s rows in %.1fs (%s rows/s)%s", unit.name, unit.path, f"{rows:,}",
                 record["seconds"], f"{rows / max(record['seconds'], 1e-9):,.0f}",
                 f", skipped {counter.total} bad rows {counter.counts}" if counter.total else "")
@@ -665,16 +801,24 @@ def preprocess(cfg: DataConfig) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     (out / MANIFEST).unlink(missing_ok=True)
     files = raw_files(cfg)
+    for path in files:
+        if path.stat().st_size == 0:
+            raise DataError(f"{path} is empty (0 bytes): no rows to preprocess")
     units = _plan_units(cfg, files)
     settings = _settings(cfg)
     sources = _sources(files)
-    vocab, vocab_sha = (None, "")
+    vocab, id_key = (None, "")
+    caps = configured_caps(cfg)
     if cfg.id_mode == IdMode.vocab:
-        vocab, vocab_sha = _load_or_build_vocab(cfg, units, out, settings, sources)
-    mapper = _IdMapper(cfg, vocab)
+        vocab, id_key = _load_or_build_vocab(cfg, units, out, settings, sources)
+        caps = caps or [NO_CAP] * len(cfg.sparse_columns)
+    elif caps is None:
+        caps = _load_or_count_hash_caps(cfg, units, out, settings, sources)
+        id_key = json.dumps(caps)
+    mapper = _IdMapper(cfg, vocab, caps)
     records = []
     for unit in units:
-        key = _fingerprint(settings, {"index": unit.index, "path": str(unit.path), "ranges": unit.ranges}, vocab_sha)
+        key = _fingerprint(settings, {"index": unit.index, "path": str(unit.path), "ranges": unit.ranges}, id_key)
         records.append(_finished_part(unit, out, key) or _process_unit(unit, cfg, out, mapper, key))
     splits = {s: {"num_rows": 0, "parts": []} for s in SPLITS}
     bad = BadRows()
@@ -686,6 +830,7 @@ def preprocess(cfg: DataConfig) -> dict:
         part_bad.counts.update(record["bad_rows"]["by_kind"])
         part_bad.examples = list(record["bad_rows"]["examples"])
         bad.merge(part_bad)
+    _check_splits(cfg, units, splits)
     manifest = {
         "version": MANIFEST_VERSION,
         "settings": settings,
@@ -694,7 +839,8 @@ def preprocess(cfg: DataConfig) -> dict:
         **Schema.from_config(cfg).to_dict(),
         "num_dense_features": len(cfg.dense_columns),
         "num_sparse_features": len(cfg.sparse_columns),
-        "num_embeddings_per_feature": mapper.num_embeddings,
+        "num_embeddings_per_feature": mapper.num_embeddings,  # before data.min_id_frequency (see table_sizes)
+        "id_caps": None if vocab is not None and configured_caps(cfg) is None else caps,
         "reserved_ids": {"missing": MISSING_ID, **({"rare_or_unseen": RARE_ID} if vocab is not None else {})},
         "dense_transform": DENSE_TRANSFORMS[cfg.dense_transform],
         "bad_rows": bad.to_dict(),
@@ -710,6 +856,24 @@ def preprocess(cfg: DataConfig) -> dict:
     return manifest
 
 
+def _check_splits(cfg: DataConfig, units: list[_Unit], splits: dict[str, dict]) -> None:
+    """Every split some input feeds must have rows (train and val always do).
+
+    Raises:
+        DataError: naming the split, the files that feed it and the setting that sized it.
+    """
+    for split in SPLITS:
+        feeding = [str(u.path) for u in units if split in u.splits]
+        if (feeding or split != "test") and splits[split]["num_rows"] == 0:
+            share = (f"data.{split}_fraction={getattr(cfg, f'{split}_fraction')}" if split != "train" else
+                     f"1 - data.val_fraction - data.test_fraction = {1 - cfg.val_fraction - cfg.test_fraction:g}")
+            how = {SplitMode.random: f"{share} of a random split",
+                   SplitMode.files: f"data.{split}_files", SplitMode.kaggle: "the Kaggle day split",
+                   SplitMode.days: "the day split"}[cfg.split]
+            raise DataError(f"split {split} has no rows ({how}; from {feeding or 'no file'}): give it rows, "
+                            "e.g. more input or a larger fraction")
+
+
 def _optimum(cfg: DataConfig) -> dict | None:
     """The synthetic (or MovieLens-style) generator's Bayes-optimal metrics, when the raw data came from it."""
     from pipeline.data.synthetic import OPTIMUM_FILE
@@ -720,4 +884,5 @@ def _optimum(cfg: DataConfig) -> dict | None:
     return None
 
 
-__all__ = ["RawDataError", "preprocess", "load_manifest", "manifest_schema", "is_current", "raw_files", "MANIFEST"]
+__all__ = ["RawDataError", "preprocess", "load_manifest", "manifest_schema", "is_current", "raw_files", "MANIFEST",
+           "table_sizes", "load_vocab", "configured_caps"]

@@ -14,15 +14,9 @@ import os
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.optim.lr_scheduler import LambdaLR
-from torchrec.distributed.model_parallel import DistributedModelParallel, get_default_sharders
-from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints
-from torchrec.distributed.planner.storage_reservations import FixedPercentageStorageReservation
-from torchrec.distributed.planner.types import KernelConfig, TopologyFactory
-from torchrec.distributed.types import CacheParams
+from torchrec.distributed.model_parallel import DistributedModelParallel
 from torchrec.modules.embedding_configs import DataType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
-from torchrec.distributed.planner.types import TrainerConfig as PlannerTrainerConfig
 from torchrec.distributed.types import ShardingPlan
 from torchrec import optim as trec_optim
 from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
@@ -36,11 +30,12 @@ from pipeline.config import (
     EmbeddingDtype,
     EmbeddingOptimizer,
     LauncherConfig,
-    LrDecay,
     OptimizerConfig,
     ShardingConfig,
     TrainerConfig,
 )
+from pipeline.distributed import planner
+from pipeline.distributed.planner import PlanRequest, constraints_from_config, detect_memory  # noqa: F401
 from pipeline.runtime import DistEnv
 
 logger = logging.getLogger(__name__)
@@ -140,24 +135,6 @@ def _fused_optimizer(cfg: OptimizerConfig) -> tuple[type[torch.optim.Optimizer],
     return trec_optim.Adam, {"lr": lr, "eps": cfg.eps, "beta1": cfg.betas[0], "beta2": cfg.betas[1]}
 
 
-def lr_factor(cfg: OptimizerConfig, total_steps: int, step: int) -> float:
-    """Multiplier of the base learning rates at ``step`` (0-based): warmup, then optional linear decay."""
-    if step < cfg.warmup_steps:
-        return (step + 1) / cfg.warmup_steps
-    if cfg.decay == LrDecay.linear:
-        start = max(cfg.warmup_steps, int(cfg.decay_start * total_steps))
-        if step >= start and total_steps > start:
-            progress = min(1.0, (step - start) / (total_steps - start))
-            return 1.0 - (1.0 - cfg.final_lr_fraction) * progress
-    return 1.0
-
-
-def lr_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimizerConfig, total_steps: int) -> LambdaLR:
-    """One schedule for both optimizers: TorchRec's fused optimizer hands its param group's lr to FBGEMM
-    on every step, so scaling the combined param groups also drives the tables' learning rate."""
-    return LambdaLR(optimizer, lambda step: lr_factor(cfg, total_steps, step))
-
-
 def _dense_optimizer_factory(cfg: OptimizerConfig):
     if cfg.dense == DenseOptimizer.sgd:
         return lambda params: torch.optim.SGD(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -171,42 +148,6 @@ def table_names(model: nn.Module) -> list[str]:
     from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
     return [t.name for m in model.modules() if isinstance(m, EmbeddingBagCollection) for t in m.embedding_bag_configs()]
-
-
-def _types_for_kernels(kernels: list[str] | None, device_type: str) -> list[str] | None:
-    """Sharding types that can run the allowed kernels (None: any).
-
-    Data-parallel tables only have the dense kernel; left in, the planner warns once per table that
-    it found no kernel for them before choosing a sharded type anyway.
-    """
-    if not kernels or "dense" in kernels:
-        return None
-    types = ["table_wise", "column_wise", "table_column_wise"]
-    if device_type == "cuda":  # TorchRec 1.8 shards row-wise on CUDA only
-        types += ["row_wise", "table_row_wise"]
-    return types
-
-
-def constraints_from_config(cfg: ShardingConfig, tables: list[str], device_type: str = "cpu") -> dict[str, ParameterConstraints]:
-    """Planner constraints: the group-wide allowed types/kernels, then per-table overrides.
-
-    Raises:
-        ValueError: a per-table key names no table of the model.
-    """
-    for key, per_table in (("table_sharding_types", cfg.table_sharding_types), ("table_compute_kernels", cfg.table_compute_kernels)):
-        unknown = sorted(set(per_table) - set(tables))
-        if unknown:
-            raise ValueError(f"sharding.{key} names unknown table(s) {unknown}; the model's tables are {tables}")
-    out = {}
-    for name in tables:
-        kernels = cfg.table_compute_kernels.get(name) or cfg.compute_kernels or None
-        sharding_types = (cfg.table_sharding_types.get(name) or cfg.sharding_types
-                          or _types_for_kernels(kernels, device_type))
-        cache = (CacheParams(load_factor=cfg.cache_load_factor)
-                 if cfg.cache_load_factor is not None and (not kernels or "fused_uvm_caching" in kernels) else None)
-        if sharding_types or kernels or cache:
-            out[name] = ParameterConstraints(sharding_types=sharding_types, compute_kernels=kernels, cache_params=cache)
-    return out
 
 
 _DATA_TYPES = {EmbeddingDtype.fp32: DataType.FP32, EmbeddingDtype.fp16: DataType.FP16, EmbeddingDtype.bf16: DataType.BF16}
@@ -223,23 +164,19 @@ def set_embedding_dtype(model: nn.Module, dtype: EmbeddingDtype) -> None:
 
 
 def plan_sharding(model: nn.Module, cfg: ShardingConfig, env: DistEnv, device: torch.device,
-                  local_batch_size: int, collective: bool = True) -> ShardingPlan:
-    """Run TorchRec's EmbeddingShardingPlanner (collectively: every rank gets rank 0's plan)."""
-    hbm_cap = int(cfg.hbm_cap_gb * 1024**3) if cfg.hbm_cap_gb else None
-    topology = TopologyFactory.create_topology(
-        PlannerTrainerConfig(world_size=env.world_size, local_world_size=env.local_world_size, hbm_cap_bytes=hbm_cap),
-        kernel_config=KernelConfig(compute_device=device.type),
-    )
-    planner = EmbeddingShardingPlanner(
-        topology=topology,
-        batch_size=local_batch_size,
-        constraints=constraints_from_config(cfg, table_names(model), device.type),
-        storage_reservation=FixedPercentageStorageReservation(cfg.storage_reservation),
-    )
-    sharders = get_default_sharders()
-    if collective and dist.is_initialized():
-        return planner.collective_plan(model, sharders, dist.GroupMember.WORLD)
-    return planner.plan(model, sharders)
+                  local_batch_size: int, optimizer: str = "row_wise_adagrad") -> ShardingPlan:
+    """Run TorchRec's planner for this job with the memory each rank really has (rank 0 plans, every rank
+    gets its plan).
+
+    Raises:
+        PlanDoesNotFit: the tables do not fit; the message names the sizes and the fix.
+    """
+    memory = detect_memory(device, env.local_world_size, cfg.hbm_cap_gb)
+    req = PlanRequest(env.world_size, env.local_world_size, device.type, memory, local_batch_size,
+                      cfg.storage_reservation, optimizer)
+    constraints = constraints_from_config(cfg, table_names(model), device.type)
+    plan, _ = planner.plan(model, req, constraints, cfg.compute_kernels or None)
+    return plan
 
 
 def describe_plan(plan: ShardingPlan) -> list[str]:
@@ -262,10 +199,34 @@ def shard_model(model: nn.Module, sharding: ShardingConfig, optimizer: Optimizer
     embedding_params = [p for n, p in model.named_parameters() if "embedding_bags" in n]
     apply_optimizer_in_backward(opt_cls, embedding_params, opt_kwargs)
     set_embedding_dtype(model, sharding.embedding_dtype)
-    plan = plan_sharding(model, sharding, env, device, local_batch_size)
+    plan = plan_sharding(model, sharding, env, device, local_batch_size, optimizer.embedding.value)
     if sharding.print_plan and env.is_rank_zero:
         logger.info("sharding plan (%d ranks):\n  %s", env.world_size, "\n  ".join(describe_plan(plan)))
     dmp = DistributedModelParallel(module=model, device=device, plan=plan)
     dense = KeyedOptimizerWrapper(dict(in_backward_optimizer_filter(dmp.named_parameters())),
                                   _dense_optimizer_factory(optimizer))
     return dmp, CombinedOptimizer([dmp.fused_optimizer, dense])
+
+
+@torch.no_grad()
+def reset_tables(model: DistributedModelParallel) -> None:
+    """Re-initialise every sharded embedding table as at the start and clear the fused optimizer's state for
+    them (e.g. RowWiseAdagrad's accumulated squared gradients); the dense part is untouched.
+
+    Each sharded collection re-draws its tables with their ``init_fn`` (data-parallel tables are
+    broadcast from rank 0, so replicas stay equal); caching kernels drop their cached rows, whose
+    content would be stale.
+    """
+    from torchrec.distributed.embeddingbag import ShardedEmbeddingBagCollection
+
+    for module in model.modules():
+        if isinstance(module, ShardedEmbeddingBagCollection):
+            module.reset_parameters()
+        emb = getattr(module, "emb_module", None)
+        if emb is not None and hasattr(emb, "reset_cache_states"):
+            emb.reset_cache_states()
+    for entry in model.fused_optimizer.state_dict()["state"].values():
+        for value in entry.values():
+            shards = value.local_shards() if hasattr(value, "local_shards") else [value]
+            for shard in shards:
+                getattr(shard, "tensor", shard).zero_()

@@ -101,7 +101,7 @@ def test_resumed_run_supersedes_the_points_after_its_checkpoint(tmp_path, tiny_d
     TensorBoard (purge_step) and the report (metrics.jsonl's resume event) keep the resumed points."""
     run_dir = tmp_path / "resumed"
     common = [*tiny_data_overrides, *QUICK, "trainer.eval_every_steps=0", "checkpoint.every_steps=10",
-              "checkpoint.save_at_end=false", "logger.report=false"]
+              "checkpoint.save_at_end=false", "trainer.restore_best=false", "logger.report=false"]
     first = run_training(run_dir, [*common, "trainer.max_steps=15"], nproc=1)
     assert first.returncode == 0, first.output[-4000:]
     second = run_training(run_dir, [*common, "trainer.max_steps=20"], nproc=1)

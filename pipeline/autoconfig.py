@@ -1,0 +1,51 @@
+"""Defaults that follow the data: settings left null are chosen from the number of training rows.
+
+A click log of a hundred thousand rows and one of billions want different batch sizes and epoch counts,
+and a fixed default serves one of them badly (2048 rows a step leaves a 125k-row log 61 updates). What is
+chosen, and why, is logged at start and written into the run's ``config.yaml`` and ``summary.json``
+(``chosen_from_data``); setting the key yourself always wins.
+"""
+
+from __future__ import annotations
+
+import math
+
+from pipeline.config import TrainConfig
+
+UPDATES_PER_EPOCH = 1000  # the batch size gives an epoch at least this many updates ...
+MIN_AUTO_BATCH, MAX_AUTO_BATCH = 128, 2048  # ... as a power of two in this range
+SAMPLES_PER_RUN = 1_000_000  # small logs train for about this many samples ...
+MAX_AUTO_EPOCHS = 4  # ... in at most this many epochs (each from fresh tables, the best one kept)
+
+
+def auto_global_batch_size(num_train_rows: int, world_size: int) -> int:
+    """The largest power of two giving an epoch ``UPDATES_PER_EPOCH`` updates, within [128, 2048], rounded up
+    to a multiple of the world size."""
+    target = max(1, num_train_rows // UPDATES_PER_EPOCH)
+    batch = min(MAX_AUTO_BATCH, max(MIN_AUTO_BATCH, 1 << (target.bit_length() - 1)))
+    return -(-batch // world_size) * world_size
+
+
+def auto_num_epochs(num_train_rows: int) -> int:
+    """One epoch from ``SAMPLES_PER_RUN`` rows up; below that, enough epochs to see about that many samples,
+    at most ``MAX_AUTO_EPOCHS``."""
+    return min(MAX_AUTO_EPOCHS, max(1, math.ceil(SAMPLES_PER_RUN / max(1, num_train_rows))))
+
+
+def adapt_to_data(cfg: TrainConfig, num_train_rows: int, world_size: int) -> list[str]:
+    """Fill the settings left null (``data.global_batch_size``, ``trainer.num_epochs``) from the training rows,
+    in place; return one line per value chosen, with the reason."""
+    chosen = []
+    d, t = cfg.data, cfg.trainer
+    if d.global_batch_size is None:
+        d.global_batch_size = auto_global_batch_size(num_train_rows, world_size)
+        chosen.append(f"data.global_batch_size={d.global_batch_size}: {num_train_rows:,} training rows, at least "
+                      f"{UPDATES_PER_EPOCH} updates per epoch with a power of two in [{MIN_AUTO_BATCH}, "
+                      f"{MAX_AUTO_BATCH}] ({num_train_rows // d.global_batch_size:,} per epoch)")
+    if t.num_epochs is None:
+        t.num_epochs = auto_num_epochs(num_train_rows)
+        reason = (f"{num_train_rows:,} training rows: one epoch from {SAMPLES_PER_RUN:,} up" if t.num_epochs == 1 else
+                  f"{num_train_rows:,} training rows: about {SAMPLES_PER_RUN:,} samples in at most {MAX_AUTO_EPOCHS} "
+                  "epochs, each from fresh tables (trainer.reset_tables_each_epoch), the best one kept")
+        chosen.append(f"trainer.num_epochs={t.num_epochs}: {reason}")
+    return chosen

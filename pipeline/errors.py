@@ -1,0 +1,38 @@
+"""Errors a user can cause and fix (a bad config value, a bad or missing input, a checkpoint that does not
+fit): entry points print their message in a few lines, without a traceback, and exit with the kind's code."""
+
+from __future__ import annotations
+
+
+class UserError(Exception):
+    """An expected error whose message names what is wrong, where, and the fix."""
+
+    exit_code = 1
+
+
+class ConfigError(UserError, ValueError):
+    """A configuration that composes but cannot be run; the message names the key and the fix."""
+
+    exit_code = 2
+
+
+class CheckpointError(UserError, RuntimeError):
+    """A checkpoint cannot be saved, loaded or resumed from; the message says which and why."""
+
+    exit_code = 3
+
+
+class TrainingError(UserError, RuntimeError):
+    """Training cannot go on (a non-finite loss, a plan that does not fit); the message says why and what to try."""
+
+    exit_code = 3
+
+
+class DataError(UserError, ValueError):
+    """Input data that cannot be used: a malformed row, an empty file or split, a missing file."""
+
+    exit_code = 4
+
+
+class MissingDataError(DataError, FileNotFoundError):
+    """A raw file, pattern or processed folder that is not there."""
