@@ -39,6 +39,13 @@ Usage: ./launch.sh <command> [arguments...]
                 NNODES=2 RDZV_ENDPOINT=node0:29500 PIPELINE_RUN_ID=job1 ./launch.sh train
   sweep       The same as train -m.
                 ./launch.sh sweep optimizer.lr=0.01,0.1 trainer.max_steps=500
+  tune        Search hyper-parameters with Optuna (conf/tune/default.yaml: learning rates, batch size, embedding
+              dimension, frequency threshold, epochs, model variant) on the validation AUC; each trial a torchrun
+              job of NPROC ranks, several side by side where the cores allow. Prints the results and the best
+              overrides, and writes them to configs/tuned/<run id>.yaml. The same PIPELINE_RUN_ID resumes it.
+                NPROC=1 ./launch.sh tune data=files data.train_files=[train.tsv] data.val_files=[val.tsv]
+                ./launch.sh train +tuned=<run id> data=files data.train_files=[train.tsv] data.val_files=[val.tsv]
+                ./launch.sh tune hydra.sweeper.n_trials=50 model.embedding_dim=64   # more trials; fix a parameter
   test        Run the test suite (pytest; extra args go to pytest).
                 ./launch.sh test -k config
   preprocess  Generate (synthetic) and preprocess a dataset without training.
@@ -154,7 +161,7 @@ case "$cmd" in
     setup; exec "$VENV/bin/python" -m pytest "$@" ;;
   preprocess)
     setup; exec "$VENV/bin/python" -m pipeline.preprocess "hydra.run.dir=outputs/preprocess-$(run_id)" "$@" ;;
-  train|sweep)
+  train|sweep|tune)
     setup
     export PIPELINE_RUN_ID; PIPELINE_RUN_ID="$(run_id)"
     export NPROC="${NPROC:-2}"  # ranks per node; also each sweep point's (conf/hydra/launcher/torchrun.yaml)
@@ -165,6 +172,7 @@ case "$cmd" in
     # A fresh rendezvous store for every torchrun restart: the shared one keeps the previous attempt's
     # addresses, which restarted ranks can read and hang on (pytorch/pytorch#135712).
     export TORCH_DISABLE_SHARE_RDZV_TCP_STORE="${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}"
+    if [[ "$cmd" == tune ]]; then set -- -m tune=default "$@"; fi
     if [[ "$cmd" == sweep ]]; then
       multirun=0
       for arg in "$@"; do

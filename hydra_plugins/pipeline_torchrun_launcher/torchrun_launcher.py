@@ -206,9 +206,14 @@ class TorchrunLauncher(Launcher):
 
     def _command(self, point: SweepPoint) -> list[str]:
         script = self.script or sys.argv[0]
+        threads = []
+        if self.max_parallel > 1 and not any(_split_override(o)[0] == "trainer.num_threads" for o in point.overrides):
+            # Points side by side share the cores: each rank gets its share instead of all of them.
+            cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+            threads = [f"trainer.num_threads={max(1, cores // (self.max_parallel * self.nproc_per_node))}"]
         return [sys.executable, "-m", "torch.distributed.run", *self.torchrun_args,
                 "--nproc_per_node", str(self.nproc_per_node), str(Path(script).absolute()),
-                f"hydra.run.dir={_quote(str(point.run_dir))}", *point.overrides]
+                f"hydra.run.dir={_quote(str(point.run_dir))}", *point.overrides, *threads]
 
     def _environment(self, point: SweepPoint, sweep_dir: Path) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if k not in _WORKER_ENV and not k.startswith("TORCHELASTIC_")}
