@@ -243,9 +243,10 @@ class Trainer:
         self.model, self.optimizer = shard_model(
             model, cfg.sharding, cfg.optimizer, self.env, self.device, self.local_batch_size
         )
-        # Tables re-initialised each epoch need their full rate in every epoch: only the MLPs' rate decays then.
-        decay_tables = not (cfg.trainer.reset_tables_each_epoch and self.total_steps > self.steps_per_epoch)
-        self.schedule, warnings = resolve_schedule(cfg.optimizer, self.total_steps, decay_tables)
+        # Tables re-initialised each epoch need their full rate in every epoch; the MLPs' rate decays each epoch.
+        restarts = cfg.trainer.reset_tables_each_epoch and self.total_steps > self.steps_per_epoch
+        self.schedule, warnings = resolve_schedule(cfg.optimizer, self.total_steps,
+                                                   self.steps_per_epoch if restarts else None)
         if self.env.is_rank_zero:
             for warning in warnings:
                 logger.warning("%s", warning)

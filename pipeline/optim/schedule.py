@@ -6,6 +6,11 @@ Warm-up and the start of the decay are given as fractions of the run's total ste
 once the run's length is known; a configured step count the run does not reach is clipped to the
 run with a one-line warning, so a short run (or a sweep point with a small ``trainer.max_steps``)
 still reaches its nominal learning rate.
+
+When each epoch starts from fresh tables (``trainer.reset_tables_each_epoch`` over several epochs), the
+tables keep their full rate after warm-up and the MLPs' rate decays within every epoch instead of once
+over the run: every epoch then ends at a low rate, so each epoch's end, where the best checkpoint is
+usually found, is a settled (calibrated) model.
 """
 
 from __future__ import annotations
@@ -31,15 +36,22 @@ class Schedule:
     decay_start_step: int = 0
     final_lr_fraction: float = 0.0
     decay_tables: bool = True  # False: the tables keep their rate after warm-up (they restart each epoch)
+    decay_period: int = 0  # steps the decay repeats over (an epoch); 0 = the whole run, once
 
     def factor(self, step: int) -> float:
         """Multiplier of the base learning rates at ``step`` (0-based)."""
         if step < self.warmup_steps:
             return (step + 1) / self.warmup_steps
         if self.decay == LrDecay.linear:
-            start = max(self.warmup_steps, self.decay_start_step)
-            if step >= start and self.total_steps > start:
-                progress = min(1.0, (step - start) / (self.total_steps - start))
+            period = self.decay_period or self.total_steps
+            step = min(step, self.total_steps)  # past the end: the rate of the last step
+            origin = step - step % period  # where this decay period (the run, or an epoch) starts
+            if origin >= self.total_steps:
+                origin -= period
+            start = origin + max(self.decay_start_step, self.warmup_steps - origin)
+            end = min(origin + period, self.total_steps)
+            if step >= start and end > start:
+                progress = min(1.0, (step - start) / (end - start))
                 return 1.0 - (1.0 - self.final_lr_fraction) * progress
         return 1.0
 
@@ -50,19 +62,24 @@ class Schedule:
         return 1.0
 
     def describe(self) -> str:
-        decay = (f"linear decay from step {max(self.warmup_steps, self.decay_start_step)} to "
-                 f"{self.final_lr_fraction:g} x lr at step {self.total_steps}" if self.decay == LrDecay.linear
-                 else "no decay")
-        if self.decay == LrDecay.linear and not self.decay_tables:
-            decay += " (MLPs only: the tables restart each epoch)"
+        if self.decay != LrDecay.linear:
+            decay = "no decay"
+        elif self.decay_period:
+            decay = (f"linear decay of the MLPs' rate from step {self.decay_start_step} of each {self.decay_period}-step "
+                     f"epoch to {self.final_lr_fraction:g} x lr at its end (the tables restart each epoch)")
+        else:
+            decay = (f"linear decay from step {max(self.warmup_steps, self.decay_start_step)} to "
+                     f"{self.final_lr_fraction:g} x lr at step {self.total_steps}")
         return f"warm-up {self.warmup_steps} of {self.total_steps} steps, {decay}"
 
 
-def resolve_schedule(cfg: OptimizerConfig, total_steps: int, decay_tables: bool = True) -> tuple[Schedule, list[str]]:
+def resolve_schedule(cfg: OptimizerConfig, total_steps: int,
+                     epoch_steps: int | None = None) -> tuple[Schedule, list[str]]:
     """The schedule of a run of ``total_steps`` steps, and a warning per configured value the run does not fit.
 
-    Fractions are rounded to whole steps; absolute steps beyond the run are clipped to it. ``decay_tables=False``
-    keeps the tables' rate after warm-up (for tables re-initialised each epoch, which need their full rate).
+    Fractions are rounded to whole steps; absolute steps beyond the run are clipped to it. ``epoch_steps``
+    (tables re-initialised every epoch of that many steps): the tables keep their rate after warm-up and the
+    MLPs' decay repeats within each epoch, ``decay_start`` then being a fraction of an epoch.
     """
     warnings: list[str] = []
     if cfg.warmup_steps is not None:
@@ -74,6 +91,7 @@ def resolve_schedule(cfg: OptimizerConfig, total_steps: int, decay_tables: bool 
             warmup = total_steps
     else:
         warmup = round(cfg.warmup_fraction * total_steps)
+    period = epoch_steps if epoch_steps and epoch_steps < total_steps and cfg.decay_start_step is None else 0
     if cfg.decay_start_step is not None:
         start = cfg.decay_start_step
         if cfg.decay == LrDecay.linear and start >= total_steps:
@@ -81,8 +99,9 @@ def resolve_schedule(cfg: OptimizerConfig, total_steps: int, decay_tables: bool 
                             "the learning rate does not decay; optimizer.decay_start sizes it to the run")
             start = total_steps
     else:
-        start = int(cfg.decay_start * total_steps)
-    return Schedule(total_steps, warmup, cfg.decay, start, cfg.final_lr_fraction, decay_tables), warnings
+        start = int(cfg.decay_start * (period or total_steps))
+    return Schedule(total_steps, warmup, cfg.decay, start, cfg.final_lr_fraction, decay_tables=epoch_steps is None,
+                    decay_period=period), warnings
 
 
 def lr_scheduler(optimizer: torch.optim.Optimizer, schedule: Schedule, num_table_groups: int = 0) -> LambdaLR:

@@ -68,10 +68,14 @@ def test_decay_starts_after_warmup() -> None:
     assert schedule.factor(80) == pytest.approx(0.5)
 
 
-def test_tables_keep_their_rate_when_they_restart_each_epoch() -> None:
-    cfg = OptimizerConfig(warmup_steps=10, decay=LrDecay.linear, decay_start=0.0)
-    schedule, _ = resolve_schedule(cfg, 100, decay_tables=False)
-    assert schedule.table_factor(4) == schedule.factor(4) == 0.5  # warm-up is shared
-    assert schedule.factor(55) == pytest.approx(0.5) and schedule.table_factor(55) == 1.0
-    decaying, _ = resolve_schedule(cfg, 100)
-    assert decaying.table_factor(55) == decaying.factor(55)
+def test_with_fresh_tables_each_epoch_tables_keep_their_rate_and_the_mlps_decay_per_epoch() -> None:
+    cfg = OptimizerConfig(warmup_steps=10, decay=LrDecay.linear, decay_start=0.5)
+    schedule, _ = resolve_schedule(cfg, 400, epoch_steps=100)
+    assert schedule.table_factor(4) == schedule.factor(4) == 0.5  # warm-up is shared, once
+    assert [schedule.table_factor(s) for s in (60, 99, 150, 399)] == [1.0] * 4
+    # each 100-step epoch: full rate to its middle, then down to 0 at its end
+    assert [schedule.factor(s) for s in (49, 50, 75, 100, 149, 175, 375)] == pytest.approx(
+        [1.0, 1.0, 0.5, 1.0, 1.0, 0.5, 0.5])
+    assert schedule.factor(99) < 0.03 and schedule.factor(399) < 0.03
+    whole, _ = resolve_schedule(cfg, 400)  # without restarts: one decay over the run, tables too
+    assert whole.factor(300) == whole.table_factor(300) == pytest.approx(0.5)
