@@ -30,7 +30,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pipeline.config import DataConfig, IdMode, SplitMode, SyntheticConfig  # noqa: E402
-from pipeline.data import synthetic  # noqa: E402
+from pipeline.data.generators import synthetic  # noqa: E402
 from pipeline.data.preprocess import preprocess  # noqa: E402
 from pipeline.runtime import keep_freed_memory  # noqa: E402
 

@@ -19,6 +19,7 @@ from pipeline.errors import ConfigError  # noqa: F401 - re-exported: the config'
 
 NUM_DENSE_FEATURES = 13  # Criteo: I1..I13 (the default data.dense_columns)
 NUM_SPARSE_FEATURES = 26  # Criteo: C1..C26 (the default data.sparse_columns)
+SPARSE_FEATURE_NAMES = [f"cat_{i}" for i in range(NUM_SPARSE_FEATURES)]  # KJT keys / tables t_<name> (TorchRec's Criteo naming)
 
 
 class ModelName(str, enum.Enum):
@@ -218,7 +219,7 @@ class DataConfig:
     sparse_columns: list[str] = field(  # categorical columns (empty = missing), in file order
         default_factory=lambda: [f"C{i + 1}" for i in range(NUM_SPARSE_FEATURES)])
     feature_names: list[str] = field(  # KJT keys, tables t_<name>, one per sparse column; [] = the column names
-        default_factory=lambda: [f"cat_{i}" for i in range(NUM_SPARSE_FEATURES)])
+        default_factory=lambda: list(SPARSE_FEATURE_NAMES))
     categorical_format: CategoricalFormat = CategoricalFormat.hex  # hex (8 hex digits) | int (decimal ids >= 0)
 
 

@@ -245,8 +245,8 @@ def probe_stack() -> None:
         Exception: whatever the import or the operator raised (e.g. OSError for an
             undefined symbol, or a RuntimeError when the op is not registered).
     """
-    import torch
     import fbgemm_gpu  # noqa: F401  (registers torch.ops.fbgemm.*)
+    import torch
     import torchrec  # noqa: F401
 
     # A sparse op: proves the fbgemm .so files loaded and registered their operators.

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import hashlib
 import json
 import logging
@@ -48,8 +49,9 @@ if __package__ in (None, ""):
 import numpy as np
 import torch
 
-from pipeline.config import DataConfig, DenseTransform, IdMode, ModelConfig
-from pipeline.data.criteo import CRITEO, Schema
+from pipeline.config import DenseTransform, IdMode, ModelConfig
+from pipeline.data.features import FeatureTransform
+from pipeline.data.schema import CRITEO, Schema
 
 logger = logging.getLogger("pipeline.export")
 
@@ -259,23 +261,25 @@ def input_spec(data: dict, processed: Path | None, table_sizes: dict[str, int]) 
         ExportError: vocab mode without the data's vocab.npz, or a vocabulary/manifest that does not
             match the checkpoint's table sizes.
     """
-    from pipeline.data import preprocess as pp
+    from pipeline.data import features as ft
+    from pipeline.data.manifest import Manifest
+    from pipeline.data.vocab import load_vocab
 
     schema = Schema.from_dict(data)
     transform = DenseTransform(data["dense_transform"])
     id_mode = IdMode(data["id_mode"])
     min_frequency = data.get("min_id_frequency", 1) if id_mode == IdMode.vocab else 1
     held = [table_sizes.get(f) for f in schema.feature_names]  # for messages: None = no table
-    have_data = processed is not None and (processed / "manifest.json").is_file()
+    manifest = Manifest.read(processed) if processed is not None else None
+    have_data = manifest is not None
     manifest_sizes = None
     if have_data:
-        manifest = json.loads((processed / "manifest.json").read_text())
-        if pp.manifest_schema(manifest) != schema:
-            raise ExportError(f"{processed / 'manifest.json'} records the columns {pp.manifest_schema(manifest).to_dict()}, "
+        if manifest.schema != schema:
+            raise ExportError(f"{processed / 'manifest.json'} records the columns {manifest.schema.to_dict()}, "
                               f"the checkpoint's config declares {schema.to_dict()}: the data was preprocessed again "
                               "with other settings since training (use --processed-dir to point at the data the "
                               "model was trained on)")
-        manifest_sizes = pp.table_sizes(manifest, processed, min_frequency)
+        manifest_sizes = ft.table_sizes(manifest, processed, min_frequency)
         if _differ(manifest_sizes, table_sizes, schema.feature_names):
             raise ExportError(f"{processed / 'manifest.json'} gives table sizes {manifest_sizes} (with "
                               f"data.min_id_frequency={min_frequency}), the checkpoint holds {held}: the data "
@@ -284,11 +288,11 @@ def input_spec(data: dict, processed: Path | None, table_sizes: dict[str, int]) 
     spec: dict[str, Any] = {
         "layout": schema.describe(),
         "dense_transform": transform.value,
-        "dense_transform_formula": pp.DENSE_TRANSFORMS[transform],
+        "dense_transform_formula": ft.DENSE_TRANSFORMS[transform],
         "id_mode": id_mode.value,
         "caps": None,
         "min_id_frequency": min_frequency,
-        "reserved_ids": {"missing": pp.MISSING_ID, **({"rare_or_unseen": pp.RARE_ID} if id_mode == IdMode.vocab else {})},
+        "reserved_ids": {"missing": ft.MISSING_ID, **({"rare_or_unseen": ft.RARE_ID} if id_mode == IdMode.vocab else {})},
         "hash_formula": "1 + hash % (cap - 1)" if id_mode == IdMode.hash else None,
         "vocab": None,
         "dense_min": None,
@@ -318,7 +322,7 @@ def input_spec(data: dict, processed: Path | None, table_sizes: dict[str, int]) 
     digest = _sha256(src)
     if marker.is_file() and json.loads(marker.read_text()).get("sha256") != digest:
         raise ExportError(f"{src} does not match the sha256 in {marker}: the vocabulary is damaged")
-    vocab = pp.load_vocab(processed, schema.num_sparse, min_frequency)
+    vocab = load_vocab(processed, schema.num_sparse, min_frequency)
     vocab_sizes = [len(v) + 2 for v in vocab]
     if _differ(vocab_sizes, table_sizes, schema.feature_names):
         raise ExportError(f"{src} gives table sizes {vocab_sizes}, the checkpoint holds {held}")
@@ -510,35 +514,30 @@ class ExportedModel:
         """The raw column layout the model was trained on (Criteo's for exports without one)."""
         return Schema.from_dict(self.spec.get("schema"))
 
-    def id_mapper(self):
-        """Raw hashes -> table rows, exactly as preprocessing mapped them (``_IdMapper``)."""
-        from pipeline.data.preprocess import NO_CAP, _IdMapper
+    @functools.cached_property
+    def features(self) -> FeatureTransform:
+        """Raw rows -> this model's input, exactly as preprocessing and training mapped them.
+
+        Raises:
+            ExportError: the id mapping and the weights disagree on a table's size.
+        """
+        from pipeline.data.features import NO_CAP, FeatureTransform, IdMapper
 
         inp = self.spec["input"]
-        num_sparse = len(self.spec["num_embeddings_per_feature"])
-        caps = list(inp["caps"]) if inp.get("caps") else [NO_CAP] * num_sparse
-        cfg = DataConfig(name="export", raw_dir="", processed_dir="", id_mode=IdMode(inp["id_mode"]),
-                         num_embeddings_per_feature=caps)
-        mapper = _IdMapper(cfg, self.vocab, caps)
-        if mapper.num_embeddings != self.spec["num_embeddings_per_feature"]:
+        sizes = self.spec["num_embeddings_per_feature"]
+        caps = list(inp["caps"]) if inp.get("caps") else [NO_CAP] * len(sizes)
+        mapper = IdMapper(IdMode(inp["id_mode"]), caps, self.vocab)
+        if mapper.num_embeddings != sizes:
             raise ExportError(f"{self.dir}: the id mapping gives table sizes {mapper.num_embeddings}, the weights "
-                              f"hold {self.spec['num_embeddings_per_feature']}")
-        return mapper
+                              f"hold {sizes}")
+        return FeatureTransform(self.schema, DenseTransform(inp["dense_transform"]), sizes, mapper)
 
     @torch.inference_mode()
     def logits(self, dense: np.ndarray | torch.Tensor, ids: np.ndarray | torch.Tensor) -> torch.Tensor:
         """Logits [B] of transformed dense features [B, num_dense] float32 and table row ids [B, num_sparse]."""
-        from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
-
         dense = torch.as_tensor(np.ascontiguousarray(dense) if isinstance(dense, np.ndarray) else dense,
                                 dtype=torch.float32)
-        ids = np.asarray(ids)
-        b = len(ids)
-        values = torch.from_numpy(np.ascontiguousarray(ids.T).reshape(-1).astype(np.int64))  # feature-major
-        kjt = KeyedJaggedTensor(keys=self.spec["feature_names"], values=values,
-                                lengths=torch.ones(len(self.spec["feature_names"]) * b, dtype=torch.int32),
-                                stride=b)
-        return self.model(dense_features=dense, sparse_features=kjt).flatten()
+        return self.model(dense_features=dense, sparse_features=self.features.kjt(np.asarray(ids))).flatten()
 
     def predict(self, dense: np.ndarray | torch.Tensor, ids: np.ndarray | torch.Tensor) -> np.ndarray:
         """Click probabilities [B] float32 (sigmoid of :meth:`logits`, as the trainer's evaluation)."""

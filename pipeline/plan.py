@@ -31,8 +31,9 @@ GIB = 1024**3
 def table_sizes(data: str, cap: int | None) -> list[int]:
     """Rows per table: a known dataset's cardinalities (capped), or ``processed:<dir>`` (its manifest)."""
     if data.startswith("processed:"):
-        manifest = json.loads((Path(data.split(":", 1)[1]) / "manifest.json").read_text())
-        sizes = manifest["num_embeddings_per_feature"]
+        from pipeline.data.manifest import Manifest
+
+        sizes = Manifest.load(data.split(":", 1)[1]).num_embeddings_per_feature
     elif data in CARDINALITIES:
         sizes = [c + 1 for c in CARDINALITIES[data]]  # + the "missing" row
     else:

@@ -7,7 +7,7 @@
 fields, 40 in all; or the columns declared in ``data.dense_columns``/``data.sparse_columns``) or the same
 without the label (39 fields for Criteo, the Kaggle test layout), detected from the first line
 (``--layout`` forces one). The file is streamed in blocks through the same parser, dense transform and id mapping as
-preprocessing (``read_blocks``, ``transform_dense``, ``_IdMapper`` with the export's vocab.npz or
+preprocessing (``read_blocks``, ``transform_dense``, ``IdMapper`` with the export's vocab.npz or
 hash caps), so a row scores exactly as it did in the trainer's evaluation. Output rows follow input
 lines one to one; with ``--bad-rows skip`` a malformed line scores NaN (and is counted) instead of
 stopping the run. When the input has labels, the metrics (AUC, logloss, ...) are logged too.
@@ -39,7 +39,9 @@ import numpy as np
 import torch
 
 from pipeline.config import DenseTransform
-from pipeline.data.criteo import CRITEO, BadRows, RawDataError, Schema, open_raw, read_blocks
+from pipeline.data.features import FeatureTransform, file_dense_min
+from pipeline.data.schema import CRITEO, Schema
+from pipeline.data.tsv import BadRows, RawDataError, open_raw, read_blocks
 from pipeline.export import ExportedModel, ExportError, load_exported, setup_logging
 
 logger = logging.getLogger("pipeline.predict")
@@ -97,18 +99,6 @@ def detect_labelled(path: str | Path, max_lines: int = 1000, schema: Schema = CR
                        "--layout labelled|unlabelled forces one")
 
 
-def file_dense_min(path: str | Path, labelled: bool, block_size_mb: float, bad_rows: str,
-                   schema: Schema = CRITEO) -> int:
-    """The smallest integer feature in the file (missing counts as 0), as TorchRec's converter and
-    preprocessing (``_dense_min``) take it."""
-    lo = None
-    for block in read_blocks(path, block_size_mb, bad_rows, BadRows(), labelled, schema):
-        if block.dense.size:
-            m = int(block.dense.min())
-            lo = m if lo is None else min(lo, m)
-    return 0 if lo is None else lo
-
-
 def resolve_dense_min(model: ExportedModel, choice: str, path: str | Path, labelled: bool,
                       block_size_mb: float, bad_rows: str) -> int | None:
     """The minimum for the torchrec dense transform (None for log1p).
@@ -121,7 +111,7 @@ def resolve_dense_min(model: ExportedModel, choice: str, path: str | Path, label
     if DenseTransform(inp["dense_transform"]) != DenseTransform.torchrec:
         return None
     if choice == "input":
-        return file_dense_min(path, labelled, block_size_mb, bad_rows, model.schema)
+        return file_dense_min(path, model.schema, labelled, block_size_mb, bad_rows)
     if choice == "train":
         recorded = (inp.get("dense_min") or {}).get("train")
         if recorded is None:
@@ -154,10 +144,8 @@ def predict_raw(model: ExportedModel, path: str | Path, labelled: bool, *, batch
     Raises:
         RawDataError: a malformed line under ``bad_rows=error`` (file, line and field named).
     """
-    from pipeline.data.preprocess import transform_dense
-
-    transform = DenseTransform(model.spec["input"]["dense_transform"])
-    mapper = model.id_mapper()
+    features = model.features
+    transform = features.dense_transform
     counter = counter if counter is not None else BadRows()
     already_bad = counter.total
     emitted = good = 0  # lines covered so far; good rows among them
@@ -165,10 +153,10 @@ def predict_raw(model: ExportedModel, path: str | Path, labelled: bool, *, batch
         if not len(block):
             continue
         with np.errstate(invalid="ignore", divide="ignore"):  # counted and reported instead
-            dense = transform_dense(block, transform, dense_min)
+            dense = features.dense(block, dense_min)
         if result is not None and transform == DenseTransform.torchrec:
             result.nonfinite_dense_rows += int((~np.isfinite(dense).all(axis=1)).sum())
-        probs = _score(model, dense, mapper(block), batch_size)
+        probs = _score(model, dense, features.map_ids(block), batch_size)
         end = int(block.line_index[-1]) + 1
         if end - emitted == len(block):  # no skipped line before or inside this block
             yield probs, block.labels
@@ -193,22 +181,21 @@ def predict_split(model: ExportedModel, processed_dir: str | Path, split: str,
         PredictError: the data was preprocessed with other settings than the model was trained on.
     """
     from pipeline.data.loader import BinarySplit
-    from pipeline.data.preprocess import load_manifest, manifest_schema, table_sizes
+    from pipeline.data.manifest import Manifest
 
-    manifest = load_manifest(processed_dir)
+    manifest = Manifest.load(processed_dir)
     inp = model.spec["input"]
-    settings = manifest.get("settings", {})
     ours = {"id_mode": inp["id_mode"], "dense_transform": inp["dense_transform"]}
-    differ = {k: (settings.get(k), v) for k, v in ours.items() if settings.get(k) != v}
-    if manifest_schema(manifest) != model.schema:
-        differ["columns"] = (manifest_schema(manifest).to_dict(), model.schema.to_dict())
-    sizes = table_sizes(manifest, processed_dir, inp.get("min_id_frequency", 1))
-    if sizes != model.spec["num_embeddings_per_feature"]:
-        differ["table sizes"] = (sizes, model.spec["num_embeddings_per_feature"])
+    differ = {k: (manifest.settings.get(k), v) for k, v in ours.items() if manifest.settings.get(k) != v}
+    if manifest.schema != model.schema:
+        differ["columns"] = (manifest.schema.to_dict(), model.schema.to_dict())
+    features = FeatureTransform.from_manifest(manifest, processed_dir, inp.get("min_id_frequency", 1))
+    if features.table_sizes != model.spec["num_embeddings_per_feature"]:
+        differ["table sizes"] = (features.table_sizes, model.spec["num_embeddings_per_feature"])
     if differ:
         raise PredictError(f"{processed_dir} was preprocessed with other settings than the model was trained on "
                            f"(data vs model): {differ}; score the raw file with --input instead")
-    data = BinarySplit(processed_dir, split, manifest, sizes)
+    data = BinarySplit(processed_dir, split, manifest, features)
     for lo in range(0, len(data), batch_size):
         rows = np.arange(lo, min(lo + batch_size, len(data)))
         yield model.predict(data.gather("dense", rows), data.ids(rows)), data.gather("labels", rows)

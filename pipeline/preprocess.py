@@ -34,9 +34,9 @@ def main(dict_cfg: DictConfig) -> None:
     if cfg.trainer.keep_freed_memory:
         keep_freed_memory()  # each block's columns reuse the previous block's pages, as in training
     manifest = prepare_data(cfg.data)
-    rows = {s: v["num_rows"] for s, v in manifest["splits"].items()}
+    rows = {s: v.num_rows for s, v in manifest.splits.items()}
     logger.info("manifest %s: rows %s, table sizes %s", Path(cfg.data.processed_dir) / "manifest.json",
-                json.dumps(rows), manifest["num_embeddings_per_feature"])
+                json.dumps(rows), manifest.num_embeddings_per_feature)
 
 
 if __name__ == "__main__":

@@ -21,9 +21,9 @@ from tqdm import tqdm
 from pipeline import checkpoint as ckpt
 from pipeline.autoconfig import adapt_to_data
 from pipeline.config import BestMetric, Precision, TrainConfig, validate, validate_batch_sizes
+from pipeline.data.features import FeatureTransform
 from pipeline.data.loader import BinarySplit, eval_batches, num_train_batches, train_batches
 from pipeline.data.prepare import prepare_data_distributed
-from pipeline.data.preprocess import manifest_schema, table_sizes
 from pipeline.distributed.sharding import (
     init_process_group,
     reset_tables,
@@ -215,10 +215,10 @@ class Trainer:
         )
 
         self.manifest = prepare_data_distributed(cfg.data, self.env.is_rank_zero)
-        sizes = table_sizes(self.manifest, cfg.data.processed_dir, cfg.data.min_id_frequency)
-        self.train_split = BinarySplit(cfg.data.processed_dir, "train", self.manifest, sizes)
-        self.eval_splits = {s: BinarySplit(cfg.data.processed_dir, s, self.manifest, sizes) for s in ("val", "test")
-                            if self.manifest["splits"].get(s, {}).get("num_rows")}
+        features = FeatureTransform.from_manifest(self.manifest, cfg.data.processed_dir, cfg.data.min_id_frequency)
+        self.train_split = BinarySplit(cfg.data.processed_dir, "train", self.manifest, features)
+        self.eval_splits = {s: BinarySplit(cfg.data.processed_dir, s, self.manifest, features) for s in ("val", "test")
+                            if self.manifest.rows(s)}
         if "val" not in self.eval_splits:
             raise DataError(f"the val split of {cfg.data.processed_dir} has no rows: evaluation and the best "
                             "checkpoint need validation data (data.val_files, or data.val_fraction with data=tsv)")
@@ -236,8 +236,8 @@ class Trainer:
         self.total_steps = cfg.trainer.max_steps or self.steps_per_epoch * cfg.trainer.num_epochs
 
         torch.manual_seed(cfg.trainer.seed)  # identical MLP init on every rank (DDP also broadcasts)
-        schema = manifest_schema(self.manifest)  # the columns the data was preprocessed with
-        model = build_model(cfg.model, sizes, feature_names=list(schema.feature_names),
+        schema = self.manifest.schema  # the columns the data was preprocessed with
+        model = build_model(cfg.model, features.table_sizes, feature_names=list(schema.feature_names),
                             num_dense_features=schema.num_dense)
         self.local_batch_size = cfg.data.global_batch_size // self.env.world_size
         self.model, self.optimizer = shard_model(
@@ -587,7 +587,7 @@ class Trainer:
         return {k: round(v, 1) for k, v in mem.items()}
 
     def _finish(self, final: dict[str, BinaryMetrics], wall_s: float) -> dict:
-        optimum = self.manifest.get("optimum")
+        optimum = self.manifest.optimum
         samples = self.step * self.cfg.data.global_batch_size
         train_seconds = self.timer.train_seconds
         this_run = train_seconds - self.train_seconds_at_start
@@ -613,7 +613,7 @@ class Trainer:
             "final": {s: asdict(m) for s, m in final.items()},
             "final_model_step": self.final_step,
             "best": self.best.to_dict(),
-            "data_rows": {s: v.get("num_rows") for s, v in self.manifest.get("splits", {}).items()},
+            "data_rows": {s: v.num_rows for s, v in self.manifest.splits.items()},
             "optimum": optimum,
             "stopped_early": self.stopped_early,
         }

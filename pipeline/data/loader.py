@@ -16,9 +16,9 @@ from pathlib import Path
 import numpy as np
 import torch
 from torchrec.datasets.utils import Batch
-from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from pipeline.data.preprocess import RARE_ID, load_manifest, manifest_schema
+from pipeline.data.features import FeatureTransform
+from pipeline.data.manifest import Manifest
 
 logger = logging.getLogger(__name__)
 
@@ -43,33 +43,28 @@ class BinarySplit:
     """One preprocessed split (train/val/test), memory-mapped part by part: only touched pages are read.
 
     A split is the concatenation of its parts (one per raw input file that feeds it); row ``i`` of
-    the split is found by the parts' cumulative row counts. ``table_sizes`` (per feature, see
-    ``preprocess.table_sizes``): an id at or above its table's size is read as the shared "rare or
-    unseen" id, which is how ``data.min_id_frequency`` applies without preprocessing again.
+    the split is found by the parts' cumulative row counts. ``features`` (default: the stored ids as
+    they are) reads the ids under ``data.min_id_frequency`` and builds the batches' KJT.
     """
 
-    def __init__(self, processed_dir: str | Path, split: str, manifest: dict | None = None,
-                 table_sizes: list[int] | None = None):
+    def __init__(self, processed_dir: str | Path, split: str, manifest: Manifest | None = None,
+                 features: FeatureTransform | None = None):
         self.dir = Path(processed_dir)
-        self.manifest = manifest or load_manifest(processed_dir)
-        if split not in self.manifest["splits"]:
-            raise KeyError(f"split {split!r} not in {self.dir / 'manifest.json'}")
-        info = self.manifest["splits"][split]
+        self.manifest = manifest or Manifest.load(processed_dir)
+        if split not in self.manifest.splits:
+            raise KeyError(f"split {split!r} not in {Manifest.path(self.dir)}")
+        info = self.manifest.splits[split]
         self.split = split
-        self.feature_names: list[str] = list(manifest_schema(self.manifest).feature_names)  # the KJT keys
-        self.num_rows: int = info["num_rows"]
+        self.features = features or FeatureTransform.from_manifest(self.manifest, self.dir)
+        self.num_rows: int = info.num_rows
         self.parts: list[dict[str, np.ndarray]] = []
-        for part in info["parts"]:
+        for part in info.parts:
             if part["num_rows"] == 0:
                 continue
             self.parts.append({key: _map(self.dir / f["path"], f) for key, f in part["files"].items()})
         self.starts = np.cumsum([0] + [len(p["labels"]) for p in self.parts])
-        full = list(self.manifest["num_embeddings_per_feature"])
-        # Only the tables smaller than the ids stored (a frequency threshold) need ids folded when read.
-        self.id_limits = (np.asarray(table_sizes, dtype=np.int64)
-                          if table_sizes is not None and list(table_sizes) != full else None)
         if self.starts[-1] != self.num_rows:
-            raise ValueError(f"{self.dir / 'manifest.json'}: split {split} lists {self.num_rows} rows but its parts "
+            raise ValueError(f"{Manifest.path(self.dir)}: split {split} lists {self.num_rows} rows but its parts "
                              f"hold {self.starts[-1]}")
 
     def __len__(self) -> int:
@@ -94,26 +89,11 @@ class BinarySplit:
     def ids(self, rows: np.ndarray) -> np.ndarray:
         """Table row ids [len(rows), num_sparse] of ``rows``; values below data.min_id_frequency read as the
         shared rare-or-unseen id."""
-        ids = self.gather("sparse", rows)
-        if self.id_limits is not None:
-            ids = np.where(ids >= self.id_limits, RARE_ID, ids)
-        return ids
+        return self.features.fold(self.gather("sparse", rows))
 
     def make_batch(self, rows: np.ndarray) -> Batch:
         """Gather ``rows`` into a Batch: dense [b, num_dense], KJT of the manifest's one-id features, labels [b]."""
-        dense = torch.from_numpy(np.ascontiguousarray(self.gather("dense", rows)))
-        ids = self.ids(rows)  # [b, num_sparse]
-        labels = torch.from_numpy(self.gather("labels", rows).astype(np.float32))
-        b = len(rows)
-        # KJT values are feature-major: all of feature 0's ids, then feature 1's, ...
-        values = torch.from_numpy(np.ascontiguousarray(ids.T).reshape(-1).astype(np.int64))
-        kjt = KeyedJaggedTensor(
-            keys=self.feature_names,
-            values=values,
-            lengths=torch.ones(len(self.feature_names) * b, dtype=torch.int32),
-            stride=b,
-        )
-        return Batch(dense_features=dense, sparse_features=kjt, labels=labels)
+        return self.features.batch(self.gather("dense", rows), self.ids(rows), self.gather("labels", rows))
 
 
 def num_train_batches(num_rows: int, global_batch_size: int) -> int:

@@ -7,8 +7,10 @@ import logging
 import torch.distributed as dist
 
 from pipeline.config import ConfigError, DataConfig
-from pipeline.data import movielens, preprocess, synthetic
-from pipeline.data.criteo import CRITEO, Schema
+from pipeline.data import preprocess
+from pipeline.data.generators import movielens, synthetic
+from pipeline.data.manifest import Manifest
+from pipeline.data.schema import CRITEO, Schema
 
 logger = logging.getLogger(__name__)
 
@@ -34,7 +36,7 @@ def check_generator_layout(cfg: DataConfig) -> None:
                 f"(see conf/data/{'tiny' if key == 'synthetic' else 'movielens'}.yaml)")
 
 
-def prepare_data(cfg: DataConfig) -> dict:
+def prepare_data(cfg: DataConfig) -> Manifest:
     """Generate the synthetic raw files if configured and missing, preprocess if stale; return the manifest."""
     check_generator_layout(cfg)
     if cfg.synthetic is not None and not synthetic.is_complete(cfg.synthetic, cfg.raw_dir):
@@ -45,14 +47,14 @@ def prepare_data(cfg: DataConfig) -> dict:
         movielens.generate(cfg.movielens, cfg.raw_dir)
     if preprocess.is_current(cfg):
         logger.info("reusing preprocessed data in %s", cfg.processed_dir)
-        return preprocess.load_manifest(cfg.processed_dir)
+        return Manifest.load(cfg.processed_dir)
     return preprocess.preprocess(cfg)
 
 
-def prepare_data_distributed(cfg: DataConfig, is_rank_zero: bool) -> dict:
+def prepare_data_distributed(cfg: DataConfig, is_rank_zero: bool) -> Manifest:
     """Rank 0 prepares the data while the others wait; then every rank reads the manifest."""
     if is_rank_zero:
         prepare_data(cfg)
     if dist.is_initialized():
         dist.barrier()
-    return preprocess.load_manifest(cfg.processed_dir)
+    return Manifest.load(cfg.processed_dir)

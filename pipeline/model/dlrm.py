@@ -27,14 +27,20 @@ import math
 import torch
 from torch import nn
 from torchrec.models.dlrm import DLRM as TorchRecDLRM
-from torchrec.models.dlrm import DenseArch, DLRMTrain, InteractionDCNArch, InteractionProjectionArch, OverArch, SparseArch
+from torchrec.models.dlrm import (
+    DenseArch,
+    DLRMTrain,
+    InteractionDCNArch,
+    InteractionProjectionArch,
+    OverArch,
+    SparseArch,
+)
 from torchrec.modules.crossnet import LowRankCrossNet
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
-from pipeline.config import NUM_DENSE_FEATURES, Interaction, ModelConfig, ModelName
-from pipeline.data.criteo import SPARSE_FEATURE_NAMES
+from pipeline.config import NUM_DENSE_FEATURES, SPARSE_FEATURE_NAMES, Interaction, ModelConfig, ModelName
 
 
 def _stack_vectors(dense: torch.Tensor, sparse: torch.Tensor, padded: int) -> torch.Tensor:

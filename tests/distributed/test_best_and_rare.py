@@ -79,12 +79,11 @@ def test_unseen_values_share_a_trained_row_and_get_a_calibrated_probability(tmp_
     export(run.run_dir, tmp_path / "export")
     model = load_exported(tmp_path / "export")
     unseen = rng.integers(1, 2**32, size=(500, 26), dtype=np.uint64)
-    mapper = model.id_mapper()
-    from pipeline.data.criteo import RawBlock
+    from pipeline.data.tsv import RawBlock
 
     block = RawBlock(np.zeros(500, np.int8), np.zeros((500, 13), np.int64), np.ones((500, 13), bool),
                      unseen.astype(np.uint32), np.zeros((500, 26), bool), np.arange(500))
-    ids = mapper(block)
+    ids = model.features.map_ids(block)
     assert (ids == 1).all(), "unseen values map to the shared row"
     probs = model.predict(np.zeros((500, 13), np.float32), ids)
     assert abs(float(probs.mean()) - rare_rate) < 0.05, (probs.mean(), rare_rate)

@@ -72,7 +72,7 @@ def test_trains_on_one_real_format_file_with_a_random_split(tmp_path) -> None:
     """data=tsv on one raw file in the Criteo layout (missing values, negatives, upper- and lower-case hex,
     a malformed line and an unterminated last line), split at random, bad rows skipped and counted."""
     from pipeline.config import SyntheticConfig
-    from pipeline.data import synthetic
+    from pipeline.data.generators import synthetic
 
     synthetic.generate(SyntheticConfig(num_train_rows=6000, num_val_rows=10, num_test_rows=10, max_cardinality=300,
                                        seed=11), tmp_path / "gen")

@@ -22,11 +22,14 @@ from pipeline.config import (
     TrainConfig,
     validate,
 )
-from pipeline.data import movielens, synthetic
-from pipeline.data.criteo import CRITEO, BadRows, RawDataError, Schema, read_blocks
+from pipeline.data.generators import movielens, synthetic
+from pipeline.data.schema import CRITEO, Schema
+from pipeline.data.tsv import BadRows, RawDataError, read_blocks
 from pipeline.data.loader import BinarySplit
 from pipeline.data.prepare import check_generator_layout, prepare_data
-from pipeline.data.preprocess import MANIFEST, MISSING_ID, is_current, load_manifest, preprocess
+from pipeline.data.features import MISSING_ID
+from pipeline.data.manifest import MANIFEST, Manifest
+from pipeline.data.preprocess import is_current, preprocess
 from tests.conftest import CONF_DIR
 
 DENSE = ["age", "activity"]
@@ -66,12 +69,12 @@ def int_data(tmp_path) -> tuple[DataConfig, dict[str, list[list[str]]]]:
 def test_declared_int_layout_preprocesses_and_loads_with_its_widths_and_keys(int_data) -> None:
     cfg, rows = int_data
     manifest = preprocess(cfg)
-    assert manifest["dense_columns"] == DENSE and manifest["sparse_columns"] == SPARSE
-    assert manifest["feature_names"] == SPARSE, "feature_names=[] names the features after the columns"
-    assert manifest["categorical_format"] == "int"
-    assert manifest["num_dense_features"] == 2 and manifest["num_sparse_features"] == 3
-    assert len(manifest["num_embeddings_per_feature"]) == 3
-    assert manifest["num_embeddings_per_feature"][2] == 5 + 2, "5 genres + missing + rare"
+    assert list(manifest.schema.dense_columns) == DENSE and list(manifest.schema.sparse_columns) == SPARSE
+    assert list(manifest.schema.feature_names) == SPARSE, "feature_names=[] names the features after the columns"
+    assert manifest.schema.categorical_format.value == "int"
+    assert manifest.num_dense == 2 and manifest.num_sparse == 3
+    assert len(manifest.num_embeddings_per_feature) == 3
+    assert manifest.num_embeddings_per_feature[2] == 5 + 2, "5 genres + missing + rare"
 
     split = BinarySplit(cfg.processed_dir, "val")
     batch = split.make_batch(np.arange(16))
@@ -94,7 +97,7 @@ def test_explicit_feature_names_become_the_kjt_keys(int_data) -> None:
     cfg, _ = int_data
     cfg = replace(cfg, feature_names=["u", "i", "g"])
     preprocess(cfg)
-    assert load_manifest(cfg.processed_dir)["feature_names"] == ["u", "i", "g"]
+    assert list(Manifest.load(cfg.processed_dir).schema.feature_names) == ["u", "i", "g"]
     assert BinarySplit(cfg.processed_dir, "train").make_batch(np.arange(4)).sparse_features.keys() == ["u", "i", "g"]
 
 
@@ -116,9 +119,9 @@ def test_bad_int_categoricals_are_skipped_and_counted(int_data) -> None:
         rows["train"][10 * i + 3][3] = bad
     _write_rows(Path(cfg.raw_dir) / "train.tsv", rows["train"])
     manifest = preprocess(replace(cfg, bad_rows=BadRowPolicy.skip))
-    assert manifest["bad_rows"]["by_kind"]["bad_categorical"] == len(BAD_IDS)
-    assert manifest["splits"]["train"]["num_rows"] == 600 - len(BAD_IDS)
-    assert "train.tsv:4: field user_id is b'-3'" in manifest["bad_rows"]["examples"][0]
+    assert manifest.bad_rows["by_kind"]["bad_categorical"] == len(BAD_IDS)
+    assert manifest.splits["train"].num_rows == 600 - len(BAD_IDS)
+    assert "train.tsv:4: field user_id is b'-3'" in manifest.bad_rows["examples"][0]
 
 
 def test_largest_int_id_parses() -> None:
@@ -146,7 +149,7 @@ def test_hex_layout_with_other_columns_and_no_dense_columns(tmp_path) -> None:
                      split=SplitMode.files, id_mode=IdMode.hash, max_ids_per_feature=11, dense_columns=[],
                      sparse_columns=["site", "device"], feature_names=[])
     manifest = preprocess(cfg)
-    assert manifest["num_embeddings_per_feature"] == [11, 11] and manifest["num_dense_features"] == 0
+    assert manifest.num_embeddings_per_feature == [11, 11] and manifest.num_dense == 0
     batch = BinarySplit(cfg.processed_dir, "test").make_batch(np.arange(8))
     assert batch.dense_features.shape == (8, 0) and batch.sparse_features.keys() == ["site", "device"]
     # A Criteo-width row is the wrong field count here, named with the declared layout.
@@ -164,7 +167,7 @@ def test_changed_columns_are_not_reused(int_data) -> None:
         assert not is_current(changed), changed
     # Preprocessing again with the new names rebuilds the parts and records them.
     renamed = replace(cfg, feature_names=["a", "b", "c"])
-    assert preprocess(renamed)["feature_names"] == ["a", "b", "c"]
+    assert list(preprocess(renamed).schema.feature_names) == ["a", "b", "c"]
     assert is_current(renamed) and not is_current(cfg)
 
 
@@ -174,10 +177,10 @@ def test_criteo_data_preprocessed_before_columns_were_declared_is_reused(tmp_pat
     cfg = DataConfig(name="c", raw_dir=str(tmp_path / "raw"), processed_dir=str(tmp_path / "out"),
                      split=SplitMode.files, id_mode=IdMode.vocab)
     manifest = preprocess(cfg)
-    assert manifest["feature_names"] == list(CRITEO.feature_names) == [f"cat_{i}" for i in range(26)]
-    assert "schema" not in manifest["settings"], "Criteo's layout keeps the fingerprints of older data"
+    assert list(manifest.schema.feature_names) == list(CRITEO.feature_names) == [f"cat_{i}" for i in range(26)]
+    assert "schema" not in manifest.settings, "Criteo's layout keeps the fingerprints of older data"
     # An older manifest has no schema fields: it is Criteo's, still current, and loads with cat_* keys.
-    old = {k: v for k, v in manifest.items() if k not in ("dense_columns", "sparse_columns", "feature_names",
+    old = {k: v for k, v in manifest.to_dict().items() if k not in ("dense_columns", "sparse_columns", "feature_names",
                                                           "categorical_format")}
     (tmp_path / "out" / MANIFEST).write_text(json.dumps(old))
     assert is_current(cfg)
@@ -244,8 +247,8 @@ def test_movielens_config_generates_and_preprocesses_on_first_use(tmp_path) -> N
                      sparse_columns=list(yaml.sparse_columns), feature_names=list(yaml.feature_names),
                      categorical_format=CategoricalFormat(yaml.categorical_format), movielens=SMALL_ML)
     manifest = prepare_data(cfg)
-    assert manifest["feature_names"] == ["user_id", "item_id", "genre", "user_age_bucket"]
-    assert manifest["optimum"]["val"]["auc"] > 0.6
+    assert list(manifest.schema.feature_names) == ["user_id", "item_id", "genre", "user_age_bucket"]
+    assert manifest.optimum["val"]["auc"] > 0.6
     batch = BinarySplit(cfg.processed_dir, "train").make_batch(np.arange(32))
     assert batch.dense_features.shape == (32, 2) and torch.isfinite(batch.dense_features).all()
     # The generator's layout must be the declared one.

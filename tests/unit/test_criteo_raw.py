@@ -16,9 +16,11 @@ import numpy as np
 import pytest
 
 from pipeline.config import BadRowPolicy, DataConfig, DenseTransform, IdMode, SplitMode, SyntheticConfig
-from pipeline.data import synthetic
-from pipeline.data import criteo
-from pipeline.data.criteo import BAD_ROW_KINDS, BadRows, RawDataError, count_lines, read_blocks
+from pipeline.data.generators import synthetic
+from pipeline.data.schema import CRITEO
+from pipeline.data.tsv import BAD_ROW_KINDS, BadRows, RawDataError, check_line, compiled, count_lines, read_blocks
+from pipeline.data.tsv import arrow, reader, scanner
+from pipeline.data.tsv.block import Chunk
 from pipeline.data.loader import BinarySplit, train_batches
 from pipeline.data.preprocess import preprocess, raw_files
 from tests.conftest import ROOT
@@ -113,7 +115,7 @@ _FIELDS = ("labels", "dense", "dense_missing", "sparse", "sparse_missing", "line
 
 def _scan(lines: list[str], labelled: bool = True):
     data = ("\n".join(lines) + "\n").encode()
-    return criteo._scan_chunk(criteo._Chunk(memoryview(data), 7, len(lines), False), labelled, criteo.CRITEO)
+    return scanner.scan_chunk(Chunk(memoryview(data), 7, len(lines), False), labelled, CRITEO)
 
 
 def _random_good_rows(rng: np.random.Generator, n: int, labelled: bool = True) -> list[str]:
@@ -140,7 +142,7 @@ def test_scanner_gives_what_pyarrow_and_the_conversion_give(labelled) -> None:
     got = _scan(lines, labelled)
     assert got is not None, "the scanner accepted every well-formed row"
     data = ("\n".join(lines) + "\n").encode()
-    want = criteo._convert(criteo._parse(data, labelled), np.arange(7, 7 + len(lines)), labelled)
+    want = arrow.convert(arrow.parse(data, labelled), np.arange(7, 7 + len(lines)), labelled)
     for k in _FIELDS:
         assert np.array_equal(getattr(got, k), getattr(want, k)), k
     assert got.sparse.flags.f_contiguous == want.sparse.flags.f_contiguous
@@ -169,7 +171,7 @@ def test_scanner_never_accepts_a_row_the_line_check_rejects() -> None:
             lines[i] = (line[:at] + c + line[at:] if op == 0 else line[:at] + line[at + 1:] if op == 1
                         else line[:at] + c + line[at + 1:])
         lines = "\n".join(lines).split("\n")  # an inserted newline makes two lines
-        ok = all(criteo.check_line(ln.encode()) is None for ln in lines)
+        ok = all(check_line(ln.encode()) is None for ln in lines)
         got = _scan(lines)
         if got is None:
             rejected += 1
@@ -199,8 +201,8 @@ def test_clean_hex_rows_never_reach_pyarrow(tmp_path, monkeypatch) -> None:
     path = tmp_path / "clean.tsv"
     lines = _random_good_rows(np.random.default_rng(3), 5000)
     path.write_text("\n".join(lines) + "\n")
-    want = criteo._convert(criteo._parse(path.read_bytes()), np.arange(5000))
-    monkeypatch.setattr(criteo, "_parse", no_pyarrow)
+    want = arrow.convert(arrow.parse(path.read_bytes()), np.arange(5000))
+    monkeypatch.setattr(reader, "parse", no_pyarrow)
     got = _read_all(path, block_size_mb=0.05)  # ~200 rows per chunk, in the worker threads
     assert all(np.array_equal(got[k], getattr(want, k)) for k in _FIELDS) and len(got["labels"]) == 5000
     path.write_text("\n".join([*lines[:10], BAD[0][1]]) + "\n")
@@ -214,9 +216,9 @@ def test_preprocess_skip_counts_bad_rows_in_the_manifest(tmp_path) -> None:
     cfg = DataConfig(name="t", raw_dir=str(tmp_path), processed_dir=str(tmp_path / "out"), split=SplitMode.random,
                      raw_files=[str(path)], bad_rows=BadRowPolicy.skip, id_mode=IdMode.vocab)
     m = preprocess(cfg)
-    assert m["bad_rows"]["by_kind"] == {"wrong_field_count": 1, "bad_label": 0, "bad_dense": 2,
+    assert m.bad_rows["by_kind"] == {"wrong_field_count": 1, "bad_label": 0, "bad_dense": 2,
                                         "bad_categorical": 0, "truncated_last_line": 1}
-    assert sum(s["num_rows"] for s in m["splits"].values()) == 60, "nothing good is lost"
+    assert sum(s.num_rows for s in m.splits.values()) == 60, "nothing good is lost"
     with pytest.raises(RawDataError, match="sample.tsv:61"):
         preprocess(DataConfig(**{**cfg.__dict__, "bad_rows": BadRowPolicy.error, "processed_dir": str(tmp_path / "o2")}))
 
@@ -231,7 +233,7 @@ def generated(tmp_path_factory) -> Path:
 
 @pytest.mark.parametrize("suffix", ["", ".gz"])
 def test_chunks_cover_the_file_exactly_and_taper_at_the_end(tmp_path, generated, suffix) -> None:
-    from pipeline.data.criteo import _iter_chunks
+    from pipeline.data.tsv.reader import _iter_chunks
 
     data = (generated / "train.tsv").read_bytes() + b"1\t2"  # and an unterminated last line
     path = tmp_path / f"f.tsv{suffix}"
@@ -254,12 +256,12 @@ def test_a_failed_background_sync_fails_the_preprocessing(tmp_path, generated, m
     import errno
     import os
 
-    from pipeline.data import preprocess as pp
+    from pipeline.data import parts
 
     def full(fd: int) -> None:
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(pp, "_SYNC_EVERY", 1 << 10)  # a sync after every block
+    monkeypatch.setattr(parts, "_SYNC_EVERY", 1 << 10)  # a sync after every block
     monkeypatch.setattr(os, "fdatasync", full)
     cfg = DataConfig(name="t", raw_dir=str(generated), processed_dir=str(tmp_path / "out"), split=SplitMode.random,
                      raw_files=[str(generated / "train.tsv")], id_mode=IdMode.hash, max_ids_per_feature=1000,
@@ -301,8 +303,8 @@ def test_day_files_plain_and_gz_split_like_the_1tb_reference(tmp_path, generated
                      raw_files=[str(days / "day_*")], id_mode=IdMode.hash, max_ids_per_feature=1000)
     assert [p.name for p in raw_files(cfg)] == ["day_0", "day_1.gz", "day_10.gz"]
     m = preprocess(cfg)
-    assert {s: v["num_rows"] for s, v in m["splits"].items()} == {"train": 3500, "val": 750, "test": 751}
-    assert len(m["splits"]["train"]["parts"]) == 2
+    assert {s: v.num_rows for s, v in m.splits.items()} == {"train": 3500, "val": 750, "test": 751}
+    assert len(m.splits["train"].parts) == 2
     labels = np.array([int(ln.split("\t", 1)[0]) for ln in lines[:5001]])
     np.testing.assert_array_equal(BinarySplit(cfg.processed_dir, "train").column("labels"), labels[:3500])
     np.testing.assert_array_equal(BinarySplit(cfg.processed_dir, "test").column("labels"), labels[-751:])
@@ -313,11 +315,11 @@ def test_per_column_caps_size_the_tables(tmp_path, generated) -> None:
     cfg = DataConfig(name="c", raw_dir=str(generated), processed_dir=str(tmp_path / "out"), split=SplitMode.files,
                      id_mode=IdMode.hash, num_embeddings_per_feature=caps)
     m = preprocess(cfg)
-    assert m["num_embeddings_per_feature"] == caps
+    assert m.num_embeddings_per_feature == caps
     ids = BinarySplit(cfg.processed_dir, "train", m).column("sparse")
     assert (ids.max(axis=0) < np.array(caps)).all() and (ids.max(axis=0) == np.array(caps) - 1).sum() > 20
     vcfg = DataConfig(**{**cfg.__dict__, "id_mode": IdMode.vocab, "processed_dir": str(tmp_path / "v")})
-    assert max(preprocess(vcfg)["num_embeddings_per_feature"][j] - caps[j] for j in range(26)) <= 0
+    assert max(preprocess(vcfg).num_embeddings_per_feature[j] - caps[j] for j in range(26)) <= 0
 
 
 def test_rank_slices_cover_every_training_row_once_per_epoch(tmp_path, generated) -> None:
@@ -404,7 +406,7 @@ def test_memory_stays_bounded_by_the_block_size(tmp_path, generated) -> None:
     small, large = tmp_path / "small.tsv", tmp_path / "large.tsv"
     small.write_text(text * 10)
     large.write_text(text * 80)  # ~120 MB
-    probe = ("import resource, sys; sys.path.insert(0, {root!r}); from pipeline.data.criteo import read_blocks; "
+    probe = ("import resource, sys; sys.path.insert(0, {root!r}); from pipeline.data.tsv import read_blocks; "
              "n = sum(len(b) for b in read_blocks({path!r}, 4)); "
              "print(n, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
     peaks = {}
@@ -428,4 +430,4 @@ def test_kernels_compile_without_a_writable_cache_folder(monkeypatch) -> None:
     monkeypatch.setattr(numba.core.caching.CacheImpl, "_locator_classes", [])
     with pytest.raises(RuntimeError, match="no locator available"):
         numba.njit(cache=True)(plus_one)
-    assert criteo.compiled(plus_one)(41) == 42
+    assert compiled(plus_one)(41) == 42

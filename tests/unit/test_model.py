@@ -7,7 +7,7 @@ import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from pipeline.config import ModelConfig
-from pipeline.data.criteo import SPARSE_FEATURE_NAMES
+from pipeline.config import SPARSE_FEATURE_NAMES
 from pipeline.model.dlrm import DotInteraction, build_model
 
 

@@ -8,7 +8,7 @@ import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from pipeline.config import ConfigError, Interaction, ModelConfig, ModelName, _validate_model
-from pipeline.data.criteo import SPARSE_FEATURE_NAMES
+from pipeline.config import SPARSE_FEATURE_NAMES
 from pipeline.model.dlrm import FeatureMLPs, build_model
 
 CRITEO = ModelConfig()  # the paper's Criteo configuration: D = 128, 26 tables

@@ -12,15 +12,11 @@ import numpy as np
 import pytest
 
 from pipeline.config import BadRowPolicy, DataConfig, IdMode, SplitMode, SyntheticConfig
-from pipeline.data import synthetic
+from pipeline.data.generators import synthetic
 from pipeline.data.loader import BinarySplit
-from pipeline.data.preprocess import (
-    RARE_ID,
-    auto_hash_cap,
-    load_vocab,
-    preprocess,
-    table_sizes,
-)
+from pipeline.data.features import RARE_ID, FeatureTransform, auto_hash_cap, table_sizes
+from pipeline.data.preprocess import preprocess
+from pipeline.data.vocab import load_vocab
 from pipeline.errors import DataError, MissingDataError
 
 SMALL = SyntheticConfig(num_train_rows=3000, num_val_rows=600, num_test_rows=500, max_cardinality=300, seed=5)
@@ -53,9 +49,9 @@ def test_own_files_take_any_names_globs_and_gz(raw, tmp_path) -> None:
     shutil.copy(raw / "gen" / "val.tsv", logs / "holdout.txt")
     cfg = _files_cfg(tmp_path, train_files=[str(logs / "clicks_*.tsv*")], val_files=[str(logs / "holdout.txt")])
     manifest = preprocess(cfg)
-    rows = {s: v["num_rows"] for s, v in manifest["splits"].items()}
+    rows = {s: v.num_rows for s, v in manifest.splits.items()}
     assert rows == {"train": 3000, "val": 600, "test": 0}  # no test files: no test split
-    assert [p["num_rows"] for p in manifest["splits"]["train"]["parts"]] == [1000, 1200, 800]  # one part per file
+    assert [p["num_rows"] for p in manifest.splits["train"].parts] == [1000, 1200, 800]  # one part per file
     labels = BinarySplit(cfg.processed_dir, "train", manifest).column("labels")
     np.testing.assert_array_equal(labels, [int(line[0]) for line in train])  # in file order, glob sorted
 
@@ -118,8 +114,8 @@ def test_frequency_threshold_applies_when_batches_are_read(vocab_data) -> None:
     assert all((np.diff(c) <= 0).all() for c in counts), "ids follow descending training counts"
     full = BinarySplit(cfg.processed_dir, "train", manifest)
     sizes = table_sizes(manifest, cfg.processed_dir, 3)
-    assert sizes == [int((c >= 3).sum()) + 2 for c in counts] and sizes != manifest["num_embeddings_per_feature"]
-    folded = BinarySplit(cfg.processed_dir, "train", manifest, sizes)
+    assert sizes == [int((c >= 3).sum()) + 2 for c in counts] and sizes != manifest.num_embeddings_per_feature
+    folded = BinarySplit(cfg.processed_dir, "train", manifest, FeatureTransform.from_manifest(manifest, cfg.processed_dir, 3))
     rows = np.arange(len(full))
     before, after = full.ids(rows), folded.ids(rows)
     rare = before >= np.array(sizes)
@@ -129,7 +125,7 @@ def test_frequency_threshold_applies_when_batches_are_read(vocab_data) -> None:
         seen = np.bincount(before[:, j], minlength=len(keys[j]) + 2)
         assert (seen[2:sizes[j]] >= 3).all() and (seen[sizes[j]:] < 3).all()
     assert [len(v) + 2 for v in load_vocab(cfg.processed_dir, 26, 3)] == sizes
-    assert table_sizes(manifest, cfg.processed_dir, 1) == manifest["num_embeddings_per_feature"]
+    assert table_sizes(manifest, cfg.processed_dir, 1) == manifest.num_embeddings_per_feature
 
 
 def test_hash_caps_follow_the_distinct_training_values(raw, tmp_path) -> None:
@@ -139,7 +135,7 @@ def test_hash_caps_follow_the_distinct_training_values(raw, tmp_path) -> None:
     distinct = json.loads((tmp_path / "out" / "hash_caps.json").read_text())["distinct"]
     rows = [line.rstrip("\n").split("\t") for line in _lines(raw / "gen" / "train.tsv")]
     assert distinct == [len({r[14 + j] for r in rows} - {""}) for j in range(26)]
-    assert manifest["num_embeddings_per_feature"] == [auto_hash_cap(n) for n in distinct]
-    assert all(2 * n <= c - 1 < 4 * n + 2 for n, c in zip(distinct, manifest["num_embeddings_per_feature"]))
+    assert manifest.num_embeddings_per_feature == [auto_hash_cap(n) for n in distinct]
+    assert all(2 * n <= c - 1 < 4 * n + 2 for n, c in zip(distinct, manifest.num_embeddings_per_feature))
     ids = BinarySplit(cfg.processed_dir, "train", manifest).column("sparse")
-    assert (ids < np.array(manifest["num_embeddings_per_feature"])).all()
+    assert (ids < np.array(manifest.num_embeddings_per_feature)).all()

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.data.criteo import NO_LABEL, RawDataError, read_blocks
+from pipeline.data.tsv import NO_LABEL, RawDataError, read_blocks
 from pipeline.export import ExportedModel, build_dlrm
 from pipeline.predict import PredictError, detect_labelled, run
 from tests.unit.test_criteo_raw import GOOD, row
@@ -67,7 +67,7 @@ def test_layout_is_detected_from_the_first_line(tmp_path) -> None:
 @pytest.fixture(scope="module")
 def model() -> ExportedModel:
     """A small random DLRM with hash ids (cap 50) and the log1p transform, as an export would load it."""
-    from pipeline.data.criteo import SPARSE_FEATURE_NAMES
+    from pipeline.config import SPARSE_FEATURE_NAMES
 
     torch.manual_seed(0)
     cfg = {"embedding_dim": 4, "dense_arch_layer_sizes": [8, 4], "over_arch_layer_sizes": [8, 1]}

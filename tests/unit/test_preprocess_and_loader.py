@@ -9,10 +9,11 @@ import pytest
 import torch
 
 from pipeline.config import BadRowPolicy, DataConfig, IdMode, SplitMode, SyntheticConfig
-from pipeline.data import synthetic
-from pipeline.data.criteo import RawBlock, RawDataError, read_blocks
+from pipeline.data.generators import synthetic
+from pipeline.data.tsv import RawBlock, RawDataError, read_blocks
 from pipeline.data.loader import BinarySplit, epoch_order, eval_batches, train_batches
-from pipeline.data.preprocess import MISSING_ID, RARE_ID, _IdMapper, compile_kernels, is_current, preprocess
+from pipeline.data.features import MISSING_ID, NO_CAP, RARE_ID, IdMapper
+from pipeline.data.preprocess import compile_kernels, is_current, preprocess
 
 SMALL = SyntheticConfig(num_train_rows=5000, num_val_rows=1500, num_test_rows=1000, max_cardinality=200, seed=3)
 
@@ -38,7 +39,7 @@ def test_round_trip_dense_labels_and_ids(processed) -> None:
     cfg, manifest = processed
     rows = _raw_rows(synthetic_path(cfg, "val"))
     split = BinarySplit(cfg.processed_dir, "val")
-    assert len(split) == len(rows) == manifest["splits"]["val"]["num_rows"]
+    assert len(split) == len(rows) == manifest.splits["val"].num_rows
     dense = split.column("dense")
     raw_dense = np.array([[float(v) if v else np.nan for v in r[1:14]] for r in rows])
     expected = np.where(np.isnan(raw_dense), 0.0, np.log1p(np.maximum(np.nan_to_num(raw_dense), 0)))
@@ -51,7 +52,7 @@ def test_round_trip_dense_labels_and_ids(processed) -> None:
     for j in range(26):  # one raw hash <-> one id, within and across splits
         pairs = set(zip(raw_cats[:, j], ids[:, j]))
         assert len(pairs) == len({h for h, _ in pairs})
-    sizes = manifest["num_embeddings_per_feature"]
+    sizes = manifest.num_embeddings_per_feature
     assert len(sizes) == 26 and (ids.max(axis=0) < np.array(sizes)).all()
 
 
@@ -66,7 +67,7 @@ def test_hash_mode_maps_modulo_the_cap(tmp_path, processed) -> None:
     cfg, _ = processed
     hcfg = DataConfig(**{**cfg.__dict__, "processed_dir": str(tmp_path), "id_mode": IdMode.hash, "max_ids_per_feature": 97})
     manifest = preprocess(hcfg)
-    assert manifest["num_embeddings_per_feature"] == [97] * 26
+    assert manifest.num_embeddings_per_feature == [97] * 26
     rows = _raw_rows(synthetic_path(cfg, "test"))
     ids = BinarySplit(tmp_path, "test").column("sparse")
     for i in (0, 1, 2):
@@ -84,7 +85,7 @@ def test_vocab_mode_gives_each_key_its_rank_and_others_the_rare_id(dtype) -> Non
     hi = 2**32 if dtype == np.uint32 else 2**50
     sizes = [0, 1, 2, 7, 100, 20_000] * 4 + [3, 50_000]
     vocab = [rng.choice(hi, size=n, replace=False).astype(dtype) for n in sizes]
-    mapper = _IdMapper(DataConfig(id_mode=IdMode.vocab), vocab)
+    mapper = IdMapper(IdMode.vocab, [NO_CAP] * len(vocab), vocab)
     assert mapper.num_embeddings == [n + 2 for n in sizes]
     n = 5000
     sparse = np.empty((n, 26), dtype, order="F")
@@ -156,12 +157,12 @@ def test_random_split_is_seeded_and_keeps_every_row(tmp_path, processed) -> None
     rcfg = DataConfig(name="t", raw_dir=str(tmp_path), processed_dir=str(tmp_path / "a"), split=SplitMode.random,
                       raw_files=[str(src)], val_fraction=0.1, test_fraction=0.2, split_seed=4)
     m = preprocess(rcfg)
-    rows = {s: v["num_rows"] for s, v in m["splits"].items()}
+    rows = {s: v.num_rows for s, v in m.splits.items()}
     assert sum(rows.values()) == 5000
     assert 350 < rows["val"] < 650 and 850 < rows["test"] < 1150
     again = preprocess(DataConfig(**{**rcfg.__dict__, "processed_dir": str(tmp_path / "b"), "block_size_mb": 1}))
-    assert {s: v["parts"][0]["files"]["labels"]["sha256"] for s, v in again["splits"].items()} == \
-        {s: v["parts"][0]["files"]["labels"]["sha256"] for s, v in m["splits"].items()}, "same seed, same split, any block size"
+    assert {s: v.parts[0]["files"]["labels"]["sha256"] for s, v in again.splits.items()} == \
+        {s: v.parts[0]["files"]["labels"]["sha256"] for s, v in m.splits.items()}, "same seed, same split, any block size"
 
 
 def test_kaggle_split_takes_days_0_to_5_then_halves_day_6(tmp_path, processed) -> None:
@@ -170,6 +171,6 @@ def test_kaggle_split_takes_days_0_to_5_then_halves_day_6(tmp_path, processed) -
     kcfg = DataConfig(name="k", raw_dir=str(tmp_path), processed_dir=str(tmp_path / "k"), split=SplitMode.kaggle,
                       raw_files=[str(src)])
     m = preprocess(kcfg)
-    assert {s: v["num_rows"] for s, v in m["splits"].items()} == {"train": 4285, "val": 357, "test": 358}
+    assert {s: v.num_rows for s, v in m.splits.items()} == {"train": 4285, "val": 357, "test": 358}
     labels = [int(r[0]) for r in _raw_rows(src)]
     np.testing.assert_array_equal(BinarySplit(tmp_path / "k", "test").column("labels"), labels[-358:])

@@ -8,7 +8,7 @@ import re
 import numpy as np
 
 from pipeline.config import SyntheticConfig
-from pipeline.data import synthetic
+from pipeline.data.generators import base, synthetic
 
 SMALL = SyntheticConfig(num_train_rows=3000, num_val_rows=2000, num_test_rows=1000, max_cardinality=300, seed=7)
 
@@ -34,14 +34,14 @@ def test_same_seed_same_bytes_other_seed_other_bytes(tmp_path) -> None:
     synthetic.generate(SMALL, a)
     synthetic.generate(SMALL, b)
     synthetic.generate(SyntheticConfig(**{**SMALL.__dict__, "seed": 8}), c)
-    for split in synthetic.SPLITS:
+    for split in base.SPLITS:
         assert (a / f"{split}.tsv").read_bytes() == (b / f"{split}.tsv").read_bytes()
         assert (a / f"{split}.tsv").read_bytes() != (c / f"{split}.tsv").read_bytes()
 
 
 def test_optimum_is_written_and_plausible(tmp_path) -> None:
     synthetic.generate(SMALL, tmp_path)
-    record = json.loads((tmp_path / synthetic.OPTIMUM_FILE).read_text())
+    record = json.loads((tmp_path / base.OPTIMUM_FILE).read_text())
     for split in ("val", "test"):
         o = record["optimum"][split]
         assert 0.6 < o["auc"] < 1.0

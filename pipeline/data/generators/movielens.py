@@ -30,18 +30,15 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
-import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.csv as pacsv
 
 from pipeline.config import CategoricalFormat, MovieLensConfig
-from pipeline.data.criteo import Schema
-from pipeline.data.synthetic import OPTIMUM_FILE, optimal_metrics
+from pipeline.data.generators import base
+from pipeline.data.schema import Schema
 
 logger = logging.getLogger(__name__)
 
@@ -49,8 +46,6 @@ DENSE_COLUMNS = ("item_age_days", "user_activity")
 SPARSE_COLUMNS = ("user_id", "item_id", "genre", "user_age_bucket")
 SCHEMA = Schema(DENSE_COLUMNS, SPARSE_COLUMNS, SPARSE_COLUMNS, CategoricalFormat.int)
 GENERATOR = "pipeline.data.movielens"
-SPLITS = ("train", "val", "test")
-_CHUNK_ROWS = 200_000
 _USER_BIAS = 0.4  # std of the per-user bias (logit scale)
 _ITEM_BIAS = 0.6  # std of the per-item bias
 _AFFINITY = 0.4  # std of the age-bucket x genre affinity
@@ -128,16 +123,12 @@ def _make_truth(cfg: MovieLensConfig) -> _Truth:
     lo, hi = -20.0, 20.0
     for _ in range(60):  # bisect the global bias for the target like rate
         mid = (lo + hi) / 2
-        if _sigmoid(logits + mid).mean() < cfg.target_ctr:
+        if base.sigmoid(logits + mid).mean() < cfg.target_ctr:
             lo = mid
         else:
             hi = mid
     truth.b0 = (lo + hi) / 2
     return truth
-
-
-def _sigmoid(x: np.ndarray) -> np.ndarray:
-    return 1.0 / (1.0 + np.exp(-x))
 
 
 def _draw_pairs(truth: _Truth, rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -156,7 +147,7 @@ def _logits(truth: _Truth, users: np.ndarray, items: np.ndarray) -> np.ndarray:
 
 def _chunk_table(truth: _Truth, rng: np.random.Generator, n: int) -> tuple[pa.Table, np.ndarray, np.ndarray]:
     users, items = _draw_pairs(truth, rng, n)
-    prob = _sigmoid(_logits(truth, users, items))
+    prob = base.sigmoid(_logits(truth, users, items))
     labels = (rng.random(n) < prob).astype(np.int8)
     columns = {
         "label": labels,
@@ -170,61 +161,15 @@ def _chunk_table(truth: _Truth, rng: np.random.Generator, n: int) -> tuple[pa.Ta
     return pa.table({k: pa.array(v) for k, v in columns.items()}), prob, labels
 
 
-def _write_split(truth: _Truth, cfg: MovieLensConfig, split_index: int, path: Path, num_rows: int):
-    """Write one split's TSV; return its true probabilities and labels."""
-    options = pacsv.WriteOptions(include_header=False, delimiter="\t", quoting_style="none")
-    probs, labels = [np.zeros(0)], [np.zeros(0, np.int8)]
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with pa.OSFile(str(tmp), "wb") as sink:
-        writer = None
-        for chunk, start in enumerate(range(0, num_rows, _CHUNK_ROWS)):
-            n = min(_CHUNK_ROWS, num_rows - start)
-            table, prob, label = _chunk_table(truth, np.random.default_rng([cfg.seed, 2, split_index, chunk]), n)
-            if writer is None:
-                writer = pacsv.CSVWriter(sink, table.schema, write_options=options)
-            writer.write_table(table)
-            probs.append(prob)
-            labels.append(label)
-        if writer is not None:
-            writer.close()
-    os.replace(tmp, path)  # a killed run never leaves a half-written split under the final name
-    return np.concatenate(probs), np.concatenate(labels)
-
-
 def generate(cfg: MovieLensConfig, out_dir: str | Path) -> dict:
     """Write train/val/test TSV and optimum.json into ``out_dir``; return the optimum record."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / OPTIMUM_FILE).unlink(missing_ok=True)  # written last: marks completion
-    t0 = time.perf_counter()
     truth = _make_truth(cfg)
-    sizes = {"train": cfg.num_train_rows, "val": cfg.num_val_rows, "test": cfg.num_test_rows}
-    optimum: dict = {}
-    for i, split in enumerate(SPLITS):
-        prob, labels = _write_split(truth, cfg, i, out / f"{split}.tsv", sizes[split])
-        if split != "train" and len(labels):
-            optimum[split] = optimal_metrics(prob, labels)
-        logger.info("wrote %s rows to %s (like rate %.4f)", f"{sizes[split]:,}", out / f"{split}.tsv",
-                    labels.mean() if len(labels) else float("nan"))
-    record = {
-        "generator": GENERATOR,
-        "config": asdict(cfg),
-        "schema": SCHEMA.to_dict(),
-        "optimum": optimum,
-        "seconds": round(time.perf_counter() - t0, 2),
-    }
-    (out / OPTIMUM_FILE).write_text(json.dumps(record, indent=2) + "\n")
-    return record
+    return base.generate(GENERATOR, cfg, out_dir, truth, _chunk_table, {"schema": SCHEMA.to_dict()})
 
 
 def is_complete(cfg: MovieLensConfig, out_dir: str | Path) -> bool:
     """True when ``out_dir`` holds a finished generation with exactly this config."""
-    path = Path(out_dir) / OPTIMUM_FILE
-    if not path.exists():
-        return False
-    record = json.loads(path.read_text())
-    return (record.get("generator") == GENERATOR and record.get("config") == asdict(cfg)
-            and all((Path(out_dir) / f"{s}.tsv").exists() for s in SPLITS))
+    return base.is_complete(GENERATOR, cfg, out_dir)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -27,18 +27,18 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
-import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.csv as pacsv
 
 from pipeline.config import NUM_DENSE_FEATURES, NUM_SPARSE_FEATURES, SyntheticConfig
+from pipeline.data.generators import base
 
 logger = logging.getLogger(__name__)
+
+GENERATOR = "pipeline.data.synthetic"  # the name optimum.json records
 
 # Distinct values per categorical column of Criteo Kaggle train.txt (as used by the DLRM and
 # TorchRec references); the generator caps each at SyntheticConfig.max_cardinality.
@@ -46,9 +46,6 @@ CRITEO_KAGGLE_CARDINALITIES = [
     1460, 583, 10131227, 2202608, 305, 24, 12517, 633, 3, 93145, 5683, 8351593, 3194,
     27, 14992, 5461306, 10, 5652, 2173, 4, 7046547, 18, 15, 286181, 105, 142572,
 ]
-OPTIMUM_FILE = "optimum.json"
-SPLITS = ("train", "val", "test")
-_CHUNK_ROWS = 200_000
 _LATENT_DIM = 4
 # Effect sizes of the ground truth (logit scale). Most of the signal is first-order (per-id effects,
 # dense features), as in real click logs; pairwise terms add what only an interaction layer can find.
@@ -140,16 +137,12 @@ def _make_truth(cfg: SyntheticConfig) -> _Truth:
     lo, hi = -20.0, 20.0
     for _ in range(60):
         mid = (lo + hi) / 2
-        if _sigmoid(logits + mid).mean() < cfg.target_ctr:
+        if base.sigmoid(logits + mid).mean() < cfg.target_ctr:
             lo = mid
         else:
             hi = mid
     truth.b0 = (lo + hi) / 2
     return truth
-
-
-def _sigmoid(x: np.ndarray) -> np.ndarray:
-    return 1.0 / (1.0 + np.exp(-x))
 
 
 def _draw_features(truth: _Truth, rng: np.random.Generator, n: int):
@@ -194,7 +187,7 @@ def _hex_column(values: np.ndarray, missing: np.ndarray) -> pa.Array:
 
 def _chunk_table(truth: _Truth, rng: np.random.Generator, n: int) -> tuple[pa.Table, np.ndarray, np.ndarray]:
     dense, dense_missing, z, ids, cat_missing = _draw_features(truth, rng, n)
-    prob = _sigmoid(_logits(truth, dense, dense_missing, z, ids, cat_missing))
+    prob = base.sigmoid(_logits(truth, dense, dense_missing, z, ids, cat_missing))
     labels = (rng.random(n) < prob).astype(np.int8)
     columns = {"label": pa.array(labels)}
     for j in range(NUM_DENSE_FEATURES):
@@ -205,68 +198,15 @@ def _chunk_table(truth: _Truth, rng: np.random.Generator, n: int) -> tuple[pa.Ta
     return pa.table(columns), prob, labels
 
 
-def _write_split(truth: _Truth, cfg: SyntheticConfig, split_index: int, path: Path, num_rows: int):
-    """Write one split's TSV; return its true probabilities and labels."""
-    options = pacsv.WriteOptions(include_header=False, delimiter="\t", quoting_style="none")
-    probs, labels = [], []
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with pa.OSFile(str(tmp), "wb") as sink:
-        writer = None
-        for chunk, start in enumerate(range(0, num_rows, _CHUNK_ROWS)):
-            n = min(_CHUNK_ROWS, num_rows - start)
-            table, prob, label = _chunk_table(truth, np.random.default_rng([cfg.seed, 2, split_index, chunk]), n)
-            if writer is None:
-                writer = pacsv.CSVWriter(sink, table.schema, write_options=options)
-            writer.write_table(table)
-            probs.append(prob)
-            labels.append(label)
-        if writer is not None:
-            writer.close()
-    os.replace(tmp, path)  # a killed run never leaves a half-written split under the final name
-    return np.concatenate(probs), np.concatenate(labels)
-
-
-def optimal_metrics(prob: np.ndarray, labels: np.ndarray) -> dict[str, float]:
-    """Metrics of the true click probabilities on the drawn labels: the Bayes-optimal values."""
-    import torch
-
-    from pipeline.metrics.functional import binary_metrics
-
-    m = binary_metrics(torch.from_numpy(prob), torch.from_numpy(labels.astype(np.float32)))
-    return asdict(m)
-
-
 def generate(cfg: SyntheticConfig, out_dir: str | Path) -> dict:
     """Write train/val/test TSV and optimum.json into ``out_dir``; return the optimum record."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
     truth = _make_truth(cfg)
-    sizes = {"train": cfg.num_train_rows, "val": cfg.num_val_rows, "test": cfg.num_test_rows}
-    optimum: dict = {}
-    for i, split in enumerate(SPLITS):
-        prob, labels = _write_split(truth, cfg, i, out / f"{split}.tsv", sizes[split])
-        if split != "train":
-            optimum[split] = optimal_metrics(prob, labels)
-        logger.info("wrote %s rows to %s (ctr %.4f)", f"{sizes[split]:,}", out / f"{split}.tsv", labels.mean())
-    record = {
-        "generator": "pipeline.data.synthetic",
-        "config": asdict(cfg),
-        "cardinalities": truth.cardinalities.tolist(),
-        "optimum": optimum,
-        "seconds": round(time.perf_counter() - t0, 2),
-    }
-    (out / OPTIMUM_FILE).write_text(json.dumps(record, indent=2) + "\n")  # written last: marks completion
-    return record
+    return base.generate(GENERATOR, cfg, out_dir, truth, _chunk_table, {"cardinalities": truth.cardinalities.tolist()})
 
 
 def is_complete(cfg: SyntheticConfig, out_dir: str | Path) -> bool:
     """True when ``out_dir`` holds a finished generation with exactly this config."""
-    path = Path(out_dir) / OPTIMUM_FILE
-    if not path.exists():
-        return False
-    record = json.loads(path.read_text())
-    return record.get("config") == asdict(cfg) and all((Path(out_dir) / f"{s}.tsv").exists() for s in SPLITS)
+    return base.is_complete(GENERATOR, cfg, out_dir)
 
 
 def main(argv: list[str] | None = None) -> None:

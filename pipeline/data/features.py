@@ -1,0 +1,252 @@
+"""The feature contract: how a raw row becomes model input, for preprocessing, training and serving alike.
+
+The dense transform (``data.dense_transform``), the id mapping (vocab or hash mode, caps, the reserved
+ids 0 = missing and 1 = rare or unseen), the frequency threshold (``data.min_id_frequency``, as table
+sizes) and the column layout, in one object (:class:`FeatureTransform`) built from a manifest or from an
+export. Preprocessing maps raw blocks with it, the loader builds its batches with it, and predict
+scores raw rows with it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from pipeline.config import (
+    DataConfig,
+    DenseTransform,
+    IdMode,
+)
+from pipeline.data.manifest import Manifest
+from pipeline.data.schema import Schema
+from pipeline.data.tsv import BadRows, RawBlock, compiled, read_blocks
+from pipeline.data.vocab import vocab_counts, vocab_rows
+
+if TYPE_CHECKING:
+    import torch
+
+DENSE_TRANSFORMS = {
+    DenseTransform.log1p: "log(1 + max(x, 0)), missing -> 0 (the DLRM reference)",
+    DenseTransform.torchrec: "log(x - min + 2) in float32 with min over the whole input file, missing -> 0 "
+                             "(torchrec BinaryCriteoUtils.tsv_to_npys)",
+}
+
+
+MISSING_ID = 0
+
+
+RARE_ID = 1
+
+
+_LOG1P_TABLE = np.log1p(np.arange(1 << 16, dtype=np.float64)).astype(np.float32)
+
+
+def transform_dense(block: RawBlock, transform: DenseTransform = DenseTransform.log1p,
+                    file_min: int | None = None) -> np.ndarray:
+    """The integer features -> float32 [n, num_dense] (missing is 0 before the transform)."""
+    if transform == DenseTransform.log1p:
+        x = block.dense
+        # Most counts are small: a table of float32(log1p(float64(k))) gives the same bits as computing.
+        out = np.take(_LOG1P_TABLE, np.clip(x, 0, len(_LOG1P_TABLE) - 1))
+        if x.max(initial=0) >= len(_LOG1P_TABLE):
+            large = x >= len(_LOG1P_TABLE)
+            out[large] = np.log1p(x[large]).astype(np.float32)
+        return out
+    # TorchRec's converter, operation for operation: int32, shift by the file's min, float32 log.
+    shifted = (block.dense - (file_min - 2)).astype(np.int32)
+    return np.log(shifted, dtype=np.float32)
+
+
+NO_CAP = 2**62  # vocab mode without data.max_ids_per_feature: every value seen in training gets a row
+
+
+def configured_caps(cfg: DataConfig) -> list[int] | None:
+    """Rows per table the config fixes (``data.num_embeddings_per_feature`` or ``data.max_ids_per_feature``); None
+    when the data decides: every training value in vocab mode, :func:`auto_hash_cap` in hash mode."""
+    if cfg.num_embeddings_per_feature:
+        return list(cfg.num_embeddings_per_feature)
+    if cfg.max_ids_per_feature is not None:
+        return [cfg.max_ids_per_feature] * len(cfg.sparse_columns)
+    return None
+
+
+def auto_hash_cap(num_distinct: int) -> int:
+    """Hash mode's table size for a column with ``num_distinct`` training values: ``1 +`` the next power of two
+    at or above twice that (at most about two fifths of the values share a row with another)."""
+    return 1 + (1 << max(1, 2 * num_distinct - 1).bit_length())
+
+
+_FIB = np.uint64(0x9E3779B97F4A7C15)  # 2^64 / golden ratio: Fibonacci hashing spreads consecutive keys
+
+
+@compiled
+def _fill_table(keys, ids, bits, table_keys, table_ids):  # pragma: no cover - compiled
+    """Insert ``keys`` -> ``ids`` (all ids > 0; 0 marks an empty slot) into an open-addressing table of
+    ``2**bits`` slots with linear probing."""
+    mask = (1 << bits) - 1
+    for i in range(keys.shape[0]):
+        s = np.int64((np.uint64(keys[i]) * _FIB) >> np.uint64(64 - bits))  # the top bits: < 2^bits
+        while table_ids[s] != 0:
+            s = (s + 1) & mask
+        table_keys[s] = keys[i]
+        table_ids[s] = ids[i]
+
+
+@compiled
+def _lookup_ids(sparse, missing, table_keys, table_ids, offsets, bits, rare, out):  # pragma: no cover
+    """``out[i, j]``: the id of ``sparse[i, j]`` in column ``j``'s table, ``rare`` if it has none, 0 if missing."""
+    for j in range(sparse.shape[1]):
+        off = offsets[j]
+        b = bits[j]
+        mask = (1 << b) - 1
+        for i in range(sparse.shape[0]):
+            if missing[i, j]:
+                out[i, j] = 0
+                continue
+            k = sparse[i, j]
+            s = np.int64((np.uint64(k) * _FIB) >> np.uint64(64 - b))
+            while True:
+                v = table_ids[off + s]
+                if v == 0:
+                    out[i, j] = rare
+                    break
+                if table_keys[off + s] == k:
+                    out[i, j] = v
+                    break
+                s = (s + 1) & mask
+
+
+class IdMapper:
+    """Raw hashes -> table row ids, in vocab or hash mode.
+
+    Vocab mode looks ids up in one open-addressing hash table per column (compiled, at most half full):
+    a probe or two per value, where a binary search over a sorted vocabulary of millions of keys cost
+    a cache miss per step. The tables take 2-4 slots of key + id per vocabulary entry (16-32 bytes for
+    hex hashes and int32 ids; a 10M-entry column: 256 MiB at most).
+    """
+
+    def __init__(self, mode: IdMode, caps: list[int], vocab: list[np.ndarray] | None = None):
+        """``caps``: rows per table (hash mode's modulus + 1; in vocab mode only a bound, see ``NO_CAP``);
+        ``vocab``: vocab mode's values per column, most frequent first (id ``2 + position``)."""
+        self.mode = IdMode(mode)
+        self.caps = list(caps)
+        self.num_embeddings = [len(v) + 2 for v in vocab] if vocab is not None else list(self.caps)
+        self.dtype = np.int32 if max(self.num_embeddings) < 2**31 else np.int64
+        if vocab is not None:
+            # Slots per column: a power of two at least twice the vocabulary (16 at least).
+            self.bits = np.array([max(4, int(2 * len(v) - 1).bit_length()) for v in vocab], dtype=np.int64)
+            sizes = 1 << self.bits
+            self.offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
+            key_dtype = np.result_type(np.uint32, *(v.dtype for v in vocab))
+            self.table_keys = np.zeros(int(sizes.sum()), dtype=key_dtype)
+            self.table_ids = np.zeros(int(sizes.sum()), dtype=self.dtype)
+            for j, v in enumerate(vocab):
+                span = slice(self.offsets[j], self.offsets[j] + sizes[j])
+                ids = np.arange(2, len(v) + 2, dtype=self.dtype)  # 0 missing, 1 rare; by descending frequency
+                _fill_table(v.astype(key_dtype), ids, self.bits[j], self.table_keys[span], self.table_ids[span])
+
+    def __call__(self, block: RawBlock) -> np.ndarray:
+        if self.mode == IdMode.hash:
+            # All columns at once, in the hashes' own width (uint32 division is several times int64's).
+            h = block.sparse
+            wide = h.dtype != np.uint32 or max(self.caps) - 1 > np.iinfo(np.uint32).max
+            ids = h % np.asarray([c - 1 for c in self.caps], dtype=h.dtype if not wide else np.int64)
+            # A missing value's hash is 0: adding "present" (1 or 0) gives 1 + hash % (cap - 1), or MISSING_ID.
+            np.add(ids, ~block.sparse_missing, out=ids, casting="unsafe")
+            return ids.astype(self.dtype, order="C")  # rows are written whole
+        out = np.empty(block.sparse.shape, dtype=self.dtype)
+        _lookup_ids(block.sparse.astype(self.table_keys.dtype, copy=False), block.sparse_missing, self.table_keys,
+                    self.table_ids, self.offsets, self.bits, RARE_ID, out)
+        return out
+
+
+def table_sizes(manifest: Manifest, processed_dir: str | Path, min_frequency: int) -> list[int]:
+    """Rows of each feature's table for training on this data with ``data.min_id_frequency``.
+
+    Vocab mode: the ids of values seen fewer than ``min_frequency`` times in training are folded into the
+    shared "rare or unseen" row (id 1) when batches are read, so one preprocessing serves every threshold
+    (a tuner can search it); the table holds the values above it plus the two reserved rows. Hash mode: the
+    manifest's sizes.
+    """
+    sizes = list(manifest.num_embeddings_per_feature)
+    if manifest.id_mode != IdMode.vocab.value or min_frequency <= 1:
+        return sizes
+    counts = vocab_counts(processed_dir, len(sizes))
+    return [min(n, vocab_rows(c, min_frequency) + 2) for n, c in zip(sizes, counts, strict=True)]
+
+
+def file_dense_min(path: str | Path, schema: Schema, labelled: bool = True, block_size_mb: float = 8,
+                   bad_rows: str = "error") -> int:
+    """The smallest integer feature in a raw file (missing counts as 0): the minimum of TorchRec's converter,
+    which ``data.dense_transform=torchrec`` shifts by."""
+    lo = None
+    for block in read_blocks(path, block_size_mb, bad_rows, BadRows(), labelled, schema):
+        if block.dense.size:
+            m = int(block.dense.min())
+            lo = m if lo is None else min(lo, m)
+    return 0 if lo is None else lo
+
+
+class FeatureTransform:
+    """Raw rows -> model input: dense features, table row ids, the ``KeyedJaggedTensor`` of one id per feature.
+
+    Args:
+        schema: the column layout (its ``feature_names`` are the KJT keys).
+        dense_transform: the integer features' transform.
+        table_sizes: rows of each feature's table; an id at or above it reads as the rare-or-unseen id.
+        ids: maps raw values to ids (None where the ids are stored already: the loader's batches).
+    """
+
+    def __init__(self, schema: Schema, dense_transform: DenseTransform, table_sizes: list[int],
+                 ids: IdMapper | None = None) -> None:
+        self.schema = schema
+        self.dense_transform = DenseTransform(dense_transform)
+        self.table_sizes = list(table_sizes)
+        self.ids = ids
+        stored = ids.num_embeddings if ids is not None else None
+        self._limits = np.asarray(self.table_sizes, dtype=np.int64)
+        self._fold = stored is None or list(stored) != self.table_sizes
+
+    @classmethod
+    def from_manifest(cls, manifest: Manifest, processed_dir: str | Path, min_frequency: int = 1) -> FeatureTransform:
+        """For the ids preprocessing stored, read under ``data.min_id_frequency``."""
+        dense = next((t for t, text in DENSE_TRANSFORMS.items() if text == manifest.dense_transform),
+                     DenseTransform.log1p)
+        return cls(manifest.schema, dense, table_sizes(manifest, processed_dir, min_frequency))
+
+    def dense(self, block: RawBlock, file_min: int | None = None) -> np.ndarray:
+        """The block's integer features, transformed: float32 [n, num_dense]."""
+        return transform_dense(block, self.dense_transform, file_min)
+
+    def map_ids(self, block: RawBlock) -> np.ndarray:
+        """The block's raw categorical values -> table row ids [n, num_sparse]."""
+        if self.ids is None:
+            raise ValueError("this transform reads stored ids: it has no id mapping")
+        return self.fold(self.ids(block))
+
+    def fold(self, ids: np.ndarray) -> np.ndarray:
+        """Ids at or above their table's size (values below the frequency threshold) -> the rare-or-unseen id."""
+        if not self._fold:
+            return ids
+        return np.where(ids >= self._limits, RARE_ID, ids)
+
+    def kjt(self, ids: np.ndarray | torch.Tensor):
+        """A ``KeyedJaggedTensor`` of one id per feature per row (values feature-major, as TorchRec wants)."""
+        import torch
+        from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+        ids = np.asarray(ids)
+        b = ids.shape[0]
+        values = torch.from_numpy(np.ascontiguousarray(ids.T).reshape(-1).astype(np.int64))
+        return KeyedJaggedTensor(keys=list(self.schema.feature_names), values=values,
+                                 lengths=torch.ones(len(self.schema.feature_names) * b, dtype=torch.int32), stride=b)
+
+    def batch(self, dense: np.ndarray, ids: np.ndarray, labels: np.ndarray):
+        """A TorchRec ``Batch``: dense [b, num_dense] float32, the KJT, labels [b] float32."""
+        import torch
+        from torchrec.datasets.utils import Batch
+
+        return Batch(dense_features=torch.from_numpy(np.ascontiguousarray(dense, dtype=np.float32)),
+                     sparse_features=self.kjt(ids), labels=torch.from_numpy(np.asarray(labels, dtype=np.float32)))
