@@ -39,7 +39,7 @@ Usage: ./launch.sh <command> [arguments...]
                 NNODES=2 RDZV_ENDPOINT=node0:29500 PIPELINE_RUN_ID=job1 ./launch.sh train
   sweep       The same as train -m.
                 ./launch.sh sweep optimizer.lr=0.01,0.1 trainer.max_steps=500
-  tune        Search hyper-parameters with Optuna (conf/tune/default.yaml: learning rates, batch size, embedding
+  tune        Search hyper-parameters with Optuna (pipeline/conf/tune/default.yaml: learning rates, batch size, embedding
               dimension, frequency threshold, epochs, model variant) on the validation AUC; each trial a torchrun
               job of NPROC ranks, several side by side where the cores allow. Prints the results and the best
               overrides, and writes them to configs/tuned/<run id>.yaml. The same PIPELINE_RUN_ID resumes it.
@@ -155,52 +155,11 @@ case "$cmd" in
     usage ;;
   setup)
     setup ;;
-  doctor)
-    setup; exec "$VENV/bin/python" -m pipeline.doctor "$@" ;;
   test)
     setup; exec "$VENV/bin/python" -m pytest "$@" ;;
-  preprocess)
-    setup; exec "$VENV/bin/python" -m pipeline.preprocess "hydra.run.dir=outputs/preprocess-$(run_id)" "$@" ;;
-  train|sweep|tune)
-    setup
-    export PIPELINE_RUN_ID; PIPELINE_RUN_ID="$(run_id)"
-    export NPROC="${NPROC:-2}"  # ranks per node; also each sweep point's (conf/hydra/launcher/torchrun.yaml)
-    NNODES="${NNODES:-1}"
-    # torchrun prints a banner when OMP_NUM_THREADS is unset; each rank sets its own thread count
-    # from trainer.num_threads (default: cores / ranks on this node).
-    export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
-    # A fresh rendezvous store for every torchrun restart: the shared one keeps the previous attempt's
-    # addresses, which restarted ranks can read and hang on (pytorch/pytorch#135712).
-    export TORCH_DISABLE_SHARE_RDZV_TCP_STORE="${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}"
-    if [[ "$cmd" == tune ]]; then set -- -m tune=default "$@"; fi
-    if [[ "$cmd" == sweep ]]; then
-      multirun=0
-      for arg in "$@"; do
-        case "$arg" in -m|--multirun) multirun=1 ;; esac
-      done
-      if [[ $multirun == 0 ]]; then set -- -m "$@"; fi
-    fi
-    # Config inspection needs one process, not NPROC copies of the output. A sweep (-m) runs in one
-    # process too: Hydra's torchrun launcher (hydra_plugins/) starts a torchrun job per point.
-    for arg in "$@"; do
-      case "$arg" in
-        --cfg|-c|--help|--hydra-help|--info|-i|--resolve|-m|--multirun) run "$VENV/bin/python" pipeline/train.py "$@" ;;
-      esac
-    done
-    # MAX_RESTARTS: torchrun restarts every rank when one dies; they resume from the last checkpoint.
-    restarts=()
-    if [[ -n "${MAX_RESTARTS:-}" ]]; then restarts=(--max-restarts "$MAX_RESTARTS"); fi
-    if [[ "$NNODES" == 1 ]]; then
-      run "$VENV/bin/torchrun" --standalone --nnodes 1 --nproc_per_node "$NPROC" "${restarts[@]}" pipeline/train.py "$@"
-    fi
-    if [[ -z "${RDZV_ENDPOINT:-}" || -z "${PIPELINE_RUN_ID_GIVEN:-}" ]]; then
-      echo "[launch.sh] NNODES=$NNODES needs RDZV_ENDPOINT (host:port of the first node) and the same" \
-        "PIPELINE_RUN_ID on every node (the rendezvous id and run folder), e.g." >&2
-      echo "  NNODES=2 RDZV_ENDPOINT=node0:29500 PIPELINE_RUN_ID=job1 ./launch.sh train" >&2
-      exit 2
-    fi
-    run "$VENV/bin/torchrun" --nnodes "$NNODES" --nproc_per_node "$NPROC" --rdzv_backend c10d \
-      --rdzv_endpoint "$RDZV_ENDPOINT" --rdzv_id "$PIPELINE_RUN_ID" "${restarts[@]}" pipeline/train.py "$@" ;;
+  train|sweep|tune|preprocess|export|predict|plan|report|doctor)
+    # dlrm-pipeline (pipeline/cli.py) checks the config in one process, then starts torchrun (or a sweep).
+    setup; exec "$VENV/bin/dlrm-pipeline" "$cmd" "$@" ;;
   compose)
     compose_cli
     # Every command but config talks to the engine: say so plainly when there is none.
@@ -229,14 +188,6 @@ case "$cmd" in
     done
     export PATH="$VENV/bin:$PATH"
     run "$VENV/bin/torchx" run --scheduler "$SCHED" "${run_opts[@]}" dist.ddp "$@" ;;
-  plan)
-    setup; exec "$VENV/bin/python" -m pipeline.plan "$@" ;;
-  report)
-    setup; exec "$VENV/bin/python" -m pipeline.report "$@" ;;
-  export)
-    setup; exec "$VENV/bin/python" -m pipeline.export "$@" ;;
-  predict)
-    setup; exec "$VENV/bin/python" -m pipeline.predict "$@" ;;
   *)
     echo "unknown command: $cmd" >&2; usage >&2; exit 2 ;;
 esac

@@ -3,7 +3,7 @@ on the same rows, side by side.
 
 In one run: generates a synthetic dataset (``data=synthetic``, a known optimum), trains the paper's model
 (``model=dlrm_criteo``) on it as users run it (``./launch.sh train``), exports the final checkpoint twice
-(``python -m pipeline.export``: float32 tables, then int8 row-wise tables) and scores the preprocessed
+(``./launch.sh export``: float32 tables, then int8 row-wise tables) and scores the preprocessed
 test split with each export (``pipeline.predict``). Prints each export's test AUC and logloss, their
 difference, the weights file size and the scoring rate, and the largest per-row probability difference.
 
@@ -47,8 +47,8 @@ def main() -> int:
         print(f"training failed (rc {proc.returncode})\n{(proc.stdout + proc.stderr)[-3000:]}", file=sys.stderr)
         return 1
 
-    from pipeline.export import export, load_exported
-    from pipeline.predict import run
+    from pipeline.serving.export import export, load_exported
+    from pipeline.serving.predict import run
 
     results = {}
     for name, quantize in (("float32", "none"), ("int8", "int8")):

@@ -43,7 +43,7 @@ def main() -> None:
     from pipeline.config import register_configs
     from pipeline.data.loader import BinarySplit, train_batches
     from pipeline.data.prepare import prepare_data
-    from pipeline.runtime import register_resolvers
+    from pipeline.resolvers import register_resolvers
     from pipeline.trainer import Trainer
 
     register_resolvers()
@@ -54,7 +54,7 @@ def main() -> None:
                  "data.synthetic.num_test_rows=8192", f"data.global_batch_size={args.batch_size}",
                  f"trainer.max_steps={args.steps}", "trainer.eval_every_steps=0", "trainer.run_doctor=false",
                  "logger.progress_bar=false", "logger.log_every_steps=5"]
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(ROOT / "pipeline" / "conf"), version_base="1.3"):
         cfg = OmegaConf.to_object(compose("train", overrides=overrides))
     t = time.perf_counter()
     manifest = prepare_data(cfg.data)

@@ -29,6 +29,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from pipeline.metrics.keys import of_split  # noqa: E402
 
 BEFORE = ["data.global_batch_size=2048", "trainer.num_epochs=1", "optimizer.warmup_steps=100",
           "data.min_id_frequency=1", "trainer.restore_best=false", "trainer.eval_every_steps=200"]
@@ -55,7 +56,7 @@ def train(name: str, args: argparse.Namespace, overrides: list[str], nproc: int)
     if out.returncode != 0:
         raise SystemExit(f"{name} failed:\n{(out.stdout + out.stderr)[-3000:]}")
     summary = json.loads((run_dir / "summary.json").read_text())
-    return {**summary["final"]["val"], "seconds": time.perf_counter() - t0, "steps": summary["steps"],
+    return {**of_split(summary["final"], "val"), "seconds": time.perf_counter() - t0, "steps": summary["steps"],
             "batch": summary["global_batch_size"], "epochs": round(summary["epochs"], 2)}
 
 

@@ -62,7 +62,7 @@ def main() -> int:
             print(f"{name}: failed (rc {proc.returncode})\n{(proc.stdout + proc.stderr)[-3000:]}", file=sys.stderr)
             return 1
         summary = json.loads((run_dir / "summary.json").read_text())
-        results[name] = {"val": summary["final"]["val"]["auc"], "test": summary["final"]["test"]["auc"],
+        results[name] = {"val": summary["final"]["eval/val/auc"], "test": summary["final"]["eval/test/auc"],
                          "samples_per_s": summary.get("train_samples_per_s"),
                          "wall_s": time.perf_counter() - t}
     optimum = json.loads((work / "raw" / "optimum.json").read_text())

@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from pipeline.config import DataConfig, IdMode, SplitMode, SyntheticConfig  # noqa: E402
 from pipeline.data.generators import synthetic  # noqa: E402
 from pipeline.data.preprocess import preprocess  # noqa: E402
-from pipeline.runtime import keep_freed_memory  # noqa: E402
+from pipeline.distributed.env import keep_freed_memory  # noqa: E402
 
 
 def _convert_once(contender: str, src: Path, out: Path, block_size_mb: int) -> float:

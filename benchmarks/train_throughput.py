@@ -116,9 +116,9 @@ def run_ours(work: Path, tag: str, data: list[str], batch: int, nproc: int, warm
         raise RuntimeError(f"{name} failed (rc {rc}): see {work / f'{name}_{tag}.log'}")
     events = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     rates = [e["train/samples_per_s"] for e in events if e["event"] == "train"][warmup:warmup + steps]
-    val = next(e for e in events if e["event"] == "eval" and e["split"] == "val")
+    val = next(e for e in events if e["event"] == "eval" and "eval/val/auc" in e)
     return {"train": {"median": statistics.median(rates), "min": min(rates), "max": max(rates), "steps": len(rates)},
-            "infer": {"median": val["eval/num_samples"] / val["eval/seconds"]}, "peak_rss_mib": peak}
+            "infer": {"median": val["eval/val/num_samples"] / val["eval/val/seconds"]}, "peak_rss_mib": peak}
 
 
 def run_baseline(work: Path, tag: str, who: str, batch: int, nproc: int, rows: int, warmup: int, steps: int,

@@ -1,7 +1,7 @@
 """Typed configuration: one dataclass schema per Hydra config group.
 
 Every group (model, data, sharding, optimizer, trainer, launcher, logger) has a schema registered in
-Hydra's ConfigStore under ``<group>/schema``; each YAML option in ``conf/<group>/`` lists it first in
+Hydra's ConfigStore under ``<group>/schema``; each YAML option in ``pipeline/conf/<group>/`` lists it first in
 its defaults, so a misspelled key or a wrongly typed value fails when the config is composed, naming
 the key. The primary config ``train`` is typed by :class:`TrainConfig`. Rules that span fields or
 need the world size are checked by :func:`validate`, whose messages name the fix.
@@ -154,6 +154,9 @@ class ModelConfig:
     user_feature: str = "user_id"  # mf: the sparse feature of the user table
     item_feature: str = "item_id"  # mf: the sparse feature of the item table
 
+    def __post_init__(self) -> None:
+        check_model(self)
+
 
 @dataclass
 class SyntheticConfig:
@@ -222,6 +225,9 @@ class DataConfig:
         default_factory=lambda: list(SPARSE_FEATURE_NAMES))
     categorical_format: CategoricalFormat = CategoricalFormat.hex  # hex (8 hex digits) | int (decimal ids >= 0)
 
+    def __post_init__(self) -> None:
+        check_data(self)
+
 
 @dataclass
 class ShardingConfig:
@@ -237,6 +243,9 @@ class ShardingConfig:
     embedding_dtype: EmbeddingDtype = EmbeddingDtype.fp32  # stored table precision: fp32 | fp16 | bf16 (CUDA only)
     cache_load_factor: float | None = None  # fused_uvm_caching: share of a table's rows cached in HBM; null = TorchRec's 0.2
     print_plan: bool = True  # log the plan on rank 0 at start
+
+    def __post_init__(self) -> None:
+        check_sharding(self)
 
 
 @dataclass
@@ -257,6 +266,9 @@ class OptimizerConfig:
     decay_start: float = 0.5  # decay=linear: fraction of the run's steps after which decay begins
     decay_start_step: int | None = None  # decay=linear: the step decay begins instead (wins over decay_start)
     final_lr_fraction: float = 0.0  # decay=linear: lr at the last step, as a fraction of lr
+
+    def __post_init__(self) -> None:
+        check_optimizer(self)
 
 
 @dataclass
@@ -286,6 +298,9 @@ class TrainerConfig:
     save_predictions: bool = False  # final eval writes predictions_<split>.npy (one probability per row, row order)
     stop_on_nonfinite_loss: bool = True  # stop with the step when the training loss is NaN/Inf (checked each log step and before saves)
 
+    def __post_init__(self) -> None:
+        check_trainer(self)
+
 
 @dataclass
 class CheckpointConfig:
@@ -297,6 +312,9 @@ class CheckpointConfig:
     keep_last: int = 2  # complete checkpoints kept (older ones are deleted after a successful save)
     save_at_end: bool = True  # save after the last training step
     load_optimizer: bool = True  # on resume, also restore optimizer state (false: weights only, e.g. fine-tuning)
+
+    def __post_init__(self) -> None:
+        check_checkpoint(self)
 
 
 @dataclass
@@ -321,6 +339,9 @@ class LoggerConfig:
     tensorboard_step: TensorBoardStep = TensorBoardStep.step  # TensorBoard's x axis: steps or samples seen
     report: bool = True  # rank 0 writes report.png + report.md (pipeline/report.py) after summary.json
 
+    def __post_init__(self) -> None:
+        check_logger(self)
+
 
 @dataclass
 class TrainConfig:
@@ -334,6 +355,9 @@ class TrainConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     launcher: LauncherConfig = field(default_factory=LauncherConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
+
+    def __post_init__(self) -> None:
+        check_train(self)
 
 
 GROUP_SCHEMAS: dict[str, type] = {
@@ -361,14 +385,27 @@ _COMPUTE_KERNELS = {"dense", "fused", "fused_uvm", "fused_uvm_caching", "key_val
 
 
 def validate(cfg: TrainConfig, world_size: int, device_type: str = "cpu") -> None:
-    """Check rules that span fields or depend on the world size and device.
+    """Every rule: each group's (as building it runs them), those across groups, and those that depend on the
+    world size and the device.
 
     Raises:
         ConfigError: naming the key(s) and the fix.
     """
-    m, d, t = cfg.model, cfg.data, cfg.trainer
-    _validate_model(m)
-    validate_batch_sizes(d, world_size)
+    for check, group in ((check_model, cfg.model), (check_data, cfg.data), (check_sharding, cfg.sharding),
+                         (check_optimizer, cfg.optimizer), (check_trainer, cfg.trainer),
+                         (check_checkpoint, cfg.checkpoint), (check_logger, cfg.logger)):
+        check(group)
+    check_train(cfg)
+    validate_batch_sizes(cfg.data, world_size)
+    if device_type == "cpu":
+        _check_cpu(cfg)
+
+
+def check_data(d: DataConfig) -> None:
+    """``data``'s rules (run when the group is built)."""
+    for key, size in (("global_batch_size", d.global_batch_size), ("eval_global_batch_size", d.eval_global_batch_size)):
+        if size is not None and size <= 0:
+            raise ConfigError(f"data.{key}={size} must be positive")
     if d.split == SplitMode.random:
         if not (0 < d.val_fraction < 1 and 0 < d.test_fraction < 1 and d.val_fraction + d.test_fraction < 1):
             raise ConfigError(
@@ -395,14 +432,14 @@ def validate(cfg: TrainConfig, world_size: int, device_type: str = "cpu") -> Non
                           "gets its own row)")
     if d.block_size_mb < 1:
         raise ConfigError(f"data.block_size_mb={d.block_size_mb} must be at least 1")
+
+
+def check_trainer(t: TrainerConfig) -> None:
+    """``trainer``'s rules (run when the group is built)."""
     if t.num_epochs is not None and t.num_epochs < 1 and t.max_steps is None:
         raise ConfigError(f"trainer.num_epochs={t.num_epochs} must be >= 1 (or set trainer.max_steps)")
     if t.max_steps is not None and t.max_steps < 1:
         raise ConfigError(f"trainer.max_steps={t.max_steps} must be >= 1 or null")
-    c = cfg.checkpoint
-    if c.every_steps < 0 or c.every_minutes < 0 or c.keep_last < 1:
-        raise ConfigError(f"checkpoint.every_steps={c.every_steps} and checkpoint.every_minutes={c.every_minutes} "
-                          f"must be >= 0 and checkpoint.keep_last={c.keep_last} >= 1")
     mid_evals = t.eval_every_steps if t.eval_every_steps is not None else t.eval_every_fraction
     if (t.early_stop_auc is not None or t.early_stop_patience) and not mid_evals:
         raise ConfigError("trainer.early_stop_auc / trainer.early_stop_patience act on mid-training evaluations: "
@@ -411,70 +448,97 @@ def validate(cfg: TrainConfig, world_size: int, device_type: str = "cpu") -> Non
         raise ConfigError(f"trainer.eval_every_steps={t.eval_every_steps} must be >= 0 (0 = only at the end) or null")
     if not 0 <= t.eval_every_fraction <= 1:
         raise ConfigError(f"trainer.eval_every_fraction={t.eval_every_fraction} must be in [0, 1] (0 = only at the end)")
-    if cfg.optimizer.lr <= 0:
-        raise ConfigError(f"optimizer.lr={cfg.optimizer.lr} must be positive")
-    if not 0 <= cfg.optimizer.decay_start <= 1 or not 0 <= cfg.optimizer.final_lr_fraction <= 1:
-        raise ConfigError(
-            f"optimizer.decay_start={cfg.optimizer.decay_start} and optimizer.final_lr_fraction="
-            f"{cfg.optimizer.final_lr_fraction} must be in [0, 1]"
-        )
-    o = cfg.optimizer
+
+
+def check_checkpoint(c: CheckpointConfig) -> None:
+    """``checkpoint``'s rules (run when the group is built)."""
+    if c.every_steps < 0 or c.every_minutes < 0 or c.keep_last < 1:
+        raise ConfigError(f"checkpoint.every_steps={c.every_steps} and checkpoint.every_minutes={c.every_minutes} "
+                          f"must be >= 0 and checkpoint.keep_last={c.keep_last} >= 1")
+
+
+def check_optimizer(o: OptimizerConfig) -> None:
+    """``optimizer``'s rules (run when the group is built)."""
+    if o.lr <= 0:
+        raise ConfigError(f"optimizer.lr={o.lr} must be positive")
+    if o.embedding_lr is not None and o.embedding_lr <= 0:
+        raise ConfigError(f"optimizer.embedding_lr={o.embedding_lr} must be positive, or null for optimizer.lr")
+    if not 0 <= o.decay_start <= 1 or not 0 <= o.final_lr_fraction <= 1:
+        raise ConfigError(f"optimizer.decay_start={o.decay_start} and optimizer.final_lr_fraction={o.final_lr_fraction} "
+                          "must be in [0, 1]")
     if not 0 <= o.warmup_fraction < 1:
         raise ConfigError(f"optimizer.warmup_fraction={o.warmup_fraction} must be in [0, 1): a share of the run's steps "
                           "(for a number of steps use optimizer.warmup_steps)")
     for key in ("warmup_steps", "decay_start_step"):
         if getattr(o, key) is not None and getattr(o, key) < 0:
             raise ConfigError(f"optimizer.{key}={getattr(o, key)} must be >= 0, or null to use the fraction")
-    if len(cfg.optimizer.betas) != 2:
-        raise ConfigError(f"optimizer.betas={cfg.optimizer.betas} must have two values")
-    if not 0 <= cfg.sharding.storage_reservation < 1:
-        raise ConfigError(f"sharding.storage_reservation={cfg.sharding.storage_reservation} must be in [0, 1)")
-    checks = [("sharding.sharding_types", cfg.sharding.sharding_types, _SHARDING_TYPES),
-              ("sharding.compute_kernels", cfg.sharding.compute_kernels, _COMPUTE_KERNELS)]
-    for table, values in cfg.sharding.table_sharding_types.items():
+    if len(o.betas) != 2:
+        raise ConfigError(f"optimizer.betas={o.betas} must have two values")
+
+
+def check_sharding(s: ShardingConfig) -> None:
+    """``sharding``'s rules (run when the group is built; the CPU-only ones in :func:`validate`)."""
+    if not 0 <= s.storage_reservation < 1:
+        raise ConfigError(f"sharding.storage_reservation={s.storage_reservation} must be in [0, 1)")
+    checks = [("sharding.sharding_types", s.sharding_types, _SHARDING_TYPES),
+              ("sharding.compute_kernels", s.compute_kernels, _COMPUTE_KERNELS)]
+    for table, values in s.table_sharding_types.items():
         checks.append((f"sharding.table_sharding_types.{table}", values, _SHARDING_TYPES))
-    for table, values in cfg.sharding.table_compute_kernels.items():
+    for table, values in s.table_compute_kernels.items():
         checks.append((f"sharding.table_compute_kernels.{table}", values, _COMPUTE_KERNELS))
     for key, values, allowed in checks:
         unknown = sorted(set(values) - allowed)
         if unknown:
             raise ConfigError(f"{key} has unknown value(s) {unknown}; allowed: {sorted(allowed)}")
-    cuda_only = {"row_wise", "table_row_wise", "grid_shard"}
-    if device_type == "cpu":
-        asked = [("sharding.sharding_types", cfg.sharding.sharding_types)]
-        asked += [(f"sharding.table_sharding_types.{n}", v) for n, v in cfg.sharding.table_sharding_types.items()]
-        for key, values in asked:
-            if values and set(values) <= cuda_only:
-                raise ConfigError(
-                    f"{key}={values}: TorchRec shards tables row-wise only on CUDA. On CPU use table_wise, "
-                    "column_wise, table_column_wise or data_parallel (e.g. sharding=column_wise)"
-                )
-        kernels = [("sharding.compute_kernels", cfg.sharding.compute_kernels)]
-        kernels += [(f"sharding.table_compute_kernels.{n}", v) for n, v in cfg.sharding.table_compute_kernels.items()]
-        for key, values in kernels:
-            uvm = sorted(set(values) & {"fused_uvm", "fused_uvm_caching"})
-            if uvm:
-                raise ConfigError(f"{key}={values}: {uvm} keep tables in CUDA unified memory (host memory the GPU "
-                                  "reads), so they need CUDA. On CPU use fused (tables in host memory already)")
-        if cfg.sharding.embedding_dtype == EmbeddingDtype.bf16:
-            raise ConfigError("sharding.embedding_dtype=bf16: FBGEMM's CPU embedding kernel has no bf16 (its CUDA "
-                              "kernel does). On CPU use sharding.embedding_dtype=fp16 or fp32")
-    if cfg.sharding.cache_load_factor is not None and not 0 < cfg.sharding.cache_load_factor <= 1:
-        raise ConfigError(f"sharding.cache_load_factor={cfg.sharding.cache_load_factor} must be in (0, 1]: the share "
+    if s.cache_load_factor is not None and not 0 < s.cache_load_factor <= 1:
+        raise ConfigError(f"sharding.cache_load_factor={s.cache_load_factor} must be in (0, 1]: the share "
                           "of each fused_uvm_caching table's rows cached in HBM")
+
+
+def check_logger(g: LoggerConfig) -> None:
+    """``logger``'s rules (run when the group is built)."""
+    if LoggerBackend.jsonl not in g.backends:
+        raise ConfigError(
+            f"logger.backends={[b.value for b in g.backends]} must include jsonl: metrics.jsonl is the "
+            "run's record (the report, sweep results and resume read it). Without TensorBoard: logger.backends=[jsonl]"
+        )
+
+
+def check_train(cfg: TrainConfig) -> None:
+    """Rules across groups (run when the whole config is built)."""
+    if cfg.trainer.device == Device.cpu and cfg.launcher.backend == Backend.nccl:
+        raise ConfigError("launcher.backend=nccl needs CUDA but trainer.device=cpu: use launcher.backend=gloo")
+    if cfg.trainer.device == Device.cpu:
+        _check_cpu(cfg)
+
+
+def _check_cpu(cfg: TrainConfig) -> None:
+    """What TorchRec / FBGEMM 1.8 cannot do on a CPU, each with the CPU's alternative."""
+    cuda_only = {"row_wise", "table_row_wise", "grid_shard"}
+    asked = [("sharding.sharding_types", cfg.sharding.sharding_types)]
+    asked += [(f"sharding.table_sharding_types.{n}", v) for n, v in cfg.sharding.table_sharding_types.items()]
+    for key, values in asked:
+        if values and set(values) <= cuda_only:
+            raise ConfigError(
+                f"{key}={values}: TorchRec shards tables row-wise only on CUDA. On CPU use table_wise, "
+                "column_wise, table_column_wise or data_parallel (e.g. sharding=column_wise)"
+            )
+    kernels = [("sharding.compute_kernels", cfg.sharding.compute_kernels)]
+    kernels += [(f"sharding.table_compute_kernels.{n}", v) for n, v in cfg.sharding.table_compute_kernels.items()]
+    for key, values in kernels:
+        uvm = sorted(set(values) & {"fused_uvm", "fused_uvm_caching"})
+        if uvm:
+            raise ConfigError(f"{key}={values}: {uvm} keep tables in CUDA unified memory (host memory the GPU "
+                              "reads), so they need CUDA. On CPU use fused (tables in host memory already)")
+    if cfg.sharding.embedding_dtype == EmbeddingDtype.bf16:
+        raise ConfigError("sharding.embedding_dtype=bf16: FBGEMM's CPU embedding kernel has no bf16 (its CUDA "
+                          "kernel does). On CPU use sharding.embedding_dtype=fp16 or fp32")
     fused_only = not (set(cfg.sharding.sharding_types) == {"data_parallel"})
-    if device_type == "cpu" and cfg.optimizer.embedding == EmbeddingOptimizer.adam and fused_only:
+    if cfg.optimizer.embedding == EmbeddingOptimizer.adam and fused_only:
         raise ConfigError(
             "optimizer.embedding=adam: FBGEMM's fused CPU kernel has no Adam (its CUDA kernel does). On CPU use "
             "sharding=data_parallel (tables replicated, small tables only) or optimizer.embedding=row_wise_adagrad"
         )
-    if LoggerBackend.jsonl not in cfg.logger.backends:
-        raise ConfigError(
-            f"logger.backends={[b.value for b in cfg.logger.backends]} must include jsonl: metrics.jsonl is the "
-            "run's record (the report, sweep results and resume read it). Without TensorBoard: logger.backends=[jsonl]"
-        )
-    if t.device == Device.cpu and cfg.launcher.backend == Backend.nccl:
-        raise ConfigError("launcher.backend=nccl needs CUDA but trainer.device=cpu: use launcher.backend=gloo")
 
 
 def validate_batch_sizes(d: DataConfig, world_size: int) -> None:
@@ -519,8 +583,8 @@ def _validate_columns(d: DataConfig) -> None:
                           "set one of them to null")
 
 
-def _validate_model(m: ModelConfig) -> None:
-    """Shape rules of the model config, each naming its key and a fix."""
+def check_model(m: ModelConfig) -> None:
+    """``model``'s shape rules (run when the group is built), each naming its key and a fix."""
     if m.name == ModelName.mf:
         if m.user_feature == m.item_feature:
             raise ConfigError(f"model.user_feature and model.item_feature are both {m.user_feature!r}: "

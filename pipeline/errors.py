@@ -36,3 +36,17 @@ class DataError(UserError, ValueError):
 
 class MissingDataError(DataError, FileNotFoundError):
     """A raw file, pattern or processed folder that is not there."""
+
+
+class ServingError(UserError):
+    """A model cannot be exported, loaded or used to score the input given; the message says why."""
+
+    exit_code = 5
+
+
+class ExportError(ServingError, RuntimeError):
+    """The checkpoint or data cannot be exported, or an export cannot be loaded."""
+
+
+class PredictError(ServingError, ValueError):
+    """The input cannot be scored with this model."""

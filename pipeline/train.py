@@ -1,12 +1,16 @@
-"""Train a sharded DLRM: ``./launch.sh train [overrides]`` or ``torchrun ... pipeline/train.py [overrides]``.
+"""Train a sharded DLRM: ``./launch.sh train [overrides]`` (``dlrm-pipeline train``), or under torchrun / TorchX
+directly: ``torchrun ... pipeline/train.py [overrides]``.
 
-Every rank runs this entry point; Hydra composes and validates the config (conf/train.yaml), and all
-ranks write into one run folder, outputs/<run_id>/.
+Every rank runs this entry point: Hydra composes the config (``pipeline/conf/train.yaml``; building it
+checks every group's rules), rank 0 checks the environment, the trainer trains, and rank 0 writes the
+run report. All ranks write into one run folder, ``outputs/<run id>/``.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import shutil
 import sys
 import warnings
 from pathlib import Path
@@ -20,8 +24,10 @@ from omegaconf import DictConfig, OmegaConf
 
 from pipeline.config import TrainConfig, register_configs
 from pipeline.errors import CheckpointError, ConfigError, UserError
-from pipeline.runtime import env_rank, register_resolvers
+from pipeline.resolvers import register_resolvers
 
+# configs/ (the user's config folder, on the search path) is optional: no warning where it does not exist.
+warnings.filterwarnings("ignore", message=r".*path=configs is not available.*", category=UserWarning)
 logger = logging.getLogger("pipeline.train")
 # TorchRec 1.8 passes DDP's deprecated broadcast_buffers on every run; nothing for a user to act on.
 warnings.filterwarnings("ignore", message=".*broadcast_buffers.*", category=FutureWarning)
@@ -29,26 +35,69 @@ warnings.filterwarnings("ignore", message=".*broadcast_buffers.*", category=Futu
 register_resolvers()
 register_configs()
 
+INTERRUPTED = 130
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+
+def _rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def _discard_if_new(run_dir: Path) -> None:
+    """Remove the folder Hydra made for a start that never trained (no metrics, no checkpoints)."""
+    if _rank() == 0 and not (run_dir / "metrics.jsonl").exists() and not (run_dir / "checkpoints").exists():
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def _report(cfg: TrainConfig, run_dir: Path) -> None:
+    """report.png + report.md of the finished run (rank 0); a failure only warns."""
+    if _rank() != 0 or not cfg.logger.report:
+        return
+    try:
+        from pipeline.tools.report import write_report
+
+        png, md = write_report([run_dir], run_dir)
+        logger.info("run report: %s, %s", png, md)
+    except Exception as e:  # noqa: BLE001 - never fail a finished training run over its plot
+        logger.warning("run report not written: %s: %s", type(e).__name__, e)
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(dict_cfg: DictConfig) -> None:
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    try:
+        cfg: TrainConfig = OmegaConf.to_object(dict_cfg)
+    except ConfigError as e:
+        if _rank() == 0:
+            logger.error("invalid config: %s", e)
+        _discard_if_new(run_dir)
+        raise SystemExit(e.exit_code) from None
+    logging.getLogger("pipeline").setLevel(cfg.logger.level)
     from pipeline.trainer import Trainer  # heavy imports (torchrec) after the config is known good
 
-    cfg: TrainConfig = OmegaConf.to_object(dict_cfg)
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
-    logging.getLogger("pipeline").setLevel(cfg.logger.level)
-    if env_rank() == 0:
-        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(dict_cfg, resolve=True))
+    trainer = None
     try:
+        if cfg.trainer.run_doctor and _rank() == 0:
+            from pipeline.tools.doctor import check_environment
+
+            check_environment()
         trainer = Trainer(cfg, run_dir)
-        try:
-            trainer.train()
-        finally:
-            trainer.close()
-    except UserError as e:  # a message that names the problem and the fix; no traceback
+        trainer.train()
+    except UserError as e:  # a message that names the problem and the fix: once, no traceback
         prefix = {ConfigError: "invalid config: ", CheckpointError: "cannot resume: "}.get(type(e), "")
-        logger.error("%s%s", prefix, e)
+        (logger.error if _rank() == 0 else logger.info)("%s%s", prefix, e)
+        if isinstance(e, ConfigError):
+            _discard_if_new(run_dir)
         raise SystemExit(e.exit_code) from None
+    except KeyboardInterrupt:
+        if _rank() == 0:
+            step = trainer.step if trainer is not None else 0
+            logger.warning("interrupted at step %d (Ctrl-C); the same command with PIPELINE_RUN_ID=%s resumes from "
+                           "the latest checkpoint", step, run_dir.name)
+        raise SystemExit(INTERRUPTED) from None
+    finally:
+        if trainer is not None:
+            trainer.close()
+    _report(cfg, run_dir)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,6 @@ checkpoint kept and restored."""
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -24,70 +23,21 @@ from pipeline.config import BestMetric, Precision, TrainConfig, validate, valida
 from pipeline.data.features import FeatureTransform
 from pipeline.data.loader import BinarySplit, eval_batches, num_train_batches, train_batches
 from pipeline.data.prepare import prepare_data_distributed
-from pipeline.distributed.sharding import (
-    init_process_group,
-    reset_tables,
-    select_device,
-    set_num_threads,
-    shard_model,
-)
+from pipeline.distributed.env import DistEnv, init_process_group, keep_freed_memory, select_device, set_num_threads
+from pipeline.distributed.sharding import reset_tables, shard_model
 from pipeline.errors import DataError, TrainingError
 from pipeline.metrics.evaluator import PredictionGatherer
 from pipeline.metrics.functional import BinaryMetrics
-from pipeline.metrics.loggers import make_backends, process_memory_mib
+from pipeline.metrics.keys import eval_key, eval_metrics
+from pipeline.metrics.loggers import RunWriter, process_memory_mib
 from pipeline.model.dlrm import build_model
 from pipeline.optim.schedule import lr_scheduler, resolve_schedule
-from pipeline.runtime import DistEnv, keep_freed_memory
 
 logger = logging.getLogger(__name__)
 
 
 class NonFiniteLossError(TrainingError):
     """The training loss became NaN or Inf; the message names the step."""
-
-
-class RunWriter:
-    """Rank 0's files in the run folder: metrics.jsonl (one event per line), summary.json, the other
-    ``logger.backends`` (TensorBoard event files) and the run report (report.png, report.md)."""
-
-    def __init__(self, run_dir: Path, enabled: bool, logger_cfg=None):
-        self.run_dir = run_dir
-        self.enabled = enabled
-        self.write_report = enabled and bool(getattr(logger_cfg, "report", False))
-        self._metrics = open(run_dir / "metrics.jsonl", "a") if enabled else None
-        self._backends = make_backends(logger_cfg.backends, run_dir, logger_cfg.tensorboard_step) \
-            if enabled and logger_cfg is not None else []
-
-    def event(self, record: dict) -> None:
-        if self._metrics is not None:
-            self._metrics.write(json.dumps(record) + "\n")
-            self._metrics.flush()
-        for backend in self._backends:
-            backend.log(record)
-
-    def report(self) -> None:
-        """report.png + report.md from metrics.jsonl and summary.json; a failure only warns."""
-        if not self.write_report:
-            return
-        try:
-            from pipeline.report import write_report
-
-            png, md = write_report([self.run_dir], self.run_dir)
-            logger.info("run report: %s, %s", png, md)
-        except Exception as e:  # never fail a finished training run over its plot
-            logger.warning("run report not written: %s: %s", type(e).__name__, e)
-
-    def summary(self, record: dict) -> None:
-        if self.enabled:
-            (self.run_dir / "summary.json").write_text(json.dumps(record, indent=2) + "\n")
-
-    def close(self) -> None:
-        if self._metrics is not None:
-            self._metrics.close()
-            self._metrics = None
-        for backend in self._backends:
-            backend.close()
-        self._backends = []
 
 
 class StepTimer:
@@ -198,10 +148,6 @@ class Trainer:
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         self.env = DistEnv.from_environ()
-        if cfg.trainer.run_doctor:
-            from pipeline.doctor import check_environment
-
-            check_environment()
         self.malloc_tuned = cfg.trainer.keep_freed_memory and keep_freed_memory()  # before the big allocations
         self.device = select_device(cfg.trainer, self.env)
         validate(cfg, self.env.world_size, self.device.type)
@@ -383,9 +329,8 @@ class Trainer:
         metrics = self.evaluate(split, max_batches, save_predictions)
         seconds = time.perf_counter() - t0
         partial = max_batches is not None
-        record = {"event": "eval", "split": split, "step": self.step,
-                  "samples": self.step * self.cfg.data.global_batch_size, "partial": partial,
-                  **{f"eval/{k}": v for k, v in asdict(metrics).items()}, "eval/seconds": round(seconds, 3)}
+        record = {"event": "eval", "step": self.step, "samples": self.step * self.cfg.data.global_batch_size,
+                  "partial": partial, **eval_metrics(split, metrics), eval_key(split, "seconds"): round(seconds, 3)}
         if model_step is not None:
             record["model_step"] = model_step
         self.writer.event(record)
@@ -480,7 +425,7 @@ class Trainer:
         self.loss.loss_sum.zero_()
         self.writer.event({"event": "train", "step": self.step, "epoch": (self.step - 1) // self.steps_per_epoch,
                            "samples": self.step * gbs, "train/loss": mean_loss, "train/samples_per_s": steps * gbs / seconds,
-                           "lr": self.optimizer.param_groups[-1]["lr"], "time_s": round(time.perf_counter() - wall0, 3),
+                           "train/lr": self.optimizer.param_groups[-1]["lr"], "time_s": round(time.perf_counter() - wall0, 3),
                            **self._memory_over_ranks()})
         bar.set_postfix(loss=f"{mean_loss:.4f}")
 
@@ -610,7 +555,7 @@ class Trainer:
             # fraction of training time (on CUDA a log event's sync also waits for queued kernels).
             "bookkeeping_fraction": round(self.timer.bookkeeping_seconds / this_run, 5) if this_run > 0 else None,
             "wall_seconds": round(wall_s, 3),
-            "final": {s: asdict(m) for s, m in final.items()},
+            "final": {k: v for s, m in final.items() for k, v in eval_metrics(s, m).items()},
             "final_model_step": self.final_step,
             "best": self.best.to_dict(),
             "data_rows": {s: v.num_rows for s, v in self.manifest.splits.items()},
@@ -619,8 +564,9 @@ class Trainer:
         }
         if optimum:
             summary["gap_to_optimum"] = {
-                s: {"auc": optimum[s]["auc"] - m.auc, "logloss": m.logloss - optimum[s]["logloss"]}
-                for s, m in final.items() if s in optimum
+                k: v for s, m in final.items() if s in optimum
+                for k, v in eval_metrics(s, {"auc": optimum[s]["auc"] - m.auc,
+                                             "logloss": m.logloss - optimum[s]["logloss"]}).items()
             }
         self.writer.summary(summary)
         if self.env.is_rank_zero:
@@ -629,7 +575,6 @@ class Trainer:
                         format_final(final, optimum))
             logger.info("throughput %.0f samples/s over %d steps; wall %.1fs; summary in %s",
                         summary["train_samples_per_s"] or 0, self.step, wall_s, self.run_dir / "summary.json")
-        self.writer.report()
         return summary
 
     def close(self) -> None:

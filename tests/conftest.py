@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-CONF_DIR = ROOT / "conf"
+CONF_DIR = ROOT / "pipeline" / "conf"
 
 TINY_SYNTHETIC = {"num_train_rows": 20_000, "num_val_rows": 4_000, "num_test_rows": 4_000, "max_cardinality": 500}
 

@@ -41,9 +41,9 @@ LOCK = ".tune.lock"
 
 # objective name -> (key path in summary.json, direction)
 OBJECTIVES = {
-    "val_auc": (("final", "val", "auc"), "maximize"),
-    "val_logloss": (("final", "val", "logloss"), "minimize"),
-    "val_ne": (("final", "val", "normalized_entropy"), "minimize"),
+    "val_auc": (("final", "eval/val/auc"), "maximize"),
+    "val_logloss": (("final", "eval/val/logloss"), "minimize"),
+    "val_ne": (("final", "eval/val/normalized_entropy"), "minimize"),
 }
 
 
@@ -67,7 +67,7 @@ class PipelineOptunaSweeperConf:
     max_failure_rate: float = 0.5  # stop when more than this share of finished trials failed
     params: Optional[Dict[str, str]] = None  # the search space, hydra-optuna-sweeper's syntax
     tuned_name: Optional[str] = None  # the config written for the best trial: <tuned_dir>/<name>.yaml; null = run id
-    tuned_dir: str = "configs/tuned"  # configs/ is on Hydra's search path (conf/train.yaml): +tuned=<name>
+    tuned_dir: str = "configs/tuned"  # configs/ is on Hydra's search path (pipeline/conf/train.yaml): +tuned=<name>
 
 
 ConfigStore.instance().store(group="hydra/sweeper", name="pipeline_optuna", node=PipelineOptunaSweeperConf,

@@ -2,6 +2,6 @@
 
 ``hydra_plugins`` is a namespace package (no ``__init__.py`` one level up): Hydra imports every module
 under it at start, so this plugin is found whenever the repository root is on ``sys.path``
-(``pipeline/train.py`` puts it there). Selected by ``conf/hydra/launcher/torchrun.yaml``, which
-conf/train.yaml makes the default launcher.
+(``pipeline/train.py`` puts it there). Selected by ``pipeline/conf/hydra/launcher/torchrun.yaml``, which
+pipeline/conf/train.yaml makes the default launcher.
 """

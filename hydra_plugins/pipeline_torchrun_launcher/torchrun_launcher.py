@@ -75,10 +75,11 @@ class SweepPoint:
     num: int
     overrides: list[str]
     run_dir: Path
-    status: str = "pending"  # ok | failed | no_summary | timeout
+    status: str = "pending"  # ok | failed | no_summary | timeout | invalid (its config, checked before starting)
     exit_code: int | None = None
     seconds: float = 0.0
     summary: dict | None = None
+    error: str | None = None  # why an invalid point was not started
 
     @property
     def log_file(self) -> Path:
@@ -104,7 +105,7 @@ def _quote(value: str) -> str:
 class TorchrunLauncher(Launcher):
     """Start each sweep point as ``torchrun ... <script> <overrides>``; see the module docstring.
 
-    Args (``hydra.launcher.<name>=...``, defaults in conf/hydra/launcher/torchrun.yaml):
+    Args (``hydra.launcher.<name>=...``, defaults in pipeline/conf/hydra/launcher/torchrun.yaml):
         nproc_per_node: ranks per point (torchrun's ``--nproc_per_node``; ``NPROC`` by default).
         torchrun_args: torchrun's other arguments (``--standalone --nnodes 1``: one node, a free port,
             so parallel points do not collide).
@@ -167,7 +168,11 @@ class TorchrunLauncher(Launcher):
                 sweep_config.hydra.job.id = f"{num}"
                 sweep_config.hydra.job.num = num
             run_dir = sweep_dir / str(OmegaConf.select(sweep_config, "hydra.sweep.subdir"))
-            batch.append((SweepPoint(num, list(overrides), run_dir), sweep_config))
+            point = SweepPoint(num, list(overrides), run_dir)
+            point.error = self._config_problem(sweep_config)
+            if point.error is not None:
+                point.status = "invalid"
+            batch.append((point, sweep_config))
 
         log.info("Sweep of %d points, each a torchrun job of %d rank(s), into %s",
                  len(batch), self.nproc_per_node, sweep_dir)
@@ -217,13 +222,37 @@ class TorchrunLauncher(Launcher):
 
     def _environment(self, point: SweepPoint, sweep_dir: Path) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if k not in _WORKER_ENV and not k.startswith("TORCHELASTIC_")}
-        # One run id per point (pipeline/runtime.py): equal on its ranks, distinct between points.
+        # One run id per point (pipeline/resolvers.py): equal on its ranks, distinct between points.
         env["PIPELINE_RUN_ID"] = f"{sweep_dir.name}_{point.run_dir.name}"
         env.setdefault("OMP_NUM_THREADS", "1")  # as launch.sh; each rank sets its own thread count
         env.update(self.env)
         return env
 
+    def _config_problem(self, sweep_config: DictConfig) -> str | None:
+        """Why a point's config cannot run (every group's rules and the world size's), checked before its
+        torchrun starts; None when it can. Configs that are not the pipeline's are not checked."""
+        try:
+            from pipeline.config import TrainConfig, validate
+            from pipeline.errors import ConfigError
+        except ImportError:
+            return None
+        task = copy.deepcopy(sweep_config)
+        with read_write(task), open_dict(task):
+            del task["hydra"]
+        try:
+            cfg = OmegaConf.to_object(task)
+            if isinstance(cfg, TrainConfig):
+                validate(cfg, self.nproc_per_node)
+        except ConfigError as e:
+            return str(e)
+        except Exception as e:  # noqa: BLE001 - a value OmegaConf cannot build: the point's own run would fail too
+            return f"{type(e).__name__}: {str(e).splitlines()[0]}"
+        return None
+
     def _run_point(self, point: SweepPoint, sweep_dir: Path) -> None:
+        if point.status == "invalid":
+            log.error("#%d not started: invalid config: %s", point.num, point.error)
+            return
         point.run_dir.mkdir(parents=True, exist_ok=True)
         cmd = self._command(point)
         log.info("#%d starting: torchrun ... %s (log %s)", point.num, " ".join(point.overrides), point.log_file)
@@ -273,9 +302,9 @@ class TorchrunLauncher(Launcher):
             point.summary = json.loads(summary_file.read_text())
             point.status = "ok"
         if point.ok:
-            val = point.summary["final"].get("val", {}) if point.summary else {}
+            final = point.summary.get("final", {}) if point.summary else {}
             log.info("#%d done in %.0f s: val auc %.4f logloss %.4f", point.num, point.seconds,
-                     val.get("auc", float("nan")), val.get("logloss", float("nan")))
+                     final.get("eval/val/auc", float("nan")), final.get("eval/val/logloss", float("nan")))
         else:
             log.error("#%d %s (exit code %s) after %.0f s; %s of %s:\n%s", point.num, point.status,
                       point.exit_code, point.seconds, "errors" if errors else "last lines", point.log_file,
@@ -320,10 +349,11 @@ class TorchrunLauncher(Launcher):
             ret.return_value = point.summary
         else:
             ret.status = JobStatus.FAILED
+            why = (f"invalid config: {point.error}" if point.status == "invalid" else
+                   f"{point.status}, exit code {point.exit_code}; log: {point.log_file}")
             ret.return_value = SweepPointFailed(
-                f"sweep point #{point.num} ({' '.join(point.overrides)}) {point.status}, exit code {point.exit_code}; "
-                f"log: {point.log_file}. {num_failed} of {len(self.points)} points failed; the others' results are "
-                f"in {point.run_dir.parent / (self.results_name + '.csv')}"
+                f"sweep point #{point.num} ({' '.join(point.overrides)}) {why}. {num_failed} of {len(self.points)} "
+                f"points failed; the others' results are in {point.run_dir.parent / (self.results_name + '.csv')}"
             )
         return ret
 
@@ -353,7 +383,7 @@ def _row(point: SweepPoint, swept_keys: list[str]) -> dict[str, Any]:
     final = (point.summary or {}).get("final", {})
     for split in _SPLITS:
         for name, key in _METRICS:
-            row[f"{split}_{name}"] = final.get(split, {}).get(key)
+            row[f"{split}_{name}"] = final.get(f"eval/{split}/{key}")
     summary = point.summary or {}
     row["train_samples_per_s"] = summary.get("train_samples_per_s")
     row["steps"] = summary.get("steps")

@@ -25,6 +25,7 @@ from torchrec.modules.embedding_configs import DataType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
 from pipeline.config import ShardingConfig
+from pipeline.distributed.env import DistEnv
 from pipeline.errors import TrainingError
 
 logger = logging.getLogger(__name__)
@@ -236,3 +237,19 @@ def plan(model: nn.Module, req: PlanRequest, constraints: dict[str, ParameterCon
     if isinstance(result, str):
         raise PlanDoesNotFit(result)
     return result, planner
+
+
+def plan_sharding(model: nn.Module, cfg: ShardingConfig, env: DistEnv, device: torch.device,
+                  local_batch_size: int, optimizer: str = "row_wise_adagrad") -> ShardingPlan:
+    """Run TorchRec's planner for this job with the memory each rank really has (rank 0 plans, every rank
+    gets its plan).
+
+    Raises:
+        PlanDoesNotFit: the tables do not fit; the message names the sizes and the fix.
+    """
+    memory = detect_memory(device, env.local_world_size, cfg.hbm_cap_gb)
+    req = PlanRequest(env.world_size, env.local_world_size, device.type, memory, local_batch_size,
+                      cfg.storage_reservation, optimizer)
+    constraints = constraints_from_config(cfg, [t[0] for t in _tables(model)], device.type)
+    sharding_plan, _ = plan(model, req, constraints, cfg.compute_kernels or None)
+    return sharding_plan

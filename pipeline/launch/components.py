@@ -98,6 +98,8 @@ def ddp(
     """
     script, args = _resolve_entry(script, m, list(script_args))
     min_nnodes, max_nnodes, nproc_per_node, nnodes_rep = _torchx_dist.parse_nnodes(j)
+    if (script or "").endswith("pipeline/train.py") or m == "pipeline.train":
+        _check_config(args, max_nnodes * nproc_per_node, "cuda" if gpu > 0 else "cpu")
     if max_nnodes == 1:
         rdzv_endpoint = "localhost:0"  # one node: torchrun picks a free port
     else:
@@ -108,7 +110,7 @@ def ddp(
 
     argname = StructuredNameArgument.parse_from(name=name, m=m, script=script)
     role_env = {
-        # One run folder per job on every rank and node (pipeline/runtime.py: run_id).
+        # One run folder per job on every rank and node (pipeline/resolvers.py: run_id).
         "PIPELINE_RUN_ID": macros.app_id,
         # Each rank sets its own thread count (trainer.num_threads); this silences torchrun's banner.
         "OMP_NUM_THREADS": "1",
@@ -214,3 +216,21 @@ def _resolve_entry(script: Optional[str], m: Optional[str], args: List[str]) -> 
     if args and args[0] == "--":  # `pipeline/train.py -- --cfg job`: the delimiter is torchx's, not Hydra's
         args = args[1:]
     return script, args
+
+
+def _check_config(args: List[str], world_size: int, device_type: str) -> None:
+    """The training config these overrides give, checked before anything is submitted.
+
+    Raises:
+        ComponentValidationException: naming the key and the fix (TorchX prints it and submits nothing).
+    """
+    from torchx.specs.finder import ComponentValidationException
+
+    from pipeline.compose import compose_config
+    from pipeline.errors import ConfigError
+
+    overrides = [a for a in args if "=" in a and not a.startswith("-")]
+    try:
+        compose_config(overrides, world_size=world_size, device_type=device_type)
+    except ConfigError as e:
+        raise ComponentValidationException(f"invalid config: {e}") from None

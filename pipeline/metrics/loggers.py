@@ -8,7 +8,7 @@ these scalar tags:
 
 - ``train/loss``: mean training BCE of the log window, over ranks
 - ``train/samples_per_s``: training throughput of the log window (evaluation excluded)
-- ``lr``: learning rate of the dense optimizer
+- ``train/lr``: learning rate of the dense optimizer
 - ``memory/rss_mib``, ``memory/peak_rss_mib``: process resident memory now and at its peak, MiB
   (largest over ranks); ``memory/cuda_max_allocated_mib``: ``torch.cuda.max_memory_allocated`` (CUDA only)
 - ``progress/samples``: samples seen (``progress/step`` when the x axis is samples)
@@ -26,13 +26,12 @@ TensorBoard drops the points the killed run had logged after its last checkpoint
 from __future__ import annotations
 
 import itertools
+import json
 import logging
-import math
 import os
 import resource
-import struct
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Protocol
 
@@ -66,17 +65,16 @@ def scalars_of(record: dict, x_axis: str = "step") -> tuple[int | None, dict[str
     out: dict[str, float] = {}
     if kind == "train":
         for key, value in record.items():
-            if _numeric(value) and (key.startswith(("train/", "memory/")) or key == "lr"):
+            if _numeric(value) and key.startswith(("train/", "memory/")):
                 out[key] = float(value)
         if x_axis == "samples" and step is not None:
             out["progress/step"] = float(step)
         elif samples is not None:
             out["progress/samples"] = float(samples)
     else:
-        split = record.get("split", "val")
         for key, value in record.items():
             if _numeric(value) and key.startswith("eval/"):
-                out[f"eval/{split}/{key[len('eval/'):]}"] = float(value)
+                out[key] = float(value)
     return int(x), out
 
 
@@ -165,56 +163,32 @@ def process_memory_mib(device=None) -> dict[str, float]:
     return out
 
 
-# -- reading event files back ----------------------------------------------------------------------
-def _records(path: Path) -> Iterable[bytes]:
-    """The payloads of a TFRecord file (length, masked crc, data, masked crc); stops at a torn tail."""
-    data = path.read_bytes()
-    pos = 0
-    while pos + 12 <= len(data):
-        (length,) = struct.unpack_from("<Q", data, pos)
-        end = pos + 12 + length + 4
-        if end > len(data):
-            break
-        yield data[pos + 12: pos + 12 + length]
-        pos = end
+class RunWriter:
+    """Rank 0's files in the run folder: metrics.jsonl (one event per line), summary.json and the other
+    ``logger.backends`` (TensorBoard event files)."""
 
+    def __init__(self, run_dir: Path, enabled: bool, logger_cfg=None):
+        self.run_dir = run_dir
+        self.enabled = enabled
+        self._metrics = open(run_dir / "metrics.jsonl", "a") if enabled else None
+        self._backends = make_backends(logger_cfg.backends, run_dir, logger_cfg.tensorboard_step) \
+            if enabled and logger_cfg is not None else []
 
-def read_scalars(log_dir: str | Path, files: Sequence[Path] | None = None) -> dict[str, list[tuple[int, float]]]:
-    """All scalars of the event files in ``log_dir``: {tag: [(step, value), ...]} in step order.
+    def event(self, record: dict) -> None:
+        if self._metrics is not None:
+            self._metrics.write(json.dumps(record) + "\n")
+            self._metrics.flush()
+        for backend in self._backends:
+            backend.log(record)
 
-    Files are read in the order they were opened (the wall time of their first event; names only
-    resolve to the second); a SessionLog START at step S (a resumed run's ``purge_step``) drops the
-    points at or after S written before it, as TensorBoard does.
-    """
-    from tensorboardX.proto.event_pb2 import Event, SessionLog
+    def summary(self, record: dict) -> None:
+        if self.enabled:
+            (self.run_dir / "summary.json").write_text(json.dumps(record, indent=2) + "\n")
 
-    def opened(path: Path) -> tuple[float, str]:
-        event = Event()
-        for payload in _records(path):
-            event.ParseFromString(payload)
-            break
-        return event.wall_time, path.name
-
-    paths = list(files) if files is not None else list(Path(log_dir).glob(EVENT_FILE_GLOB))
-    paths.sort(key=opened)
-    series: dict[str, list[tuple[int, float]]] = {}
-    for path in paths:
-        for payload in _records(path):
-            event = Event()
-            event.ParseFromString(payload)
-            if event.HasField("session_log") and event.session_log.status == SessionLog.START:
-                for tag, points in series.items():
-                    series[tag] = [p for p in points if p[0] < event.step]
-            if not event.HasField("summary"):
-                continue
-            for value in event.summary.value:
-                if value.HasField("simple_value"):
-                    series.setdefault(value.tag, []).append((int(event.step), float(value.simple_value)))
-    return {tag: sorted(points, key=lambda p: p[0]) for tag, points in series.items() if points}
-
-
-def float32(value: float) -> float:
-    """``value`` rounded as TensorBoard stores it (float32), for comparing with read_scalars()."""
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return float("nan")
-    return struct.unpack("<f", struct.pack("<f", value))[0]
+    def close(self) -> None:
+        if self._metrics is not None:
+            self._metrics.close()
+            self._metrics = None
+        for backend in self._backends:
+            backend.close()
+        self._backends = []

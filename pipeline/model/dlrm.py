@@ -2,7 +2,7 @@
 
 Every model here is ``sparse_arch`` (one ``EmbeddingBagCollection`` table per categorical feature,
 sharded by DMP) followed by a dense part, :meth:`forward_pooled` ``(dense [B, I], pooled [B, F, D])
--> logits [B, 1]`` (data-parallel; what ``pipeline.export`` exports as a program):
+-> logits [B, 1]`` (data-parallel; what ``pipeline.serving.export`` exports as a program):
 
 - ``model.interaction=dot``: TorchRec's ``DLRM`` (bottom MLP ``DenseArch``, top MLP ``OverArch``) with
   the dot interaction in TorchRec's ``InteractionArch`` layout (the strict upper triangle: 351 pairs for

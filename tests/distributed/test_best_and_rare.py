@@ -19,19 +19,19 @@ def test_final_metrics_and_export_come_from_the_best_checkpoint(tmp_path, tiny_d
                                           "trainer.reset_tables_each_epoch=false", "optimizer.decay=none"])
     assert run.returncode == 0, run.output[-3000:]
     s = run.summary
-    mid = [e for e in run.events("eval") if e["split"] == "val" and "model_step" not in e]
-    best = min(mid, key=lambda e: e["eval/logloss"])
+    mid = [e for e in run.events("eval") if "eval/val/auc" in e and "model_step" not in e]
+    best = min(mid, key=lambda e: e["eval/val/logloss"])
     assert s["final_model_step"] == best["step"] == s["best"]["step"] < s["steps"] == 312
-    assert s["best"]["metric"] == "logloss" and s["best"]["value"] == best["eval/logloss"]
+    assert s["best"]["metric"] == "logloss" and s["best"]["value"] == best["eval/val/logloss"]
     for key in ("auc", "logloss", "calibration", "num_samples"):  # the restored weights score val as they did
-        assert s["final"]["val"][key] == best[f"eval/{key}"], key
+        assert s["final"][f"eval/val/{key}"] == best[f"eval/val/{key}"], key
     last = [e for e in mid if e["step"] == s["steps"]][0]
-    assert last["eval/logloss"] > best["eval/logloss"] and s["final"]["test"]["num_samples"] == 4000
+    assert last["eval/val/logloss"] > best["eval/val/logloss"] and s["final"]["eval/test/num_samples"] == 4000
     root = run.run_dir / "checkpoints"
     assert (root / "best").read_text().strip() == f"step_{best['step']:08d}"
     assert (root / f"step_{best['step']:08d}").is_dir() and (root / "latest").read_text().strip() == "step_00000312"
 
-    from pipeline.export import export
+    from pipeline.serving.export import export
 
     spec = export(run.run_dir, tmp_path / "export")
     assert spec["source"]["step"] == best["step"]  # the run's best, not its latest
@@ -55,7 +55,7 @@ def _rare_value_log(path, rows: int, rng: np.random.Generator, frequent: np.ndar
 def test_unseen_values_share_a_trained_row_and_get_a_calibrated_probability(tmp_path) -> None:
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
-    from pipeline.export import export, load_exported
+    from pipeline.serving.export import export, load_exported
 
     rng = np.random.default_rng(0)
     frequent = rng.integers(1, 2**32, size=(26, 20), dtype=np.uint64)  # per column, shared by train and val
@@ -66,7 +66,7 @@ def test_unseen_values_share_a_trained_row_and_get_a_calibrated_probability(tmp_
         f"data.processed_dir={tmp_path}/processed", "data.min_id_frequency=2", "data.global_batch_size=256",
         "trainer.num_epochs=1", "sharding=table_wise"])
     assert run.returncode == 0, run.output[-3000:]
-    assert run.summary["final"]["val"]["auc"] > 0.7
+    assert run.summary["final"]["eval/val/auc"] > 0.7
 
     # The rare-or-unseen row (id 1) of C1's table received gradients: its row-wise Adagrad state grew.
     dcp_to_torch_save(run.run_dir / "checkpoints" / "step_00000078", tmp_path / "ckpt.pt")

@@ -153,16 +153,17 @@ def test_checkpoint_of_another_shape_names_what_differs(tmp_path, tiny_data_over
 
 
 def test_loading_never_unpickles_foreign_objects(tmp_path, reference) -> None:
-    from pipeline.checkpoint import CheckpointError, _MetadataUnpickler
+    from pipeline.checkpoint import CheckpointError
+    from pipeline.checkpoint.safe_load import MetadataUnpickler
 
     class Evil:
         def __reduce__(self):
             return (os.system, (f"touch {tmp_path / 'pwned'}",))
 
     with pytest.raises(CheckpointError, match="refusing to unpickle"):
-        _MetadataUnpickler(io.BytesIO(pickle.dumps(Evil()))).load()
+        MetadataUnpickler(io.BytesIO(pickle.dumps(Evil()))).load()
     assert not (tmp_path / "pwned").exists()
     # A genuine checkpoint's metadata passes the allow-list.
     ck = reference[1] / "checkpoints"
     path = ck / (ck / "latest").read_text().strip() / ".metadata"
-    assert _MetadataUnpickler(io.BytesIO(path.read_bytes())).load().state_dict_metadata
+    assert MetadataUnpickler(io.BytesIO(path.read_bytes())).load().state_dict_metadata

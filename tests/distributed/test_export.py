@@ -63,7 +63,7 @@ def hash_run(tmp_path_factory, tiny_data_overrides) -> Path:
 def test_exported_model_scores_the_raw_tsv_like_the_sharded_model(tmp_path, vocab_run, tiny_data_overrides) -> None:
     raw = Path(_option(tiny_data_overrides, "data.raw_dir"))
     out = tmp_path / "export"
-    exp = _cli("pipeline.export", vocab_run, "--out", out)  # a run folder: its latest checkpoint
+    exp = _cli("pipeline.serving.export", vocab_run, "--out", out)  # a run folder: its latest checkpoint
     assert exp.returncode == 0, exp.stderr[-3000:]
     spec = json.loads((out / "export.json").read_text())
     assert spec["source"]["step"] == STEPS and spec["source"]["saved_by_world_size"] == 2
@@ -75,7 +75,7 @@ def test_exported_model_scores_the_raw_tsv_like_the_sharded_model(tmp_path, voca
         assert all(isinstance(v, torch.Tensor) for v in weights.values())
         assert weights["sparse_arch.embedding_bag_collection.embedding_bags.t_cat_0.weight"].shape[1] == 8
 
-    pred = _cli("pipeline.predict", "--model", out, "--input", raw / "val.tsv", "--out", tmp_path / "val.tsv",
+    pred = _cli("pipeline.serving.predict", "--model", out, "--input", raw / "val.tsv", "--out", tmp_path / "val.tsv",
                 "--metrics-json", tmp_path / "metrics.json")
     assert pred.returncode == 0, pred.stderr[-3000:]
     got = np.loadtxt(tmp_path / "val.tsv", dtype=np.float32)
@@ -83,15 +83,15 @@ def test_exported_model_scores_the_raw_tsv_like_the_sharded_model(tmp_path, voca
     assert got.shape == want.shape == (4000,)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
     metrics = json.loads((tmp_path / "metrics.json").read_text())["metrics"]
-    summary = json.loads((vocab_run / "summary.json").read_text())["final"]["val"]
-    assert metrics["auc"] == pytest.approx(summary["auc"], abs=1e-6)
-    assert metrics["logloss"] == pytest.approx(summary["logloss"], rel=1e-5)
+    summary = json.loads((vocab_run / "summary.json").read_text())["final"]
+    assert metrics["auc"] == pytest.approx(summary["eval/val/auc"], abs=1e-6)
+    assert metrics["logloss"] == pytest.approx(summary["eval/val/logloss"], rel=1e-5)
 
 
 @pytest.fixture(scope="module")
 def vocab_export(tmp_path_factory, vocab_run) -> Path:
     """The vocab run exported in this (pytest) process, from its checkpoints folder (the latest)."""
-    from pipeline.export import export
+    from pipeline.serving.export import export
 
     assert not dist.is_initialized()
     out = tmp_path_factory.mktemp("vocab_export") / "export"
@@ -102,8 +102,8 @@ def vocab_export(tmp_path_factory, vocab_run) -> Path:
 def test_export_and_predict_run_without_torch_distributed(tmp_path, vocab_run, vocab_export,
                                                          tiny_data_overrides) -> None:
     """In this process: load the export, score the raw test TSV and the preprocessed val split."""
-    from pipeline.export import DenseInteraction, load_exported
-    from pipeline.predict import run
+    from pipeline.serving.export import DenseInteraction, load_exported
+    from pipeline.serving.predict import run
 
     raw = Path(_option(tiny_data_overrides, "data.raw_dir"))
     model = load_exported(vocab_export)
@@ -140,8 +140,8 @@ def test_unlabelled_gz_input_and_malformed_lines(tmp_path, vocab_run, vocab_expo
     run naming it, or with --bad-rows skip scores NaN in its place so output rows still follow input lines."""
     import gzip
 
-    from pipeline.export import load_exported
-    from pipeline.predict import main, run
+    from pipeline.serving.export import load_exported
+    from pipeline.serving.predict import main, run
 
     raw = Path(_option(tiny_data_overrides, "data.raw_dir"))
     want = np.load(vocab_run / "predictions_val.npy")
@@ -161,7 +161,7 @@ def test_unlabelled_gz_input_and_malformed_lines(tmp_path, vocab_run, vocab_expo
     assert np.isnan(got[10]) and np.isnan(got[-1])
     np.testing.assert_allclose(np.delete(got, [10, 4001]), want, rtol=1e-5, atol=1e-7)
 
-    caplog.set_level("ERROR", logger="pipeline.predict")
+    caplog.set_level("ERROR", logger="pipeline.serving.predict")
     assert main(["--model", str(vocab_export), "--input", str(path), "--out", str(tmp_path / "e.tsv")]) == 1
     assert "test.txt.gz:11: 3 tab-separated fields, expected 39 (no label)" in caplog.text
     assert "--bad-rows skip" in caplog.text
@@ -170,8 +170,8 @@ def test_unlabelled_gz_input_and_malformed_lines(tmp_path, vocab_run, vocab_expo
 
 def test_hash_ids_and_torchrec_dense_transform_column_wise(tmp_path, hash_run, tiny_data_overrides) -> None:
     from pipeline.checkpoint import SafeFileSystemReader, latest_checkpoint
-    from pipeline.export import export, load_exported
-    from pipeline.predict import run
+    from pipeline.serving.export import export, load_exported
+    from pipeline.serving.predict import run
 
     raw = Path(_option(tiny_data_overrides, "data.raw_dir"))
     saved = SafeFileSystemReader(latest_checkpoint(hash_run / "checkpoints")).read_metadata().state_dict_metadata
@@ -210,8 +210,8 @@ def test_hash_ids_and_torchrec_dense_transform_column_wise(tmp_path, hash_run, t
 def test_int8_export_scores_close_to_float_and_is_smaller(tmp_path, vocab_run, vocab_export) -> None:
     """--quantize int8: tables int8 row-wise through PyTorch's quantized embedding-bag kernel; the val
     predictions stay close to the float export's and the AUC moves by little."""
-    from pipeline.export import INT8_KEY, export, load_exported, main
-    from pipeline.predict import run
+    from pipeline.serving.export import INT8_KEY, export, load_exported, main
+    from pipeline.serving.predict import run
 
     assert main([str(vocab_run), "--out", str(tmp_path / "int8"), "--quantize", "int8", "--no-dense-program"]) == 0
     spec = json.loads((tmp_path / "int8" / "export.json").read_text())

@@ -10,9 +10,10 @@ import sys
 import pytest
 from PIL import Image
 
-from pipeline import report
-from pipeline.metrics.loggers import EVENT_FILE_GLOB, float32, read_scalars
+from pipeline.metrics.loggers import EVENT_FILE_GLOB
+from pipeline.tools import report
 from tests.conftest import ROOT, TrainRun, run_training
+from tests.tfevents import float32, read_scalars
 
 pytestmark = pytest.mark.distributed
 
@@ -42,22 +43,22 @@ def test_tensorboard_scalars_equal_metrics_jsonl(tb_run) -> None:
     scalars = read_scalars(tb_run.run_dir)
     train = tb_run.events("train")
     assert [e["step"] for e in train] == list(range(5, 45, 5))
-    for key in ("train/loss", "train/samples_per_s", "lr", "memory/rss_mib", "memory/peak_rss_mib"):
+    for key in ("train/loss", "train/samples_per_s", "train/lr", "memory/rss_mib", "memory/peak_rss_mib"):
         assert scalars[key] == [(e["step"], float32(e[key])) for e in train], key
     assert scalars["progress/samples"] == [(e["step"], float(e["samples"])) for e in train]
     assert train[-1]["memory/peak_rss_mib"] >= train[-1]["memory/rss_mib"] > 50
     assert "memory/cuda_max_allocated_mib" not in scalars  # CPU run
     # Evaluations by split: val at steps 20 (partial) and 40 (final, whole split), test at the end.
-    val = [e for e in tb_run.events("eval") if e["split"] == "val"]
-    assert scalars["eval/val/auc"] == [(e["step"], float32(e["eval/auc"])) for e in val]
+    val = [e for e in tb_run.events("eval") if "eval/val/auc" in e]
+    assert scalars["eval/val/auc"] == [(e["step"], float32(e["eval/val/auc"])) for e in val]
     assert [s for s, _ in scalars["eval/val/logloss"]] == [20, 40]
-    assert scalars["eval/test/auc"] == [(40, float32(tb_run.summary["final"]["test"]["auc"]))]
+    assert scalars["eval/test/auc"] == [(40, float32(tb_run.summary["final"]["eval/test/auc"]))]
 
 
 def test_automatic_report_after_training(tb_run) -> None:
     _check_png(tb_run.run_dir / "report.png")
     md = (tb_run.run_dir / "report.md").read_text()
-    auc = tb_run.summary["final"]["val"]["auc"]
+    auc = tb_run.summary["final"]["eval/val/auc"]
     assert f"| val | {auc:.4f} |" in md
     assert "run report:" in (tb_run.run_dir / "rank0.log").read_text()
 
@@ -69,7 +70,7 @@ def test_report_cli_and_two_run_comparison(tb_run, tiny_data_overrides, tmp_path
                           "optimizer.lr=0.05", "logger.backends=[jsonl]", "logger.report=false"], nproc=1)
     assert other.returncode == 0, other.output[-4000:]
     assert not list(other.run_dir.glob(EVENT_FILE_GLOB)) and not (other.run_dir / "report.png").exists()
-    out = subprocess.run([sys.executable, "-m", "pipeline.report", str(tb_run.run_dir), str(other.run_dir),
+    out = subprocess.run([sys.executable, "-m", "pipeline.tools.report", str(tb_run.run_dir), str(other.run_dir),
                           "--out", str(tmp_path / "cmp")], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     _check_png(tmp_path / "cmp" / "report.png")
@@ -80,7 +81,7 @@ def test_report_cli_and_two_run_comparison(tb_run, tiny_data_overrides, tmp_path
     for run, loaded, lr in ((tb_run, runs[0], "0.01"), (other, runs[1], "0.05")):
         assert loaded.label.startswith(f"{run.run_dir.name}: ") and f"optimizer.lr={lr}" in loaded.label
         assert "data.raw_dir" not in loaded.label
-        auc = run.summary["final"]["val"]["auc"]
+        auc = run.summary["final"]["eval/val/auc"]
         assert f"| {loaded.label} | val | {auc:.4f} |" in md, md
 
 

@@ -12,7 +12,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from pipeline.config import register_configs
-from pipeline.runtime import register_resolvers
+from pipeline.resolvers import register_resolvers
 from tests.conftest import CONF_DIR
 
 register_resolvers()
@@ -52,7 +52,7 @@ def test_table_optimizer_updates_tables_in_backward(tmp_path, tiny_data_override
         state = trainer.model.fused_optimizer.state_dict()["state"]
         if optimizer in ("row_wise_adagrad", "adagrad"):
             assert state, f"fused {optimizer} keeps its state in FBGEMM"
-        assert 0.0 <= summary["final"]["val"]["auc"] <= 1.0
+        assert 0.0 <= summary["final"]["eval/val/auc"] <= 1.0
     finally:
         trainer.close()
 

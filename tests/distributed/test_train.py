@@ -7,6 +7,7 @@ import re
 
 import pytest
 
+from pipeline.metrics.keys import splits_in
 from tests.conftest import run_training
 
 pytestmark = pytest.mark.distributed
@@ -35,13 +36,13 @@ def test_two_ranks_loss_falls_and_ranks_agree(tmp_path, tiny_data_overrides) -> 
     summary = run.summary
     assert summary["world_size"] == 2 and summary["backend"] == "gloo"
     assert 0 < summary["bookkeeping_fraction"] < 0.5, "the loop's own per-step code is timed, and is not training"
-    assert summary["final"]["val"]["num_samples"] == 4000, "every val row scored exactly once"
-    assert summary["final"]["val"]["auc"] > 0.65
-    assert summary["optimum"]["val"]["auc"] > summary["final"]["val"]["auc"]
+    assert summary["final"]["eval/val/num_samples"] == 4000, "every val row scored exactly once"
+    assert summary["final"]["eval/val/auc"] > 0.65
+    assert summary["optimum"]["val"]["auc"] > summary["final"]["eval/val/auc"]
     # One run folder for the job: config, per-rank logs, metrics, summary, a single .hydra.
     names = {p.name for p in run.run_dir.iterdir()}
     assert {"config.yaml", "rank0.log", "rank1.log", "metrics.jsonl", "summary.json", ".hydra"} <= names
-    assert {e["split"] for e in run.events("eval")} == {"val", "test"}
+    assert {s for e in run.events("eval") for s in splits_in(e)} == {"val", "test"}
     assert "beside the data's optimum" in run.output
 
 
@@ -91,7 +92,7 @@ def test_trains_on_one_real_format_file_with_a_random_split(tmp_path) -> None:
     assert manifest["bad_rows"]["by_kind"]["wrong_field_count"] == 1 and manifest["bad_rows"]["total"] == 1
     rows = {s: v["num_rows"] for s, v in manifest["splits"].items()}
     assert sum(rows.values()) == 6000 and min(rows.values()) > 200
-    assert run.summary["final"]["test"]["num_samples"] == rows["test"]
+    assert run.summary["final"]["eval/test/num_samples"] == rows["test"]
 
 
 def test_early_stop_on_target_auc_and_on_patience(tmp_path, tiny_data_overrides) -> None:
@@ -102,8 +103,8 @@ def test_early_stop_on_target_auc_and_on_patience(tmp_path, tiny_data_overrides)
     s = target.summary
     assert s["steps"] < 200 and s["steps"] % 10 == 0 and "reached trainer.early_stop_auc=0.6" in s["stopped_early"]
     evals = [e for e in target.events("eval") if e["partial"]]
-    assert evals[-1]["eval/auc"] >= 0.6 and all(e["eval/auc"] < 0.6 for e in evals[:-1])
-    assert s["final"]["val"]["num_samples"] == 4000, "the final evaluation still covers the whole split"
+    assert evals[-1]["eval/val/auc"] >= 0.6 and all(e["eval/val/auc"] < 0.6 for e in evals[:-1])
+    assert s["final"]["eval/val/num_samples"] == 4000, "the final evaluation still covers the whole split"
 
     patience = run_training(tmp_path / "patience", [*common, "trainer.early_stop_patience=2",
                                                     "trainer.early_stop_min_delta=1.0"])  # no gain can count

@@ -5,7 +5,6 @@ unsharded fp32 export (and the torch.export program of its dense part) scores li
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -25,8 +24,8 @@ VARIANTS = {
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_variant_trains_sharded_and_exports_with_parity(tmp_path, tiny_data_overrides, variant) -> None:
-    from pipeline.export import DenseInteraction, export, load_exported
-    from pipeline.predict import run
+    from pipeline.serving.export import DenseInteraction, export, load_exported
+    from pipeline.serving.predict import run
 
     run_dir = tmp_path / variant
     res = run_training(run_dir, [*tiny_data_overrides, *VARIANTS[variant], "trainer.max_steps=60",
@@ -36,7 +35,7 @@ def test_variant_trains_sharded_and_exports_with_parity(tmp_path, tiny_data_over
     events = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     losses = [e["train/loss"] for e in events if e["event"] == "train"]
     assert np.mean(losses[-3:]) < np.mean(losses[:3]), f"the training loss falls: {losses}"
-    auc = json.loads((run_dir / "summary.json").read_text())["final"]["val"]["auc"]
+    auc = json.loads((run_dir / "summary.json").read_text())["final"]["eval/val/auc"]
     assert auc > 0.55, auc  # data=tiny's optimum is about 0.89; chance is 0.5 (std about 0.01 on 4,000 rows)
 
     spec = export(run_dir, tmp_path / "export")
@@ -54,8 +53,8 @@ def test_variant_trains_sharded_and_exports_with_parity(tmp_path, tiny_data_over
 def test_matrix_factorisation_on_generated_movielens_data(tmp_path) -> None:
     """model=mf on data=movielens_tiny (declared columns: 2 dense, 4 decimal-id sparse), sharded over 2
     ranks: the two tables learn the user-item affinity, and the export scores the raw TSV the same."""
-    from pipeline.export import export, load_exported
-    from pipeline.predict import run
+    from pipeline.serving.export import export, load_exported
+    from pipeline.serving.predict import run
 
     data = tmp_path / "movielens"
     run_dir = tmp_path / "mf"
@@ -65,8 +64,8 @@ def test_matrix_factorisation_on_generated_movielens_data(tmp_path) -> None:
                                  "sharding=table_wise", "logger.log_every_steps=10"], nproc=2)
     assert res.returncode == 0, res.output[-3000:]
     assert "t_user_id: table_wise" in res.output and "t_genre" not in res.output  # two tables, nothing else
-    summary = json.loads((run_dir / "summary.json").read_text())["final"]["val"]
-    assert summary["auc"] > 0.65, summary  # chance 0.5; the generator's optimum is about 0.82
+    summary = json.loads((run_dir / "summary.json").read_text())["final"]
+    assert summary["eval/val/auc"] > 0.65, summary  # chance 0.5; the generator's optimum is about 0.82
 
     spec = export(run_dir, tmp_path / "export")
     assert spec["model"]["name"] == "mf" and spec["top_in_features"] is None
@@ -85,6 +84,6 @@ def test_bf16_autocast_trains_as_well_as_fp32(tmp_path, tiny_data_overrides) -> 
         res = run_training(run_dir, [*tiny_data_overrides, "trainer.max_steps=150", "trainer.eval_every_steps=0",
                                      f"trainer.precision={precision}", "checkpoint.save_at_end=false"], nproc=1)
         assert res.returncode == 0, res.output[-3000:]
-        aucs[precision] = json.loads((run_dir / "summary.json").read_text())["final"]["val"]["auc"]
+        aucs[precision] = json.loads((run_dir / "summary.json").read_text())["final"]["eval/val/auc"]
     assert abs(aucs["bf16"] - aucs["fp32"]) < 0.01, aucs
     assert aucs["bf16"] != aucs["fp32"], "bf16 changed the arithmetic (autocast was on)"

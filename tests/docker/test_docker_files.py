@@ -17,7 +17,7 @@ import yaml
 from hydra import compose, initialize_config_dir
 
 from pipeline.config import register_configs
-from pipeline.runtime import register_resolvers
+from pipeline.resolvers import register_resolvers
 from tests.conftest import CONF_DIR, ROOT
 
 register_resolvers()
@@ -115,8 +115,8 @@ def test_compose_nodes_run_one_two_node_torchrun_job(train_args: str) -> None:
         argv = _service_argv(service, host_env)
         assert argv[:2] == ["./launch.sh", "train"]
         torchrun = _dry_run(argv, env)
-        script = torchrun.index("pipeline/train.py")
-        assert Path(torchrun[0]).name == "torchrun" and (ROOT / torchrun[script]).is_file()
+        script = next(i for i, arg in enumerate(torchrun) if arg.endswith("pipeline/train.py"))
+        assert Path(torchrun[0]).name == "torchrun" and Path(torchrun[script]) == ROOT / "pipeline" / "train.py"
         flags = torchrun[1:script]
         for flag, want in {"--nnodes": "2", "--nproc_per_node": env["NPROC"], "--rdzv_backend": "c10d",
                            "--rdzv_endpoint": "node0:29500", "--rdzv_id": "job-42"}.items():
@@ -161,7 +161,7 @@ def test_dockerfile_cmd_is_the_main_job_and_its_inputs_exist() -> None:
     cmd = json.loads([arg for op, arg in instructions if op == "CMD"][-1])
     assert cmd == ["./launch.sh", "train"]
     torchrun = _dry_run(cmd, {"PIPELINE_RUN_ID": "x"})
-    assert torchrun[-1] == "pipeline/train.py" and (ROOT / "pipeline" / "train.py").is_file()
+    assert Path(torchrun[-1]) == ROOT / "pipeline" / "train.py" and Path(torchrun[-1]).is_file()
     _assert_overrides_compose([])
     assert [arg for op, arg in instructions if op == "WORKDIR"] == [WORKDIR]
     user = [arg for op, arg in instructions if op == "USER"][-1]

@@ -161,7 +161,7 @@ def _check_one_run_folder(run: subprocess.CompletedProcess, runs: Path, world_si
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["world_size"] == world_size and summary["steps"] == 30
     assert summary["run_dir"] == str(run_dir)
-    assert summary["final"]["val"]["num_samples"] == 4000
+    assert summary["final"]["eval/val/num_samples"] == 4000
     return summary
 
 

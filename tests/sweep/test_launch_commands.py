@@ -10,6 +10,8 @@ import pytest
 
 from tests.conftest import ROOT
 
+SCRIPT = str(ROOT / "pipeline" / "train.py")  # the installed package's entry, by its full path
+
 
 def _launch(*args: str, **env: str) -> subprocess.CompletedProcess:
     base = {k: v for k, v in os.environ.items() if k not in ("NNODES", "RDZV_ENDPOINT", "PIPELINE_RUN_ID", "NPROC")}
@@ -30,20 +32,20 @@ def _argv(*args: str, **env: str) -> list[str]:
 def test_sweep_runs_in_one_process_not_under_torchrun(args: list[str]) -> None:
     argv = _argv(*args)
     # One Hydra process expands the sweep; its launcher starts torchrun per point.
-    assert argv[0].endswith("/python") and argv[1] == "pipeline/train.py"
+    assert argv[0].endswith("/python") and argv[1] == str(ROOT / "pipeline" / "train.py")
     assert argv[2:] in (["-m", "optimizer.lr=0.01,0.1"], ["--multirun", "optimizer.lr=0.01,0.1"])
 
 
 def test_train_is_one_standalone_torchrun_node_by_default() -> None:
     argv = _argv("train", "model=tiny", NPROC="3")
     assert argv[0].endswith("/torchrun")
-    assert argv[1:] == ["--standalone", "--nnodes", "1", "--nproc_per_node", "3", "pipeline/train.py", "model=tiny"]
+    assert argv[1:] == ["--standalone", "--nnodes", "1", "--nproc_per_node", "3", SCRIPT, "model=tiny"]
 
 
 def test_train_on_several_nodes_uses_c10d_rendezvous_with_the_run_id() -> None:
     argv = _argv("train", "model=tiny", NNODES="2", NPROC="1", RDZV_ENDPOINT="node0:29500", PIPELINE_RUN_ID="job1")
     assert argv[1:] == ["--nnodes", "2", "--nproc_per_node", "1", "--rdzv_backend", "c10d", "--rdzv_endpoint",
-                        "node0:29500", "--rdzv_id", "job1", "pipeline/train.py", "model=tiny"]
+                        "node0:29500", "--rdzv_id", "job1", SCRIPT, "model=tiny"]
     # Without an endpoint or a shared run id the nodes could not meet (or would write two folders).
     for env in ({"RDZV_ENDPOINT": "node0:29500"}, {"PIPELINE_RUN_ID": "job1"}):
         out = _launch("train", NNODES="2", **env)
@@ -72,7 +74,7 @@ def test_help_explains_every_command_with_an_example() -> None:
 def test_max_restarts_reaches_torchrun() -> None:
     argv = _argv("train", "model=tiny", NPROC="2", MAX_RESTARTS="3")
     assert argv[1:] == ["--standalone", "--nnodes", "1", "--nproc_per_node", "2", "--max-restarts", "3",
-                        "pipeline/train.py", "model=tiny"]
+                        SCRIPT, "model=tiny"]
 
 
 def test_submit_puts_torchx_run_options_before_the_component() -> None:
@@ -83,20 +85,30 @@ def test_submit_puts_torchx_run_options_before_the_component() -> None:
 
 
 @pytest.mark.parametrize("env", [{}, {"NNODES": "2", "RDZV_ENDPOINT": "node0:29500", "PIPELINE_RUN_ID": "job1"}])
-def test_train_gives_every_torchrun_restart_a_fresh_rendezvous_store(tmp_path, env) -> None:
-    """torchrun's shared rendezvous store keeps a failed attempt's addresses; launch.sh turns sharing off.
+def test_train_gives_every_torchrun_restart_a_fresh_rendezvous_store(monkeypatch, env) -> None:
+    """torchrun's shared rendezvous store keeps a failed attempt's addresses; the CLI turns sharing off for the
+    torchrun it starts (seen by a stand-in for it)."""
+    from pipeline import cli
 
-    A stand-in venv (the real one's install stamp, a torchrun that prints its environment) shows
-    what launch.sh hands torchrun."""
-    venv = tmp_path / "venv"
-    (venv / "bin").mkdir(parents=True)
-    (venv / ".pipeline-installed").write_text((ROOT / ".venv" / ".pipeline-installed").read_text())
-    fake = venv / "bin" / "torchrun"
-    fake.write_text("#!/bin/sh\nenv\n")
-    fake.chmod(0o755)
-    base = {k: v for k, v in os.environ.items()
-            if k not in ("NNODES", "RDZV_ENDPOINT", "PIPELINE_RUN_ID", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE")}
-    out = subprocess.run(["bash", "launch.sh", "train", "model=tiny"], cwd=ROOT, capture_output=True, text=True,
-                         timeout=60, env={**base, "PIPELINE_VENV": str(venv), "MAX_RESTARTS": "2", **env})
-    assert out.returncode == 0, out.stderr
-    assert "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1" in out.stdout.splitlines()
+    seen: dict = {}
+    monkeypatch.setattr(cli, "_torchrun", lambda argv, run_id: seen.update(argv=argv, env=dict(os.environ)) or 0)
+    for key in ("NNODES", "RDZV_ENDPOINT", "PIPELINE_RUN_ID", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "NPROC",
+                "OMP_NUM_THREADS"):
+        monkeypatch.setenv(key, "unset")
+        monkeypatch.delenv(key)
+    for key, value in {**env, "MAX_RESTARTS": "2"}.items():
+        monkeypatch.setenv(key, value)
+    assert cli.train(["model=tiny"]) == 0
+    assert seen["env"]["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] == "1" and seen["env"]["OMP_NUM_THREADS"] == "1"
+    assert seen["argv"][seen["argv"].index("--max-restarts") + 1] == "2" and seen["argv"][-1] == "model=tiny"
+
+
+def test_a_bad_override_stops_before_torchrun_in_a_few_lines(tmp_path) -> None:
+    """Checked in one process before torchrun: one message with the closest key, exit code 2, no run folder."""
+    out = subprocess.run([str(ROOT / ".venv" / "bin" / "dlrm-pipeline"), "train", "trainer.max_step=5"], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=120, env={**os.environ, "PIPELINE_RUN_ID": "bad"})
+    assert out.returncode == 2
+    lines = (out.stdout + out.stderr).strip().splitlines()
+    assert len(lines) <= 5 and "Traceback" not in out.stderr, lines
+    assert "unknown key trainer.max_step (did you mean trainer.max_steps?)" in out.stderr
+    assert not (tmp_path / "outputs").exists()

@@ -24,6 +24,7 @@ from hydra_plugins.pipeline_torchrun_launcher.torchrun_launcher import (
     TorchrunLauncher,
     write_results,
 )
+from pipeline.metrics.keys import splits_in
 from tests.conftest import ROOT
 
 # A few dozen rows' worth of steps: enough to train and evaluate, quick to start.
@@ -55,8 +56,8 @@ def test_launch_sh_sweep_runs_every_point_and_writes_one_table(tmp_path, tiny_da
         point = sweep_dir / str(num)
         summary = json.loads((point / "summary.json").read_text())
         # The table holds each point's final metrics from its own summary.json.
-        assert float(row["val_auc"]) == pytest.approx(summary["final"]["val"]["auc"])
-        assert float(row["test_logloss"]) == pytest.approx(summary["final"]["test"]["logloss"])
+        assert float(row["val_auc"]) == pytest.approx(summary["final"]["eval/val/auc"])
+        assert float(row["test_logloss"]) == pytest.approx(summary["final"]["eval/test/logloss"])
         assert summary["world_size"] == 1 and summary["steps"] == 10
         # Its own run folder: config with that point's value, rank log, launcher log, one .hydra.
         assert yaml.safe_load((point / "config.yaml").read_text())["optimizer"]["lr"] == float(row["optimizer.lr"])
@@ -67,7 +68,7 @@ def test_launch_sh_sweep_runs_every_point_and_writes_one_table(tmp_path, tiny_da
     doc = json.loads((sweep_dir / "results.json").read_text())
     assert doc["swept"] == ["optimizer.lr"] and doc["num_failed"] == 0
     assert doc["points"][1]["overrides"][-1] == "optimizer.lr=0.1"
-    assert set(doc["points"][0]["final"]) == {"val", "test"}
+    assert splits_in(doc["points"][0]["final"]) == ["val", "test"]
     # The table is printed too, and Hydra's multirun.yaml records the sweep.
     assert "sweep results" in out.stdout and "optimizer.lr" in out.stdout
     assert (sweep_dir / "multirun.yaml").is_file()
@@ -76,23 +77,24 @@ def test_launch_sh_sweep_runs_every_point_and_writes_one_table(tmp_path, tiny_da
 @pytest.mark.distributed
 @pytest.mark.slow
 def test_failed_point_is_reported_and_the_others_still_run_on_two_ranks(tmp_path, tiny_data_overrides) -> None:
-    # 255 rows do not split over 2 ranks: point #0 fails at start, point #1 trains on 2 ranks.
+    """255 rows do not split over 2 ranks: point #0's config is refused before it starts; 40,000 rows a step
+    are more than the training split holds: #1 fails at start (a data error); #2 trains on 2 ranks."""
     sweep_dir = tmp_path / "sweep"
     out = _sweep([sys.executable, "pipeline/train.py", "-m", *tiny_data_overrides, *QUICK,
-                  "data.global_batch_size=255,256", "hydra.launcher.nproc_per_node=2",
+                  "data.global_batch_size=255,40000,256", "hydra.launcher.nproc_per_node=2",
                   f"hydra.sweep.dir={sweep_dir}"])
     assert out.returncode != 0, "a sweep with a failed point exits non-zero"
-    assert "1 of 2 points failed" in out.stderr
+    assert "2 of 3 points failed" in out.stderr
 
-    failed, ok = _rows(sweep_dir)
-    assert (failed["status"], failed["data.global_batch_size"], failed["val_auc"]) == ("failed", "255", "")
-    assert failed["exit_code"] not in ("", "0")
+    invalid, failed, ok = _rows(sweep_dir)
+    assert (invalid["status"], invalid["data.global_batch_size"], invalid["exit_code"]) == ("invalid", "255", "")
+    assert not (sweep_dir / "0").exists(), "an invalid point starts nothing"
+    assert "must be divisible by world_size=2" in out.stdout + out.stderr
+    assert (failed["status"], failed["exit_code"], failed["val_auc"]) == ("failed", "1", "")
+    assert "fewer than one global batch" in (sweep_dir / "1" / "torchrun.log").read_text()
     assert (ok["status"], ok["exit_code"], ok["world_size"]) == ("ok", "0", "2")
     assert float(ok["val_auc"]) > 0
-    # The failed point's error is in its log, and named in the sweep's output.
-    assert "must be divisible by world_size=2" in (sweep_dir / "0" / "torchrun.log").read_text()
-    assert "must be divisible by world_size=2" in out.stdout + out.stderr
-    assert {"rank0.log", "rank1.log", "summary.json"} <= {p.name for p in (sweep_dir / "1").iterdir()}
+    assert {"rank0.log", "rank1.log", "summary.json"} <= {p.name for p in (sweep_dir / "2").iterdir()}
 
 
 @pytest.mark.distributed
@@ -162,7 +164,8 @@ def test_plugin_is_discovered_and_refuses_to_run_inside_torchrun(monkeypatch) ->
 
 
 def test_results_table_lists_statuses_swept_values_and_metrics(tmp_path) -> None:
-    final = {s: {"auc": 0.71, "logloss": 0.5, "normalized_entropy": 0.9, "calibration": 1.0} for s in ("val", "test")}
+    final = {f"eval/{s}/{k}": v for s in ("val", "test")
+             for k, v in {"auc": 0.71, "logloss": 0.5, "normalized_entropy": 0.9, "calibration": 1.0}.items()}
     points = [
         SweepPoint(0, ["model=tiny", "optimizer.lr=0.01"], tmp_path / "0", "ok", 0, 12.3,
                    {"final": final, "world_size": 2, "steps": 10, "train_samples_per_s": 1000.0}),

@@ -18,7 +18,7 @@ from tests.conftest import ROOT
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
-# Search the MLPs' learning rate only; fix the rest of conf/tune/default.yaml's space so trials are quick.
+# Search the MLPs' learning rate only; fix the rest of pipeline/conf/tune/default.yaml's space so trials are quick.
 FIXED = ["optimizer.embedding_lr=0.1", "data.global_batch_size=256", "model.embedding_dim=8", "trainer.num_epochs=1",
          "optimizer.embedding=row_wise_adagrad", "model.interaction=dot", "data.min_id_frequency=2"]
 
@@ -67,7 +67,7 @@ def test_tune_resumes_after_a_kill_and_writes_the_best_config(tmp_path, tiny_dat
     assert len(set(lrs)) == 3, "the resumed search did not repeat the first run's draws"
 
     best = json.loads((sweep_dir / "best.json").read_text())
-    aucs = [json.loads((sweep_dir / str(n) / "summary.json").read_text())["final"]["val"]["auc"] for n in range(3)]
+    aucs = [json.loads((sweep_dir / str(n) / "summary.json").read_text())["final"]["eval/val/auc"] for n in range(3)]
     assert best["value"] == max(aucs) and best["trial"] == aucs.index(max(aucs)) and best["trials_complete"] == 3
     rows = (sweep_dir / "results.csv").read_text().splitlines()
     assert len(rows) == 4 and all(",ok," in r for r in rows[1:])  # all three trials, the first run's too

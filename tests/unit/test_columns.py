@@ -22,14 +22,14 @@ from pipeline.config import (
     TrainConfig,
     validate,
 )
+from pipeline.data.features import MISSING_ID
 from pipeline.data.generators import movielens, synthetic
+from pipeline.data.loader import BinarySplit
+from pipeline.data.manifest import MANIFEST, Manifest
+from pipeline.data.prepare import check_generator_layout, prepare_data
+from pipeline.data.preprocess import is_current, preprocess
 from pipeline.data.schema import CRITEO, Schema
 from pipeline.data.tsv import BadRows, RawDataError, read_blocks
-from pipeline.data.loader import BinarySplit
-from pipeline.data.prepare import check_generator_layout, prepare_data
-from pipeline.data.features import MISSING_ID
-from pipeline.data.manifest import MANIFEST, Manifest
-from pipeline.data.preprocess import is_current, preprocess
 from tests.conftest import CONF_DIR
 
 DENSE = ["age", "activity"]
@@ -252,7 +252,7 @@ def test_movielens_config_generates_and_preprocesses_on_first_use(tmp_path) -> N
     batch = BinarySplit(cfg.processed_dir, "train").make_batch(np.arange(32))
     assert batch.dense_features.shape == (32, 2) and torch.isfinite(batch.dense_features).all()
     # The generator's layout must be the declared one.
-    with pytest.raises(ConfigError, match=r"data.movielens writes the columns .*conf/data/movielens.yaml"):
+    with pytest.raises(ConfigError, match=r"data.movielens writes the columns .*pipeline/conf/data/movielens.yaml"):
         check_generator_layout(replace(cfg, categorical_format=CategoricalFormat.hex))
     with pytest.raises(ConfigError, match=r"data.synthetic writes the columns"):
         check_generator_layout(replace(cfg, movielens=None, synthetic=SyntheticConfig()))
@@ -260,8 +260,8 @@ def test_movielens_config_generates_and_preprocesses_on_first_use(tmp_path) -> N
 
 @pytest.mark.parametrize("model_name", ["dlrm", "mf"])
 def test_exported_model_scores_raw_rows_of_its_declared_layout(tmp_path, model_name) -> None:
-    from pipeline.export import ExportedModel, build_dlrm, export_dense_program
-    from pipeline.predict import detect_labelled, run
+    from pipeline.serving.export import ExportedModel, build_dlrm, export_dense_program
+    from pipeline.serving.predict import detect_labelled, run
 
     movielens.generate(SMALL_ML, tmp_path)
     torch.manual_seed(0)

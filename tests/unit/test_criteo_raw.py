@@ -17,12 +17,22 @@ import pytest
 
 from pipeline.config import BadRowPolicy, DataConfig, DenseTransform, IdMode, SplitMode, SyntheticConfig
 from pipeline.data.generators import synthetic
-from pipeline.data.schema import CRITEO
-from pipeline.data.tsv import BAD_ROW_KINDS, BadRows, RawDataError, check_line, compiled, count_lines, read_blocks
-from pipeline.data.tsv import arrow, reader, scanner
-from pipeline.data.tsv.block import Chunk
 from pipeline.data.loader import BinarySplit, train_batches
 from pipeline.data.preprocess import preprocess, raw_files
+from pipeline.data.schema import CRITEO
+from pipeline.data.tsv import (
+    BAD_ROW_KINDS,
+    BadRows,
+    RawDataError,
+    arrow,
+    check_line,
+    compiled,
+    count_lines,
+    read_blocks,
+    reader,
+    scanner,
+)
+from pipeline.data.tsv.block import Chunk
 from tests.conftest import ROOT
 
 

@@ -1,4 +1,4 @@
-"""Tests for the environment doctor (pipeline.doctor).
+"""Tests for the environment doctor (pipeline.tools.doctor).
 
 Mismatches are simulated through the injectable ``versions`` / ``importer`` arguments
 (or by monkeypatching the module-level functions), so the real install is never touched.
@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import doctor
-from pipeline.doctor import DoctorReport, StackVersions, check_environment, choose_backend, format_report, run_checks
+from pipeline.tools import doctor
+from pipeline.distributed.env import backend_for
+from pipeline.tools.doctor import DoctorReport, StackVersions, check_environment, format_report, run_checks
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 UNDEFINED_SYMBOL = (
@@ -60,7 +61,7 @@ def test_read_versions_does_not_import_fbgemm_or_torchrec() -> None:
     # In a fresh interpreter: reading versions must work even when importing would crash.
     code = (
         "import sys\n"
-        "from pipeline.doctor import read_versions\n"
+        "from pipeline.tools.doctor import read_versions\n"
         "v = read_versions()\n"
         "assert v.torch and v.fbgemm and v.torchrec and v.fbgemm_distribution, v\n"
         "assert 'fbgemm_gpu' not in sys.modules and 'torchrec' not in sys.modules\n"
@@ -198,7 +199,7 @@ def test_two_fbgemm_wheels_at_once_is_a_problem() -> None:
     ],
 )
 def test_choose_backend(cuda: bool, nccl: bool, gloo: bool, expected: str | None) -> None:
-    assert choose_backend(cuda, nccl, gloo) == expected
+    assert backend_for(cuda, nccl, gloo) == expected
 
 
 def test_format_report_lists_versions_devices_and_backend() -> None:
@@ -219,7 +220,7 @@ def test_format_report_lists_versions_devices_and_backend() -> None:
 
 def test_module_entry_point_exits_zero() -> None:
     out = subprocess.run(
-        [sys.executable, "-m", "pipeline.doctor"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300
+        [sys.executable, "-m", "pipeline.tools.doctor"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300
     )
     assert out.returncode == 0, out.stdout + out.stderr
     assert "status    OK" in out.stdout

@@ -7,10 +7,10 @@ import pytest
 import torch
 from torchrec.modules.embedding_configs import DataType
 
-from pipeline.config import ConfigError, EmbeddingDtype, ShardingConfig, TrainConfig, validate
-from pipeline.distributed.sharding import constraints_from_config, set_embedding_dtype
+from pipeline.config import ConfigError, EmbeddingDtype, ModelConfig, ShardingConfig, TrainConfig, validate
+from pipeline.distributed.planner import constraints_from_config
+from pipeline.distributed.sharding import set_embedding_dtype
 from pipeline.model.dlrm import build_model
-from pipeline.config import ModelConfig
 
 
 def _cfg(**sharding) -> TrainConfig:

@@ -8,10 +8,9 @@ from pathlib import Path
 
 import pytest
 
-
 _FAULTS = """
 import resource, sys, torch
-from pipeline.runtime import keep_freed_memory
+from pipeline.distributed.env import keep_freed_memory
 applied = keep_freed_memory() if sys.argv[1] == "keep" else False
 faults = []
 for _ in range(16):  # 64 MiB blocks: above glibc's largest mmap threshold

@@ -6,8 +6,7 @@ import pytest
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from pipeline.config import ModelConfig
-from pipeline.config import SPARSE_FEATURE_NAMES
+from pipeline.config import SPARSE_FEATURE_NAMES, ModelConfig
 from pipeline.model.dlrm import DotInteraction, build_model
 
 

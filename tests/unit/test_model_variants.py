@@ -7,8 +7,7 @@ import pytest
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from pipeline.config import ConfigError, Interaction, ModelConfig, ModelName, _validate_model
-from pipeline.config import SPARSE_FEATURE_NAMES
+from pipeline.config import SPARSE_FEATURE_NAMES, ConfigError, Interaction, ModelConfig, ModelName, check_model
 from pipeline.model.dlrm import FeatureMLPs, build_model
 
 CRITEO = ModelConfig()  # the paper's Criteo configuration: D = 128, 26 tables
@@ -87,7 +86,7 @@ def test_matrix_factorisation_is_a_dot_product_of_two_tables() -> None:
     ModelConfig(name=ModelName.mf, embedding_dim=8, user_feature="cat_0", item_feature="cat_1"),
 ], ids=["dot", "dcn", "projection", "sparse_mlp", "mf"])
 def test_each_variant_trains_one_batch_down(cfg) -> None:
-    _validate_model(cfg)
+    check_model(cfg)
     model = _materialise(build_model(cfg, [50] * 26))
     dense, kjt, labels = _batch(64, SPARSE_FEATURE_NAMES, 13, rows=50)
     opt = torch.optim.Adam(model.parameters(), lr=0.02)
@@ -118,7 +117,7 @@ def _step(model, dense, kjt, labels):
 ])
 def test_inconsistent_variant_config_names_the_key(overrides, key) -> None:
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
-        _validate_model(ModelConfig(**overrides))
+        check_model(ModelConfig(**overrides))
 
 
 def test_mf_feature_that_the_data_lacks_is_named() -> None:

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 
 from pipeline.config import BadRowPolicy, DataConfig, IdMode, SplitMode, SyntheticConfig
+from pipeline.data.features import RARE_ID, FeatureTransform, auto_hash_cap, table_sizes
 from pipeline.data.generators import synthetic
 from pipeline.data.loader import BinarySplit
-from pipeline.data.features import RARE_ID, FeatureTransform, auto_hash_cap, table_sizes
 from pipeline.data.preprocess import preprocess
 from pipeline.data.vocab import load_vocab
 from pipeline.errors import DataError, MissingDataError

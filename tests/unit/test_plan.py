@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.plan import CARDINALITIES, PlanDoesNotFit, plan, table_sizes
+from pipeline.tools.plan import CARDINALITIES, PlanDoesNotFit, plan, table_sizes
 
 
 def test_criteo_1tb_on_two_nodes_of_eight_h100s_fits_with_memory_per_rank() -> None:

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from pipeline.data.tsv import NO_LABEL, RawDataError, read_blocks
-from pipeline.export import ExportedModel, build_dlrm
-from pipeline.predict import PredictError, detect_labelled, run
+from pipeline.serving.export import ExportedModel, build_dlrm
+from pipeline.serving.predict import PredictError, detect_labelled, run
 from tests.unit.test_criteo_raw import GOOD, row
 
 CAP = 50

@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from pipeline.config import BadRowPolicy, DataConfig, IdMode, SplitMode, SyntheticConfig
-from pipeline.data.generators import synthetic
-from pipeline.data.tsv import RawBlock, RawDataError, read_blocks
-from pipeline.data.loader import BinarySplit, epoch_order, eval_batches, train_batches
 from pipeline.data.features import MISSING_ID, NO_CAP, RARE_ID, IdMapper
+from pipeline.data.generators import synthetic
+from pipeline.data.loader import BinarySplit, epoch_order, eval_batches, train_batches
 from pipeline.data.preprocess import compile_kernels, is_current, preprocess
+from pipeline.data.tsv import RawBlock, RawDataError, read_blocks
 
 SMALL = SyntheticConfig(num_train_rows=5000, num_val_rows=1500, num_test_rows=1000, max_cardinality=200, seed=3)
 

@@ -8,7 +8,7 @@ import logging
 import pytest
 import torch.distributed as dist
 
-from pipeline.distributed.sharding import _restart_safe_store
+from pipeline.distributed.env import _restart_safe_store
 
 TIMEOUT = datetime.timedelta(seconds=10)
 

@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from pipeline import report
 from pipeline.metrics import loggers
+from pipeline.tools import report
+from tests.tfevents import float32, read_scalars
 
 ROOT = Path(__file__).resolve().parents[2]
 PNG_SIZE = (int(report.FIG_SIZE[0] * report.DPI), int(report.FIG_SIZE[1] * report.DPI))
@@ -21,14 +22,15 @@ OPTIMUM = {"val": {"auc": 0.80, "logloss": 0.44}, "test": {"auc": 0.81, "logloss
 
 def _train(step: int, loss: float, gbs: int = 256) -> dict:
     return {"event": "train", "step": step, "epoch": 0, "samples": step * gbs, "train/loss": loss,
-            "train/samples_per_s": 5000.0 + step, "lr": 0.01, "time_s": step * 0.1,
+            "train/samples_per_s": 5000.0 + step, "train/lr": 0.01, "time_s": step * 0.1,
             "memory/rss_mib": 500.0, "memory/peak_rss_mib": 512.5}
 
 
 def _eval(step: int, split: str, auc: float, logloss: float, gbs: int = 256) -> dict:
-    return {"event": "eval", "split": split, "step": step, "samples": step * gbs, "partial": False,
-            "eval/auc": auc, "eval/logloss": logloss, "eval/normalized_entropy": 0.9, "eval/accuracy": 0.77,
-            "eval/calibration": 1.01, "eval/ctr": 0.25, "eval/num_samples": 4000, "eval/seconds": 0.2}
+    values = {"auc": auc, "logloss": logloss, "normalized_entropy": 0.9, "accuracy": 0.77, "calibration": 1.01,
+              "ctr": 0.25, "num_samples": 4000, "seconds": 0.2}
+    return {"event": "eval", "step": step, "samples": step * gbs, "partial": False,
+            **{f"eval/{split}/{k}": v for k, v in values.items()}}
 
 
 def make_run(path: Path, events: list[dict], summary: dict | None = None, overrides: list[str] | None = None,
@@ -48,8 +50,9 @@ def make_run(path: Path, events: list[dict], summary: dict | None = None, overri
 def finished_run(path: Path, lr: float = 0.01, auc: float = 0.7712) -> Path:
     events = [_train(s, 0.6 - s / 1000) for s in range(10, 110, 10)]
     events += [_eval(50, "val", auc - 0.02, 0.47), _eval(100, "val", auc, 0.46), _eval(100, "test", auc + 0.001, 0.459)]
-    final = {s: {"auc": auc + (0.001 if s == "test" else 0), "logloss": 0.46, "normalized_entropy": 0.9,
-                 "accuracy": 0.77, "calibration": 1.01, "ctr": 0.25, "num_samples": 4000} for s in ("val", "test")}
+    final = {f"eval/{s}/{k}": v for s in ("val", "test")
+             for k, v in {"auc": auc + (0.001 if s == "test" else 0), "logloss": 0.46, "normalized_entropy": 0.9,
+                          "accuracy": 0.77, "calibration": 1.01, "ctr": 0.25, "num_samples": 4000}.items()}
     summary = {"world_size": 2, "backend": "gloo", "device": "cpu", "data": "tiny", "model": "dlrm", "steps": 100,
                "epochs": 1.28, "samples": 25600, "global_batch_size": 256, "train_samples_per_s": 5123.4,
                "train_seconds": 5.0, "wall_seconds": 9.5, "final": final, "optimum": OPTIMUM,
@@ -125,17 +128,17 @@ def test_resume_drops_the_work_after_the_checkpoint(tmp_path) -> None:
     (path / "metrics.jsonl").open("a").write('{"event": "train", "step": 4')  # a line cut by a kill
     run = report.load_run(path)
     assert [(e["step"], e["train/loss"]) for e in run.train] == [(10, 0.6), (20, 0.5), (30, 0.45)]
-    assert [e["eval/auc"] for e in run.evals] == [0.71]
+    assert [e["eval/val/auc"] for e in run.evals] == [0.71]
 
 
 def test_cli(tmp_path) -> None:
     run = finished_run(tmp_path / "run")
-    out = subprocess.run([sys.executable, "-m", "pipeline.report", str(run), "--out", str(tmp_path / "rep")],
+    out = subprocess.run([sys.executable, "-m", "pipeline.tools.report", str(run), "--out", str(tmp_path / "rep")],
                          cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert f"wrote {tmp_path / 'rep' / 'report.png'}" in out.stdout
     _check_png(tmp_path / "rep" / "report.png")
-    bad = subprocess.run([sys.executable, "-m", "pipeline.report", str(tmp_path / "nothing")], cwd=ROOT,
+    bad = subprocess.run([sys.executable, "-m", "pipeline.tools.report", str(tmp_path / "nothing")], cwd=ROOT,
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "no metrics.jsonl" in bad.stderr
 
@@ -143,7 +146,7 @@ def test_cli(tmp_path) -> None:
 # -- metric backends ---------------------------------------------------------------------------------
 def test_scalar_tags_by_phase() -> None:
     x, train = loggers.scalars_of(_train(10, 0.5))
-    assert x == 10 and train == {"train/loss": 0.5, "train/samples_per_s": 5010.0, "lr": 0.01,
+    assert x == 10 and train == {"train/loss": 0.5, "train/samples_per_s": 5010.0, "train/lr": 0.01,
                                  "memory/rss_mib": 500.0, "memory/peak_rss_mib": 512.5, "progress/samples": 2560.0}
     x, ev = loggers.scalars_of(_eval(10, "test", 0.7, 0.5), x_axis="samples")
     assert x == 2560 and ev["eval/test/auc"] == 0.7 and ev["eval/test/logloss"] == 0.5 and "partial" not in str(ev)
@@ -162,8 +165,8 @@ def test_tensorboard_round_trip_and_resume_purge(tmp_path) -> None:
     tb.log(_train(3, 9.0))
     tb.close()
     assert len(list(tmp_path.glob(loggers.EVENT_FILE_GLOB))) == 2
-    scalars = loggers.read_scalars(tmp_path)
-    assert scalars["train/loss"] == [(1, loggers.float32(0.1 + 1 / 3)), (2, loggers.float32(0.2 + 1 / 3)), (3, 9.0)]
+    scalars = read_scalars(tmp_path)
+    assert scalars["train/loss"] == [(1, float32(0.1 + 1 / 3)), (2, float32(0.2 + 1 / 3)), (3, 9.0)]
     assert "eval/val/auc" not in scalars  # step 4 was purged
     assert scalars["progress/samples"][-1] == (3, 768.0)
 
@@ -186,19 +189,16 @@ def test_jsonl_is_required() -> None:
 
 
 def test_a_failing_report_only_warns(tmp_path, monkeypatch, caplog) -> None:
-    from pipeline.config import LoggerBackend, LoggerConfig
-    from pipeline.trainer import RunWriter
+    from pipeline import train
+    from pipeline.config import TrainConfig
 
     def broken(*args, **kwargs):
         raise RuntimeError("no fonts")
 
     monkeypatch.setattr(report, "write_report", broken)
-    writer = RunWriter(tmp_path, True, LoggerConfig(backends=[LoggerBackend.jsonl]))
-    writer.event(_train(1, 0.5))
-    writer.report()  # does not raise
-    writer.close()
+    monkeypatch.setenv("RANK", "0")
+    train._report(TrainConfig(), tmp_path)  # does not raise
     assert "run report not written: RuntimeError: no fonts" in caplog.text
-    assert not list(tmp_path.glob(loggers.EVENT_FILE_GLOB))  # jsonl only
 
 
 def test_tensorboard_samples_axis(tmp_path) -> None:
@@ -208,7 +208,7 @@ def test_tensorboard_samples_axis(tmp_path) -> None:
     tb.log({"event": "resume", "step": 2, "samples": 512})  # steps 3.. are redone
     tb.log(_train(3, 0.25))
     tb.close()
-    scalars = loggers.read_scalars(tmp_path)
+    scalars = read_scalars(tmp_path)
     assert scalars["train/loss"] == [(256, 0.5), (512, 0.5), (768, 0.25)]
     assert scalars["progress/step"] == [(256, 1.0), (512, 2.0), (768, 3.0)]
 
@@ -231,4 +231,4 @@ def test_event_files_are_read_in_the_order_they_were_opened(tmp_path) -> None:
     merged.mkdir()
     shutil.copy(old, merged / "events.out.tfevents.100.host.9")  # the older file gets the later-sorting name
     shutil.copy(new, merged / "events.out.tfevents.100.host.10")
-    assert loggers.read_scalars(merged)["train/loss"] == [(1, 1.0), (2, 5.0)]
+    assert read_scalars(merged)["train/loss"] == [(1, 1.0), (2, 5.0)]

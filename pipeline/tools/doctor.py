@@ -6,7 +6,7 @@ happily installs it); it fails at import time with an opaque
 ``OSError: ... undefined symbol: _ZN...``. This module turns that into one
 readable message naming the installed versions and the fix.
 
-Run it by hand as ``python -m pipeline.doctor`` or call :func:`check_environment`
+Run it by hand as ``./launch.sh doctor`` or call :func:`check_environment`
 at the start of a training job.
 """
 
@@ -226,7 +226,7 @@ def check_pairing(versions: StackVersions) -> tuple[str, list[str], list[str]]:
     if wanted_torch is None:
         warnings.append(
             f"unverified pairing: fbgemm-gpu {versions.fbgemm} is not in the known-good table "
-            f"(pipeline.doctor.FBGEMM_TORCH_COMPAT); relying on the operator load check alone"
+            f"(pipeline.tools.doctor.FBGEMM_TORCH_COMPAT); relying on the operator load check alone"
         )
     elif wanted_torch != torch_minor:
         problems.append(
@@ -297,15 +297,6 @@ def _short_error(exc: BaseException) -> str:
     return message
 
 
-def choose_backend(cuda_available: bool, nccl_available: bool, gloo_available: bool) -> str | None:
-    """The process-group backend a training job picks: nccl with CUDA, else gloo."""
-    if cuda_available and nccl_available:
-        return "nccl"
-    if gloo_available:
-        return "gloo"
-    return None
-
-
 def _usable_cpu_cores() -> int:
     # The affinity mask is what this process may actually use (taskset, cgroups via
     # the launcher), which matters more than the machine's total for worker counts.
@@ -331,7 +322,9 @@ def _fill_devices(report: DoctorReport) -> None:
         report.gloo_available = dist.is_gloo_available()
         report.nccl_available = dist.is_nccl_available()
     report.nccl_usable = report.nccl_available and report.cuda_available
-    report.backend = choose_backend(report.cuda_available, report.nccl_available, report.gloo_available)
+    from pipeline.distributed.env import backend_for  # torch only: the stack may be what is broken
+
+    report.backend = backend_for(report.cuda_available, report.nccl_available, report.gloo_available)
 
 
 def run_checks(
@@ -408,7 +401,7 @@ def _gib(n: int) -> str:
 
 
 def format_report(report: DoctorReport) -> str:
-    """Human-readable multi-line report for ``python -m pipeline.doctor``."""
+    """Human-readable multi-line report for ``./launch.sh doctor``."""
     v = report.versions
     fbgemm = f"{v.fbgemm} ({v.fbgemm_distribution}, variant {v.fbgemm_variant or '?'})" if v.fbgemm else "not installed"
     lines = [
@@ -470,7 +463,7 @@ def check_environment(log: Callable[[str], None] = logger.info) -> DoctorReport:
 
 
 def main() -> int:
-    """Entry point of ``python -m pipeline.doctor``: prints the report, 0 when ok."""
+    """Entry point of ``./launch.sh doctor``: prints the report, 0 when ok."""
     # fbgemm_gpu logs every library it loads; keep only real warnings on the console.
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     report = run_checks()

@@ -1,7 +1,7 @@
 """Score raw rows, or a preprocessed split, with an exported model: one probability per row.
 
-    python -m pipeline.predict --model <export dir> --input <raw TSV, plain or .gz> --out predictions.tsv
-    python -m pipeline.predict --model <export dir> --split val --out predictions_val.npy
+    ./launch.sh predict --model <export dir> --input <raw TSV, plain or .gz> --out predictions.tsv
+    ./launch.sh predict --model <export dir> --split val --out predictions_val.npy
 
 ``--input``: the training layout the export records (Criteo's: label + 13 integer + 26 categorical
 fields, 40 in all; or the columns declared in ``data.dense_columns``/``data.sparse_columns``) or the same
@@ -32,9 +32,6 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 import numpy as np
 import torch
 
@@ -42,15 +39,16 @@ from pipeline.config import DenseTransform
 from pipeline.data.features import FeatureTransform, file_dense_min
 from pipeline.data.schema import CRITEO, Schema
 from pipeline.data.tsv import BadRows, RawDataError, open_raw, read_blocks
-from pipeline.export import ExportedModel, ExportError, load_exported, setup_logging
+from pipeline.errors import ExportError
+from pipeline.logs import setup_logging
+from pipeline.serving.export import ExportedModel, load_exported
 
-logger = logging.getLogger("pipeline.predict")
+logger = logging.getLogger(__name__)
 
 DEFAULT_BATCH = 8192
 
 
-class PredictError(ValueError):
-    """The input cannot be scored with this model; the message says why and what to do."""
+from pipeline.errors import PredictError  # noqa: E402
 
 
 @dataclass
@@ -285,9 +283,9 @@ def run(model: ExportedModel, out: str, *, input_path: str | None = None, split:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pipeline.predict", description=__doc__.split("\n\n")[0],
+    parser = argparse.ArgumentParser(prog="./launch.sh predict", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, help="an export folder (python -m pipeline.export ... --out DIR)")
+    parser.add_argument("--model", required=True, help="an export folder (./launch.sh export ... --out DIR)")
     src = parser.add_mutually_exclusive_group(required=True)
     src.add_argument("--input", help="raw TSV in the export's layout (plain or .gz), with or without the label column")
     src.add_argument("--split", choices=("train", "val", "test"), help="a split of preprocessed data instead")

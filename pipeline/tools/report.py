@@ -1,8 +1,8 @@
 """Run report: training and validation curves (PNG) and a Markdown summary of one run or a sweep.
 
-    python -m pipeline.report outputs/<run_id>                    # -> outputs/<run_id>/report.png, report.md
-    python -m pipeline.report multirun/<id>/0 multirun/<id>/1     # one plot comparing the runs
-    python -m pipeline.report multirun/<id> --out reports/lr      # a sweep folder: all its runs
+    ./launch.sh report outputs/<run_id>                    # -> outputs/<run_id>/report.png, report.md
+    ./launch.sh report multirun/<id>/0 multirun/<id>/1     # one plot comparing the runs
+    ./launch.sh report multirun/<id> --out reports/lr      # a sweep folder: all its runs
 
 The plot follows the DLRM paper's Figure 2 (training and validation accuracy against iterations), with
 samples seen on the x axis (steps on the top axis when all runs share the batch size):
@@ -33,6 +33,8 @@ from pathlib import Path
 
 import yaml
 
+from pipeline.metrics import keys
+
 PNG_NAME = "report.png"
 MD_NAME = "report.md"
 FIG_SIZE = (13.0, 5.0)  # inches
@@ -58,18 +60,18 @@ class Run:
         return self.run_dir.name
 
     def eval_points(self, split: str) -> list[dict]:
-        return [e for e in self.evals if e.get("split") == split]
+        return [e for e in self.evals if split in keys.splits_in(e)]
 
     def final(self) -> dict[str, dict]:
-        """Final metrics per split: summary.json's, else the last evaluation in metrics.jsonl."""
+        """Final metrics per split (``{split: {name: value}}``): summary.json's, else the last evaluation in
+        metrics.jsonl."""
         if self.summary and self.summary.get("final"):
-            return self.summary["final"]
+            return {s: keys.of_split(self.summary["final"], s) for s in keys.splits_in(self.summary["final"])}
         out = {}
         for split in SPLITS:
             points = self.eval_points(split)
             if points:
-                last = points[-1]
-                out[split] = {k[len("eval/"):]: v for k, v in last.items() if k.startswith("eval/")}
+                out[split] = keys.of_split(points[-1], split)
         return out
 
     @property
@@ -121,7 +123,7 @@ def load_events(path: Path) -> list[dict]:
     latest: dict[tuple, dict] = {}
     for e in events:
         if e.get("event") in ("train", "eval"):
-            latest[(e["event"], e.get("split"), e.get("step"))] = e
+            latest[(e["event"], tuple(keys.splits_in(e)), e.get("step"))] = e
     return sorted(latest.values(), key=lambda e: (e.get("step", 0), e["event"] == "eval"))
 
 
@@ -230,17 +232,17 @@ def plot(runs: list[Run], path: Path) -> Path:
         if val:
             has_eval = True
             xs = [e["samples"] for e in val]
-            ax_auc.plot(xs, [e.get("eval/auc", math.nan) for e in val], color=color, lw=1.8, marker="o", ms=4,
+            ax_auc.plot(xs, [e.get("eval/val/auc", math.nan) for e in val], color=color, lw=1.8, marker="o", ms=4,
                         label="val" if single else None)
-            ax_loss.plot(xs, [e.get("eval/logloss", math.nan) for e in val], color=color, lw=1.8, marker="o", ms=4,
-                         label="val" if single else None)
+            ax_loss.plot(xs, [e.get("eval/val/logloss", math.nan) for e in val], color=color, lw=1.8, marker="o",
+                         ms=4, label="val" if single else None)
         test = run.eval_points("test")
         if test:
             has_eval = True
             last = test[-1]
-            ax_auc.plot([last["samples"]], [last.get("eval/auc", math.nan)], color=color, marker="s", ms=7, ls="none",
-                        mfc="white", mew=1.8, label="test (final)" if single else None)
-            ax_loss.plot([last["samples"]], [last.get("eval/logloss", math.nan)], color=color, marker="s", ms=7,
+            ax_auc.plot([last["samples"]], [last.get("eval/test/auc", math.nan)], color=color, marker="s", ms=7,
+                        ls="none", mfc="white", mew=1.8, label="test (final)" if single else None)
+            ax_loss.plot([last["samples"]], [last.get("eval/test/logloss", math.nan)], color=color, marker="s", ms=7,
                          ls="none", mfc="white", mew=1.8, label="test (final)" if single else None)
     for i, run in enumerate(runs):  # after the curves, so the legend lists the runs first
         opt = (run.optimum or {}).get("val")
@@ -440,7 +442,7 @@ def write_report(run_dirs: list[str | Path], out_dir: str | Path | None = None) 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m pipeline.report",
+        prog="./launch.sh report",
         description="Plot AUC/logloss against samples seen (report.png) and summarise (report.md) one run, "
                     "or compare several (a sweep folder stands for its runs).")
     parser.add_argument("run_dirs", nargs="+", help="run folders (outputs/<run_id>) or sweep folders (multirun/<id>)")

@@ -9,14 +9,14 @@ Layout, inside ``checkpoint.dir`` (default ``<run dir>/checkpoints``)::
                                 config, the table/parameter shapes (written by rank 0)
         rng_rank<r>.pt          rank r's torch/numpy/python RNG states (tensors only)
     latest                      the name of the newest complete checkpoint
+    best                        the name of the one with the best validation metric (trainer.restore_best)
 
 A checkpoint is written into ``step_<N>.tmp/`` and renamed when every rank has finished; ``latest``
 is replaced atomically after that. A save that is killed or fails midway leaves the previous
 checkpoint as ``latest``, intact.
 
-Loading reads tensors only: DCP's metadata is unpickled with an allow-list of DCP's own classes,
-tensor files with ``weights_only=True``, and a checkpoint entry that is not a tensor is refused.
-DCP reshards on load, so a checkpoint from N ranks (or another sharding plan) loads into M ranks.
+Loading reads tensors only (:mod:`.safe_load`); DCP reshards on load, so a checkpoint from N ranks (or
+another sharding plan) loads into M ranks.
 """
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ import io
 import json
 import logging
 import os
-import pickle
 import random
 import shutil
 import time
@@ -38,11 +37,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.api import CheckpointException as DCPCheckpointException
-from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata, TensorStorageMetadata
 
-from pipeline.errors import CheckpointError  # noqa: F401 - re-exported: the checkpoint's own error
+from pipeline.checkpoint.safe_load import flatten, load_tensors
+from pipeline.errors import CheckpointError
 
 logger = logging.getLogger(__name__)
 
@@ -50,48 +48,6 @@ LATEST = "latest"
 BEST = "best"  # names the checkpoint with the best validation metric so far (trainer.restore_best)
 META = "meta.json"
 PREFIX = "step_"
-
-
-
-
-# -- safe loading --------------------------------------------------------------------------------
-_SAFE_MODULES = (
-    "torch.distributed.checkpoint.metadata",
-    "torch.distributed.checkpoint.filesystem",
-    "torch.distributed.checkpoint.planner",
-)
-_SAFE_GLOBALS = {("torch", "Size"), ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"),
-                 ("pathlib", "PurePosixPath"), ("collections", "OrderedDict"), ("builtins", "set"),
-                 ("builtins", "frozenset")}
-
-
-class _MetadataUnpickler(pickle.Unpickler):
-    """Unpickles DCP's ``.metadata`` and refuses any class outside DCP's own metadata types."""
-
-    def find_class(self, module: str, name: str) -> Any:
-        if module in _SAFE_MODULES or (module, name) in _SAFE_GLOBALS:
-            return super().find_class(module, name)
-        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
-            return getattr(torch, name)
-        raise CheckpointError(f"checkpoint metadata refers to {module}.{name}, which is not a checkpoint type: "
-                              "refusing to unpickle it")
-
-
-class SafeFileSystemReader(FileSystemReader):
-    """DCP's file reader with an allow-listed unpickler for the metadata."""
-
-    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
-        path = self._get_metadata_path(kwargs.get("rank"))
-        with self.fs.create_stream(path, "rb") as f:
-            metadata = _MetadataUnpickler(io.BytesIO(f.read())).load()
-        if not isinstance(metadata, Metadata):
-            raise CheckpointError(f"{path} is not DCP metadata")
-        from torch.distributed.checkpoint.metadata import StorageMeta
-
-        if getattr(metadata, "storage_meta", None) is None:
-            metadata.storage_meta = StorageMeta()
-        metadata.storage_meta.load_id = self.load_id
-        return metadata
 
 
 # -- what a checkpoint holds ----------------------------------------------------------------------
@@ -106,19 +62,11 @@ class TrainState:
     samples: int = 0
 
 
-def _flatten(prefix: str, tree: Any, out: dict[str, Any]) -> None:
-    if isinstance(tree, dict):
-        for k, v in tree.items():
-            _flatten(f"{prefix}.{k}" if prefix else str(k), v, out)
-    else:
-        out[prefix] = tree
-
-
 def tensor_state(model: torch.nn.Module, optimizer: Any) -> dict[str, Any]:
     """The model's and both optimizers' tensors, keyed for DCP (the live tensors: load fills them in place)."""
     state = {"model": model.state_dict(), "optim": optimizer.state_dict()["state"]}
     bad = {}
-    _flatten("", state, bad)
+    flatten("", state, bad)
     not_tensors = [k for k, v in bad.items() if not isinstance(v, torch.Tensor)]
     if not_tensors:
         raise CheckpointError(f"state holds non-tensor entries, which DCP would pickle: {not_tensors[:5]}")
@@ -128,7 +76,7 @@ def tensor_state(model: torch.nn.Module, optimizer: Any) -> dict[str, Any]:
 def _shapes(state: dict[str, Any]) -> dict[str, list[int]]:
     """Global shape of every entry (a ShardedTensor's size is the whole table's)."""
     flat: dict[str, Any] = {}
-    _flatten("", state, flat)
+    flatten("", state, flat)
     with warnings.catch_warnings():  # ShardedTensor.size() warns that ShardedTensor is being replaced by DTensor
         warnings.simplefilter("ignore", FutureWarning)
         return {k: list(v.size()) for k, v in flat.items()}
@@ -373,16 +321,7 @@ def load(path: Path, state: dict[str, Any], rank: int, load_optimizer: bool = Tr
     """
     meta = read_meta(path)
     check_compatible(path, meta, state, load_optimizer)
-    reader = SafeFileSystemReader(path)
-    metadata = reader.read_metadata()
-    wanted: dict[str, Any] = {}
-    _flatten("", state if load_optimizer else {"model": state["model"]}, wanted)
-    for key in wanted:
-        entry = metadata.state_dict_metadata.get(key)
-        if isinstance(entry, BytesStorageMetadata) or (entry is not None and not isinstance(entry, TensorStorageMetadata)):
-            raise CheckpointError(f"checkpoint {path}: entry {key} is not a tensor; refusing to unpickle it")
-    target = state if load_optimizer else {"model": state["model"]}
-    dcp.load(target, storage_reader=reader)
+    load_tensors(path, state if load_optimizer else {"model": state["model"]})
     rng = Path(path) / f"rng_rank{rank}.pt"
     if restore_rng and rng.is_file() and meta["world_size"] > rank:
         _set_rng_state(torch.load(rng, weights_only=True))

@@ -1,6 +1,6 @@
 """Export a trained checkpoint as a plain, unsharded model that loads without ``torch.distributed``.
 
-    python -m pipeline.export <run dir | checkpoints dir | step_<N> dir> --out <dir>
+    ./launch.sh export <run dir | checkpoints dir | step_<N> dir> --out <dir>
 
 builds the training model unsharded (TorchRec's ``DLRM`` with a plain ``EmbeddingBagCollection`` on
 the CPU, from the resolved config in the checkpoint's ``meta.json``), loads the DCP checkpoint into
@@ -23,7 +23,7 @@ group is created), and writes::
                                      the file minimums preprocessing used; id mode, caps, reserved ids,
                                      vocab file)
 
-:func:`load_exported` loads it back as an :class:`ExportedModel` (``pipeline.predict`` uses it). The
+:func:`load_exported` loads it back as an :class:`ExportedModel` (``pipeline.serving.predict`` uses it). The
 optimizer state in the checkpoint is not exported.
 """
 
@@ -38,13 +38,9 @@ import logging
 import os
 import sys
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import numpy as np
 import torch
@@ -52,13 +48,15 @@ import torch
 from pipeline.config import DenseTransform, IdMode, ModelConfig
 from pipeline.data.features import FeatureTransform
 from pipeline.data.schema import CRITEO, Schema
+from pipeline.errors import ExportError
+from pipeline.logs import setup_logging
+from pipeline.serving.int8 import INT8_KEY, quantize_tables, use_int8_tables  # noqa: F401 - INT8_KEY: export.json
 
-logger = logging.getLogger("pipeline.export")
+logger = logging.getLogger(__name__)
 
 EXPORT_JSON = "export.json"
 FORMAT_VERSION = 3  # 3: int8 row-wise tables (weights.table_format); 2: the column schema; 1: Criteo's layout
 TABLE_FORMATS = ("float32", "int8_rowwise")
-INT8_KEY = "weight_int8_rowwise"  # <table>.weight_int8_rowwise replaces <table>.weight in an int8 export
 WEIGHTS_TORCH = "model.pt"
 WEIGHTS_SAFETENSORS = "model.safetensors"
 VOCAB = "vocab.npz"
@@ -66,11 +64,7 @@ PROGRAM = "dense_interaction.pt2"
 # A checkpoint's model entries are "model." + the DMP's state_dict keys, which are "model." (DLRMTrain
 # wraps DLRM as .model) + the DLRM's own keys.
 CHECKPOINT_PREFIX = "model.model."
-ROOT = Path(__file__).resolve().parent.parent
-
-
-class ExportError(RuntimeError):
-    """The checkpoint or data cannot be exported, or an export cannot be loaded; the message says why."""
+ROOT = Path(__file__).resolve().parents[2]  # a checkout's root: relative data paths of a run started there
 
 
 # -- the model ------------------------------------------------------------------------------------
@@ -92,63 +86,6 @@ def build_dlrm(model_cfg: dict | ModelConfig, num_embeddings_per_feature: list[i
     ebc.to_empty(device=torch.device("cpu"))  # no random init of tables about to be overwritten
     ebc._device = torch.device("cpu")  # noqa: SLF001 - EBC records its construction device (meta)
     return dlrm.eval()
-
-
-def _is_table_weight(key: str) -> bool:
-    return ".embedding_bags." in key and key.endswith(".weight")
-
-
-def quantize_tables(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Every table weight [rows, D] -> int8 row-wise [rows, D + 8] (PyTorch's fused 8-bit format: per row
-    the uint8 codes, then its fp32 scale and bias), under ``<table>.weight_int8_rowwise``; the dense
-    part's tensors are kept as they are."""
-    out = {}
-    for key, value in state.items():
-        if _is_table_weight(key):
-            out[key[: -len("weight")] + INT8_KEY] = torch.ops.quantized.embedding_bag_byte_prepack(
-                value.detach().float().contiguous())
-        else:
-            out[key] = value
-    return out
-
-
-class Int8EmbeddingBagCollection(torch.nn.Module):
-    """An ``EmbeddingBagCollection``'s lookups (sum pooling) from int8 row-wise tables, with PyTorch's
-    quantized CPU kernel ``embedding_bag_byte_rowwise_offsets``: the same KeyedTensor out, a quarter of
-    the table memory. State dict keys: ``embedding_bags.<table>.weight_int8_rowwise``."""
-
-    def __init__(self, ebc: torch.nn.Module) -> None:
-        super().__init__()
-        self.embedding_bags = torch.nn.ModuleDict()
-        self.lookups: list[tuple[str, str, int]] = []  # (feature, table, dim)
-        for cfg in ebc.embedding_bag_configs():
-            if len(cfg.feature_names) != 1:
-                raise ExportError(f"int8 tables support one feature per table; {cfg.name} has {cfg.feature_names}")
-            table = torch.nn.Module()
-            table.register_buffer(INT8_KEY, torch.empty(cfg.num_embeddings, cfg.embedding_dim + 8, dtype=torch.uint8))
-            self.embedding_bags[cfg.name] = table
-            self.lookups.append((cfg.feature_names[0], cfg.name, cfg.embedding_dim))
-
-    def forward(self, features):
-        from torchrec.sparse.jagged_tensor import KeyedTensor
-
-        per_feature = features.to_dict()
-        pooled = []
-        for feature, table, _ in self.lookups:
-            jt = per_feature[feature]
-            indices = jt.values()
-            pooled.append(torch.ops.quantized.embedding_bag_byte_rowwise_offsets(
-                getattr(self.embedding_bags[table], INT8_KEY), indices, jt.offsets().to(indices.dtype),
-                False, 0, False, jt.weights_or_none(), None, True))  # sum pooling; offsets end with the total
-        return KeyedTensor(keys=[f for f, _, _ in self.lookups], length_per_key=[d for _, _, d in self.lookups],
-                           values=torch.cat(pooled, dim=1))
-
-
-def use_int8_tables(dlrm: torch.nn.Module) -> torch.nn.Module:
-    """Swap the model's float tables for :class:`Int8EmbeddingBagCollection` (to be filled by load_state_dict)."""
-    arch = dlrm.sparse_arch
-    arch.embedding_bag_collection = Int8EmbeddingBagCollection(arch.embedding_bag_collection)
-    return dlrm
 
 
 # -- finding and reading a checkpoint ---------------------------------------------------------------
@@ -181,14 +118,12 @@ def read_weights(path: Path, meta: dict, dlrm: torch.nn.Module) -> None:
     Raises:
         ExportError: an entry is missing, of another shape, or not a tensor.
     """
-    import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-    from pipeline.checkpoint import SafeFileSystemReader
+    from pipeline.checkpoint import CheckpointError, SafeFileSystemReader, load_tensors
 
     own = dlrm.state_dict()
-    reader = SafeFileSystemReader(path)
-    saved = reader.read_metadata().state_dict_metadata
+    saved = SafeFileSystemReader(path).read_metadata().state_dict_metadata
     problems = []
     for key, tensor in own.items():
         entry = saved.get(CHECKPOINT_PREFIX + key)
@@ -205,9 +140,10 @@ def read_weights(path: Path, meta: dict, dlrm: torch.nn.Module) -> None:
         raise ExportError(f"checkpoint {path} does not fit the model its config describes:\n"
                           + "\n".join(problems[:40]))
     target = {CHECKPOINT_PREFIX + k: v for k, v in own.items()}
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process.*")
-        dcp.load(target, storage_reader=reader, no_dist=True)  # in place, no process group
+    try:
+        load_tensors(path, target, no_dist=True)  # in place, no process group
+    except CheckpointError as e:
+        raise ExportError(str(e)) from None
     dlrm.load_state_dict({k: target[CHECKPOINT_PREFIX + k] for k in own}, strict=True)
 
 
@@ -565,7 +501,7 @@ def load_exported(export_dir: str | Path) -> ExportedModel:
     d = Path(export_dir)
     path = d / EXPORT_JSON
     if not path.is_file():
-        raise ExportError(f"{path} not found: not an export folder (python -m pipeline.export <run dir> --out {d})")
+        raise ExportError(f"{path} not found: not an export folder (./launch.sh export <run dir> --out {d})")
     spec = json.loads(path.read_text())
     if spec.get("format_version", 0) > FORMAT_VERSION:
         raise ExportError(f"{path} is export format {spec['format_version']}; this code reads up to {FORMAT_VERSION}")
@@ -590,15 +526,8 @@ def load_exported(export_dir: str | Path) -> ExportedModel:
     return ExportedModel(d, spec, dlrm.eval(), vocab)
 
 
-def setup_logging() -> None:
-    """This pipeline's messages at INFO; other libraries' (FBGEMM announces every .so it loads) at WARNING."""
-    logging.basicConfig(level=logging.WARNING, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
-    logging.getLogger("pipeline").setLevel(logging.INFO)
-    logging.getLogger("torch.fx._symbolic_trace").setLevel(logging.ERROR)  # a torch-internal nag at TorchRec's forward
-
-
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pipeline.export", description=__doc__.split("\n\n")[0],
+    parser = argparse.ArgumentParser(prog="./launch.sh export", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint", help="a run folder, its checkpoints folder, or one step_<N>")
     parser.add_argument("--checkpoint", dest="which", choices=("best", "latest"), default="best",

@@ -1,0 +1,24 @@
+"""Checkpoints with ``torch.distributed.checkpoint``: the manager (save, keep, find, load with resharding)
+and the safe loading it shares with export."""
+
+from pipeline.checkpoint.manager import (
+    BEST,
+    LATEST,
+    META,
+    PREFIX,
+    Checkpointer,
+    TrainState,
+    best_checkpoint,
+    check_compatible,
+    latest_checkpoint,
+    load,
+    read_meta,
+    resolve_resume,
+    tensor_state,
+)
+from pipeline.checkpoint.safe_load import SafeFileSystemReader, load_tensors
+from pipeline.errors import CheckpointError
+
+__all__ = ["BEST", "LATEST", "META", "PREFIX", "Checkpointer", "TrainState", "best_checkpoint", "check_compatible",
+           "latest_checkpoint", "load", "read_meta", "resolve_resume", "tensor_state", "SafeFileSystemReader",
+           "load_tensors", "CheckpointError"]

@@ -1,0 +1,90 @@
+"""Loading a DCP checkpoint without unpickling arbitrary objects: DCP's metadata through an allow-list of
+DCP's own types, tensors only. Training's resume and export both load through here.
+"""
+
+from __future__ import annotations
+
+import io
+import pickle
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata, TensorStorageMetadata
+
+from pipeline.errors import CheckpointError
+
+# -- safe loading --------------------------------------------------------------------------------
+_SAFE_MODULES = (
+    "torch.distributed.checkpoint.metadata",
+    "torch.distributed.checkpoint.filesystem",
+    "torch.distributed.checkpoint.planner",
+)
+
+
+_SAFE_GLOBALS = {("torch", "Size"), ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"),
+                 ("pathlib", "PurePosixPath"), ("collections", "OrderedDict"), ("builtins", "set"),
+                 ("builtins", "frozenset")}
+
+
+class MetadataUnpickler(pickle.Unpickler):
+    """Unpickles DCP's ``.metadata`` and refuses any class outside DCP's own metadata types."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if module in _SAFE_MODULES or (module, name) in _SAFE_GLOBALS:
+            return super().find_class(module, name)
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        raise CheckpointError(f"checkpoint metadata refers to {module}.{name}, which is not a checkpoint type: "
+                              "refusing to unpickle it")
+
+
+class SafeFileSystemReader(FileSystemReader):
+    """DCP's file reader with an allow-listed unpickler for the metadata."""
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+        path = self._get_metadata_path(kwargs.get("rank"))
+        with self.fs.create_stream(path, "rb") as f:
+            metadata = MetadataUnpickler(io.BytesIO(f.read())).load()
+        if not isinstance(metadata, Metadata):
+            raise CheckpointError(f"{path} is not DCP metadata")
+        from torch.distributed.checkpoint.metadata import StorageMeta
+
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
+def load_tensors(path: str | Path, target: dict[str, Any], no_dist: bool = False) -> None:
+    """Fill the tensors of ``target`` (DCP keys -> tensors, nested dicts allowed) from checkpoint ``path`` in
+    place, resharding as needed; every entry asked for must be a tensor in the checkpoint.
+
+    ``no_dist``: load in this process only, without a process group (export).
+
+    Raises:
+        CheckpointError: an entry is not a tensor (it would be unpickled).
+    """
+    reader = SafeFileSystemReader(path)
+    metadata = reader.read_metadata()
+    wanted: dict[str, Any] = {}
+    flatten("", target, wanted)
+    for key in wanted:
+        entry = metadata.state_dict_metadata.get(key)
+        if isinstance(entry, BytesStorageMetadata) or (entry is not None and not isinstance(entry, TensorStorageMetadata)):
+            raise CheckpointError(f"checkpoint {path}: entry {key} is not a tensor; refusing to unpickle it")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process.*")
+        dcp.load(target, storage_reader=reader, no_dist=no_dist)
+
+
+def flatten(prefix: str, tree: Any, out: dict[str, Any]) -> None:
+    """DCP's flat keys (``a.b.c``) of a nested dict of tensors, into ``out``."""
+    if isinstance(tree, dict):
+        for k, v in tree.items():
+            flatten(f"{prefix}.{k}" if prefix else str(k), v, out)
+    else:
+        out[prefix] = tree

@@ -1,0 +1,1 @@
+"""Tools around training: the environment doctor, the offline sharding planner, run reports."""
