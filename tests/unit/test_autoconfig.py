@@ -8,20 +8,32 @@ from pipeline.autoconfig import adapt_to_data, auto_global_batch_size, auto_num_
 from pipeline.config import TrainConfig
 
 
-@pytest.mark.parametrize(("rows", "batch"), [(20_000, 128), (125_284, 128), (300_000, 256), (600_000, 512),
-                                             (3_000_000, 2048), (39_000_000, 2048)])
-def test_batch_gives_an_epoch_about_a_thousand_updates_within_128_to_2048(rows, batch) -> None:
+@pytest.mark.parametrize(
+    ("rows", "batch"),
+    [
+        (20_000, 64),
+        (125_284, 64),
+        (200_000, 128),
+        (300_000, 256),
+        (600_000, 512),
+        (3_000_000, 2048),
+        (39_000_000, 2048),
+    ],
+)
+def test_batch_gives_an_epoch_about_a_thousand_updates_within_64_to_2048(rows, batch) -> None:
     assert auto_global_batch_size(rows, 1) == batch
-    assert rows // batch >= 1000 or batch == 128
+    assert rows // batch >= 1000 or batch == 64
 
 
 def test_auto_batch_splits_evenly_over_the_ranks() -> None:
-    assert auto_global_batch_size(125_284, 2) == 128
-    assert auto_global_batch_size(125_284, 3) == 129 and auto_global_batch_size(3_000_000, 24) == 2064
+    assert auto_global_batch_size(125_284, 2) == 64
+    assert auto_global_batch_size(125_284, 3) == 66 and auto_global_batch_size(3_000_000, 24) == 2064
 
 
-@pytest.mark.parametrize(("rows", "epochs"), [(20_000, 4), (125_284, 4), (300_000, 4), (400_000, 3), (600_000, 2),
-                                              (1_000_000, 1), (3_000_000, 1)])
+@pytest.mark.parametrize(
+    ("rows", "epochs"),
+    [(20_000, 4), (125_284, 4), (300_000, 4), (400_000, 3), (600_000, 2), (1_000_000, 1), (3_000_000, 1)],
+)
 def test_small_logs_get_more_epochs_large_ones_one(rows, epochs) -> None:
     assert auto_num_epochs(rows) == epochs
 
@@ -30,8 +42,8 @@ def test_only_null_settings_are_chosen_and_each_choice_is_explained() -> None:
     cfg = TrainConfig()
     cfg.data.global_batch_size, cfg.trainer.num_epochs = None, None
     chosen = adapt_to_data(cfg, 125_284, 1)
-    assert (cfg.data.global_batch_size, cfg.trainer.num_epochs) == (128, 4)
-    assert chosen[0].startswith("data.global_batch_size=128: 125,284 training rows") and "978 per epoch" in chosen[0]
+    assert (cfg.data.global_batch_size, cfg.trainer.num_epochs) == (64, 4)
+    assert chosen[0].startswith("data.global_batch_size=64: 125,284 training rows") and "1,957 per epoch" in chosen[0]
     assert chosen[1].startswith("trainer.num_epochs=4: 125,284 training rows") and "fresh tables" in chosen[1]
     cfg.data.global_batch_size, cfg.trainer.num_epochs = 2048, 1  # the user's values win
     assert adapt_to_data(cfg, 125_284, 1) == [] and (cfg.data.global_batch_size, cfg.trainer.num_epochs) == (2048, 1)

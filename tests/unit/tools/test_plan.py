@@ -38,8 +38,21 @@ def test_tables_larger_than_hbm_go_to_host_memory_behind_an_hbm_cache() -> None:
     with pytest.raises(PlanDoesNotFit) as e:
         plan(1, 2, "cuda", 16, 256, sizes, 128, 2048, "row_wise_adagrad", 0.15, None, kernels=["fused"])
     assert "usable on 2 ranks x (16 GiB HBM)" in str(e.value) and "--kernels fused,fused_uvm_caching" in str(e.value)
-    result = plan(1, 2, "cuda", 16, 256, sizes, 128, 2048, "row_wise_adagrad", 0.15, None,
-                  kernels=["fused", "fused_uvm_caching"], cache_load_factor=0.1)
+    result = plan(
+        1,
+        2,
+        "cuda",
+        16,
+        256,
+        sizes,
+        128,
+        2048,
+        "row_wise_adagrad",
+        0.15,
+        None,
+        kernels=["fused", "fused_uvm_caching"],
+        cache_load_factor=0.1,
+    )
     cached = {t["table"] for t in result["tables"] if t["kernel"] == "fused_uvm_caching"}
     assert {"t_cat_0", "t_cat_19", "t_cat_21"} <= cached
     assert max(result["hbm_gib"]) < 16 * 0.85 and sum(result["ddr_gib"]) > 40

@@ -29,8 +29,13 @@ def test_freed_memory_is_reused_without_new_page_faults() -> None:
     them, varying with the process's hash seed), so the last three of sixteen are checked."""
     out = {}
     for mode in ("keep", "default"):
-        proc = subprocess.run([sys.executable, "-c", _FAULTS, mode], capture_output=True, text=True, check=True,
-                              cwd=Path(__file__).resolve().parents[2])
+        proc = subprocess.run(
+            [sys.executable, "-c", _FAULTS, mode],
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=Path(__file__).resolve().parents[3],
+        )
         applied, *faults = proc.stdout.split()
         out[mode] = (applied, [int(f) for f in faults])
     assert out["keep"][0] == "True"

@@ -17,9 +17,15 @@ TIMEOUT = datetime.timedelta(seconds=10)
 def agent_store(monkeypatch):
     """A TCPStore standing in for torchrun's, and the environment torchrun gives a worker that shares it."""
     server = dist.TCPStore("127.0.0.1", 0, 2, is_master=True, timeout=TIMEOUT, wait_for_workers=False)
-    for key, value in {"TORCHELASTIC_USE_AGENT_STORE": "True", "TORCHELASTIC_MAX_RESTARTS": "2",
-                       "TORCHELASTIC_RESTART_COUNT": "1", "GROUP_WORLD_SIZE": "1", "WORLD_SIZE": "2",
-                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(server.port)}.items():
+    for key, value in {
+        "TORCHELASTIC_USE_AGENT_STORE": "True",
+        "TORCHELASTIC_MAX_RESTARTS": "2",
+        "TORCHELASTIC_RESTART_COUNT": "1",
+        "GROUP_WORLD_SIZE": "1",
+        "WORLD_SIZE": "2",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(server.port),
+    }.items():
         monkeypatch.setenv(key, value)
     return server
 

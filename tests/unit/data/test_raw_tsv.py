@@ -61,8 +61,10 @@ BAD = [
 
 def _read_all(path, **kw):
     blocks = list(read_blocks(path, **kw))
-    return {k: np.concatenate([getattr(b, k) for b in blocks]) for k in
-            ("labels", "dense", "dense_missing", "sparse", "sparse_missing", "line_index")}
+    return {
+        k: np.concatenate([getattr(b, k) for b in blocks])
+        for k in ("labels", "dense", "dense_missing", "sparse", "sparse_missing", "line_index")
+    }
 
 
 def test_good_rows_parse_to_the_right_values(tmp_path) -> None:
@@ -74,7 +76,9 @@ def test_good_rows_parse_to_the_right_values(tmp_path) -> None:
     assert got["dense_missing"][1].all() and got["sparse_missing"][1].all()
     assert got["sparse"][0, :3].tolist() == [0x0A1B2C3D, 0, 0xFFFFFFFF]
     assert got["sparse_missing"][0, :3].tolist() == [False, True, False]
-    assert got["sparse"][2].tolist() == [0] * 26 and not got["sparse_missing"][2].any(), "00000000 is a value, not missing"
+    assert got["sparse"][2].tolist() == [0] * 26 and not got["sparse_missing"][2].any(), (
+        "00000000 is a value, not missing"
+    )
     assert count_lines(path) == 3
 
 
@@ -131,10 +135,20 @@ def _scan(lines: list[str], labelled: bool = True):
 def _random_good_rows(rng: np.random.Generator, n: int, labelled: bool = True) -> list[str]:
     """Rows the scanner must accept: missing fields, negatives, "-0", leading zeros, 18-digit
     integers, upper- and lower-case hex."""
+
     def dense() -> str:
         k = rng.integers(8)
-        return ("" if k == 0 else "-0" if k == 1 else "007" if k == 2 else str(int(rng.integers(-10**18 + 1, 10**18)))
-                if k == 3 else str(int(rng.integers(-3, 100_000))))
+        return (
+            ""
+            if k == 0
+            else "-0"
+            if k == 1
+            else "007"
+            if k == 2
+            else str(int(rng.integers(-(10**18) + 1, 10**18)))
+            if k == 3
+            else str(int(rng.integers(-3, 100_000)))
+        )
 
     def cat() -> str:
         if rng.random() < 0.15:
@@ -142,8 +156,16 @@ def _random_good_rows(rng: np.random.Generator, n: int, labelled: bool = True) -
         h = f"{int(rng.integers(2**32)):08x}"
         return h.upper() if rng.random() < 0.2 else h
 
-    return ["\t".join([*([str(int(rng.integers(2)))] if labelled else []), *(dense() for _ in range(13)),
-                       *(cat() for _ in range(26))]) for _ in range(n)]
+    return [
+        "\t".join(
+            [
+                *([str(int(rng.integers(2)))] if labelled else []),
+                *(dense() for _ in range(13)),
+                *(cat() for _ in range(26)),
+            ]
+        )
+        for _ in range(n)
+    ]
 
 
 @pytest.mark.parametrize("labelled", [True, False])
@@ -161,8 +183,13 @@ def test_scanner_gives_what_pyarrow_and_the_conversion_give(labelled) -> None:
 def _reference_row(line: str) -> tuple:
     """What a row means, by the line check's rules, parsed with Python's int()."""
     f = line.split("\t")
-    return (int(f[0]), [int(v) if v else 0 for v in f[1:14]], [int(v, 16) if v else 0 for v in f[14:]],
-            [not v for v in f[1:14]], [not v for v in f[14:]])
+    return (
+        int(f[0]),
+        [int(v) if v else 0 for v in f[1:14]],
+        [int(v, 16) if v else 0 for v in f[14:]],
+        [not v for v in f[1:14]],
+        [not v for v in f[14:]],
+    )
 
 
 def test_scanner_never_accepts_a_row_the_line_check_rejects() -> None:
@@ -178,8 +205,13 @@ def test_scanner_never_accepts_a_row_the_line_check_rejects() -> None:
             i = int(rng.integers(len(lines)))
             line, at, op = lines[i], int(rng.integers(len(lines[i]) + 1)), rng.integers(3)
             c = str(rng.choice(alphabet))
-            lines[i] = (line[:at] + c + line[at:] if op == 0 else line[:at] + line[at + 1:] if op == 1
-                        else line[:at] + c + line[at + 1:])
+            lines[i] = (
+                line[:at] + c + line[at:]
+                if op == 0
+                else line[:at] + line[at + 1 :]
+                if op == 1
+                else line[:at] + c + line[at + 1 :]
+            )
         lines = "\n".join(lines).split("\n")  # an inserted newline makes two lines
         ok = all(check_line(ln.encode()) is None for ln in lines)
         got = _scan(lines)
@@ -205,6 +237,7 @@ def test_every_bad_row_kind_is_rejected_by_the_scanner() -> None:
 def test_clean_hex_rows_never_reach_pyarrow(tmp_path, monkeypatch) -> None:
     """The fast path is the one taken: with pyarrow's parse disabled, clean files still read (and a
     file with a bad row still needs it)."""
+
     def no_pyarrow(*a, **k):
         raise AssertionError("pyarrow's parse was called")
 
@@ -223,21 +256,36 @@ def test_clean_hex_rows_never_reach_pyarrow(tmp_path, monkeypatch) -> None:
 def test_preprocess_skip_counts_bad_rows_in_the_manifest(tmp_path) -> None:
     path = tmp_path / "sample.tsv"
     path.write_text("\n".join([*GOOD * 20, BAD[0][1], BAD[4][1], BAD[4][1], row()[:30]]))
-    cfg = DataConfig(name="t", raw_dir=str(tmp_path), processed_dir=str(tmp_path / "out"), split=SplitMode.random,
-                     raw_files=[str(path)], bad_rows=BadRowPolicy.skip, id_mode=IdMode.vocab)
+    cfg = DataConfig(
+        name="t",
+        raw_dir=str(tmp_path),
+        processed_dir=str(tmp_path / "out"),
+        split=SplitMode.random,
+        raw_files=[str(path)],
+        bad_rows=BadRowPolicy.skip,
+        id_mode=IdMode.vocab,
+    )
     m = preprocess(cfg)
-    assert m.bad_rows["by_kind"] == {"wrong_field_count": 1, "bad_label": 0, "bad_dense": 2,
-                                        "bad_categorical": 0, "truncated_last_line": 1}
+    assert m.bad_rows["by_kind"] == {
+        "wrong_field_count": 1,
+        "bad_label": 0,
+        "bad_dense": 2,
+        "bad_categorical": 0,
+        "truncated_last_line": 1,
+    }
     assert sum(s.num_rows for s in m.splits.values()) == 60, "nothing good is lost"
     with pytest.raises(RawDataError, match="sample.tsv:61"):
-        preprocess(DataConfig(**{**cfg.__dict__, "bad_rows": BadRowPolicy.error, "processed_dir": str(tmp_path / "o2")}))
+        preprocess(
+            DataConfig(**{**cfg.__dict__, "bad_rows": BadRowPolicy.error, "processed_dir": str(tmp_path / "o2")})
+        )
 
 
 @pytest.fixture(scope="module")
 def generated(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("gen")
-    synthetic.generate(SyntheticConfig(num_train_rows=6000, num_val_rows=500, num_test_rows=500, max_cardinality=300,
-                                       seed=5), root)
+    synthetic.generate(
+        SyntheticConfig(num_train_rows=6000, num_val_rows=500, num_test_rows=500, max_cardinality=300, seed=5), root
+    )
     return root
 
 
@@ -273,9 +321,16 @@ def test_a_failed_background_sync_fails_the_preprocessing(tmp_path, generated, m
 
     monkeypatch.setattr(parts, "_SYNC_EVERY", 1 << 10)  # a sync after every block
     monkeypatch.setattr(os, "fdatasync", full)
-    cfg = DataConfig(name="t", raw_dir=str(generated), processed_dir=str(tmp_path / "out"), split=SplitMode.random,
-                     raw_files=[str(generated / "train.tsv")], id_mode=IdMode.hash, max_ids_per_feature=1000,
-                     block_size_mb=1)
+    cfg = DataConfig(
+        name="t",
+        raw_dir=str(generated),
+        processed_dir=str(tmp_path / "out"),
+        split=SplitMode.random,
+        raw_files=[str(generated / "train.tsv")],
+        id_mode=IdMode.hash,
+        max_ids_per_feature=1000,
+        block_size_mb=1,
+    )
     with pytest.raises(OSError, match="No space left"):
         preprocess(cfg)
     assert not list((tmp_path / "out").glob("parts/*/done.json")) and not (tmp_path / "out" / "manifest.json").exists()
@@ -287,8 +342,14 @@ def test_torchrec_dense_mode_equals_torchrec_converter(tmp_path, generated) -> N
 
     src = generated / "train.tsv"
     BinaryCriteoUtils.tsv_to_npys(str(src), str(tmp_path / "d.npy"), str(tmp_path / "s.npy"), str(tmp_path / "l.npy"))
-    cfg = DataConfig(name="t", raw_dir=str(generated), processed_dir=str(tmp_path / "out"), split=SplitMode.files,
-                     dense_transform=DenseTransform.torchrec, id_mode=IdMode.vocab)
+    cfg = DataConfig(
+        name="t",
+        raw_dir=str(generated),
+        processed_dir=str(tmp_path / "out"),
+        split=SplitMode.files,
+        dense_transform=DenseTransform.torchrec,
+        id_mode=IdMode.vocab,
+    )
     m = preprocess(cfg)
     split = BinarySplit(cfg.processed_dir, "train", m)
     ref_dense = np.load(tmp_path / "d.npy")
@@ -309,8 +370,15 @@ def test_day_files_plain_and_gz_split_like_the_1tb_reference(tmp_path, generated
         f.write("".join(chunks[1]))
     with gzip.open(days / "day_10.gz", "wt") as f:  # sorts after day_1 by number, not as text
         f.write("".join(chunks[2]))
-    cfg = DataConfig(name="d", raw_dir=str(days), processed_dir=str(tmp_path / "out"), split=SplitMode.days,
-                     raw_files=[str(days / "day_*")], id_mode=IdMode.hash, max_ids_per_feature=1000)
+    cfg = DataConfig(
+        name="d",
+        raw_dir=str(days),
+        processed_dir=str(tmp_path / "out"),
+        split=SplitMode.days,
+        raw_files=[str(days / "day_*")],
+        id_mode=IdMode.hash,
+        max_ids_per_feature=1000,
+    )
     assert [p.name for p in raw_files(cfg)] == ["day_0", "day_1.gz", "day_10.gz"]
     m = preprocess(cfg)
     assert {s: v.num_rows for s, v in m.splits.items()} == {"train": 3500, "val": 750, "test": 751}
@@ -322,8 +390,14 @@ def test_day_files_plain_and_gz_split_like_the_1tb_reference(tmp_path, generated
 
 def test_per_column_caps_size_the_tables(tmp_path, generated) -> None:
     caps = [10 + j for j in range(26)]
-    cfg = DataConfig(name="c", raw_dir=str(generated), processed_dir=str(tmp_path / "out"), split=SplitMode.files,
-                     id_mode=IdMode.hash, num_embeddings_per_feature=caps)
+    cfg = DataConfig(
+        name="c",
+        raw_dir=str(generated),
+        processed_dir=str(tmp_path / "out"),
+        split=SplitMode.files,
+        id_mode=IdMode.hash,
+        num_embeddings_per_feature=caps,
+    )
     m = preprocess(cfg)
     assert m.num_embeddings_per_feature == caps
     ids = BinarySplit(cfg.processed_dir, "train", m).column("sparse")
@@ -338,8 +412,15 @@ def test_rank_slices_cover_every_training_row_once_per_epoch(tmp_path, generated
     lines = (generated / "train.tsv").read_text().splitlines(keepends=True)
     for d, (lo, hi) in enumerate([(0, 1536), (1536, 3072), (3072, 4000)]):
         (days / f"day_{d}").write_text("".join(lines[lo:hi]))
-    cfg = DataConfig(name="d", raw_dir=str(days), processed_dir=str(tmp_path / "out"), split=SplitMode.days,
-                     raw_files=[str(days / "day_*")], id_mode=IdMode.hash, max_ids_per_feature=50)
+    cfg = DataConfig(
+        name="d",
+        raw_dir=str(days),
+        processed_dir=str(tmp_path / "out"),
+        split=SplitMode.days,
+        raw_files=[str(days / "day_*")],
+        id_mode=IdMode.hash,
+        max_ids_per_feature=50,
+    )
     preprocess(cfg)
     split = BinarySplit(cfg.processed_dir, "train")  # 3072 rows in two parts
     seen: list[np.ndarray] = []
@@ -368,7 +449,9 @@ preprocess(DataConfig(name="r", raw_dir={raw!r}, processed_dir={out!r}, split=Sp
 
 def _run_preprocess(raw: Path, out: Path, **kw) -> subprocess.Popen:
     code = _PREPROCESS.format(root=str(ROOT), raw=str(raw), out=str(out))
-    return subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
+    return subprocess.Popen(
+        [sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw
+    )
 
 
 def test_killed_preprocess_resumes_at_its_file_and_verifies_finished_ones(tmp_path, generated) -> None:
@@ -416,13 +499,20 @@ def test_memory_stays_bounded_by_the_block_size(tmp_path, generated) -> None:
     small, large = tmp_path / "small.tsv", tmp_path / "large.tsv"
     small.write_text(text * 10)
     large.write_text(text * 80)  # ~120 MB
-    probe = ("import resource, sys; sys.path.insert(0, {root!r}); from pipeline.data.tsv import read_blocks; "
-             "n = sum(len(b) for b in read_blocks({path!r}, 4)); "
-             "print(n, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+    probe = (
+        "import resource, sys; sys.path.insert(0, {root!r}); from pipeline.data.tsv import read_blocks; "
+        "n = sum(len(b) for b in read_blocks({path!r}, 4)); "
+        "print(n, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
+    )
     peaks = {}
     for path in (small, large):
-        out = subprocess.run([sys.executable, "-c", probe.format(root=str(ROOT), path=str(path))],
-                             capture_output=True, text=True, timeout=300, check=True).stdout.split()
+        out = subprocess.run(
+            [sys.executable, "-c", probe.format(root=str(ROOT), path=str(path))],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=True,
+        ).stdout.split()
         peaks[path.name] = int(out[1]) / 1024  # MiB
     size_mb = large.stat().st_size / 2**20
     assert peaks["large.tsv"] - peaks["small.tsv"] < 0.25 * (size_mb - small.stat().st_size / 2**20), peaks

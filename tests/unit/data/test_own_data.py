@@ -34,8 +34,14 @@ def _lines(path: Path) -> list[str]:
 
 
 def _files_cfg(root: Path, **kw) -> DataConfig:
-    return DataConfig(name="own", raw_dir=str(root / "nowhere"), processed_dir=str(root / "out"),
-                      split=SplitMode.files, id_mode=IdMode.vocab, **kw)
+    return DataConfig(
+        name="own",
+        raw_dir=str(root / "nowhere"),
+        processed_dir=str(root / "out"),
+        split=SplitMode.files,
+        id_mode=IdMode.vocab,
+        **kw,
+    )
 
 
 def test_own_files_take_any_names_globs_and_gz(raw, tmp_path) -> None:
@@ -82,8 +88,9 @@ def test_an_empty_input_file_fails_naming_it(raw, tmp_path) -> None:
 def test_a_file_whose_rows_are_all_dropped_fails_with_the_count(raw, tmp_path) -> None:
     bad = tmp_path / "bad.tsv"
     bad.write_text("".join("2" + line[1:] for line in _lines(raw / "gen" / "val.tsv")[:40]))  # label 2: bad_label
-    cfg = _files_cfg(tmp_path, train_files=[str(raw / "gen" / "train.tsv")], val_files=[str(bad)],
-                     bad_rows=BadRowPolicy.skip)
+    cfg = _files_cfg(
+        tmp_path, train_files=[str(raw / "gen" / "train.tsv")], val_files=[str(bad)], bad_rows=BadRowPolicy.skip
+    )
     with pytest.raises(DataError, match=r"bad.tsv: all 40 rows are malformed and were skipped .*'bad_label': 40"):
         preprocess(cfg)
 
@@ -91,16 +98,28 @@ def test_a_file_whose_rows_are_all_dropped_fails_with_the_count(raw, tmp_path) -
 def test_a_random_split_with_no_rows_fails_naming_the_fraction(raw, tmp_path) -> None:
     small = tmp_path / "small.tsv"
     small.write_text("".join(_lines(raw / "gen" / "val.tsv")[:20]))
-    cfg = DataConfig(name="t", raw_dir=str(tmp_path), processed_dir=str(tmp_path / "out"), split=SplitMode.random,
-                     raw_files=[str(small)], val_fraction=0.001, test_fraction=0.3)
+    cfg = DataConfig(
+        name="t",
+        raw_dir=str(tmp_path),
+        processed_dir=str(tmp_path / "out"),
+        split=SplitMode.random,
+        raw_files=[str(small)],
+        val_fraction=0.001,
+        test_fraction=0.3,
+    )
     with pytest.raises(DataError, match=r"split val has no rows \(data.val_fraction=0.001 of a random split"):
         preprocess(cfg)
 
 
 @pytest.fixture(scope="module")
 def vocab_data(raw, tmp_path_factory) -> tuple[DataConfig, dict]:
-    cfg = DataConfig(name="t", raw_dir=str(raw / "gen"), processed_dir=str(tmp_path_factory.mktemp("v") / "out"),
-                     split=SplitMode.files, id_mode=IdMode.vocab)
+    cfg = DataConfig(
+        name="t",
+        raw_dir=str(raw / "gen"),
+        processed_dir=str(tmp_path_factory.mktemp("v") / "out"),
+        split=SplitMode.files,
+        id_mode=IdMode.vocab,
+    )
     return cfg, preprocess(cfg)
 
 
@@ -115,7 +134,9 @@ def test_frequency_threshold_applies_when_batches_are_read(vocab_data) -> None:
     full = BinarySplit(cfg.processed_dir, "train", manifest)
     sizes = table_sizes(manifest, cfg.processed_dir, 3)
     assert sizes == [int((c >= 3).sum()) + 2 for c in counts] and sizes != manifest.num_embeddings_per_feature
-    folded = BinarySplit(cfg.processed_dir, "train", manifest, FeatureTransform.from_manifest(manifest, cfg.processed_dir, 3))
+    folded = BinarySplit(
+        cfg.processed_dir, "train", manifest, FeatureTransform.from_manifest(manifest, cfg.processed_dir, 3)
+    )
     rows = np.arange(len(full))
     before, after = full.ids(rows), folded.ids(rows)
     rare = before >= np.array(sizes)
@@ -123,19 +144,24 @@ def test_frequency_threshold_applies_when_batches_are_read(vocab_data) -> None:
     # a value whose id survives was seen at least 3 times; one that does not, fewer
     for j in (2, 5):
         seen = np.bincount(before[:, j], minlength=len(keys[j]) + 2)
-        assert (seen[2:sizes[j]] >= 3).all() and (seen[sizes[j]:] < 3).all()
+        assert (seen[2 : sizes[j]] >= 3).all() and (seen[sizes[j] :] < 3).all()
     assert [len(v) + 2 for v in load_vocab(cfg.processed_dir, 26, 3)] == sizes
     assert table_sizes(manifest, cfg.processed_dir, 1) == manifest.num_embeddings_per_feature
 
 
 def test_hash_caps_follow_the_distinct_training_values(raw, tmp_path) -> None:
-    cfg = DataConfig(name="t", raw_dir=str(raw / "gen"), processed_dir=str(tmp_path / "out"), split=SplitMode.files,
-                     id_mode=IdMode.hash)  # no max_ids_per_feature: from the data
+    cfg = DataConfig(
+        name="t",
+        raw_dir=str(raw / "gen"),
+        processed_dir=str(tmp_path / "out"),
+        split=SplitMode.files,
+        id_mode=IdMode.hash,
+    )  # no max_ids_per_feature: from the data
     manifest = preprocess(cfg)
     distinct = json.loads((tmp_path / "out" / "hash_caps.json").read_text())["distinct"]
     rows = [line.rstrip("\n").split("\t") for line in _lines(raw / "gen" / "train.tsv")]
     assert distinct == [len({r[14 + j] for r in rows} - {""}) for j in range(26)]
     assert manifest.num_embeddings_per_feature == [auto_hash_cap(n) for n in distinct]
-    assert all(2 * n <= c - 1 < 4 * n + 2 for n, c in zip(distinct, manifest.num_embeddings_per_feature))
+    assert all(2 * n <= c - 1 < 4 * n + 2 for n, c in zip(distinct, manifest.num_embeddings_per_feature, strict=True))
     ids = BinarySplit(cfg.processed_dir, "train", manifest).column("sparse")
     assert (ids < np.array(manifest.num_embeddings_per_feature)).all()

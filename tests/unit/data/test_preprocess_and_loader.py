@@ -22,8 +22,13 @@ SMALL = SyntheticConfig(num_train_rows=5000, num_val_rows=1500, num_test_rows=10
 def processed(tmp_path_factory):
     root = tmp_path_factory.mktemp("pp")
     synthetic.generate(SMALL, root / "raw")
-    cfg = DataConfig(name="t", raw_dir=str(root / "raw"), processed_dir=str(root / "out"), split=SplitMode.files,
-                     id_mode=IdMode.vocab)
+    cfg = DataConfig(
+        name="t",
+        raw_dir=str(root / "raw"),
+        processed_dir=str(root / "out"),
+        split=SplitMode.files,
+        id_mode=IdMode.vocab,
+    )
     return cfg, preprocess(cfg)
 
 
@@ -50,7 +55,7 @@ def test_round_trip_dense_labels_and_ids(processed) -> None:
     raw_cats = np.array([r[14:] for r in rows])
     assert ((raw_cats == "") == (ids == MISSING_ID)).all(), "missing <-> id 0, nothing else is id 0"
     for j in range(26):  # one raw hash <-> one id, within and across splits
-        pairs = set(zip(raw_cats[:, j], ids[:, j]))
+        pairs = set(zip(raw_cats[:, j], ids[:, j], strict=True))
         assert len(pairs) == len({h for h, _ in pairs})
     sizes = manifest.num_embeddings_per_feature
     assert len(sizes) == 26 and (ids.max(axis=0) < np.array(sizes)).all()
@@ -65,7 +70,9 @@ def test_manifest_is_reused_until_settings_change(processed) -> None:
 
 def test_hash_mode_maps_modulo_the_cap(tmp_path, processed) -> None:
     cfg, _ = processed
-    hcfg = DataConfig(**{**cfg.__dict__, "processed_dir": str(tmp_path), "id_mode": IdMode.hash, "max_ids_per_feature": 97})
+    hcfg = DataConfig(
+        **{**cfg.__dict__, "processed_dir": str(tmp_path), "id_mode": IdMode.hash, "max_ids_per_feature": 97}
+    )
     manifest = preprocess(hcfg)
     assert manifest.num_embeddings_per_feature == [97] * 26
     rows = _raw_rows(synthetic_path(cfg, "test"))
@@ -93,12 +100,15 @@ def test_vocab_mode_gives_each_key_its_rank_and_others_the_rare_id(dtype) -> Non
         unseen = rng.integers(0, hi, 20).astype(dtype)
         sparse[:, j] = rng.choice(np.concatenate([v, unseen]), n)
     missing = np.asfortranarray(rng.random((n, 26)) < 0.1)
-    block = RawBlock(np.zeros(n, np.int8), np.zeros((n, 13), np.int64), np.zeros((n, 13), bool), sparse, missing,
-                     np.arange(n))
+    block = RawBlock(
+        np.zeros(n, np.int8), np.zeros((n, 13), np.int64), np.zeros((n, 13), bool), sparse, missing, np.arange(n)
+    )
     got = mapper(block)
     for j, v in enumerate(vocab):
         rank = {int(k): i + 2 for i, k in enumerate(v)}
-        want = [MISSING_ID if m else rank.get(int(k), RARE_ID) for k, m in zip(sparse[:, j], missing[:, j])]
+        want = [
+            MISSING_ID if m else rank.get(int(k), RARE_ID) for k, m in zip(sparse[:, j], missing[:, j], strict=True)
+        ]
         assert got[:, j].tolist() == want, j
     assert (got == RARE_ID).any() and (got > RARE_ID).any()
 
@@ -115,7 +125,7 @@ def test_two_ranks_split_each_global_batch_of_one(processed) -> None:
     r0 = train_batches(split, 512, 0, 2, seed=1, shuffle=True, num_epochs=1)
     r1 = train_batches(split, 512, 1, 2, seed=1, shuffle=True, num_epochs=1)
     n = 0
-    for b, b0, b1 in zip(one, r0, r1):
+    for b, b0, b1 in zip(one, r0, r1, strict=True):
         n += 1
         assert b0.labels.numel() == b1.labels.numel() == 256
         both = torch.cat([b0.dense_features, b1.dense_features])
@@ -154,22 +164,32 @@ def test_bad_row_names_file_line_and_field(tmp_path) -> None:
 def test_random_split_is_seeded_and_keeps_every_row(tmp_path, processed) -> None:
     cfg, _ = processed
     src = synthetic_path(cfg, "train")  # 5000 rows
-    rcfg = DataConfig(name="t", raw_dir=str(tmp_path), processed_dir=str(tmp_path / "a"), split=SplitMode.random,
-                      raw_files=[str(src)], val_fraction=0.1, test_fraction=0.2, split_seed=4)
+    rcfg = DataConfig(
+        name="t",
+        raw_dir=str(tmp_path),
+        processed_dir=str(tmp_path / "a"),
+        split=SplitMode.random,
+        raw_files=[str(src)],
+        val_fraction=0.1,
+        test_fraction=0.2,
+        split_seed=4,
+    )
     m = preprocess(rcfg)
     rows = {s: v.num_rows for s, v in m.splits.items()}
     assert sum(rows.values()) == 5000
     assert 350 < rows["val"] < 650 and 850 < rows["test"] < 1150
     again = preprocess(DataConfig(**{**rcfg.__dict__, "processed_dir": str(tmp_path / "b"), "block_size_mb": 1}))
-    assert {s: v.parts[0]["files"]["labels"]["sha256"] for s, v in again.splits.items()} == \
-        {s: v.parts[0]["files"]["labels"]["sha256"] for s, v in m.splits.items()}, "same seed, same split, any block size"
+    assert {s: v.parts[0]["files"]["labels"]["sha256"] for s, v in again.splits.items()} == {
+        s: v.parts[0]["files"]["labels"]["sha256"] for s, v in m.splits.items()
+    }, "same seed, same split, any block size"
 
 
 def test_kaggle_split_takes_days_0_to_5_then_halves_day_6(tmp_path, processed) -> None:
     cfg, _ = processed
     src = synthetic_path(cfg, "train")  # 5000 rows: 4285 train, then 357 val and 358 test
-    kcfg = DataConfig(name="k", raw_dir=str(tmp_path), processed_dir=str(tmp_path / "k"), split=SplitMode.kaggle,
-                      raw_files=[str(src)])
+    kcfg = DataConfig(
+        name="k", raw_dir=str(tmp_path), processed_dir=str(tmp_path / "k"), split=SplitMode.kaggle, raw_files=[str(src)]
+    )
     m = preprocess(kcfg)
     assert {s: v.num_rows for s, v in m.splits.items()} == {"train": 4285, "val": 357, "test": 358}
     labels = [int(r[0]) for r in _raw_rows(src)]

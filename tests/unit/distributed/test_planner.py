@@ -17,9 +17,13 @@ HOST = Memory(None, 24 * GIB, "host memory available here / 1 rank(s)")
 
 
 def _tables(rows: int, num: int = 26) -> EmbeddingBagCollection:
-    ebc = EmbeddingBagCollection(tables=[EmbeddingBagConfig(name=f"t_cat_{i}", embedding_dim=128, num_embeddings=rows,
-                                                            feature_names=[f"cat_{i}"]) for i in range(num)],
-                                 device=torch.device("meta"))
+    ebc = EmbeddingBagCollection(
+        tables=[
+            EmbeddingBagConfig(name=f"t_cat_{i}", embedding_dim=128, num_embeddings=rows, feature_names=[f"cat_{i}"])
+            for i in range(num)
+        ],
+        device=torch.device("meta"),
+    )
     apply_optimizer_in_backward(trec_optim.RowWiseAdagrad, ebc.parameters(), {"lr": 0.1})
     return ebc
 

@@ -1,4 +1,4 @@
-"""pipeline.predict without training: the unlabelled raw layout, layout detection, one output row per
+"""pipeline.serving.predict without training: the unlabelled raw layout, layout detection, one output row per
 input line around malformed lines, and the text / .npy outputs (a small random DLRM stands in for an
 export)."""
 
@@ -13,7 +13,7 @@ import torch
 from pipeline.data.tsv import NO_LABEL, RawDataError, read_blocks
 from pipeline.serving.export import ExportedModel, build_dlrm
 from pipeline.serving.predict import PredictError, detect_labelled, run
-from tests.unit.test_criteo_raw import GOOD, row
+from tests.unit.data.test_raw_tsv import GOOD, row
 
 CAP = 50
 
@@ -24,8 +24,10 @@ def _unlabelled(line: str) -> str:
 
 def _read(path: Path, **kw) -> dict[str, np.ndarray]:
     blocks = list(read_blocks(path, **kw))
-    return {k: np.concatenate([getattr(b, k) for b in blocks]) for k in
-            ("labels", "dense", "dense_missing", "sparse", "sparse_missing", "line_index")}
+    return {
+        k: np.concatenate([getattr(b, k) for b in blocks])
+        for k in ("labels", "dense", "dense_missing", "sparse", "sparse_missing", "line_index")
+    }
 
 
 def test_unlabelled_rows_parse_like_labelled_ones(tmp_path) -> None:
@@ -74,8 +76,11 @@ def model() -> ExportedModel:
     dlrm = build_dlrm(cfg, [CAP] * 26)
     for p in dlrm.sparse_arch.parameters():
         torch.nn.init.normal_(p, std=0.5)
-    spec = {"num_embeddings_per_feature": [CAP] * 26, "feature_names": SPARSE_FEATURE_NAMES,
-            "input": {"dense_transform": "log1p", "id_mode": "hash", "caps": [CAP] * 26, "dense_min": None}}
+    spec = {
+        "num_embeddings_per_feature": [CAP] * 26,
+        "feature_names": SPARSE_FEATURE_NAMES,
+        "input": {"dense_transform": "log1p", "id_mode": "hash", "caps": [CAP] * 26, "dense_min": None},
+    }
     return ExportedModel(Path("."), spec, dlrm, None)
 
 
@@ -102,8 +107,14 @@ def test_one_output_row_per_input_line_around_malformed_lines(tmp_path, model) -
     for i in bad_at:
         lines.insert(i, "garbage")
     (tmp_path / "dirty.tsv").write_text("\n".join(lines) + "\n")
-    res = run(model, str(tmp_path / "dirty.npy"), input_path=str(tmp_path / "dirty.tsv"), bad_rows="skip",
-              block_size_mb=0.01, batch_size=64)  # many blocks, so skipped lines fall between and inside blocks
+    res = run(
+        model,
+        str(tmp_path / "dirty.npy"),
+        input_path=str(tmp_path / "dirty.tsv"),
+        bad_rows="skip",
+        block_size_mb=0.01,
+        batch_size=64,
+    )  # many blocks, so skipped lines fall between and inside blocks
     got = np.load(tmp_path / "dirty.npy")
     assert res.rows == len(got) == 305 and res.scored == 300 and res.bad_rows["total"] == 5
     assert np.flatnonzero(np.isnan(got)).tolist() == bad_at

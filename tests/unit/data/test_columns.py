@@ -45,15 +45,31 @@ def _int_rows(n: int, seed: int) -> list[list[str]]:
     rows = []
     for _ in range(n):
         user, item, genre = rng.integers(0, 50), rng.integers(10**12, 10**12 + 30), rng.integers(0, 5)
-        rows.append([str(rng.integers(0, 2)), str(rng.integers(0, 90)), "" if rng.random() < 0.1 else str(rng.integers(0, 500)),
-                     str(user), str(item), "" if rng.random() < 0.2 else str(genre)])
+        rows.append(
+            [
+                str(rng.integers(0, 2)),
+                str(rng.integers(0, 90)),
+                "" if rng.random() < 0.1 else str(rng.integers(0, 500)),
+                str(user),
+                str(item),
+                "" if rng.random() < 0.2 else str(genre),
+            ]
+        )
     return rows
 
 
 def _int_config(root: Path, **kw) -> DataConfig:
-    base = DataConfig(name="ints", raw_dir=str(root / "raw"), processed_dir=str(root / "out"), split=SplitMode.files,
-                      id_mode=IdMode.vocab, dense_columns=list(DENSE), sparse_columns=list(SPARSE), feature_names=[],
-                      categorical_format=CategoricalFormat.int)
+    base = DataConfig(
+        name="ints",
+        raw_dir=str(root / "raw"),
+        processed_dir=str(root / "out"),
+        split=SplitMode.files,
+        id_mode=IdMode.vocab,
+        dense_columns=list(DENSE),
+        sparse_columns=list(SPARSE),
+        feature_names=[],
+        categorical_format=CategoricalFormat.int,
+    )
     return replace(base, **kw)
 
 
@@ -87,7 +103,7 @@ def test_declared_int_layout_preprocesses_and_loads_with_its_widths_and_keys(int
     ids = split.column("sparse")
     assert ((raw[:, 3:] == "") == (ids == MISSING_ID)).all()
     for j in range(3):  # one raw id <-> one table row
-        pairs = set(zip(raw[:, 3 + j], ids[:, j]))
+        pairs = set(zip(raw[:, 3 + j], ids[:, j], strict=True))
         assert len(pairs) == len({r for r, _ in pairs}) == len({i for _, i in pairs})
     kjt = batch.sparse_features.to_dict()
     np.testing.assert_array_equal(kjt["item_id"].values().numpy(), ids[:16, 1])
@@ -109,7 +125,9 @@ def test_bad_int_categorical_stops_naming_file_line_and_field(int_data, bad) -> 
     cfg, rows = int_data
     rows["train"][4][4] = bad
     _write_rows(Path(cfg.raw_dir) / "train.tsv", rows["train"])
-    with pytest.raises(RawDataError, match=r"train.tsv:5: field item_id is .*expected a decimal integer id.*bad_categorical"):
+    with pytest.raises(
+        RawDataError, match=r"train.tsv:5: field item_id is .*expected a decimal integer id.*bad_categorical"
+    ):
         preprocess(cfg)
 
 
@@ -142,12 +160,24 @@ def test_hex_layout_with_other_columns_and_no_dense_columns(tmp_path) -> None:
     (tmp_path / "raw").mkdir()
     rng = np.random.default_rng(0)
     for s in ("train", "val", "test"):
-        _write_rows(tmp_path / "raw" / f"{s}.tsv",
-                    [[str(rng.integers(0, 2)), f"{rng.integers(0, 9):08x}", f"{rng.integers(0, 2**32):08x}"]
-                     for _ in range(50)])
-    cfg = DataConfig(name="hex", raw_dir=str(tmp_path / "raw"), processed_dir=str(tmp_path / "out"),
-                     split=SplitMode.files, id_mode=IdMode.hash, max_ids_per_feature=11, dense_columns=[],
-                     sparse_columns=["site", "device"], feature_names=[])
+        _write_rows(
+            tmp_path / "raw" / f"{s}.tsv",
+            [
+                [str(rng.integers(0, 2)), f"{rng.integers(0, 9):08x}", f"{rng.integers(0, 2**32):08x}"]
+                for _ in range(50)
+            ],
+        )
+    cfg = DataConfig(
+        name="hex",
+        raw_dir=str(tmp_path / "raw"),
+        processed_dir=str(tmp_path / "out"),
+        split=SplitMode.files,
+        id_mode=IdMode.hash,
+        max_ids_per_feature=11,
+        dense_columns=[],
+        sparse_columns=["site", "device"],
+        feature_names=[],
+    )
     manifest = preprocess(cfg)
     assert manifest.num_embeddings_per_feature == [11, 11] and manifest.num_dense == 0
     batch = BinarySplit(cfg.processed_dir, "test").make_batch(np.arange(8))
@@ -161,9 +191,11 @@ def test_changed_columns_are_not_reused(int_data) -> None:
     cfg, _ = int_data
     preprocess(cfg)
     assert is_current(cfg)
-    for changed in (replace(cfg, feature_names=["a", "b", "c"]),
-                    replace(cfg, dense_columns=["age"], sparse_columns=["activity", *SPARSE]),
-                    replace(cfg, categorical_format=CategoricalFormat.hex)):
+    for changed in (
+        replace(cfg, feature_names=["a", "b", "c"]),
+        replace(cfg, dense_columns=["age"], sparse_columns=["activity", *SPARSE]),
+        replace(cfg, categorical_format=CategoricalFormat.hex),
+    ):
         assert not is_current(changed), changed
     # Preprocessing again with the new names rebuilds the parts and records them.
     renamed = replace(cfg, feature_names=["a", "b", "c"])
@@ -172,22 +204,38 @@ def test_changed_columns_are_not_reused(int_data) -> None:
 
 
 def test_criteo_data_preprocessed_before_columns_were_declared_is_reused(tmp_path) -> None:
-    synthetic.generate(SyntheticConfig(num_train_rows=300, num_val_rows=100, num_test_rows=100,
-                                       max_cardinality=50, seed=1), tmp_path / "raw")
-    cfg = DataConfig(name="c", raw_dir=str(tmp_path / "raw"), processed_dir=str(tmp_path / "out"),
-                     split=SplitMode.files, id_mode=IdMode.vocab)
+    synthetic.generate(
+        SyntheticConfig(num_train_rows=300, num_val_rows=100, num_test_rows=100, max_cardinality=50, seed=1),
+        tmp_path / "raw",
+    )
+    cfg = DataConfig(
+        name="c",
+        raw_dir=str(tmp_path / "raw"),
+        processed_dir=str(tmp_path / "out"),
+        split=SplitMode.files,
+        id_mode=IdMode.vocab,
+    )
     manifest = preprocess(cfg)
     assert list(manifest.schema.feature_names) == list(CRITEO.feature_names) == [f"cat_{i}" for i in range(26)]
     assert "schema" not in manifest.settings, "Criteo's layout keeps the fingerprints of older data"
     # An older manifest has no schema fields: it is Criteo's, still current, and loads with cat_* keys.
-    old = {k: v for k, v in manifest.to_dict().items() if k not in ("dense_columns", "sparse_columns", "feature_names",
-                                                          "categorical_format")}
+    old = {
+        k: v
+        for k, v in manifest.to_dict().items()
+        if k not in ("dense_columns", "sparse_columns", "feature_names", "categorical_format")
+    }
     (tmp_path / "out" / MANIFEST).write_text(json.dumps(old))
     assert is_current(cfg)
     kjt = BinarySplit(cfg.processed_dir, "val").make_batch(np.arange(2)).sparse_features
     assert kjt.keys() == [f"cat_{i}" for i in range(26)]
-    assert not is_current(replace(cfg, dense_columns=[f"I{i + 1}" for i in range(12)],
-                                  sparse_columns=["I13", *cfg.sparse_columns], feature_names=[]))
+    assert not is_current(
+        replace(
+            cfg,
+            dense_columns=[f"I{i + 1}" for i in range(12)],
+            sparse_columns=["I13", *cfg.sparse_columns],
+            feature_names=[],
+        )
+    )
 
 
 def _train_config(**data) -> TrainConfig:
@@ -196,23 +244,35 @@ def _train_config(**data) -> TrainConfig:
     return cfg
 
 
-@pytest.mark.parametrize(("data", "message"), [
-    ({"sparse_columns": ["a", "b"]}, r"data.feature_names has 26 names but data.sparse_columns has 2 .*feature_names=\[\]"),
-    ({"sparse_columns": ["a", "b"], "feature_names": [], "num_embeddings_per_feature": [5] * 26},
-     r"data.num_embeddings_per_feature has 26 entries .*\(2 in data.sparse_columns\)"),
-    ({"sparse_columns": [], "feature_names": []}, r"data.sparse_columns is empty"),
-    ({"dense_columns": ["a"], "sparse_columns": ["a"], "feature_names": []}, r"\['a'\] appear more than once"),
-    ({"dense_columns": ["label"]}, r"the label column is called 'label'"),
-    ({"sparse_columns": ["a b"], "feature_names": []}, r"without whitespace"),
-    ({"synthetic": SyntheticConfig(), "movielens": MovieLensConfig()}, r"data.synthetic and data.movielens"),
-])
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (
+            {"sparse_columns": ["a", "b"]},
+            r"data.feature_names has 26 names but data.sparse_columns has 2 .*feature_names=\[\]",
+        ),
+        (
+            {"sparse_columns": ["a", "b"], "feature_names": [], "num_embeddings_per_feature": [5] * 26},
+            r"data.num_embeddings_per_feature has 26 entries .*\(2 in data.sparse_columns\)",
+        ),
+        ({"sparse_columns": [], "feature_names": []}, r"data.sparse_columns is empty"),
+        ({"dense_columns": ["a"], "sparse_columns": ["a"], "feature_names": []}, r"\['a'\] appear more than once"),
+        ({"dense_columns": ["label"]}, r"the label column is called 'label'"),
+        ({"sparse_columns": ["a b"], "feature_names": []}, r"without whitespace"),
+        ({"synthetic": SyntheticConfig(), "movielens": MovieLensConfig()}, r"data.synthetic and data.movielens"),
+    ],
+)
 def test_bad_column_declarations_fail_naming_the_key(data, message) -> None:
     with pytest.raises(ConfigError, match=message):
         validate(_train_config(**data), world_size=1)
 
 
-def test_declared_cap_count_validates() -> None:
-    validate(_train_config(sparse_columns=["a", "b"], feature_names=[], num_embeddings_per_feature=[5, 7]), 1)
+def test_declared_caps_are_checked_against_the_declared_columns() -> None:
+    ok = _train_config(sparse_columns=["a", "b"], feature_names=[], num_embeddings_per_feature=[5, 7])
+    validate(ok, 1)  # one cap per declared column: accepted as given
+    assert list(ok.data.num_embeddings_per_feature) == [5, 7]
+    with pytest.raises(ConfigError, match=r"has 3 entries .*\(2 in data.sparse_columns\)"):
+        validate(_train_config(sparse_columns=["a", "b"], feature_names=[], num_embeddings_per_feature=[5, 7, 9]), 1)
 
 
 SMALL_ML = MovieLensConfig(num_users=80, num_items=60, num_train_rows=3000, num_val_rows=500, num_test_rows=500)
@@ -240,12 +300,27 @@ def test_movielens_config_generates_and_preprocesses_on_first_use(tmp_path) -> N
     from omegaconf import OmegaConf
 
     yaml = OmegaConf.load(CONF_DIR / "data" / "movielens.yaml")
-    assert Schema(tuple(yaml.dense_columns), tuple(yaml.sparse_columns), tuple(yaml.sparse_columns),
-                  CategoricalFormat(yaml.categorical_format)) == movielens.SCHEMA
-    cfg = DataConfig(name="ml", raw_dir=str(tmp_path / "raw"), processed_dir=str(tmp_path / "out"),
-                     split=SplitMode.files, id_mode=IdMode.vocab, dense_columns=list(yaml.dense_columns),
-                     sparse_columns=list(yaml.sparse_columns), feature_names=list(yaml.feature_names),
-                     categorical_format=CategoricalFormat(yaml.categorical_format), movielens=SMALL_ML)
+    assert (
+        Schema(
+            tuple(yaml.dense_columns),
+            tuple(yaml.sparse_columns),
+            tuple(yaml.sparse_columns),
+            CategoricalFormat(yaml.categorical_format),
+        )
+        == movielens.SCHEMA
+    )
+    cfg = DataConfig(
+        name="ml",
+        raw_dir=str(tmp_path / "raw"),
+        processed_dir=str(tmp_path / "out"),
+        split=SplitMode.files,
+        id_mode=IdMode.vocab,
+        dense_columns=list(yaml.dense_columns),
+        sparse_columns=list(yaml.sparse_columns),
+        feature_names=list(yaml.feature_names),
+        categorical_format=CategoricalFormat(yaml.categorical_format),
+        movielens=SMALL_ML,
+    )
     manifest = prepare_data(cfg)
     assert list(manifest.schema.feature_names) == ["user_id", "item_id", "genre", "user_age_bucket"]
     assert manifest.optimum["val"]["auc"] > 0.6
@@ -271,8 +346,12 @@ def test_exported_model_scores_raw_rows_of_its_declared_layout(tmp_path, model_n
     dlrm = build_dlrm(cfg, [cap] * 4, names, movielens.SCHEMA.num_dense)
     for p in dlrm.sparse_arch.parameters():
         torch.nn.init.normal_(p, std=0.5)
-    spec = {"num_embeddings_per_feature": [cap] * 4, "feature_names": names, "schema": movielens.SCHEMA.to_dict(),
-            "input": {"dense_transform": "log1p", "id_mode": "hash", "caps": [cap] * 4, "dense_min": None}}
+    spec = {
+        "num_embeddings_per_feature": [cap] * 4,
+        "feature_names": names,
+        "schema": movielens.SCHEMA.to_dict(),
+        "input": {"dense_transform": "log1p", "id_mode": "hash", "caps": [cap] * 4, "dense_min": None},
+    }
     model = ExportedModel(tmp_path, spec, dlrm, None)
     assert model.schema == movielens.SCHEMA
     assert detect_labelled(tmp_path / "val.tsv", schema=model.schema)

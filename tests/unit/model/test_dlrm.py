@@ -16,7 +16,9 @@ def test_criteo_top_mlp_input_width(self_interaction: bool, num_pairs: int, top_
     dlrm = model.model
     assert dlrm.top_in_features == top_in
     assert top_in - 128 == num_pairs
-    assert [layer.in_features for layer in dlrm.dense_arch.model._mlp.modules() if isinstance(layer, torch.nn.Linear)] == [13, 512, 256]
+    assert [
+        layer.in_features for layer in dlrm.dense_arch.model._mlp.modules() if isinstance(layer, torch.nn.Linear)
+    ] == [13, 512, 256]
     assert len(dlrm.sparse_arch.embedding_bag_collection.embedding_bag_configs()) == 26
 
 
@@ -33,7 +35,9 @@ def test_dot_interaction_with_diagonal_matches_direct_products() -> None:
 
 
 def test_forward_gives_one_logit_per_sample() -> None:
-    cfg = ModelConfig(embedding_dim=8, dense_arch_layer_sizes=[16, 8], over_arch_layer_sizes=[16, 1], self_interaction=True)
+    cfg = ModelConfig(
+        embedding_dim=8, dense_arch_layer_sizes=[16, 8], over_arch_layer_sizes=[16, 1], self_interaction=True
+    )
     model = build_model(cfg, [50] * 26)
     # Materialise the meta-device tables for a plain (unsharded) forward.
     ebc = model.model.sparse_arch.embedding_bag_collection
@@ -41,16 +45,21 @@ def test_forward_gives_one_logit_per_sample() -> None:
     for p in ebc.parameters():
         torch.nn.init.uniform_(p, -0.1, 0.1)
     b = 6
-    kjt = KeyedJaggedTensor(keys=SPARSE_FEATURE_NAMES, values=torch.randint(0, 50, (26 * b,)),
-                            lengths=torch.ones(26 * b, dtype=torch.int32), stride=b)
+    kjt = KeyedJaggedTensor(
+        keys=SPARSE_FEATURE_NAMES,
+        values=torch.randint(0, 50, (26 * b,)),
+        lengths=torch.ones(26 * b, dtype=torch.int32),
+        stride=b,
+    )
     logits = model.model(torch.randn(b, 13), kjt)
     assert logits.shape == (b, 1)
 
 
 @pytest.mark.parametrize("chunk_rows", [512, 3])
 @pytest.mark.parametrize("self_interaction", [False, True])
-def test_dot_interaction_gradients_match_autograd_of_the_gram_matrix(self_interaction: bool, chunk_rows: int,
-                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+def test_dot_interaction_gradients_match_autograd_of_the_gram_matrix(
+    self_interaction: bool, chunk_rows: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The one-GEMM backward gives autograd's gradients of bmm + gather, diagonal included, whether the
     batch is one slice of rows or several (7 rows in slices of 3: 3 + 3 + 1)."""
     monkeypatch.setattr("pipeline.model.dlrm.CPU_CHUNK_ROWS", chunk_rows)
@@ -75,16 +84,18 @@ def test_dot_interaction_gradients_match_autograd_of_the_gram_matrix(self_intera
     assert handed_back[1].is_contiguous(), "the pooled embeddings' gradient needs no copy before the tables"
     with torch.no_grad():
         torch.testing.assert_close(DotInteraction(f, self_interaction)(dense, sparse), grads[0][0])
-    assert torch.autograd.gradcheck(DotInteraction(f, self_interaction), (dense[:4].clone().requires_grad_(),
-                                                                         sparse[:4].clone().requires_grad_()))
+    assert torch.autograd.gradcheck(
+        DotInteraction(f, self_interaction), (dense[:4].clone().requires_grad_(), sparse[:4].clone().requires_grad_())
+    )
 
 
 def test_dot_interaction_has_torchrec_interaction_arch_layout() -> None:
     from torchrec.models.dlrm import InteractionArch
 
     dense, sparse = torch.randn(4, 8), torch.randn(4, 26, 8)
-    torch.testing.assert_close(DotInteraction(26, self_interaction=False)(dense, sparse),
-                               InteractionArch(26)(dense, sparse))
+    torch.testing.assert_close(
+        DotInteraction(26, self_interaction=False)(dense, sparse), InteractionArch(26)(dense, sparse)
+    )
 
 
 def test_pooled_embeddings_are_a_view_when_the_keys_are_in_order() -> None:
@@ -124,8 +135,10 @@ def test_dot_interaction_reads_pooled_embeddings_in_the_shards_order(self_intera
     expected = inter(dense, pooled_values(kt, names, d))
     expected_grads = torch.autograd.grad(expected.pow(2).sum(), (values, dense))
     torch.testing.assert_close(out, expected)
-    for got, want in zip(grads, expected_grads):
+    for got, want in zip(grads, expected_grads, strict=True):
         torch.testing.assert_close(got, want)
     in_order = KeyedTensor(keys=names, length_per_key=[d] * len(names), values=values)
-    assert pooled_for_dot(in_order, names, d, inter.flat_pairs, inter.pair_i, inter.pair_j, inter.padded)[1] \
+    assert (
+        pooled_for_dot(in_order, names, d, inter.flat_pairs, inter.pair_i, inter.pair_j, inter.padded)[1]
         is inter.flat_pairs
+    )

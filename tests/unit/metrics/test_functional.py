@@ -12,8 +12,8 @@ from pipeline.metrics.functional import binary_metrics
 
 def _auc_by_pairs(probs: list[float], labels: list[int]) -> float:
     """AUC as the fraction of (positive, negative) pairs ranked right, ties counting one half."""
-    pos = [p for p, y in zip(probs, labels) if y == 1]
-    neg = [p for p, y in zip(probs, labels) if y == 0]
+    pos = [p for p, y in zip(probs, labels, strict=True) if y == 1]
+    neg = [p for p, y in zip(probs, labels, strict=True) if y == 0]
     wins = sum(1.0 if a > b else 0.5 if a == b else 0.0 for a in pos for b in neg)
     return wins / (len(pos) * len(neg))
 
@@ -35,7 +35,7 @@ def test_logloss_ne_accuracy_calibration_direct() -> None:
     probs = [0.9, 0.2, 0.6, 0.4, 0.7]
     labels = [1, 0, 0, 1, 1]
     m = binary_metrics(torch.tensor(probs), torch.tensor(labels))
-    logloss = -sum(math.log(p) if y else math.log(1 - p) for p, y in zip(probs, labels)) / 5
+    logloss = -sum(math.log(p) if y else math.log(1 - p) for p, y in zip(probs, labels, strict=True)) / 5
     ctr = 3 / 5
     entropy = -(ctr * math.log(ctr) + (1 - ctr) * math.log(1 - ctr))
     assert m.logloss == pytest.approx(logloss)

@@ -12,14 +12,13 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.tools import doctor
 from pipeline.distributed.env import backend_for
+from pipeline.tools import doctor
 from pipeline.tools.doctor import DoctorReport, StackVersions, check_environment, format_report, run_checks
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+REPO_ROOT = Path(__file__).resolve().parents[3]
 UNDEFINED_SYMBOL = (
-    "/venv/lib/python3.11/site-packages/fbgemm_gpu/fbgemm_gpu_py.so: "
-    "undefined symbol: _ZN3c1017RegisterOperatorsD1Ev"
+    "/venv/lib/python3.11/site-packages/fbgemm_gpu/fbgemm_gpu_py.so: undefined symbol: _ZN3c1017RegisterOperatorsD1Ev"
 )
 
 

@@ -1,4 +1,4 @@
-"""Model variants from config (issue 7): DCNv2 cross net, projection interaction, sparse-feature MLPs and
+"""Model variants from config: DCNv2 cross net, projection interaction, sparse-feature MLPs and
 matrix factorisation: shapes, config errors, and a few optimiser steps that lower the loss."""
 
 from __future__ import annotations
@@ -26,23 +26,32 @@ def _materialise(model: torch.nn.Module) -> torch.nn.Module:
 
 def _batch(b: int, keys: list[str], num_dense: int, rows: int, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
-    kjt = KeyedJaggedTensor(keys=keys, values=torch.randint(0, rows, (len(keys) * b,), generator=g),
-                            lengths=torch.ones(len(keys) * b, dtype=torch.int32), stride=b)
+    kjt = KeyedJaggedTensor(
+        keys=keys,
+        values=torch.randint(0, rows, (len(keys) * b,), generator=g),
+        lengths=torch.ones(len(keys) * b, dtype=torch.int32),
+        stride=b,
+    )
     return torch.randn(b, num_dense, generator=g), kjt, torch.randint(0, 2, (b,), generator=g).float()
 
 
-@pytest.mark.parametrize(("overrides", "top_in"), [
-    ({"interaction": Interaction.dcn}, 27 * 128),  # the cross net keeps the 27 concatenated vectors
-    ({"interaction": Interaction.projection}, 128 + 8 * 8),  # F1 = F2 = 1024 / 128 = 8 projected vectors
-    ({"sparse_arch_layer_sizes": [64, 128]}, 479),  # per-table MLPs keep D, so the dot interaction is unchanged
-])
+@pytest.mark.parametrize(
+    ("overrides", "top_in"),
+    [
+        ({"interaction": Interaction.dcn}, 27 * 128),  # the cross net keeps the 27 concatenated vectors
+        ({"interaction": Interaction.projection}, 128 + 8 * 8),  # F1 = F2 = 1024 / 128 = 8 projected vectors
+        ({"sparse_arch_layer_sizes": [64, 128]}, 479),  # per-table MLPs keep D, so the dot interaction is unchanged
+    ],
+)
 def test_criteo_variant_top_mlp_input_width(overrides, top_in) -> None:
     dlrm = build_model(ModelConfig(**overrides), [100] * 26).model
     assert dlrm.top_in_features == top_in
 
 
 def test_dcn_is_torchrecs_low_rank_cross_net() -> None:
-    dlrm = build_model(ModelConfig(interaction=Interaction.dcn, dcn_num_layers=2, dcn_low_rank_dim=16), [100] * 26).model
+    dlrm = build_model(
+        ModelConfig(interaction=Interaction.dcn, dcn_num_layers=2, dcn_low_rank_dim=16), [100] * 26
+    ).model
     crossnet = dlrm.inter_arch.crossnet
     assert type(crossnet).__name__ == "LowRankCrossNet" and crossnet._num_layers == 2
     assert crossnet.V_kernels[0].shape == (16, 27 * 128)  # W = U V of rank 16
@@ -64,7 +73,10 @@ def test_matrix_factorisation_is_a_dot_product_of_two_tables() -> None:
     cfg = ModelConfig(name=ModelName.mf, embedding_dim=4)
     model = _materialise(build_model(cfg, [10, 20, 5], feature_names=keys, num_dense_features=1))
     mf = model.model
-    assert [t.name for t in mf.sparse_arch.embedding_bag_collection.embedding_bag_configs()] == ["t_user_id", "t_item_id"]
+    assert [t.name for t in mf.sparse_arch.embedding_bag_collection.embedding_bag_configs()] == [
+        "t_user_id",
+        "t_item_id",
+    ]
     assert [n for n, _ in mf.named_parameters() if "embedding_bags" not in n] == ["bias"]  # no MLPs
     dense, kjt, _ = _batch(6, keys, 1, rows=5)
     logits = mf(dense, kjt)
@@ -74,17 +86,37 @@ def test_matrix_factorisation_is_a_dot_product_of_two_tables() -> None:
     torch.testing.assert_close(logits.squeeze(1), (u * v).sum(1) + mf.bias)
 
 
-@pytest.mark.parametrize("cfg", [
-    ModelConfig(embedding_dim=8, dense_arch_layer_sizes=[16, 8], over_arch_layer_sizes=[16, 1]),
-    ModelConfig(embedding_dim=8, dense_arch_layer_sizes=[16, 8], over_arch_layer_sizes=[16, 1],
-                interaction=Interaction.dcn, dcn_num_layers=2, dcn_low_rank_dim=4),
-    ModelConfig(embedding_dim=8, dense_arch_layer_sizes=[16, 8], over_arch_layer_sizes=[16, 1],
-                interaction=Interaction.projection, projection_branch1_layer_sizes=[16, 32],
-                projection_branch2_layer_sizes=[16, 24]),
-    ModelConfig(embedding_dim=8, dense_arch_layer_sizes=[16, 8], over_arch_layer_sizes=[16, 1],
-                sparse_arch_layer_sizes=[16, 8], self_interaction=True),
-    ModelConfig(name=ModelName.mf, embedding_dim=8, user_feature="cat_0", item_feature="cat_1"),
-], ids=["dot", "dcn", "projection", "sparse_mlp", "mf"])
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        ModelConfig(embedding_dim=8, dense_arch_layer_sizes=[16, 8], over_arch_layer_sizes=[16, 1]),
+        ModelConfig(
+            embedding_dim=8,
+            dense_arch_layer_sizes=[16, 8],
+            over_arch_layer_sizes=[16, 1],
+            interaction=Interaction.dcn,
+            dcn_num_layers=2,
+            dcn_low_rank_dim=4,
+        ),
+        ModelConfig(
+            embedding_dim=8,
+            dense_arch_layer_sizes=[16, 8],
+            over_arch_layer_sizes=[16, 1],
+            interaction=Interaction.projection,
+            projection_branch1_layer_sizes=[16, 32],
+            projection_branch2_layer_sizes=[16, 24],
+        ),
+        ModelConfig(
+            embedding_dim=8,
+            dense_arch_layer_sizes=[16, 8],
+            over_arch_layer_sizes=[16, 1],
+            sparse_arch_layer_sizes=[16, 8],
+            self_interaction=True,
+        ),
+        ModelConfig(name=ModelName.mf, embedding_dim=8, user_feature="cat_0", item_feature="cat_1"),
+    ],
+    ids=["dot", "dcn", "projection", "sparse_mlp", "mf"],
+)
 def test_each_variant_trains_one_batch_down(cfg) -> None:
     check_model(cfg)
     model = _materialise(build_model(cfg, [50] * 26))
@@ -107,14 +139,19 @@ def _step(model, dense, kjt, labels):
     return model(Batch(dense_features=dense, sparse_features=kjt, labels=labels))
 
 
-@pytest.mark.parametrize(("overrides", "key"), [
-    ({"sparse_arch_layer_sizes": [64, 32]}, "model.sparse_arch_layer_sizes"),
-    ({"interaction": Interaction.dcn, "self_interaction": True}, "model.self_interaction"),
-    ({"interaction": Interaction.projection, "projection_branch1_layer_sizes": [512, 100]},
-     "model.projection_branch1_layer_sizes"),
-    ({"interaction": Interaction.dcn, "dcn_low_rank_dim": 0}, "model.dcn_low_rank_dim"),
-    ({"name": ModelName.mf, "user_feature": "cat_0", "item_feature": "cat_0"}, "model.user_feature"),
-])
+@pytest.mark.parametrize(
+    ("overrides", "key"),
+    [
+        ({"sparse_arch_layer_sizes": [64, 32]}, "model.sparse_arch_layer_sizes"),
+        ({"interaction": Interaction.dcn, "self_interaction": True}, "model.self_interaction"),
+        (
+            {"interaction": Interaction.projection, "projection_branch1_layer_sizes": [512, 100]},
+            "model.projection_branch1_layer_sizes",
+        ),
+        ({"interaction": Interaction.dcn, "dcn_low_rank_dim": 0}, "model.dcn_low_rank_dim"),
+        ({"name": ModelName.mf, "user_feature": "cat_0", "item_feature": "cat_0"}, "model.user_feature"),
+    ],
+)
 def test_inconsistent_variant_config_names_the_key(overrides, key) -> None:
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         check_model(ModelConfig(**overrides))

@@ -75,7 +75,8 @@ def test_with_fresh_tables_each_epoch_tables_keep_their_rate_and_the_mlps_decay_
     assert [schedule.table_factor(s) for s in (60, 99, 150, 399)] == [1.0] * 4
     # each 100-step epoch: full rate to its middle, then down to 0 at its end
     assert [schedule.factor(s) for s in (49, 50, 75, 100, 149, 175, 375)] == pytest.approx(
-        [1.0, 1.0, 0.5, 1.0, 1.0, 0.5, 0.5])
+        [1.0, 1.0, 0.5, 1.0, 1.0, 0.5, 0.5]
+    )
     assert schedule.factor(99) < 0.03 and schedule.factor(399) < 0.03
     whole, _ = resolve_schedule(cfg, 400)  # without restarts: one decay over the run, tables too
     assert whole.factor(300) == whole.table_factor(300) == pytest.approx(0.5)
