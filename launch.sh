@@ -6,14 +6,23 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 cd "$ROOT"
 VENV="${PIPELINE_VENV:-$ROOT/.venv}"
-# The interpreter for the venv: $PYTHON, else python3.11, else python3 if it is 3.11.
-if [[ -n "${PYTHON:-}" ]]; then
-  PYTHON_BIN="$PYTHON"
-elif command -v python3.11 >/dev/null 2>&1; then
-  PYTHON_BIN=python3.11
-else
-  PYTHON_BIN=python3
-fi
+# The interpreter for the venv: $PYTHON, else the first of python3.11, python3.12, python3 that runs and is
+# 3.11 or 3.12 (the versions the lock files are made for).
+SUPPORTED_PYTHON='import sys; sys.exit(sys.version_info[:2] not in ((3, 11), (3, 12)))'
+pick_python() {
+  if [[ -n "${PYTHON:-}" ]]; then
+    echo "$PYTHON"
+    return
+  fi
+  local candidate
+  for candidate in python3.11 python3.12 python3; do
+    if "$candidate" -c "$SUPPORTED_PYTHON" >/dev/null 2>&1; then
+      echo "$candidate"
+      return
+    fi
+  done
+  echo python3
+}
 VARIANT="${PIPELINE_VARIANT:-cpu}"   # cpu | cuda: which lock file to install
 STAMP="$VENV/.pipeline-installed"
 PIPELINE_RUN_ID_GIVEN="${PIPELINE_RUN_ID:-}"
@@ -46,7 +55,7 @@ Usage: ./launch.sh <command> [arguments...]
                 NPROC=1 ./launch.sh tune data=files data.train_files=[train.tsv] data.val_files=[val.tsv]
                 ./launch.sh train +tuned=<run id> data=files data.train_files=[train.tsv] data.val_files=[val.tsv]
                 ./launch.sh tune hydra.sweeper.n_trials=50 model.embedding_dim=64   # more trials; fix a parameter
-  test        Run the test suite (pytest; extra args go to pytest).
+  test        Run ruff (check and format --check), then the test suite (pytest; extra args go to pytest).
                 ./launch.sh test -k config
   preprocess  Generate (synthetic) and preprocess a dataset without training.
                 ./launch.sh preprocess data=tsv data.raw_files=[my_sample.tsv]
@@ -100,12 +109,13 @@ setup() {
   fi
   echo "[launch.sh] installing the pinned $VARIANT stack into $VENV (first use only)" >&2
   if [[ ! -x "$VENV/bin/python" ]]; then
-    if ! "$PYTHON_BIN" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))' 2>/dev/null; then
-      echo "[launch.sh] need Python 3.11 (the pinned torch/fbgemm wheels are cp311); found: $("$PYTHON_BIN" --version 2>&1)." >&2
-      echo "[launch.sh] install it, or point PYTHON at one: PYTHON=/path/to/python3.11 ./launch.sh setup" >&2
+    local python_bin; python_bin="$(pick_python)"
+    if ! "$python_bin" -c "$SUPPORTED_PYTHON" 2>/dev/null; then
+      echo "[launch.sh] need Python 3.11 or 3.12 (the lock files' wheels); found: $("$python_bin" --version 2>&1)." >&2
+      echo "[launch.sh] install one, or point PYTHON at it: PYTHON=/path/to/python3.12 ./launch.sh setup" >&2
       exit 1
     fi
-    "$PYTHON_BIN" -m venv "$VENV"
+    "$python_bin" -m venv "$VENV"
   fi
   "$VENV/bin/python" -m pip install --quiet --upgrade pip
   "$VENV/bin/python" -m pip install --quiet -r "requirements/$VARIANT.txt" -r requirements/dev.txt
@@ -156,7 +166,11 @@ case "$cmd" in
   setup)
     setup ;;
   test)
-    setup; exec "$VENV/bin/python" -m pytest "$@" ;;
+    setup
+    # Lint and format first (seconds); "$VENV/bin/ruff" check --fix . && "$VENV/bin/ruff" format . fixes most.
+    "$VENV/bin/ruff" check --quiet . || { echo "[launch.sh] ruff check failed (see above)" >&2; exit 1; }
+    "$VENV/bin/ruff" format --check --quiet . || { echo "[launch.sh] files not formatted: $VENV/bin/ruff format ." >&2; exit 1; }
+    exec "$VENV/bin/python" -m pytest "$@" ;;
   train|sweep|tune|preprocess|export|predict|plan|report|doctor)
     # dlrm-pipeline (pipeline/cli.py) checks the config in one process, then starts torchrun (or a sweep).
     setup; exec "$VENV/bin/dlrm-pipeline" "$cmd" "$@" ;;

@@ -29,8 +29,14 @@ NUM_TABLES = 26
 
 def random_batches(n: int, batch: int, rows: int, seed: int) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     g = torch.Generator().manual_seed(seed)
-    return [(torch.rand(batch, DENSE_IN, generator=g), torch.randint(0, rows, (NUM_TABLES, batch), generator=g),
-             torch.randint(0, 2, (batch,), generator=g).float()) for _ in range(n)]
+    return [
+        (
+            torch.rand(batch, DENSE_IN, generator=g),
+            torch.randint(0, rows, (NUM_TABLES, batch), generator=g),
+            torch.randint(0, 2, (batch,), generator=g).float(),
+        )
+        for _ in range(n)
+    ]
 
 
 def summarize(step_s: list[float], batch: int, warmup: int) -> dict:
@@ -63,7 +69,7 @@ class PlainDLRM(nn.Module):
         super().__init__()
         self.emb = nn.ModuleList(nn.EmbeddingBag(rows, dim, mode="sum", sparse=True) for _ in range(NUM_TABLES))
         for e in self.emb:
-            nn.init.uniform_(e.weight, -(1 / rows) ** 0.5, (1 / rows) ** 0.5)
+            nn.init.uniform_(e.weight, -((1 / rows) ** 0.5), (1 / rows) ** 0.5)
         self.bot = self._mlp([DENSE_IN, *bottom], sigmoid_last=False)
         n = NUM_TABLES + 1
         self.li, self.lj = torch.tril_indices(n, n, offset=-1)
@@ -114,8 +120,12 @@ def run_plain(a) -> dict:
             t = time.perf_counter()
             torch.sigmoid(model(dense, ids))
             inf.append(time.perf_counter() - t)
-    return {"train": summarize(times, a.batch, a.warmup), "infer": summarize(inf, a.batch, a.warmup),
-            "peak_rss_mib": peak_rss_mib(), "world_size": 1}
+    return {
+        "train": summarize(times, a.batch, a.warmup),
+        "infer": summarize(inf, a.batch, a.warmup),
+        "peak_rss_mib": peak_rss_mib(),
+        "world_size": 1,
+    }
 
 
 # -- minimal TorchRec ------------------------------------------------------------------------------
@@ -138,20 +148,24 @@ def run_torchrec(a) -> dict:
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     torch.manual_seed(0)
     names = [f"cat_{i}" for i in range(NUM_TABLES)]
-    tables = [EmbeddingBagConfig(name=f"t_{n}", embedding_dim=a.dim, num_embeddings=a.rows, feature_names=[n])
-              for n in names]
-    model = DLRMTrain(DLRM(EmbeddingBagCollection(tables=tables, device=torch.device("meta")), DENSE_IN,
-                           a.bottom, a.top))
+    tables = [
+        EmbeddingBagConfig(name=f"t_{n}", embedding_dim=a.dim, num_embeddings=a.rows, feature_names=[n]) for n in names
+    ]
+    model = DLRMTrain(
+        DLRM(EmbeddingBagCollection(tables=tables, device=torch.device("meta")), DENSE_IN, a.bottom, a.top)
+    )
     apply_optimizer_in_backward(trec_optim.SGD, model.model.sparse_arch.parameters(), {"lr": 0.01})
     dmp = DistributedModelParallel(model, device=torch.device("cpu"))
-    dense_opt = KeyedOptimizerWrapper(dict(in_backward_optimizer_filter(dmp.named_parameters())),
-                                      lambda p: torch.optim.SGD(p, lr=0.01))
+    dense_opt = KeyedOptimizerWrapper(
+        dict(in_backward_optimizer_filter(dmp.named_parameters())), lambda p: torch.optim.SGD(p, lr=0.01)
+    )
     opt = CombinedOptimizer([dmp.fused_optimizer, dense_opt])
     local = a.batch // world
 
     def to_batch(dense, ids, labels) -> Batch:
-        kjt = KeyedJaggedTensor(keys=names, values=ids.reshape(-1), lengths=torch.ones(NUM_TABLES * local, dtype=torch.int32),
-                                stride=local)
+        kjt = KeyedJaggedTensor(
+            keys=names, values=ids.reshape(-1), lengths=torch.ones(NUM_TABLES * local, dtype=torch.int32), stride=local
+        )
         return Batch(dense_features=dense, sparse_features=kjt, labels=labels)
 
     batches = [to_batch(*b) for b in random_batches(a.warmup + a.steps + 2, local, a.rows, rank)]
@@ -173,8 +187,12 @@ def run_torchrec(a) -> dict:
             t = time.perf_counter()
             dmp(b)
             inf.append(time.perf_counter() - t)
-    out = {"train": summarize(times, a.batch, a.warmup), "infer": summarize(inf, a.batch, a.warmup),
-           "peak_rss_mib": peak_rss_mib(), "world_size": world}
+    out = {
+        "train": summarize(times, a.batch, a.warmup),
+        "infer": summarize(inf, a.batch, a.warmup),
+        "peak_rss_mib": peak_rss_mib(),
+        "world_size": world,
+    }
     gathered: list[dict] = [{} for _ in range(world)]
     dist.all_gather_object(gathered, out)
     dist.destroy_process_group()

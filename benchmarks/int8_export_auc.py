@@ -37,10 +37,20 @@ def main() -> int:
     args = parser.parse_args()
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench_int8_"))
     run_dir = work / "run"
-    train = ["model=dlrm_criteo", "data=synthetic", f"data.raw_dir={work}/raw", f"data.processed_dir={work}/processed",
-             f"data.synthetic.num_train_rows={args.rows}", f"data.synthetic.num_val_rows={args.eval_rows}",
-             f"data.synthetic.num_test_rows={args.eval_rows}", "trainer.eval_every_steps=0",
-             "logger.progress_bar=false", "checkpoint.every_steps=0", "trainer.resume=none", f"hydra.run.dir={run_dir}"]
+    train = [
+        "model=dlrm_criteo",
+        "data=synthetic",
+        f"data.raw_dir={work}/raw",
+        f"data.processed_dir={work}/processed",
+        f"data.synthetic.num_train_rows={args.rows}",
+        f"data.synthetic.num_val_rows={args.eval_rows}",
+        f"data.synthetic.num_test_rows={args.eval_rows}",
+        "trainer.eval_every_steps=0",
+        "logger.progress_bar=false",
+        "checkpoint.every_steps=0",
+        "trainer.resume=none",
+        f"hydra.run.dir={run_dir}",
+    ]
     env = {**os.environ, "NPROC": str(args.nproc), "PIPELINE_RUN_ID": "int8_bench"}
     proc = subprocess.run(["./launch.sh", "train", *train], cwd=ROOT, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -58,20 +68,33 @@ def main() -> int:
         t = time.perf_counter()
         res = run(model, str(work / f"test_{name}.npy"), split="test")
         seconds = time.perf_counter() - t
-        results[name] = {"auc": res.metrics["auc"], "logloss": res.metrics["logloss"],
-                         "mib": spec["weights"]["bytes"] / 2**20, "rows_per_s": res.scored / seconds,
-                         "probs": np.load(work / f"test_{name}.npy")}
+        results[name] = {
+            "auc": res.metrics["auc"],
+            "logloss": res.metrics["logloss"],
+            "mib": spec["weights"]["bytes"] / 2**20,
+            "rows_per_s": res.scored / seconds,
+            "probs": np.load(work / f"test_{name}.npy"),
+        }
     optimum = json.loads((work / "raw" / "optimum.json").read_text())["optimum"]["test"]
-    print(f"model=dlrm_criteo data=synthetic, {args.rows:,} training rows (1 epoch), {args.eval_rows:,} test rows, "
-          f"{args.nproc} rank(s); data optimum test AUC {optimum['auc']:.4f}")
-    print(f"{'tables':8s} {'test AUC':>9s} {'logloss':>8s} {'d AUC':>8s} {'d logloss':>10s} {'weights':>9s} {'rows/s':>9s}")
+    print(
+        f"model=dlrm_criteo data=synthetic, {args.rows:,} training rows (1 epoch), {args.eval_rows:,} test rows, "
+        f"{args.nproc} rank(s); data optimum test AUC {optimum['auc']:.4f}"
+    )
+    print(
+        f"{'tables':8s} {'test AUC':>9s} {'logloss':>8s} {'d AUC':>8s} {'d logloss':>10s} {'weights':>9s} "
+        f"{'rows/s':>9s}"
+    )
     base = results["float32"]
     for name, r in results.items():
-        print(f"{name:8s} {r['auc']:9.4f} {r['logloss']:8.4f} {r['auc'] - base['auc']:+8.5f} "
-              f"{r['logloss'] - base['logloss']:+10.5f} {r['mib']:7.1f}Mi {r['rows_per_s']:9,.0f}")
+        print(
+            f"{name:8s} {r['auc']:9.4f} {r['logloss']:8.4f} {r['auc'] - base['auc']:+8.5f} "
+            f"{r['logloss'] - base['logloss']:+10.5f} {r['mib']:7.1f}Mi {r['rows_per_s']:9,.0f}"
+        )
     diff = np.abs(results["int8"]["probs"] - base["probs"])
-    print(f"per-row |p_int8 - p_float32|: max {diff.max():.4f}, mean {diff.mean():.5f}; weights "
-          f"{base['mib'] / results['int8']['mib']:.2f}x smaller")
+    print(
+        f"per-row |p_int8 - p_float32|: max {diff.max():.4f}, mean {diff.mean():.5f}; weights "
+        f"{base['mib'] / results['int8']['mib']:.2f}x smaller"
+    )
     return 0
 
 

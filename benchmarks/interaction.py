@@ -52,16 +52,20 @@ def main() -> None:
     def evict() -> None:
         sweep.add_(1.0)
 
-    print(f"dot interaction, {f} pooled vectors + 1 dense, D={d}, {a.threads} threads, slices of {sliced_rows} rows; "
-          f"ms per pass (median / best of {a.repeats})")
-    print(f"{'batch':>6s} {'pass':>9s} {'sliced':>13s} {'whole':>13s} {'torchrec':>13s} {'whole/sliced':>12s} "
-          f"{'torchrec/sliced':>15s}")
+    print(
+        f"dot interaction, {f} pooled vectors + 1 dense, D={d}, {a.threads} threads, slices of {sliced_rows} rows; "
+        f"ms per pass (median / best of {a.repeats})"
+    )
+    print(
+        f"{'batch':>6s} {'pass':>9s} {'sliced':>13s} {'whole':>13s} {'torchrec':>13s} {'whole/sliced':>12s} "
+        f"{'torchrec/sliced':>15s}"
+    )
     for b in (int(x) for x in a.batch_sizes.split(",")):
         dense = torch.randn(b, d, requires_grad=True)
         pooled = torch.randn(b, f * d, requires_grad=True)  # the collection's output, [B, F*D]
         upstream = torch.randn(b, d + f * (f + 1) // 2)
 
-        def run(who: str, train: bool) -> float:
+        def run(who: str, train: bool, b=b, dense=dense, pooled=pooled, upstream=upstream) -> float:
             dlrm.CPU_CHUNK_ROWS = b if who == "whole" else sliced_rows
             module = theirs if who == "torchrec" else ours
             dense.grad = pooled.grad = None
@@ -87,8 +91,11 @@ def main() -> None:
                     times[who].append(run(who, train) * 1e3)
             med = {k: statistics.median(v) for k, v in times.items()}
             cells = " ".join(f"{med[k]:6.1f} / {min(v):5.1f}" for k, v in times.items())
-            print(f"{b:>6d} {'training' if train else 'inference':>9s} {cells} {med['whole'] / med['sliced']:>11.2f}x "
-                  f"{med['torchrec'] / med['sliced']:>14.2f}x", flush=True)
+            print(
+                f"{b:>6d} {'training' if train else 'inference':>9s} {cells} {med['whole'] / med['sliced']:>11.2f}x "
+                f"{med['torchrec'] / med['sliced']:>14.2f}x",
+                flush=True,
+            )
     dlrm.CPU_CHUNK_ROWS = sliced_rows
 
 

@@ -49,11 +49,21 @@ def main() -> None:
     register_resolvers()
     register_configs()
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench_loader_"))
-    overrides = ["model=dlrm_criteo", "data=synthetic", f"data.raw_dir={work}/raw", f"data.processed_dir={work}/processed",
-                 f"data.synthetic.num_train_rows={args.rows}", "data.synthetic.num_val_rows=8192",
-                 "data.synthetic.num_test_rows=8192", f"data.global_batch_size={args.batch_size}",
-                 f"trainer.max_steps={args.steps}", "trainer.eval_every_steps=0", "trainer.run_doctor=false",
-                 "logger.progress_bar=false", "logger.log_every_steps=5"]
+    overrides = [
+        "model=dlrm_criteo",
+        "data=synthetic",
+        f"data.raw_dir={work}/raw",
+        f"data.processed_dir={work}/processed",
+        f"data.synthetic.num_train_rows={args.rows}",
+        "data.synthetic.num_val_rows=8192",
+        "data.synthetic.num_test_rows=8192",
+        f"data.global_batch_size={args.batch_size}",
+        f"trainer.max_steps={args.steps}",
+        "trainer.eval_every_steps=0",
+        "trainer.run_doctor=false",
+        "logger.progress_bar=false",
+        "logger.log_every_steps=5",
+    ]
     with initialize_config_dir(config_dir=str(ROOT / "pipeline" / "conf"), version_base="1.3"):
         cfg = OmegaConf.to_object(compose("train", overrides=overrides))
     t = time.perf_counter()

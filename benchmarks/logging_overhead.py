@@ -47,18 +47,33 @@ def main() -> int:
     parser.add_argument("--workdir", default=None)
     args = parser.parse_args()
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench_logging_"))
-    base = ["model=dlrm_criteo", "data=synthetic", f"data.raw_dir={work}/raw", f"data.processed_dir={work}/processed",
-            f"data.synthetic.num_train_rows={args.rows}", "data.synthetic.num_val_rows=8192",
-            "data.synthetic.num_test_rows=8192", f"trainer.max_steps={args.steps}", "trainer.eval_every_steps=0",
-            "checkpoint.every_steps=0", "checkpoint.save_at_end=false", "trainer.resume=none"]
+    base = [
+        "model=dlrm_criteo",
+        "data=synthetic",
+        f"data.raw_dir={work}/raw",
+        f"data.processed_dir={work}/processed",
+        f"data.synthetic.num_train_rows={args.rows}",
+        "data.synthetic.num_val_rows=8192",
+        "data.synthetic.num_test_rows=8192",
+        f"trainer.max_steps={args.steps}",
+        "trainer.eval_every_steps=0",
+        "checkpoint.every_steps=0",
+        "checkpoint.save_at_end=false",
+        "trainer.resume=none",
+    ]
     rates: dict[str, list[float]] = {name: [] for name in SETTINGS}
     booked: dict[str, list[float]] = {name: [] for name in SETTINGS}
     for r in range(args.repeats):
         for name, extra in SETTINGS.items():
             run_dir = work / f"{name}_{r}"
             env = {**os.environ, "NPROC": str(args.nproc), "PIPELINE_RUN_ID": run_dir.name}
-            proc = subprocess.run(["./launch.sh", "train", *base, *extra, f"hydra.run.dir={run_dir}"], cwd=ROOT,
-                                  env=env, capture_output=True, text=True)
+            proc = subprocess.run(
+                ["./launch.sh", "train", *base, *extra, f"hydra.run.dir={run_dir}"],
+                cwd=ROOT,
+                env=env,
+                capture_output=True,
+                text=True,
+            )
             if proc.returncode != 0:
                 print(f"{name}: failed (rc {proc.returncode})\n{(proc.stdout + proc.stderr)[-3000:]}", file=sys.stderr)
                 return 1
@@ -66,13 +81,17 @@ def main() -> int:
             rates[name].append(summary["train_samples_per_s"])
             booked[name].append(summary["bookkeeping_fraction"])
     quiet = statistics.median(rates["quiet"])
-    print(f"model=dlrm_criteo data=synthetic, batch 2048, {args.steps} steps per run, {args.nproc} rank(s), "
-          f"{args.repeats} alternating repeats")
+    print(
+        f"model=dlrm_criteo data=synthetic, batch 2048, {args.steps} steps per run, {args.nproc} rank(s), "
+        f"{args.repeats} alternating repeats"
+    )
     print(f"{'setting':12s} {'samples/s':>10s} {'min':>9s} {'max':>9s} {'cost vs quiet':>14s} {'bookkeeping':>12s}")
     for name, values in rates.items():
         med = statistics.median(values)
-        print(f"{name:12s} {med:10,.0f} {min(values):9,.0f} {max(values):9,.0f} {100 * (1 - med / quiet):13.1f}%"
-              f" {100 * statistics.median(booked[name]):11.2f}%")
+        print(
+            f"{name:12s} {med:10,.0f} {min(values):9,.0f} {max(values):9,.0f} {100 * (1 - med / quiet):13.1f}%"
+            f" {100 * statistics.median(booked[name]):11.2f}%"
+        )
     print("bookkeeping = the loop's own per-step code as a share of training time, timed in each run (median)")
     return 0
 

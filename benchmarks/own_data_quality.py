@@ -31,8 +31,14 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from pipeline.metrics.keys import of_split  # noqa: E402
 
-BEFORE = ["data.global_batch_size=2048", "trainer.num_epochs=1", "optimizer.warmup_steps=100",
-          "data.min_id_frequency=1", "trainer.restore_best=false", "trainer.eval_every_steps=200"]
+BEFORE = [
+    "data.global_batch_size=2048",
+    "trainer.num_epochs=1",
+    "optimizer.warmup_steps=100",
+    "data.min_id_frequency=1",
+    "trainer.restore_best=false",
+    "trainer.eval_every_steps=200",
+]
 
 
 def _cpu() -> str:
@@ -47,17 +53,34 @@ def _cpu() -> str:
 
 def train(name: str, args: argparse.Namespace, overrides: list[str], nproc: int) -> dict:
     run_dir = Path(args.workdir) / name
-    cmd = ["bash", str(ROOT / "launch.sh"), "train", "data=files", f"data.train_files=[{args.train}]",
-           f"data.val_files=[{args.val}]", f"data.processed_dir={args.workdir}/processed", f"hydra.run.dir={run_dir}",
-           "logger.progress_bar=false", "logger.report=false", "trainer.run_doctor=false", *overrides]
+    cmd = [
+        "bash",
+        str(ROOT / "launch.sh"),
+        "train",
+        "data=files",
+        f"data.train_files=[{args.train}]",
+        f"data.val_files=[{args.val}]",
+        f"data.processed_dir={args.workdir}/processed",
+        f"hydra.run.dir={run_dir}",
+        "logger.progress_bar=false",
+        "logger.report=false",
+        "trainer.run_doctor=false",
+        *overrides,
+    ]
     t0 = time.perf_counter()
-    out = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "NPROC": str(nproc), "PIPELINE_RUN_ID": name},
-                         capture_output=True, text=True)
+    out = subprocess.run(
+        cmd, cwd=ROOT, env={**os.environ, "NPROC": str(nproc), "PIPELINE_RUN_ID": name}, capture_output=True, text=True
+    )
     if out.returncode != 0:
         raise SystemExit(f"{name} failed:\n{(out.stdout + out.stderr)[-3000:]}")
     summary = json.loads((run_dir / "summary.json").read_text())
-    return {**of_split(summary["final"], "val"), "seconds": time.perf_counter() - t0, "steps": summary["steps"],
-            "batch": summary["global_batch_size"], "epochs": round(summary["epochs"], 2)}
+    return {
+        **of_split(summary["final"], "val"),
+        "seconds": time.perf_counter() - t0,
+        "steps": summary["steps"],
+        "batch": summary["global_batch_size"],
+        "epochs": round(summary["epochs"], 2),
+    }
 
 
 def _read(path: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -105,8 +128,15 @@ def logistic_regression(args: argparse.Namespace, epochs: int = 3, buckets: int 
             m = binary_metrics(torch.sigmoid(bag(vk).squeeze(1) + bias), vy)
         if best is None or m.logloss < best.logloss:
             best = m
-    return {"auc": best.auc, "logloss": best.logloss, "calibration": best.calibration,
-            "seconds": time.perf_counter() - t0, "steps": None, "batch": 128, "epochs": None}
+    return {
+        "auc": best.auc,
+        "logloss": best.logloss,
+        "calibration": best.calibration,
+        "seconds": time.perf_counter() - t0,
+        "steps": None,
+        "batch": 128,
+        "epochs": None,
+    }
 
 
 def main() -> int:
@@ -120,7 +150,9 @@ def main() -> int:
     Path(a.workdir).mkdir(parents=True, exist_ok=True)
     rows: list[tuple[str, dict]] = []
     for seed in [int(s) for s in a.seeds.split(",")]:
-        rows.append((f"(a) defaults, 1 rank, seed {seed}", train(f"defaults_1r_s{seed}", a, [f"trainer.seed={seed}"], 1)))
+        rows.append(
+            (f"(a) defaults, 1 rank, seed {seed}", train(f"defaults_1r_s{seed}", a, [f"trainer.seed={seed}"], 1))
+        )
     rows.append(("(a) defaults, 2 ranks", train("defaults_2r", a, [], 2)))
     rows.append(("(b) before: batch 2048, 1 epoch", train("before_1r", a, BEFORE, 1)))
     if a.tuned:
@@ -130,14 +162,20 @@ def main() -> int:
     vy = _read(a.val)[0]
     rate = float(y.mean())
     constant = float(-(vy * np.log(rate) + (1 - vy) * np.log(1 - rate)).mean())
-    print(f"{_cpu()}; {time.strftime('%Y-%m-%d')}; train {a.train} ({len(y):,} rows, click rate {rate:.3f}), "
-          f"val {a.val} ({len(vy):,} rows)")
+    print(
+        f"{_cpu()}; {time.strftime('%Y-%m-%d')}; train {a.train} ({len(y):,} rows, click rate {rate:.3f}), "
+        f"val {a.val} ({len(vy):,} rows)"
+    )
     print(f"constant-rate val logloss {constant:.4f}")
-    print(f"{'contender':40s} {'val auc':>8s} {'logloss':>8s} {'gain':>7s} {'calib':>6s} {'batch':>6s} "
-          f"{'epochs':>6s} {'seconds':>8s}")
+    print(
+        f"{'contender':40s} {'val auc':>8s} {'logloss':>8s} {'gain':>7s} {'calib':>6s} {'batch':>6s} "
+        f"{'epochs':>6s} {'seconds':>8s}"
+    )
     for name, r in rows:
-        print(f"{name:40s} {r['auc']:8.4f} {r['logloss']:8.4f} {constant - r['logloss']:7.4f} {r['calibration']:6.3f} "
-              f"{r['batch']:>6} {str(r['epochs'] or '-'):>6s} {r['seconds']:8.1f}")
+        print(
+            f"{name:40s} {r['auc']:8.4f} {r['logloss']:8.4f} {constant - r['logloss']:7.4f} {r['calibration']:6.3f} "
+            f"{r['batch']:>6} {str(r['epochs'] or '-'):>6s} {r['seconds']:8.1f}"
+        )
     return 0
 
 

@@ -47,36 +47,60 @@ def main() -> int:
     if unknown:
         parser.error(f"--settings: unknown {unknown}; choose from {list(SETTINGS)}")
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench_precision_"))
-    data = ["model=dlrm_criteo", "data=synthetic", f"data.raw_dir={work}/raw", f"data.processed_dir={work}/processed",
-            f"data.synthetic.num_train_rows={args.rows}", f"data.synthetic.num_val_rows={args.eval_rows}",
-            f"data.synthetic.num_test_rows={args.eval_rows}", "trainer.eval_every_steps=0", "logger.progress_bar=false",
-            "checkpoint.every_steps=0", "checkpoint.save_at_end=false", "trainer.resume=none"]
+    data = [
+        "model=dlrm_criteo",
+        "data=synthetic",
+        f"data.raw_dir={work}/raw",
+        f"data.processed_dir={work}/processed",
+        f"data.synthetic.num_train_rows={args.rows}",
+        f"data.synthetic.num_val_rows={args.eval_rows}",
+        f"data.synthetic.num_test_rows={args.eval_rows}",
+        "trainer.eval_every_steps=0",
+        "logger.progress_bar=false",
+        "checkpoint.every_steps=0",
+        "checkpoint.save_at_end=false",
+        "trainer.resume=none",
+    ]
     results = {}
     for name in settings:
         run_dir = work / name
         env = {**os.environ, "NPROC": str(args.nproc), "PIPELINE_RUN_ID": name}
         t = time.perf_counter()
-        proc = subprocess.run(["./launch.sh", "train", *data, *SETTINGS[name], f"hydra.run.dir={run_dir}"], cwd=ROOT,
-                              env=env, capture_output=True, text=True)
+        proc = subprocess.run(
+            ["./launch.sh", "train", *data, *SETTINGS[name], f"hydra.run.dir={run_dir}"],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+        )
         if proc.returncode != 0:
             print(f"{name}: failed (rc {proc.returncode})\n{(proc.stdout + proc.stderr)[-3000:]}", file=sys.stderr)
             return 1
         summary = json.loads((run_dir / "summary.json").read_text())
-        results[name] = {"val": summary["final"]["eval/val/auc"], "test": summary["final"]["eval/test/auc"],
-                         "samples_per_s": summary.get("train_samples_per_s"),
-                         "wall_s": time.perf_counter() - t}
+        results[name] = {
+            "val": summary["final"]["eval/val/auc"],
+            "test": summary["final"]["eval/test/auc"],
+            "samples_per_s": summary.get("train_samples_per_s"),
+            "wall_s": time.perf_counter() - t,
+        }
     optimum = json.loads((work / "raw" / "optimum.json").read_text())
-    print(f"model=dlrm_criteo data=synthetic, {args.rows:,} training rows (1 epoch), {args.eval_rows:,} val/test rows, "
-          f"{args.nproc} rank(s); data optimum val AUC {optimum['optimum']['val']['auc']:.4f}")
-    print(f"{'setting':15s} {'val AUC':>8s} {'test AUC':>9s} {'d val':>8s} {'d test':>8s} {'within':>7s} "
-          f"{'samples/s':>10s} {'wall s':>7s}")
+    print(
+        f"model=dlrm_criteo data=synthetic, {args.rows:,} training rows (1 epoch), {args.eval_rows:,} val/test rows, "
+        f"{args.nproc} rank(s); data optimum val AUC {optimum['optimum']['val']['auc']:.4f}"
+    )
+    print(
+        f"{'setting':15s} {'val AUC':>8s} {'test AUC':>9s} {'d val':>8s} {'d test':>8s} {'within':>7s} "
+        f"{'samples/s':>10s} {'wall s':>7s}"
+    )
     base = results.get("fp32")
     for name, r in results.items():
         dv = r["val"] - base["val"] if base else float("nan")
         dt = r["test"] - base["test"] if base else float("nan")
         ok = "-" if not base or name == "fp32" else ("yes" if max(abs(dv), abs(dt)) <= TARGET else "NO")
         sps = f"{r['samples_per_s']:.0f}" if r["samples_per_s"] else "?"
-        print(f"{name:15s} {r['val']:8.4f} {r['test']:9.4f} {dv:+8.4f} {dt:+8.4f} {ok:>7s} {sps:>10s} {r['wall_s']:7.0f}")
+        print(
+            f"{name:15s} {r['val']:8.4f} {r['test']:9.4f} {dv:+8.4f} {dt:+8.4f} {ok:>7s} {sps:>10s} {r['wall_s']:7.0f}"
+        )
     return 0
 
 

@@ -40,8 +40,15 @@ def _convert_once(contender: str, src: Path, out: Path, block_size_mb: int) -> f
     out.mkdir(parents=True)
     if contender == "ours":
         keep_freed_memory()  # as ./launch.sh preprocess does
-        cfg = DataConfig(name="bench", raw_dir=str(src.parent), processed_dir=str(out), split=SplitMode.random,
-                         raw_files=[str(src)], id_mode=IdMode.hash, block_size_mb=block_size_mb)
+        cfg = DataConfig(
+            name="bench",
+            raw_dir=str(src.parent),
+            processed_dir=str(out),
+            split=SplitMode.random,
+            raw_files=[str(src)],
+            id_mode=IdMode.hash,
+            block_size_mb=block_size_mb,
+        )
         t0 = time.perf_counter()
         preprocess(cfg)
         return time.perf_counter() - t0
@@ -69,18 +76,35 @@ def main() -> None:
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench_pp_"))
     t = time.perf_counter()
-    synthetic.generate(SyntheticConfig(num_train_rows=args.rows, num_val_rows=1, num_test_rows=1,
-                                       max_cardinality=100_000, seed=0), work / "raw")
+    synthetic.generate(
+        SyntheticConfig(num_train_rows=args.rows, num_val_rows=1, num_test_rows=1, max_cardinality=100_000, seed=0),
+        work / "raw",
+    )
     src = work / "raw" / "train.tsv"
     os.sync()  # the generated file is on disk: no writeback of it competes with the first timed run
-    print(f"generated {args.rows:,} rows ({src.stat().st_size / 2**20:.0f} MiB) in {time.perf_counter() - t:.1f}s: {src}")
+    print(
+        f"generated {args.rows:,} rows ({src.stat().st_size / 2**20:.0f} MiB) in {time.perf_counter() - t:.1f}s: {src}"
+    )
 
     def run(contender: str, i: int) -> float:
         # Each run in a fresh process: a converter's heap (TorchRec's holds GBs of Python objects) must
         # not slow the other down, and every run pays its own start-up, as a user's run does.
         out = work / f"{contender}{i}"
-        child = subprocess.run([sys.executable, __file__, "--one", contender, str(src), "--workdir", str(out),
-                                "--block-size-mb", str(args.block_size_mb)], capture_output=True, text=True)
+        child = subprocess.run(
+            [
+                sys.executable,
+                __file__,
+                "--one",
+                contender,
+                str(src),
+                "--workdir",
+                str(out),
+                "--block-size-mb",
+                str(args.block_size_mb),
+            ],
+            capture_output=True,
+            text=True,
+        )
         shutil.rmtree(out, ignore_errors=True)
         if child.returncode != 0:
             sys.exit(f"{contender} run failed:\n{child.stderr}")
@@ -90,10 +114,15 @@ def main() -> None:
     for i in range(args.repeats):
         for name in ("ours", "torchrec"):
             times[name].append(run(name, i))
-            print(f"  run {i + 1} {name:9s} {times[name][-1]:7.2f}s  {args.rows / times[name][-1]:>12,.0f} rows/s", flush=True)
+            print(
+                f"  run {i + 1} {name:9s} {times[name][-1]:7.2f}s  {args.rows / times[name][-1]:>12,.0f} rows/s",
+                flush=True,
+            )
     rate = {k: args.rows / statistics.median(v) for k, v in times.items()}
-    print(f"\nrows/s (median of {args.repeats}, each run a fresh process):  ours {rate['ours']:,.0f}   "
-          f"torchrec tsv_to_npys {rate['torchrec']:,.0f}   ratio {rate['ours'] / rate['torchrec']:.1f}x")
+    print(
+        f"\nrows/s (median of {args.repeats}, each run a fresh process):  ours {rate['ours']:,.0f}   "
+        f"torchrec tsv_to_npys {rate['torchrec']:,.0f}   ratio {rate['ours'] / rate['torchrec']:.1f}x"
+    )
     if args.workdir is None:
         shutil.rmtree(work)
 

@@ -38,8 +38,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
-_WRAP = ("import resource, subprocess, sys; rc = subprocess.run(sys.argv[1:]).returncode; "
-         "print('PEAK_RSS_KIB', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); sys.exit(rc)")
+_WRAP = (
+    "import resource, subprocess, sys; rc = subprocess.run(sys.argv[1:]).returncode; "
+    "print('PEAK_RSS_KIB', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); sys.exit(rc)"
+)
 
 
 def run_measured(cmd: list[str], env: dict, log: Path) -> tuple[int, float]:
@@ -90,42 +92,88 @@ def gemm_rate() -> float:
 
 def prepare_data(work: Path, rows: int, train_rows: int, eval_rows: int) -> list[str]:
     """A synthetic dataset hashed into tables of ``rows`` rows; returns the data overrides."""
-    over = ["data=synthetic", f"data.raw_dir={work}/raw", f"data.processed_dir={work}/processed", "data.id_mode=hash",
-            f"data.max_ids_per_feature={rows}", f"data.synthetic.num_train_rows={train_rows}",
-            f"data.synthetic.num_val_rows={eval_rows}", f"data.synthetic.num_test_rows={eval_rows}",
-            "data.synthetic.max_cardinality=100000"]
+    over = [
+        "data=synthetic",
+        f"data.raw_dir={work}/raw",
+        f"data.processed_dir={work}/processed",
+        "data.id_mode=hash",
+        f"data.max_ids_per_feature={rows}",
+        f"data.synthetic.num_train_rows={train_rows}",
+        f"data.synthetic.num_val_rows={eval_rows}",
+        f"data.synthetic.num_test_rows={eval_rows}",
+        "data.synthetic.max_cardinality=100000",
+    ]
     cmd = [PY, "-m", "pipeline.preprocess", *over, f"hydra.run.dir={work}/prep"]
     subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True)
     return over
 
 
-def run_ours(work: Path, tag: str, data: list[str], batch: int, nproc: int, warmup: int, steps: int,
-             profile_steps: int = 0, name: str = "ours", extra: tuple[str, ...] = ()) -> dict:
+def run_ours(
+    work: Path,
+    tag: str,
+    data: list[str],
+    batch: int,
+    nproc: int,
+    warmup: int,
+    steps: int,
+    profile_steps: int = 0,
+    name: str = "ours",
+    extra: tuple[str, ...] = (),
+) -> dict:
     run_dir = work / f"{name}_{tag}"
     # Profiled steps (if any) come after the measured ones and are not counted.
-    profile = [f"trainer.profile_steps={profile_steps}", f"trainer.profile_wait_steps={warmup + steps}"] \
-        if profile_steps else []
-    cmd = [*torchrun(nproc), "pipeline/train.py", f"hydra.run.dir={run_dir}", *data, "model=dlrm_criteo",
-           "optimizer=sgd", "optimizer.lr=0.01", "optimizer.warmup_steps=0", f"data.global_batch_size={batch}",
-           f"data.eval_global_batch_size={batch}", f"trainer.max_steps={warmup + steps + (profile_steps + 1 if profile_steps else 0)}",
-           "trainer.eval_every_steps=0", "logger.log_every_steps=1", "logger.progress_bar=false",
-           "checkpoint.every_steps=0", "checkpoint.save_at_end=false", *profile, *extra]
+    profile = (
+        [f"trainer.profile_steps={profile_steps}", f"trainer.profile_wait_steps={warmup + steps}"]
+        if profile_steps
+        else []
+    )
+    cmd = [
+        *torchrun(nproc),
+        "pipeline/train.py",
+        f"hydra.run.dir={run_dir}",
+        *data,
+        "model=dlrm_criteo",
+        "optimizer=sgd",
+        "optimizer.lr=0.01",
+        "optimizer.warmup_steps=0",
+        f"data.global_batch_size={batch}",
+        f"data.eval_global_batch_size={batch}",
+        f"trainer.max_steps={warmup + steps + (profile_steps + 1 if profile_steps else 0)}",
+        "trainer.eval_every_steps=0",
+        "logger.log_every_steps=1",
+        "logger.progress_bar=false",
+        "checkpoint.every_steps=0",
+        "checkpoint.save_at_end=false",
+        *profile,
+        *extra,
+    ]
     env = {**os.environ, "PIPELINE_RUN_ID": run_dir.name, "OMP_NUM_THREADS": "1"}
     rc, peak = run_measured(cmd, env, work / f"{name}_{tag}.log")
     if rc:
         raise RuntimeError(f"{name} failed (rc {rc}): see {work / f'{name}_{tag}.log'}")
     events = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    rates = [e["train/samples_per_s"] for e in events if e["event"] == "train"][warmup:warmup + steps]
+    rates = [e["train/samples_per_s"] for e in events if e["event"] == "train"][warmup : warmup + steps]
     val = next(e for e in events if e["event"] == "eval" and "eval/val/auc" in e)
-    return {"train": {"median": statistics.median(rates), "min": min(rates), "max": max(rates), "steps": len(rates)},
-            "infer": {"median": val["eval/val/num_samples"] / val["eval/val/seconds"]}, "peak_rss_mib": peak}
+    return {
+        "train": {"median": statistics.median(rates), "min": min(rates), "max": max(rates), "steps": len(rates)},
+        "infer": {"median": val["eval/val/num_samples"] / val["eval/val/seconds"]},
+        "peak_rss_mib": peak,
+    }
 
 
-def run_baseline(work: Path, tag: str, who: str, batch: int, nproc: int, rows: int, warmup: int, steps: int,
-                 profile_steps: int = 0) -> dict:
+def run_baseline(
+    work: Path, tag: str, who: str, batch: int, nproc: int, rows: int, warmup: int, steps: int, profile_steps: int = 0
+) -> dict:
     out = work / f"{who}_{tag}.json"
-    script = [str(ROOT / "benchmarks" / "_contenders.py"), who, f"--batch={batch}", f"--rows={rows}",
-              f"--warmup={warmup}", f"--steps={steps}", f"--out={out}"]
+    script = [
+        str(ROOT / "benchmarks" / "_contenders.py"),
+        who,
+        f"--batch={batch}",
+        f"--rows={rows}",
+        f"--warmup={warmup}",
+        f"--steps={steps}",
+        f"--out={out}",
+    ]
     if profile_steps:
         script += [f"--profile={work / f'profile_{tag}'}", f"--profile-steps={profile_steps}"]
     cmd = [*torchrun(nproc), *script] if who == "torchrec" else [PY, *script]
@@ -145,15 +193,27 @@ def main() -> None:
     p.add_argument("--rows", type=int, default=100_000, help="rows per table (26 tables, dim 128)")
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--steps", type=int, default=30)
-    p.add_argument("--eval-batches", type=int, default=16,
-                   help="validation (and test) split size in batches of the largest batch size: ours' inference pass")
+    p.add_argument(
+        "--eval-batches",
+        type=int,
+        default=16,
+        help="validation (and test) split size in batches of the largest batch size: ours' inference pass",
+    )
     p.add_argument("--rounds", type=int, default=1, help="repeat each contender, alternating")
     p.add_argument("--workdir", default=None)
-    p.add_argument("--profile", type=int, default=0, metavar="STEPS",
-                   help="also torch.profiler STEPS steps of each contender after the measured ones (not counted): "
-                        "ours in <workdir>/ours_<tag>/profile/, the baselines in <workdir>/profile_<tag>/")
-    p.add_argument("--bf16", action="store_true",
-                   help="also run ours with trainer.precision=bf16 (contender ours_bf16; the baselines stay fp32)")
+    p.add_argument(
+        "--profile",
+        type=int,
+        default=0,
+        metavar="STEPS",
+        help="also torch.profiler STEPS steps of each contender after the measured ones (not counted): "
+        "ours in <workdir>/ours_<tag>/profile/, the baselines in <workdir>/profile_<tag>/",
+    )
+    p.add_argument(
+        "--bf16",
+        action="store_true",
+        help="also run ours with trainer.precision=bf16 (contender ours_bf16; the baselines stay fp32)",
+    )
     a = p.parse_args()
     batches = [int(x) for x in a.batch_sizes.split(",")]
     ranks = [int(x) for x in a.ranks.split(",")]
@@ -164,40 +224,68 @@ def main() -> None:
     data = prepare_data(work, a.rows, train_rows, max(batches) * a.eval_batches)
     rate = gemm_rate()
     train_flops, infer_flops = flops_per_sample(128, [512, 256, 128], [512, 256, 1])
-    print(f"GEMM {rate / 1e9:.0f} GFLOP/s fp32 on {os.cpu_count()} cores; the model needs {train_flops / 1e6:.2f} MFLOP per "
-          f"training sample, {infer_flops / 1e6:.2f} per inference sample -> compute bound "
-          f"{rate / train_flops:,.0f} train / {rate / infer_flops:,.0f} infer samples/s\n", flush=True)
+    print(
+        f"GEMM {rate / 1e9:.0f} GFLOP/s fp32 on {os.cpu_count()} cores; "
+        f"the model needs {train_flops / 1e6:.2f} MFLOP per "
+        f"training sample, {infer_flops / 1e6:.2f} per inference sample -> compute bound "
+        f"{rate / train_flops:,.0f} train / {rate / infer_flops:,.0f} infer samples/s\n",
+        flush=True,
+    )
     rows = []
     for batch in batches:
         for nproc in ranks:
-            results: dict[str, list[dict]] = {"ours": [], **({"ours_bf16": []} if a.bf16 else {}), "torchrec": [],
-                                              "plain": []}
+            results: dict[str, list[dict]] = {
+                "ours": [],
+                **({"ours_bf16": []} if a.bf16 else {}),
+                "torchrec": [],
+                "plain": [],
+            }
             for r in range(a.rounds):
                 tag = f"b{batch}_r{nproc}_{r}"
                 results["ours"].append(run_ours(work, tag, data, batch, nproc, a.warmup, a.steps, a.profile))
                 if a.bf16:
-                    results["ours_bf16"].append(run_ours(work, tag, data, batch, nproc, a.warmup, a.steps, a.profile,
-                                                         "ours_bf16", ("trainer.precision=bf16",)))
-                results["torchrec"].append(run_baseline(work, tag, "torchrec", batch, nproc, a.rows, a.warmup, a.steps,
-                                                        a.profile))
+                    results["ours_bf16"].append(
+                        run_ours(
+                            work,
+                            tag,
+                            data,
+                            batch,
+                            nproc,
+                            a.warmup,
+                            a.steps,
+                            a.profile,
+                            "ours_bf16",
+                            ("trainer.precision=bf16",),
+                        )
+                    )
+                results["torchrec"].append(
+                    run_baseline(work, tag, "torchrec", batch, nproc, a.rows, a.warmup, a.steps, a.profile)
+                )
                 if nproc == 1:
-                    results["plain"].append(run_baseline(work, tag, "plain", batch, nproc, a.rows, a.warmup, a.steps,
-                                                         a.profile))
+                    results["plain"].append(
+                        run_baseline(work, tag, "plain", batch, nproc, a.rows, a.warmup, a.steps, a.profile)
+                    )
             agg = {}
             for who, rs in results.items():
                 if rs:
                     agg[who] = {
                         "train": statistics.median(x["train"]["median"] for x in rs),
-                        "train_min": min(x["train"]["min"] for x in rs), "train_max": max(x["train"]["max"] for x in rs),
+                        "train_min": min(x["train"]["min"] for x in rs),
+                        "train_max": max(x["train"]["max"] for x in rs),
                         "infer": statistics.median(x["infer"]["median"] for x in rs),
                         "rss": max(x["peak_rss_mib"] for x in rs),
                     }
             rows.append((batch, nproc, agg))
             print(f"batch {batch:>5d}, {nproc} rank(s)")
-            print(f"  {'':9s} {'train/s median':>14s} {'min':>8s} {'max':>8s} {'of bound':>8s} {'infer/s':>9s} {'peak RSS':>9s}")
+            print(
+                f"  {'':9s} {'train/s median':>14s} {'min':>8s} {'max':>8s} {'of bound':>8s} {'infer/s':>9s} "
+                f"{'peak RSS':>9s}"
+            )
             for who, v in agg.items():
-                print(f"  {who:9s} {v['train']:>14,.0f} {v['train_min']:>8,.0f} {v['train_max']:>8,.0f} "
-                      f"{v['train'] * train_flops / rate:>8.0%} {v['infer']:>9,.0f} {v['rss']:>7,.0f}Mi")
+                print(
+                    f"  {who:9s} {v['train']:>14,.0f} {v['train_min']:>8,.0f} {v['train_max']:>8,.0f} "
+                    f"{v['train'] * train_flops / rate:>8.0%} {v['infer']:>9,.0f} {v['rss']:>7,.0f}Mi"
+                )
             for who in ("ours", "ours_bf16"):
                 if who not in agg:
                     continue

@@ -66,8 +66,21 @@ def torchrun_argv(args: list[str], nproc: int, nnodes: int, run_id: str) -> list
     if nnodes == 1:
         return ["--standalone", "--nnodes", "1", "--nproc_per_node", str(nproc), *restarts, str(TRAIN_SCRIPT), *args]
     endpoint = os.environ["RDZV_ENDPOINT"]
-    return ["--nnodes", str(nnodes), "--nproc_per_node", str(nproc), "--rdzv_backend", "c10d", "--rdzv_endpoint",
-            endpoint, "--rdzv_id", run_id, *restarts, str(TRAIN_SCRIPT), *args]
+    return [
+        "--nnodes",
+        str(nnodes),
+        "--nproc_per_node",
+        str(nproc),
+        "--rdzv_backend",
+        "c10d",
+        "--rdzv_endpoint",
+        endpoint,
+        "--rdzv_id",
+        run_id,
+        *restarts,
+        str(TRAIN_SCRIPT),
+        *args,
+    ]
 
 
 def _run_dir(args: list[str], run_id: str) -> Path:
@@ -109,8 +122,10 @@ def _torchrun(argv: list[str], run_id: str) -> int:
         if codes == {INTERRUPTED} or codes <= {-2, INTERRUPTED, -15}:
             return INTERRUPTED
         failure = e.get_first_failure()[1]
-        _say(f"rank {failure.global_rank} failed (exit code {failure.exitcode}); its log: "
-             f"{failure.error_file or 'rank' + str(failure.global_rank) + '.log in the run folder'}")
+        _say(
+            f"rank {failure.global_rank} failed (exit code {failure.exitcode}); its log: "
+            f"{failure.error_file or 'rank' + str(failure.global_rank) + '.log in the run folder'}"
+        )
         return 1
     except (KeyboardInterrupt, SignalException):
         return INTERRUPTED
@@ -122,9 +137,11 @@ def train(args: list[str], sweep: bool = False) -> int:
     nproc = int(os.environ.get("NPROC", "2"))
     nnodes = int(os.environ.get("NNODES", "1"))
     if nnodes > 1 and not (os.environ.get("RDZV_ENDPOINT") and os.environ.get("PIPELINE_RUN_ID")):
-        raise ConfigError(f"NNODES={nnodes} needs RDZV_ENDPOINT (host:port of the first node) and the same "
-                          "PIPELINE_RUN_ID on every node (the rendezvous id and run folder), e.g.\n  NNODES=2 "
-                          "RDZV_ENDPOINT=node0:29500 PIPELINE_RUN_ID=job1 ./launch.sh train")
+        raise ConfigError(
+            f"NNODES={nnodes} needs RDZV_ENDPOINT (host:port of the first node) and the same "
+            "PIPELINE_RUN_ID on every node (the rendezvous id and run folder), e.g.\n  NNODES=2 "
+            "RDZV_ENDPOINT=node0:29500 PIPELINE_RUN_ID=job1 ./launch.sh train"
+        )
     run_id = _run_id()
     os.environ["PIPELINE_RUN_ID"] = run_id
     os.environ.setdefault("NPROC", str(nproc))  # each sweep point's ranks (pipeline/conf/hydra/launcher/torchrun.yaml)

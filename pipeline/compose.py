@@ -95,8 +95,9 @@ def explain(exc: BaseException) -> str:
     if m:
         group, option = m.groups()
         options = sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml")) if (CONF_DIR / group).is_dir() else []
-        return (f"{group}={option}: no such option{_suggest(option, options)}"
-                + (f"; options: {', '.join(options)}" if options else ""))
+        return f"{group}={option}: no such option{_suggest(option, options)}" + (
+            f"; options: {', '.join(options)}" if options else ""
+        )
     if isinstance(exc, MissingMandatoryValue) or "Missing mandatory value" in text:
         key = re.search(r"full_key: (\S+)", text)
         name = key.group(1) if key else "a key"

@@ -19,7 +19,9 @@ from pipeline.errors import ConfigError  # noqa: F401 - re-exported: the config'
 
 NUM_DENSE_FEATURES = 13  # Criteo: I1..I13 (the default data.dense_columns)
 NUM_SPARSE_FEATURES = 26  # Criteo: C1..C26 (the default data.sparse_columns)
-SPARSE_FEATURE_NAMES = [f"cat_{i}" for i in range(NUM_SPARSE_FEATURES)]  # KJT keys / tables t_<name> (TorchRec's Criteo naming)
+SPARSE_FEATURE_NAMES = [
+    f"cat_{i}" for i in range(NUM_SPARSE_FEATURES)
+]  # KJT keys / tables t_<name> (TorchRec's Criteo naming)
 
 
 class ModelName(str, enum.Enum):
@@ -194,35 +196,54 @@ class DataConfig:
     """Where the click log lives, how it is preprocessed, and how batches are cut."""
 
     name: str = MISSING  # dataset name, for logs and the summary
-    raw_dir: str = MISSING  # folder of raw TSV files: label, dense_columns, sparse_columns (relative to the launch folder)
+    raw_dir: str = (
+        MISSING  # folder of raw TSV files: label, dense_columns, sparse_columns (relative to the launch folder)
+    )
     processed_dir: str = MISSING  # folder for the binary splits and manifest.json
     split: SplitMode = SplitMode.files  # how raw rows are divided into train/val/test
-    train_files: list[str] = field(default_factory=list)  # split=files: training files or globs (.gz ok); [] = <raw_dir>/train.tsv
+    train_files: list[str] = field(
+        default_factory=list
+    )  # split=files: training files or globs (.gz ok); [] = <raw_dir>/train.tsv
     val_files: list[str] = field(default_factory=list)  # split=files: validation files or globs; [] = <raw_dir>/val.tsv
-    test_files: list[str] = field(default_factory=list)  # split=files: test files or globs; [] = <raw_dir>/test.tsv if present, else none
-    raw_files: list[str] = field(default_factory=list)  # split=kaggle/random/days: input files or glob patterns (.gz ok)
+    test_files: list[str] = field(
+        default_factory=list
+    )  # split=files: test files or globs; [] = <raw_dir>/test.tsv if present, else none
+    raw_files: list[str] = field(
+        default_factory=list
+    )  # split=kaggle/random/days: input files or glob patterns (.gz ok)
     val_fraction: float = 0.05  # split=random: fraction of rows for val
     test_fraction: float = 0.05  # split=random: fraction of rows for test
     split_seed: int = 0  # split=random: seed of the row assignment
     id_mode: IdMode = IdMode.hash  # categorical ids: hash modulo a per-column cap, or contiguous vocabulary
-    max_ids_per_feature: int | None = None  # cap on rows per table; null = from the data (vocab: all values; hash: 2x distinct)
-    num_embeddings_per_feature: list[int] = field(default_factory=list)  # per sparse column caps; [] = max_ids_per_feature
-    min_id_frequency: int = 2  # id_mode=vocab: values seen fewer times in train share the rare-or-unseen row (applied when read)
+    max_ids_per_feature: int | None = (
+        None  # cap on rows per table; null = from the data (vocab: all values; hash: 2x distinct)
+    )
+    num_embeddings_per_feature: list[int] = field(
+        default_factory=list
+    )  # per sparse column caps; [] = max_ids_per_feature
+    min_id_frequency: int = (
+        2  # id_mode=vocab: values seen fewer times in train share the rare-or-unseen row (applied when read)
+    )
     dense_transform: DenseTransform = DenseTransform.log1p  # integer features -> float32
     bad_rows: BadRowPolicy = BadRowPolicy.error  # malformed raw rows: stop, or drop and count
     block_size_mb: int = 8  # raw bytes parsed per block while preprocessing (memory is a few times this)
-    global_batch_size: int | None = None  # training samples per step over all ranks; null = chosen from the training rows
+    global_batch_size: int | None = (
+        None  # training samples per step over all ranks; null = chosen from the training rows
+    )
     eval_global_batch_size: int = 8192  # evaluation samples per step over all ranks
     shuffle: bool = True  # reshuffle training rows every epoch (seeded by trainer.seed and epoch)
     synthetic: SyntheticConfig | None = None  # set: generate raw_dir with this spec when missing
     movielens: MovieLensConfig | None = None  # set: generate MovieLens-style raw_dir with this spec when missing
     # The raw layout: tab-separated, no header: label (0/1), then these dense, then these sparse columns.
     dense_columns: list[str] = field(  # integer columns (empty = missing), in file order; may be []
-        default_factory=lambda: [f"I{i + 1}" for i in range(NUM_DENSE_FEATURES)])
+        default_factory=lambda: [f"I{i + 1}" for i in range(NUM_DENSE_FEATURES)]
+    )
     sparse_columns: list[str] = field(  # categorical columns (empty = missing), in file order
-        default_factory=lambda: [f"C{i + 1}" for i in range(NUM_SPARSE_FEATURES)])
+        default_factory=lambda: [f"C{i + 1}" for i in range(NUM_SPARSE_FEATURES)]
+    )
     feature_names: list[str] = field(  # KJT keys, tables t_<name>, one per sparse column; [] = the column names
-        default_factory=lambda: list(SPARSE_FEATURE_NAMES))
+        default_factory=lambda: list(SPARSE_FEATURE_NAMES)
+    )
     categorical_format: CategoricalFormat = CategoricalFormat.hex  # hex (8 hex digits) | int (decimal ids >= 0)
 
     def __post_init__(self) -> None:
@@ -237,11 +258,15 @@ class ShardingConfig:
     sharding_types: list[str] = field(default_factory=list)  # allowed for every table; [] = planner's choice
     compute_kernels: list[str] = field(default_factory=lambda: ["fused"])  # allowed for every table
     table_sharding_types: dict[str, list[str]] = field(default_factory=dict)  # per table name, overrides sharding_types
-    table_compute_kernels: dict[str, list[str]] = field(default_factory=dict)  # per table name, overrides compute_kernels
+    table_compute_kernels: dict[str, list[str]] = field(
+        default_factory=dict
+    )  # per table name, overrides compute_kernels
     storage_reservation: float = 0.15  # fraction of each device's memory the planner keeps free
     hbm_cap_gb: float | None = None  # per-GPU memory the planner may plan for; null = detected
     embedding_dtype: EmbeddingDtype = EmbeddingDtype.fp32  # stored table precision: fp32 | fp16 | bf16 (CUDA only)
-    cache_load_factor: float | None = None  # fused_uvm_caching: share of a table's rows cached in HBM; null = TorchRec's 0.2
+    cache_load_factor: float | None = (
+        None  # fused_uvm_caching: share of a table's rows cached in HBM; null = TorchRec's 0.2
+    )
     print_plan: bool = True  # log the plan on rank 0 at start
 
     def __post_init__(self) -> None:
@@ -275,15 +300,27 @@ class OptimizerConfig:
 class TrainerConfig:
     """The training loop."""
 
-    num_epochs: int | None = None  # passes over the training split; null = chosen from the training rows (1 from 1M rows)
-    reset_tables_each_epoch: bool = True  # epochs after the first start from re-initialised tables (and their optimizer state)
+    num_epochs: int | None = (
+        None  # passes over the training split; null = chosen from the training rows (1 from 1M rows)
+    )
+    reset_tables_each_epoch: bool = (
+        True  # epochs after the first start from re-initialised tables (and their optimizer state)
+    )
     max_steps: int | None = None  # stop after this many steps; null = num_epochs
-    eval_every_fraction: float = 0.0  # evaluate on val after every this fraction of the run's steps; 0 = only at the end
-    eval_every_steps: int | None = None  # evaluate every N steps instead (wins over eval_every_fraction); 0 = only at the end
-    eval_max_batches: int | None = None  # cap on eval batches mid-training; null = whole split (final eval is always whole)
+    eval_every_fraction: float = (
+        0.0  # evaluate on val after every this fraction of the run's steps; 0 = only at the end
+    )
+    eval_every_steps: int | None = (
+        None  # evaluate every N steps instead (wins over eval_every_fraction); 0 = only at the end
+    )
+    eval_max_batches: int | None = (
+        None  # cap on eval batches mid-training; null = whole split (final eval is always whole)
+    )
     seed: int = 0  # model init, shuffling
     device: Device = Device.auto  # where the model runs
-    precision: Precision = Precision.fp32  # bf16: MLPs and interaction under torch.autocast (tables: sharding.embedding_dtype)
+    precision: Precision = (
+        Precision.fp32
+    )  # bf16: MLPs and interaction under torch.autocast (tables: sharding.embedding_dtype)
     num_threads: int | None = None  # intra-op threads per rank; null = cores / local ranks
     keep_freed_memory: bool = True  # glibc: reuse freed pages instead of page-faulting fresh ones each step
     profile_steps: int = 0  # torch.profiler over this many training steps -> <run dir>/profile/; 0 = off
@@ -296,7 +333,9 @@ class TrainerConfig:
     early_stop_patience: int = 0  # stop after this many mid-training evals without a gain in best_metric; 0 = off
     early_stop_min_delta: float = 0.0  # a gain smaller than this does not count as improvement
     save_predictions: bool = False  # final eval writes predictions_<split>.npy (one probability per row, row order)
-    stop_on_nonfinite_loss: bool = True  # stop with the step when the training loss is NaN/Inf (checked each log step and before saves)
+    stop_on_nonfinite_loss: bool = (
+        True  # stop with the step when the training loss is NaN/Inf (checked each log step and before saves)
+    )
 
     def __post_init__(self) -> None:
         check_trainer(self)
@@ -335,9 +374,10 @@ class LoggerConfig:
     progress_bar: bool = True  # tqdm bar on rank 0 (samples/s, time left)
     level: str = "INFO"  # python logging level
     backends: list[LoggerBackend] = field(  # metric destinations on rank 0; jsonl is required
-        default_factory=lambda: [LoggerBackend.jsonl, LoggerBackend.tensorboard])
+        default_factory=lambda: [LoggerBackend.jsonl, LoggerBackend.tensorboard]
+    )
     tensorboard_step: TensorBoardStep = TensorBoardStep.step  # TensorBoard's x axis: steps or samples seen
-    report: bool = True  # rank 0 writes report.png + report.md (pipeline/report.py) after summary.json
+    report: bool = True  # rank 0 writes report.png + report.md (pipeline/tools/report.py) after summary.json
 
     def __post_init__(self) -> None:
         check_logger(self)
@@ -380,7 +420,15 @@ def register_configs() -> None:
         cs.store(group=group, name="schema", node=schema)
 
 
-_SHARDING_TYPES = {"table_wise", "row_wise", "column_wise", "data_parallel", "table_row_wise", "table_column_wise", "grid_shard"}
+_SHARDING_TYPES = {
+    "table_wise",
+    "row_wise",
+    "column_wise",
+    "data_parallel",
+    "table_row_wise",
+    "table_column_wise",
+    "grid_shard",
+}
 _COMPUTE_KERNELS = {"dense", "fused", "fused_uvm", "fused_uvm_caching", "key_value"}
 
 
@@ -391,9 +439,15 @@ def validate(cfg: TrainConfig, world_size: int, device_type: str = "cpu") -> Non
     Raises:
         ConfigError: naming the key(s) and the fix.
     """
-    for check, group in ((check_model, cfg.model), (check_data, cfg.data), (check_sharding, cfg.sharding),
-                         (check_optimizer, cfg.optimizer), (check_trainer, cfg.trainer),
-                         (check_checkpoint, cfg.checkpoint), (check_logger, cfg.logger)):
+    for check, group in (
+        (check_model, cfg.model),
+        (check_data, cfg.data),
+        (check_sharding, cfg.sharding),
+        (check_optimizer, cfg.optimizer),
+        (check_trainer, cfg.trainer),
+        (check_checkpoint, cfg.checkpoint),
+        (check_logger, cfg.logger),
+    ):
         check(group)
     check_train(cfg)
     validate_batch_sizes(cfg.data, world_size)
@@ -428,8 +482,9 @@ def check_data(d: DataConfig) -> None:
             f"({len(d.sparse_columns)} in data.sparse_columns), or [] to use data.max_ids_per_feature for all"
         )
     if d.min_id_frequency < 1:
-        raise ConfigError(f"data.min_id_frequency={d.min_id_frequency} must be at least 1 (1 = every training value "
-                          "gets its own row)")
+        raise ConfigError(
+            f"data.min_id_frequency={d.min_id_frequency} must be at least 1 (1 = every training value gets its own row)"
+        )
     if d.block_size_mb < 1:
         raise ConfigError(f"data.block_size_mb={d.block_size_mb} must be at least 1")
 
@@ -442,19 +497,25 @@ def check_trainer(t: TrainerConfig) -> None:
         raise ConfigError(f"trainer.max_steps={t.max_steps} must be >= 1 or null")
     mid_evals = t.eval_every_steps if t.eval_every_steps is not None else t.eval_every_fraction
     if (t.early_stop_auc is not None or t.early_stop_patience) and not mid_evals:
-        raise ConfigError("trainer.early_stop_auc / trainer.early_stop_patience act on mid-training evaluations: "
-                          "set trainer.eval_every_fraction (e.g. 0.1) or trainer.eval_every_steps > 0")
+        raise ConfigError(
+            "trainer.early_stop_auc / trainer.early_stop_patience act on mid-training evaluations: "
+            "set trainer.eval_every_fraction (e.g. 0.1) or trainer.eval_every_steps > 0"
+        )
     if t.eval_every_steps is not None and t.eval_every_steps < 0:
         raise ConfigError(f"trainer.eval_every_steps={t.eval_every_steps} must be >= 0 (0 = only at the end) or null")
     if not 0 <= t.eval_every_fraction <= 1:
-        raise ConfigError(f"trainer.eval_every_fraction={t.eval_every_fraction} must be in [0, 1] (0 = only at the end)")
+        raise ConfigError(
+            f"trainer.eval_every_fraction={t.eval_every_fraction} must be in [0, 1] (0 = only at the end)"
+        )
 
 
 def check_checkpoint(c: CheckpointConfig) -> None:
     """``checkpoint``'s rules (run when the group is built)."""
     if c.every_steps < 0 or c.every_minutes < 0 or c.keep_last < 1:
-        raise ConfigError(f"checkpoint.every_steps={c.every_steps} and checkpoint.every_minutes={c.every_minutes} "
-                          f"must be >= 0 and checkpoint.keep_last={c.keep_last} >= 1")
+        raise ConfigError(
+            f"checkpoint.every_steps={c.every_steps} and checkpoint.every_minutes={c.every_minutes} "
+            f"must be >= 0 and checkpoint.keep_last={c.keep_last} >= 1"
+        )
 
 
 def check_optimizer(o: OptimizerConfig) -> None:
@@ -464,11 +525,15 @@ def check_optimizer(o: OptimizerConfig) -> None:
     if o.embedding_lr is not None and o.embedding_lr <= 0:
         raise ConfigError(f"optimizer.embedding_lr={o.embedding_lr} must be positive, or null for optimizer.lr")
     if not 0 <= o.decay_start <= 1 or not 0 <= o.final_lr_fraction <= 1:
-        raise ConfigError(f"optimizer.decay_start={o.decay_start} and optimizer.final_lr_fraction={o.final_lr_fraction} "
-                          "must be in [0, 1]")
+        raise ConfigError(
+            f"optimizer.decay_start={o.decay_start} and optimizer.final_lr_fraction={o.final_lr_fraction} "
+            "must be in [0, 1]"
+        )
     if not 0 <= o.warmup_fraction < 1:
-        raise ConfigError(f"optimizer.warmup_fraction={o.warmup_fraction} must be in [0, 1): a share of the run's steps "
-                          "(for a number of steps use optimizer.warmup_steps)")
+        raise ConfigError(
+            f"optimizer.warmup_fraction={o.warmup_fraction} must be in [0, 1): a share of the run's steps "
+            "(for a number of steps use optimizer.warmup_steps)"
+        )
     for key in ("warmup_steps", "decay_start_step"):
         if getattr(o, key) is not None and getattr(o, key) < 0:
             raise ConfigError(f"optimizer.{key}={getattr(o, key)} must be >= 0, or null to use the fraction")
@@ -480,8 +545,10 @@ def check_sharding(s: ShardingConfig) -> None:
     """``sharding``'s rules (run when the group is built; the CPU-only ones in :func:`validate`)."""
     if not 0 <= s.storage_reservation < 1:
         raise ConfigError(f"sharding.storage_reservation={s.storage_reservation} must be in [0, 1)")
-    checks = [("sharding.sharding_types", s.sharding_types, _SHARDING_TYPES),
-              ("sharding.compute_kernels", s.compute_kernels, _COMPUTE_KERNELS)]
+    checks = [
+        ("sharding.sharding_types", s.sharding_types, _SHARDING_TYPES),
+        ("sharding.compute_kernels", s.compute_kernels, _COMPUTE_KERNELS),
+    ]
     for table, values in s.table_sharding_types.items():
         checks.append((f"sharding.table_sharding_types.{table}", values, _SHARDING_TYPES))
     for table, values in s.table_compute_kernels.items():
@@ -491,8 +558,10 @@ def check_sharding(s: ShardingConfig) -> None:
         if unknown:
             raise ConfigError(f"{key} has unknown value(s) {unknown}; allowed: {sorted(allowed)}")
     if s.cache_load_factor is not None and not 0 < s.cache_load_factor <= 1:
-        raise ConfigError(f"sharding.cache_load_factor={s.cache_load_factor} must be in (0, 1]: the share "
-                          "of each fused_uvm_caching table's rows cached in HBM")
+        raise ConfigError(
+            f"sharding.cache_load_factor={s.cache_load_factor} must be in (0, 1]: the share "
+            "of each fused_uvm_caching table's rows cached in HBM"
+        )
 
 
 def check_logger(g: LoggerConfig) -> None:
@@ -528,11 +597,15 @@ def _check_cpu(cfg: TrainConfig) -> None:
     for key, values in kernels:
         uvm = sorted(set(values) & {"fused_uvm", "fused_uvm_caching"})
         if uvm:
-            raise ConfigError(f"{key}={values}: {uvm} keep tables in CUDA unified memory (host memory the GPU "
-                              "reads), so they need CUDA. On CPU use fused (tables in host memory already)")
+            raise ConfigError(
+                f"{key}={values}: {uvm} keep tables in CUDA unified memory (host memory the GPU "
+                "reads), so they need CUDA. On CPU use fused (tables in host memory already)"
+            )
     if cfg.sharding.embedding_dtype == EmbeddingDtype.bf16:
-        raise ConfigError("sharding.embedding_dtype=bf16: FBGEMM's CPU embedding kernel has no bf16 (its CUDA "
-                          "kernel does). On CPU use sharding.embedding_dtype=fp16 or fp32")
+        raise ConfigError(
+            "sharding.embedding_dtype=bf16: FBGEMM's CPU embedding kernel has no bf16 (its CUDA "
+            "kernel does). On CPU use sharding.embedding_dtype=fp16 or fp32"
+        )
     fused_only = not (set(cfg.sharding.sharding_types) == {"data_parallel"})
     if cfg.optimizer.embedding == EmbeddingOptimizer.adam and fused_only:
         raise ConfigError(
@@ -568,27 +641,36 @@ def _validate_columns(d: DataConfig) -> None:
         raise ConfigError(
             f"data.feature_names has {len(d.feature_names)} names but data.sparse_columns has "
             f"{len(d.sparse_columns)} columns: give one name per column, or data.feature_names=[] to name the "
-            "features after the columns")
-    for key, names in (("data.dense_columns + data.sparse_columns", ["label", *d.dense_columns, *d.sparse_columns]),
-                       ("data.feature_names", list(d.feature_names))):
+            "features after the columns"
+        )
+    for key, names in (
+        ("data.dense_columns + data.sparse_columns", ["label", *d.dense_columns, *d.sparse_columns]),
+        ("data.feature_names", list(d.feature_names)),
+    ):
         bad = sorted({n for n in names if not n or not n.isprintable() or any(c.isspace() for c in n)})
         if bad:
             raise ConfigError(f"{key}: names {bad} must be non-empty and without whitespace")
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
-            raise ConfigError(f"{key}: {dupes} appear more than once (the label column is called 'label')"
-                              if "label" in dupes else f"{key}: {dupes} appear more than once")
+            raise ConfigError(
+                f"{key}: {dupes} appear more than once (the label column is called 'label')"
+                if "label" in dupes
+                else f"{key}: {dupes} appear more than once"
+            )
     if d.synthetic is not None and d.movielens is not None:
-        raise ConfigError("data.synthetic and data.movielens are both set: a data folder has one generator; "
-                          "set one of them to null")
+        raise ConfigError(
+            "data.synthetic and data.movielens are both set: a data folder has one generator; set one of them to null"
+        )
 
 
 def check_model(m: ModelConfig) -> None:
     """``model``'s shape rules (run when the group is built), each naming its key and a fix."""
     if m.name == ModelName.mf:
         if m.user_feature == m.item_feature:
-            raise ConfigError(f"model.user_feature and model.item_feature are both {m.user_feature!r}: "
-                              "matrix factorisation needs two different sparse features")
+            raise ConfigError(
+                f"model.user_feature and model.item_feature are both {m.user_feature!r}: "
+                "matrix factorisation needs two different sparse features"
+            )
         return
     if m.dense_arch_layer_sizes[-1:] != [m.embedding_dim]:
         raise ConfigError(
@@ -608,14 +690,20 @@ def check_model(m: ModelConfig) -> None:
             f"Set model.sparse_arch_layer_sizes=[...,{m.embedding_dim}] or [] for none"
         )
     if m.self_interaction and m.interaction != Interaction.dot:
-        raise ConfigError(f"model.self_interaction=true applies to model.interaction=dot only, not "
-                          f"{m.interaction.value}: set model.self_interaction=false")
+        raise ConfigError(
+            f"model.self_interaction=true applies to model.interaction=dot only, not "
+            f"{m.interaction.value}: set model.self_interaction=false"
+        )
     if m.interaction == Interaction.dcn and (m.dcn_num_layers < 1 or m.dcn_low_rank_dim < 1):
-        raise ConfigError(f"model.dcn_num_layers={m.dcn_num_layers} and model.dcn_low_rank_dim={m.dcn_low_rank_dim} "
-                          "must both be at least 1")
+        raise ConfigError(
+            f"model.dcn_num_layers={m.dcn_num_layers} and model.dcn_low_rank_dim={m.dcn_low_rank_dim} "
+            "must both be at least 1"
+        )
     if m.interaction == Interaction.projection:
         for key in ("projection_branch1_layer_sizes", "projection_branch2_layer_sizes"):
             sizes = getattr(m, key)
             if not sizes or sizes[-1] % m.embedding_dim:
-                raise ConfigError(f"model.{key}={sizes} must end with a multiple of model.embedding_dim="
-                                  f"{m.embedding_dim} (the branch output is read as last/D vectors of width D)")
+                raise ConfigError(
+                    f"model.{key}={sizes} must end with a multiple of model.embedding_dim="
+                    f"{m.embedding_dim} (the branch output is read as last/D vectors of width D)"
+                )

@@ -44,8 +44,12 @@ def main(dict_cfg: DictConfig) -> None:
         logger.error("%s", e)
         raise SystemExit(e.exit_code) from None
     rows = {s: v.num_rows for s, v in manifest.splits.items()}
-    logger.info("manifest %s: rows %s, table sizes %s", Path(cfg.data.processed_dir) / "manifest.json",
-                json.dumps(rows), manifest.num_embeddings_per_feature)
+    logger.info(
+        "manifest %s: rows %s, table sizes %s",
+        Path(cfg.data.processed_dir) / "manifest.json",
+        json.dumps(rows),
+        manifest.num_embeddings_per_feature,
+    )
 
 
 if __name__ == "__main__":

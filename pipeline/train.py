@@ -91,8 +91,12 @@ def main(dict_cfg: DictConfig) -> None:
     except KeyboardInterrupt:
         if _rank() == 0:
             step = trainer.step if trainer is not None else 0
-            logger.warning("interrupted at step %d (Ctrl-C); the same command with PIPELINE_RUN_ID=%s resumes from "
-                           "the latest checkpoint", step, run_dir.name)
+            logger.warning(
+                "interrupted at step %d (Ctrl-C); the same command with PIPELINE_RUN_ID=%s resumes from "
+                "the latest checkpoint",
+                step,
+                run_dir.name,
+            )
         raise SystemExit(INTERRUPTED) from None
     finally:
         if trainer is not None:

@@ -36,26 +36,53 @@ class TrainRun:
 
 
 def _train_cmd(run_dir: Path, overrides: list[str], nproc: int, torchrun_args: tuple[str, ...] = ()) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1",
-            "--nproc_per_node", str(nproc), *torchrun_args, str(ROOT / "pipeline" / "train.py"),
-            f"hydra.run.dir={run_dir}", "logger.progress_bar=false", *overrides]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nnodes",
+        "1",
+        "--nproc_per_node",
+        str(nproc),
+        *torchrun_args,
+        str(ROOT / "pipeline" / "train.py"),
+        f"hydra.run.dir={run_dir}",
+        "logger.progress_bar=false",
+        *overrides,
+    ]
 
 
-def run_training(run_dir: Path, overrides: list[str], nproc: int = 1, timeout: int = 300,
-                 torchrun_args: tuple[str, ...] = ()) -> TrainRun:
+def run_training(
+    run_dir: Path, overrides: list[str], nproc: int = 1, timeout: int = 300, torchrun_args: tuple[str, ...] = ()
+) -> TrainRun:
     """Run pipeline/train.py under torchrun with ``nproc`` ranks into ``run_dir``."""
     env = {**os.environ, "PIPELINE_RUN_ID": run_dir.name}
-    proc = subprocess.run(_train_cmd(run_dir, overrides, nproc, torchrun_args), cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(
+        _train_cmd(run_dir, overrides, nproc, torchrun_args),
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     return TrainRun(run_dir, proc.returncode, proc.stdout + proc.stderr)
 
 
-def start_training(run_dir: Path, overrides: list[str], nproc: int = 1,
-                   torchrun_args: tuple[str, ...] = ()) -> subprocess.Popen:
+def start_training(
+    run_dir: Path, overrides: list[str], nproc: int = 1, torchrun_args: tuple[str, ...] = ()
+) -> subprocess.Popen:
     """Start a training job in its own process group (so a test can SIGKILL all of it)."""
     env = {**os.environ, "PIPELINE_RUN_ID": run_dir.name}
-    return subprocess.Popen(_train_cmd(run_dir, overrides, nproc, torchrun_args), cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    return subprocess.Popen(
+        _train_cmd(run_dir, overrides, nproc, torchrun_args),
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
 
 
 def wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen, timeout: float = 120) -> int:
@@ -70,7 +97,9 @@ def wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen, timeout: flo
             if steps and steps[-1] >= step:
                 return steps[-1]
         if proc.poll() is not None:
-            raise AssertionError(f"training ended (rc {proc.returncode}) before step {step}:\n{proc.stdout.read()[-3000:]}")
+            raise AssertionError(
+                f"training ended (rc {proc.returncode}) before step {step}:\n{proc.stdout.read()[-3000:]}"
+            )
         time.sleep(0.01)
     raise AssertionError(f"no step {step} within {timeout}s")
 
@@ -104,4 +133,3 @@ def kill_job(proc: subprocess.Popen, run_dir: Path, nproc: int) -> None:
         except ProcessLookupError:
             pass
     proc.wait()
-

@@ -20,7 +20,7 @@ def _records(path: Path) -> Iterable[bytes]:
         end = pos + 12 + length + 4
         if end > len(data):
             break
-        yield data[pos + 12: pos + 12 + length]
+        yield data[pos + 12 : pos + 12 + length]
         pos = end
 
 

@@ -70,16 +70,27 @@ class PipelineOptunaSweeperConf:
     tuned_dir: str = "configs/tuned"  # configs/ is on Hydra's search path (pipeline/conf/train.yaml): +tuned=<name>
 
 
-ConfigStore.instance().store(group="hydra/sweeper", name="pipeline_optuna", node=PipelineOptunaSweeperConf,
-                             provider="pipeline")
+ConfigStore.instance().store(
+    group="hydra/sweeper", name="pipeline_optuna", node=PipelineOptunaSweeperConf, provider="pipeline"
+)
 
 
 class ResumableOptunaSweeper(Sweeper):
     """See the module docstring."""
 
-    def __init__(self, sampler: Any, objective: str, storage: Optional[str], study_name: str, n_trials: int,
-                 n_jobs: int, max_failure_rate: float, params: Optional[DictConfig],
-                 tuned_name: Optional[str] = None, tuned_dir: str = "configs/tuned") -> None:
+    def __init__(
+        self,
+        sampler: Any,
+        objective: str,
+        storage: Optional[str],
+        study_name: str,
+        n_trials: int,
+        n_jobs: int,
+        max_failure_rate: float,
+        params: Optional[DictConfig],
+        tuned_name: Optional[str] = None,
+        tuned_dir: str = "configs/tuned",
+    ) -> None:
         if objective not in OBJECTIVES:
             raise ValueError(f"hydra.sweeper.objective={objective}: expected one of {sorted(OBJECTIVES)}")
         self.sampler = sampler
@@ -99,8 +110,9 @@ class ResumableOptunaSweeper(Sweeper):
         from hydra.core.plugins import Plugins
 
         self.config = config
-        self.launcher = Plugins.instance().instantiate_launcher(config=config, hydra_context=hydra_context,
-                                                                task_function=task_function)
+        self.launcher = Plugins.instance().instantiate_launcher(
+            config=config, hydra_context=hydra_context, task_function=task_function
+        )
 
     # -- the search space -------------------------------------------------------------------------
     def _space(self, arguments: List[str]) -> tuple:
@@ -128,22 +140,34 @@ class ResumableOptunaSweeper(Sweeper):
         _lock(sweep_dir)
         distributions, fixed = self._space(arguments)
         if not distributions:
-            raise ValueError("nothing to search: hydra.sweeper.params (or a sweep override like "
-                             "optimizer.lr='tag(log, interval(0.001, 0.1))') defines no range or choice")
+            raise ValueError(
+                "nothing to search: hydra.sweeper.params (or a sweep override like "
+                "optimizer.lr='tag(log, interval(0.001, 0.1))') defines no range or choice"
+            )
         path, direction = OBJECTIVES[self.objective]
         storage = self.storage or f"sqlite:///{sweep_dir / 'optuna.db'}"
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         # hydra-optuna-sweeper builds its ranges with distribution classes Optuna converts with a FutureWarning.
         warnings.filterwarnings("ignore", category=FutureWarning, module="optuna.distributions")
-        study = optuna.create_study(study_name=self.study_name, storage=storage, sampler=self.sampler,
-                                    direction=direction, load_if_exists=True)
+        study = optuna.create_study(
+            study_name=self.study_name, storage=storage, sampler=self.sampler, direction=direction, load_if_exists=True
+        )
         if study.trials and hasattr(self.sampler, "reseed_rng"):
             self.sampler.reseed_rng()  # a resumed search: not the first run's random draws over again
         done = [t for t in study.trials if t.state.is_finished()]
         stale = [t for t in study.trials if t.state == TrialState.RUNNING]
-        log.info("Optuna study %r (%s, %s %s) in %s: %d of %d trials done%s; %d side by side", self.study_name,
-                 type(self.sampler).__name__, direction, self.objective, storage, len(done), self.n_trials,
-                 f", {len(stale)} left running by a killed run: running them again" if stale else "", self.n_jobs)
+        log.info(
+            "Optuna study %r (%s, %s %s) in %s: %d of %d trials done%s; %d side by side",
+            self.study_name,
+            type(self.sampler).__name__,
+            direction,
+            self.objective,
+            storage,
+            len(done),
+            self.n_trials,
+            f", {len(stale)} left running by a killed run: running them again" if stale else "",
+            self.n_jobs,
+        )
         log.info("to resume this search after a stop: PIPELINE_RUN_ID=%s and the same command", sweep_dir.name)
         self._restore_points(study, fixed, sweep_dir)
         for trial in stale:  # a killed sweep's trials: the same parameters, folder and checkpoints
@@ -153,9 +177,11 @@ class ResumableOptunaSweeper(Sweeper):
             to_go = self.n_trials - len(finished)
             failed = [t for t in finished if t.state == TrialState.FAIL]
             if finished and len(failed) / len(finished) > self.max_failure_rate:
-                raise SystemExit(f"{len(failed)} of {len(finished)} trials failed (more than hydra.sweeper."
-                                 f"max_failure_rate={self.max_failure_rate}); their logs: "
-                                 + ", ".join(str(sweep_dir / str(t.number) / "torchrun.log") for t in failed[:3]))
+                raise SystemExit(
+                    f"{len(failed)} of {len(finished)} trials failed (more than hydra.sweeper."
+                    f"max_failure_rate={self.max_failure_rate}); their logs: "
+                    + ", ".join(str(sweep_dir / str(t.number) / "torchrun.log") for t in failed[:3])
+                )
             if to_go <= 0:
                 break
             trials = [study.ask(distributions) for _ in range(min(self.n_jobs, to_go))]
@@ -177,7 +203,7 @@ class ResumableOptunaSweeper(Sweeper):
         for group in groups:
             overrides = [self._overrides(params, fixed) for _, params in group]
             returns = self.launcher.launch(overrides, initial_job_idx=group[0][0])
-            for (number, _), ret in zip(group, returns):
+            for (number, _), ret in zip(group, returns, strict=True):
                 value = None
                 if ret.status == JobStatus.COMPLETED:
                     try:
@@ -204,9 +230,16 @@ class ResumableOptunaSweeper(Sweeper):
             run_dir = sweep_dir / str(t.number)
             summary_file = run_dir / "summary.json"
             ok = summary_file.is_file() and t.state.name == "COMPLETE"
-            points.append(SweepPoint(t.number, self._overrides(t.params, fixed), run_dir,
-                                     status="ok" if ok else "failed", exit_code=0 if ok else None,
-                                     summary=json.loads(summary_file.read_text()) if ok else None))
+            points.append(
+                SweepPoint(
+                    t.number,
+                    self._overrides(t.params, fixed),
+                    run_dir,
+                    status="ok" if ok else "failed",
+                    exit_code=0 if ok else None,
+                    summary=json.loads(summary_file.read_text()) if ok else None,
+                )
+            )
 
     def _report_best(self, study: Any, fixed: Dict[str, Any], sweep_dir: Path, arguments: List[str]) -> None:
         complete = [t for t in study.trials if t.state.name == "COMPLETE"]
@@ -219,15 +252,30 @@ class ResumableOptunaSweeper(Sweeper):
         (sweep_dir / "tuned.yaml").write_text(text)
         self.tuned_dir.mkdir(parents=True, exist_ok=True)
         (self.tuned_dir / f"{name}.yaml").write_text(text)
-        (sweep_dir / "best.json").write_text(json.dumps({
-            "objective": self.objective, "value": best.value, "trial": best.number, "params": best.params,
-            "overrides": self._overrides(best.params, {}), "run_dir": str(sweep_dir / str(best.number)),
-            "tuned_config": str(self.tuned_dir / f"{name}.yaml"), "trials_complete": len(complete),
-            "trials": len(study.trials)}, indent=2) + "\n")
-        print(f"best of {len(complete)} trials: #{best.number} {self.objective} {best.value:.5f}\n"
-              f"  overrides: {' '.join(self._overrides(best.params, {}))}\n"
-              f"  written to {self.tuned_dir / (name + '.yaml')}: train with it: ./launch.sh train +tuned={name} "
-              f"{' '.join(a for a in arguments if '=' in a and not _is_sweep(a))}".rstrip(), flush=True)
+        (sweep_dir / "best.json").write_text(
+            json.dumps(
+                {
+                    "objective": self.objective,
+                    "value": best.value,
+                    "trial": best.number,
+                    "params": best.params,
+                    "overrides": self._overrides(best.params, {}),
+                    "run_dir": str(sweep_dir / str(best.number)),
+                    "tuned_config": str(self.tuned_dir / f"{name}.yaml"),
+                    "trials_complete": len(complete),
+                    "trials": len(study.trials),
+                },
+                indent=2,
+            )
+            + "\n"
+        )
+        print(
+            f"best of {len(complete)} trials: #{best.number} {self.objective} {best.value:.5f}\n"
+            f"  overrides: {' '.join(self._overrides(best.params, {}))}\n"
+            f"  written to {self.tuned_dir / (name + '.yaml')}: train with it: ./launch.sh train +tuned={name} "
+            f"{' '.join(a for a in arguments if '=' in a and not _is_sweep(a))}".rstrip(),
+            flush=True,
+        )
 
 
 def _is_sweep(override: str) -> bool:
@@ -242,8 +290,9 @@ def _lookup(summary: Any, path: tuple) -> float:
     return float(value)
 
 
-def tuned_config(params: Dict[str, Any], objective: str, value: float, number: int, sweep_dir: Path,
-                 arguments: List[str], name: str) -> str:
+def tuned_config(
+    params: Dict[str, Any], objective: str, value: float, number: int, sweep_dir: Path, arguments: List[str], name: str
+) -> str:
     """A config file (package _global_) that sets the best trial's parameters; group choices become overrides of
     the defaults list, e.g. ``model: dcn_criteo``."""
     groups = {k: v for k, v in params.items() if "." not in k}
@@ -251,10 +300,12 @@ def tuned_config(params: Dict[str, Any], objective: str, value: float, number: i
     for key, v in params.items():
         if "." in key:
             OmegaConf.update(values, key, v, force_add=True)
-    lines = ["# @package _global_",
-             f"# Best of an Optuna search ({objective} {value:.5f}, trial {number}): {sweep_dir}",
-             f"# written {time.strftime('%Y-%m-%d %H:%M')}; the search: ./launch.sh tune {' '.join(arguments)}",
-             f"# train with it: ./launch.sh train +tuned={name} (plus your data overrides)"]
+    lines = [
+        "# @package _global_",
+        f"# Best of an Optuna search ({objective} {value:.5f}, trial {number}): {sweep_dir}",
+        f"# written {time.strftime('%Y-%m-%d %H:%M')}; the search: ./launch.sh tune {' '.join(arguments)}",
+        f"# train with it: ./launch.sh train +tuned={name} (plus your data overrides)",
+    ]
     if groups:
         lines += ["defaults:"] + [f"  - override /{g}: {v}" for g, v in groups.items()]
     body = OmegaConf.to_yaml(values) if params.keys() - groups.keys() else ""

@@ -46,8 +46,19 @@ log = logging.getLogger(__name__)
 
 # What torchrun/TorchX set for their workers. A sweep point starts its own torchrun, which must not
 # inherit the outer job's rank layout or rendezvous.
-_WORKER_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE",
-               "ROLE_RANK", "ROLE_NAME", "ROLE_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+_WORKER_ENV = (
+    "RANK",
+    "LOCAL_RANK",
+    "WORLD_SIZE",
+    "LOCAL_WORLD_SIZE",
+    "GROUP_RANK",
+    "GROUP_WORLD_SIZE",
+    "ROLE_RANK",
+    "ROLE_NAME",
+    "ROLE_WORLD_SIZE",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+)
 
 # Final metrics in the table: (column suffix, key in summary.json's final.<split>).
 _METRICS = (("auc", "auc"), ("logloss", "logloss"), ("ne", "normalized_entropy"), ("calibration", "calibration"))
@@ -174,8 +185,9 @@ class TorchrunLauncher(Launcher):
                 point.status = "invalid"
             batch.append((point, sweep_config))
 
-        log.info("Sweep of %d points, each a torchrun job of %d rank(s), into %s",
-                 len(batch), self.nproc_per_node, sweep_dir)
+        log.info(
+            "Sweep of %d points, each a torchrun job of %d rank(s), into %s", len(batch), self.nproc_per_node, sweep_dir
+        )
         for point, _ in batch:
             log.info("\t#%d : %s", point.num, " ".join(point.overrides))
         points = [p for p, _ in batch]
@@ -190,7 +202,7 @@ class TorchrunLauncher(Launcher):
         try:
             for point in alone:
                 self._run_point(point, sweep_dir)
-            list(pool.map(lambda p: self._run_point(p, sweep_dir), points[len(alone):]))
+            list(pool.map(lambda p: self._run_point(p, sweep_dir), points[len(alone) :]))
         except BaseException:  # Ctrl-C: start no more points, stop the running ones (in their own sessions)
             pool.shutdown(wait=False, cancel_futures=True)
             for proc in list(self._procs.values()):
@@ -205,8 +217,12 @@ class TorchrunLauncher(Launcher):
         print(table, flush=True)
         failed = [p for p in self.points if not p.ok]
         if failed:
-            log.error("%d of %d sweep points failed: %s", len(failed), len(self.points),
-                      ", ".join(f"#{p.num} ({p.status}, exit code {p.exit_code})" for p in failed))
+            log.error(
+                "%d of %d sweep points failed: %s",
+                len(failed),
+                len(self.points),
+                ", ".join(f"#{p.num} ({p.status}, exit code {p.exit_code})" for p in failed),
+            )
         return [self._job_return(point, cfg, len(failed)) for point, cfg in batch]
 
     def _command(self, point: SweepPoint) -> list[str]:
@@ -216,9 +232,18 @@ class TorchrunLauncher(Launcher):
             # Points side by side share the cores: each rank gets its share instead of all of them.
             cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
             threads = [f"trainer.num_threads={max(1, cores // (self.max_parallel * self.nproc_per_node))}"]
-        return [sys.executable, "-m", "torch.distributed.run", *self.torchrun_args,
-                "--nproc_per_node", str(self.nproc_per_node), str(Path(script).absolute()),
-                f"hydra.run.dir={_quote(str(point.run_dir))}", *point.overrides, *threads]
+        return [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            *self.torchrun_args,
+            "--nproc_per_node",
+            str(self.nproc_per_node),
+            str(Path(script).absolute()),
+            f"hydra.run.dir={_quote(str(point.run_dir))}",
+            *point.overrides,
+            *threads,
+        ]
 
     def _environment(self, point: SweepPoint, sweep_dir: Path) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if k not in _WORKER_ENV and not k.startswith("TORCHELASTIC_")}
@@ -263,9 +288,16 @@ class TorchrunLauncher(Launcher):
         with open(point.log_file, "w") as log_file:
             log_file.write("$ " + " ".join(cmd) + "\n")
             log_file.flush()
-            proc = subprocess.Popen(cmd, cwd=os.getcwd(), env=self._environment(point, sweep_dir),
-                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                    errors="replace", start_new_session=True)
+            proc = subprocess.Popen(
+                cmd,
+                cwd=os.getcwd(),
+                env=self._environment(point, sweep_dir),
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+                errors="replace",
+                start_new_session=True,
+            )
             self._procs[point.num] = proc
             timer = None
             if self.timeout_s:
@@ -303,12 +335,24 @@ class TorchrunLauncher(Launcher):
             point.status = "ok"
         if point.ok:
             final = point.summary.get("final", {}) if point.summary else {}
-            log.info("#%d done in %.0f s: val auc %.4f logloss %.4f", point.num, point.seconds,
-                     final.get("eval/val/auc", float("nan")), final.get("eval/val/logloss", float("nan")))
+            log.info(
+                "#%d done in %.0f s: val auc %.4f logloss %.4f",
+                point.num,
+                point.seconds,
+                final.get("eval/val/auc", float("nan")),
+                final.get("eval/val/logloss", float("nan")),
+            )
         else:
-            log.error("#%d %s (exit code %s) after %.0f s; %s of %s:\n%s", point.num, point.status,
-                      point.exit_code, point.seconds, "errors" if errors else "last lines", point.log_file,
-                      "\n".join(errors or tail))
+            log.error(
+                "#%d %s (exit code %s) after %.0f s; %s of %s:\n%s",
+                point.num,
+                point.status,
+                point.exit_code,
+                point.seconds,
+                "errors" if errors else "last lines",
+                point.log_file,
+                "\n".join(errors or tail),
+            )
 
     # -- results --------------------------------------------------------------------------------
     def _swept_keys(self) -> list[str]:
@@ -342,15 +386,23 @@ class TorchrunLauncher(Launcher):
         cfg = copy.deepcopy(sweep_config)
         with read_write(cfg), open_dict(cfg):
             del cfg["hydra"]
-        ret = JobReturn(overrides=point.overrides, cfg=cfg, hydra_cfg=OmegaConf.create({"hydra": sweep_config.hydra}),
-                        working_dir=str(point.run_dir), task_name=str(sweep_config.hydra.job.name))
+        ret = JobReturn(
+            overrides=point.overrides,
+            cfg=cfg,
+            hydra_cfg=OmegaConf.create({"hydra": sweep_config.hydra}),
+            working_dir=str(point.run_dir),
+            task_name=str(sweep_config.hydra.job.name),
+        )
         if point.ok:
             ret.status = JobStatus.COMPLETED
             ret.return_value = point.summary
         else:
             ret.status = JobStatus.FAILED
-            why = (f"invalid config: {point.error}" if point.status == "invalid" else
-                   f"{point.status}, exit code {point.exit_code}; log: {point.log_file}")
+            why = (
+                f"invalid config: {point.error}"
+                if point.status == "invalid"
+                else f"{point.status}, exit code {point.exit_code}; log: {point.log_file}"
+            )
             ret.return_value = SweepPointFailed(
                 f"sweep point #{point.num} ({' '.join(point.overrides)}) {why}. {num_failed} of {len(self.points)} "
                 f"points failed; the others' results are in {point.run_dir.parent / (self.results_name + '.csv')}"
@@ -408,11 +460,17 @@ def write_results(sweep_dir: Path, points: list[SweepPoint], swept_keys: list[st
         "num_points": len(points),
         "num_failed": sum(not p.ok for p in points),
         "points": [
-            {**{k: r[k] for k in ("num", "status", "exit_code", "seconds", "run_dir")},
-             "overrides": p.overrides, "swept": {k: r[k] for k in swept_keys},
-             "final": (p.summary or {}).get("final"), "gap_to_optimum": (p.summary or {}).get("gap_to_optimum"),
-             "train_samples_per_s": r["train_samples_per_s"], "steps": r["steps"], "world_size": r["world_size"],
-             "log": str(p.log_file)}
+            {
+                **{k: r[k] for k in ("num", "status", "exit_code", "seconds", "run_dir")},
+                "overrides": p.overrides,
+                "swept": {k: r[k] for k in swept_keys},
+                "final": (p.summary or {}).get("final"),
+                "gap_to_optimum": (p.summary or {}).get("gap_to_optimum"),
+                "train_samples_per_s": r["train_samples_per_s"],
+                "steps": r["steps"],
+                "world_size": r["world_size"],
+                "log": str(p.log_file),
+            }
             for p, r in zip(points, rows, strict=True)
         ],
     }
@@ -433,7 +491,6 @@ def format_table(rows: list[dict[str, Any]], swept_keys: list[str], csv_path: Pa
     header = ["#" if c == "num" else "exit" if c == "exit_code" else c for c in shown]
     body = [[cell(c, r.get(c)) for c in shown] for r in rows]
     widths = [max(len(h), *(len(b[i]) for b in body)) if body else len(h) for i, h in enumerate(header)]
-    lines = [f"sweep results ({csv_path}, .json):",
-             "  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True))]
+    lines = [f"sweep results ({csv_path}, .json):", "  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True))]
     lines += ["  ".join(c.ljust(w) for c, w in zip(b, widths, strict=True)) for b in body]
     return "\n".join(lines)

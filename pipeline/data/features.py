@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 DENSE_TRANSFORMS = {
     DenseTransform.log1p: "log(1 + max(x, 0)), missing -> 0 (the DLRM reference)",
     DenseTransform.torchrec: "log(x - min + 2) in float32 with min over the whole input file, missing -> 0 "
-                             "(torchrec BinaryCriteoUtils.tsv_to_npys)",
+    "(torchrec BinaryCriteoUtils.tsv_to_npys)",
 }
 
 
@@ -43,8 +43,9 @@ RARE_ID = 1
 _LOG1P_TABLE = np.log1p(np.arange(1 << 16, dtype=np.float64)).astype(np.float32)
 
 
-def transform_dense(block: RawBlock, transform: DenseTransform = DenseTransform.log1p,
-                    file_min: int | None = None) -> np.ndarray:
+def transform_dense(
+    block: RawBlock, transform: DenseTransform = DenseTransform.log1p, file_min: int | None = None
+) -> np.ndarray:
     """The integer features -> float32 [n, num_dense] (missing is 0 before the transform)."""
     if transform == DenseTransform.log1p:
         x = block.dense
@@ -157,8 +158,16 @@ class IdMapper:
             np.add(ids, ~block.sparse_missing, out=ids, casting="unsafe")
             return ids.astype(self.dtype, order="C")  # rows are written whole
         out = np.empty(block.sparse.shape, dtype=self.dtype)
-        _lookup_ids(block.sparse.astype(self.table_keys.dtype, copy=False), block.sparse_missing, self.table_keys,
-                    self.table_ids, self.offsets, self.bits, RARE_ID, out)
+        _lookup_ids(
+            block.sparse.astype(self.table_keys.dtype, copy=False),
+            block.sparse_missing,
+            self.table_keys,
+            self.table_ids,
+            self.offsets,
+            self.bits,
+            RARE_ID,
+            out,
+        )
         return out
 
 
@@ -177,8 +186,9 @@ def table_sizes(manifest: Manifest, processed_dir: str | Path, min_frequency: in
     return [min(n, vocab_rows(c, min_frequency) + 2) for n, c in zip(sizes, counts, strict=True)]
 
 
-def file_dense_min(path: str | Path, schema: Schema, labelled: bool = True, block_size_mb: float = 8,
-                   bad_rows: str = "error") -> int:
+def file_dense_min(
+    path: str | Path, schema: Schema, labelled: bool = True, block_size_mb: float = 8, bad_rows: str = "error"
+) -> int:
     """The smallest integer feature in a raw file (missing counts as 0): the minimum of TorchRec's converter,
     which ``data.dense_transform=torchrec`` shifts by."""
     lo = None
@@ -199,8 +209,9 @@ class FeatureTransform:
         ids: maps raw values to ids (None where the ids are stored already: the loader's batches).
     """
 
-    def __init__(self, schema: Schema, dense_transform: DenseTransform, table_sizes: list[int],
-                 ids: IdMapper | None = None) -> None:
+    def __init__(
+        self, schema: Schema, dense_transform: DenseTransform, table_sizes: list[int], ids: IdMapper | None = None
+    ) -> None:
         self.schema = schema
         self.dense_transform = DenseTransform(dense_transform)
         self.table_sizes = list(table_sizes)
@@ -212,8 +223,9 @@ class FeatureTransform:
     @classmethod
     def from_manifest(cls, manifest: Manifest, processed_dir: str | Path, min_frequency: int = 1) -> FeatureTransform:
         """For the ids preprocessing stored, read under ``data.min_id_frequency``."""
-        dense = next((t for t, text in DENSE_TRANSFORMS.items() if text == manifest.dense_transform),
-                     DenseTransform.log1p)
+        dense = next(
+            (t for t, text in DENSE_TRANSFORMS.items() if text == manifest.dense_transform), DenseTransform.log1p
+        )
         return cls(manifest.schema, dense, table_sizes(manifest, processed_dir, min_frequency))
 
     def dense(self, block: RawBlock, file_min: int | None = None) -> np.ndarray:
@@ -240,13 +252,20 @@ class FeatureTransform:
         ids = np.asarray(ids)
         b = ids.shape[0]
         values = torch.from_numpy(np.ascontiguousarray(ids.T).reshape(-1).astype(np.int64))
-        return KeyedJaggedTensor(keys=list(self.schema.feature_names), values=values,
-                                 lengths=torch.ones(len(self.schema.feature_names) * b, dtype=torch.int32), stride=b)
+        return KeyedJaggedTensor(
+            keys=list(self.schema.feature_names),
+            values=values,
+            lengths=torch.ones(len(self.schema.feature_names) * b, dtype=torch.int32),
+            stride=b,
+        )
 
     def batch(self, dense: np.ndarray, ids: np.ndarray, labels: np.ndarray):
         """A TorchRec ``Batch``: dense [b, num_dense] float32, the KJT, labels [b] float32."""
         import torch
         from torchrec.datasets.utils import Batch
 
-        return Batch(dense_features=torch.from_numpy(np.ascontiguousarray(dense, dtype=np.float32)),
-                     sparse_features=self.kjt(ids), labels=torch.from_numpy(np.asarray(labels, dtype=np.float32)))
+        return Batch(
+            dense_features=torch.from_numpy(np.ascontiguousarray(dense, dtype=np.float32)),
+            sparse_features=self.kjt(ids),
+            labels=torch.from_numpy(np.asarray(labels, dtype=np.float32)),
+        )

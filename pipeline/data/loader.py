@@ -47,8 +47,13 @@ class BinarySplit:
     they are) reads the ids under ``data.min_id_frequency`` and builds the batches' KJT.
     """
 
-    def __init__(self, processed_dir: str | Path, split: str, manifest: Manifest | None = None,
-                 features: FeatureTransform | None = None):
+    def __init__(
+        self,
+        processed_dir: str | Path,
+        split: str,
+        manifest: Manifest | None = None,
+        features: FeatureTransform | None = None,
+    ):
         self.dir = Path(processed_dir)
         self.manifest = manifest or Manifest.load(processed_dir)
         if split not in self.manifest.splits:
@@ -64,8 +69,10 @@ class BinarySplit:
             self.parts.append({key: _map(self.dir / f["path"], f) for key, f in part["files"].items()})
         self.starts = np.cumsum([0] + [len(p["labels"]) for p in self.parts])
         if self.starts[-1] != self.num_rows:
-            raise ValueError(f"{Manifest.path(self.dir)}: split {split} lists {self.num_rows} rows but its parts "
-                             f"hold {self.starts[-1]}")
+            raise ValueError(
+                f"{Manifest.path(self.dir)}: split {split} lists {self.num_rows} rows but its parts "
+                f"hold {self.starts[-1]}"
+            )
 
     def __len__(self) -> int:
         return self.num_rows
@@ -142,8 +149,9 @@ def train_batches(
         epoch += 1
 
 
-def eval_batches(split: BinarySplit, global_batch_size: int, rank: int, world_size: int,
-                 max_batches: int | None = None) -> Iterator[EvalBatch]:
+def eval_batches(
+    split: BinarySplit, global_batch_size: int, rank: int, world_size: int, max_batches: int | None = None
+) -> Iterator[EvalBatch]:
     """This rank's evaluation batches in file order; together the ranks cover every row once."""
     local = global_batch_size // world_size
     n = len(split)

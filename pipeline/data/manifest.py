@@ -28,7 +28,9 @@ class SplitInfo:
     """One split's rows and the part files that hold them (one part per raw input file feeding it)."""
 
     num_rows: int = 0
-    parts: list[dict] = field(default_factory=list)  # {"num_rows", "files": {dense|sparse|labels: {path, dtype, shape, sha256}}}
+    parts: list[dict] = field(
+        default_factory=list
+    )  # {"num_rows", "files": {dense|sparse|labels: {path, dtype, shape, sha256}}}
 
 
 @dataclass
@@ -64,22 +66,40 @@ class Manifest:
         return self.splits[split].num_rows if split in self.splits else 0
 
     def to_dict(self) -> dict:
-        d = {"version": self.version, "settings": self.settings, "sources": self.sources,
-             "splits": {k: asdict(v) for k, v in self.splits.items()}, **self.schema.to_dict(),
-             "num_dense_features": self.num_dense, "num_sparse_features": self.num_sparse,
-             "num_embeddings_per_feature": self.num_embeddings_per_feature, "id_caps": self.id_caps,
-             "reserved_ids": self.reserved_ids, "dense_transform": self.dense_transform, "bad_rows": self.bad_rows,
-             "optimum": self.optimum, "seconds": self.seconds}
+        d = {
+            "version": self.version,
+            "settings": self.settings,
+            "sources": self.sources,
+            "splits": {k: asdict(v) for k, v in self.splits.items()},
+            **self.schema.to_dict(),
+            "num_dense_features": self.num_dense,
+            "num_sparse_features": self.num_sparse,
+            "num_embeddings_per_feature": self.num_embeddings_per_feature,
+            "id_caps": self.id_caps,
+            "reserved_ids": self.reserved_ids,
+            "dense_transform": self.dense_transform,
+            "bad_rows": self.bad_rows,
+            "optimum": self.optimum,
+            "seconds": self.seconds,
+        }
         return d
 
     @classmethod
     def from_dict(cls, d: dict) -> Manifest:
-        return cls(settings=d.get("settings", {}), sources=d.get("sources", []),
-                   splits={k: SplitInfo(v.get("num_rows", 0), list(v.get("parts", []))) for k, v in d["splits"].items()},
-                   schema=Schema.from_dict(d), num_embeddings_per_feature=list(d["num_embeddings_per_feature"]),
-                   id_caps=d.get("id_caps"), reserved_ids=d.get("reserved_ids", {}),
-                   dense_transform=d.get("dense_transform", ""), bad_rows=d.get("bad_rows", {}),
-                   optimum=d.get("optimum"), seconds=d.get("seconds", 0.0), version=d.get("version", 0))
+        return cls(
+            settings=d.get("settings", {}),
+            sources=d.get("sources", []),
+            splits={k: SplitInfo(v.get("num_rows", 0), list(v.get("parts", []))) for k, v in d["splits"].items()},
+            schema=Schema.from_dict(d),
+            num_embeddings_per_feature=list(d["num_embeddings_per_feature"]),
+            id_caps=d.get("id_caps"),
+            reserved_ids=d.get("reserved_ids", {}),
+            dense_transform=d.get("dense_transform", ""),
+            bad_rows=d.get("bad_rows", {}),
+            optimum=d.get("optimum"),
+            seconds=d.get("seconds", 0.0),
+            version=d.get("version", 0),
+        )
 
     @staticmethod
     def path(processed_dir: str | Path) -> Path:
@@ -109,8 +129,10 @@ class Manifest:
         if manifest is None:
             raise DataError(f"{path} is not a readable manifest: preprocess again (./launch.sh preprocess data=...)")
         if manifest.version != MANIFEST_VERSION:
-            raise DataError(f"{path} is format {manifest.version}, this pipeline reads {MANIFEST_VERSION}: preprocess "
-                            "again (./launch.sh preprocess data=...)")
+            raise DataError(
+                f"{path} is format {manifest.version}, this pipeline reads {MANIFEST_VERSION}: preprocess "
+                "again (./launch.sh preprocess data=...)"
+            )
         return manifest
 
     def save(self, processed_dir: str | Path) -> None:

@@ -67,8 +67,9 @@ class SplitWriter:
                 self.syncing.result()  # raises a failed sync's error
             for f in self.files.values():
                 f.flush()
-            self.syncing = self.syncer.submit(lambda fds: [os.fdatasync(fd) for fd in fds],
-                                              [f.fileno() for f in self.files.values()])
+            self.syncing = self.syncer.submit(
+                lambda fds: [os.fdatasync(fd) for fd in fds], [f.fileno() for f in self.files.values()]
+            )
             self.unsynced = 0
 
     def start_close(self) -> None:
@@ -100,8 +101,12 @@ class SplitWriter:
         return {
             "num_rows": self.num_rows,
             "files": {
-                k: {"path": f"{self.rel_dir}/{k}.bin", "dtype": self.dtypes[k].name,
-                    "shape": [self.num_rows, *self.widths[k]], "sha256": self.hashes[k].hexdigest()}
+                k: {
+                    "path": f"{self.rel_dir}/{k}.bin",
+                    "dtype": self.dtypes[k].name,
+                    "shape": [self.num_rows, *self.widths[k]],
+                    "sha256": self.hashes[k].hexdigest(),
+                }
                 for k in self.dtypes
             },
         }

@@ -33,7 +33,8 @@ def check_generator_layout(cfg: DataConfig) -> None:
                 f"{list(layout.sparse_columns)} ({layout.categorical_format.value}), but data.dense_columns="
                 f"{list(declared.dense_columns)}, data.sparse_columns={list(declared.sparse_columns)}, "
                 f"data.categorical_format={declared.categorical_format.value}: declare the generator's columns "
-                f"(see pipeline/conf/data/{'tiny' if key == 'synthetic' else 'movielens'}.yaml)")
+                f"(see pipeline/conf/data/{'tiny' if key == 'synthetic' else 'movielens'}.yaml)"
+            )
 
 
 def prepare_data(cfg: DataConfig) -> Manifest:

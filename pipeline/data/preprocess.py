@@ -78,8 +78,14 @@ def compile_kernels() -> None:
     compile_scanner()
     num_sparse = len(CRITEO.sparse_columns)
     mapper = IdMapper(IdMode.vocab, [NO_CAP] * num_sparse, [np.array([7, 3], np.uint32)] * num_sparse)
-    block = RawBlock(np.zeros(1, np.int8), np.zeros((1, 13), np.int64), np.zeros((1, 13), bool),
-                     np.full((1, 26), 3, np.uint32), np.zeros((1, 26), bool), np.zeros(1, np.int64))
+    block = RawBlock(
+        np.zeros(1, np.int8),
+        np.zeros((1, 13), np.int64),
+        np.zeros((1, 13), bool),
+        np.full((1, 26), 3, np.uint32),
+        np.zeros((1, 26), bool),
+        np.zeros(1, np.int64),
+    )
     if mapper(block).tolist() != [[3] * 26]:
         raise RuntimeError("the compiled vocabulary lookup gave a wrong id")
 
@@ -93,7 +99,11 @@ def _settings(cfg: DataConfig) -> dict:
     return {
         "split": cfg.split.value,
         "raw_files": list(cfg.raw_files),
-        **({"files": {k: [str(p) for p in v] for k, v in split_files(cfg).items()}} if cfg.split == SplitMode.files else {}),
+        **(
+            {"files": {k: [str(p) for p in v] for k, v in split_files(cfg).items()}}
+            if cfg.split == SplitMode.files
+            else {}
+        ),
         "val_fraction": cfg.val_fraction,
         "test_fraction": cfg.test_fraction,
         "split_seed": cfg.split_seed,
@@ -117,8 +127,12 @@ def is_current(cfg: DataConfig) -> bool:
     if m.version != MANIFEST_VERSION or m.sources != sources:
         return False
     if m.schema != Schema.from_config(cfg):
-        logger.info("%s was preprocessed with columns %s, the config declares %s: preprocessing again",
-                    Manifest.path(cfg.processed_dir), m.schema.to_dict(), Schema.from_config(cfg).to_dict())
+        logger.info(
+            "%s was preprocessed with columns %s, the config declares %s: preprocessing again",
+            Manifest.path(cfg.processed_dir),
+            m.schema.to_dict(),
+            Schema.from_config(cfg).to_dict(),
+        )
         return False
     return m.settings == _settings(cfg)
 
@@ -134,8 +148,9 @@ def _count_ids(cfg: DataConfig, units: list[Unit]) -> IdCounter:
     return counter
 
 
-def _load_or_build_vocab(cfg: DataConfig, units: list[Unit], out: Path, settings: dict,
-                         sources: list[dict]) -> tuple[list[np.ndarray], str]:
+def _load_or_build_vocab(
+    cfg: DataConfig, units: list[Unit], out: Path, settings: dict, sources: list[dict]
+) -> tuple[list[np.ndarray], str]:
     """The vocabulary (every training value by descending count, at most the cap) from a first pass over the
     training rows, with the counts; reused when already built and intact."""
     marker, npz = out / "vocab.json", out / "vocab.npz"
@@ -151,7 +166,9 @@ def _load_or_build_vocab(cfg: DataConfig, units: list[Unit], out: Path, settings
     vocab, counts = counter.vocab(configured_caps(cfg) or [NO_CAP] * len(cfg.sparse_columns))
     marker.unlink(missing_ok=True)
     tmp = out / "vocab.tmp.npz"
-    np.savez(tmp, **{f"C{j + 1}": v for j, v in enumerate(vocab)}, **{f"count_C{j + 1}": c for j, c in enumerate(counts)})
+    np.savez(
+        tmp, **{f"C{j + 1}": v for j, v in enumerate(vocab)}, **{f"count_C{j + 1}": c for j, c in enumerate(counts)}
+    )
     os.replace(tmp, npz)
     digest = sha256_file(npz)
     write_json(marker, {"fingerprint": key, "sha256": digest, "sizes": [len(v) for v in vocab]})
@@ -159,8 +176,9 @@ def _load_or_build_vocab(cfg: DataConfig, units: list[Unit], out: Path, settings
     return vocab, digest
 
 
-def _load_or_count_hash_caps(cfg: DataConfig, units: list[Unit], out: Path, settings: dict,
-                             sources: list[dict]) -> list[int]:
+def _load_or_count_hash_caps(
+    cfg: DataConfig, units: list[Unit], out: Path, settings: dict, sources: list[dict]
+) -> list[int]:
     """Hash mode without a configured cap: :func:`auto_hash_cap` of each column's distinct training values,
     from a first pass (reused from ``hash_caps.json`` when the settings and sources match)."""
     marker = out / "hash_caps.json"
@@ -173,8 +191,12 @@ def _load_or_count_hash_caps(cfg: DataConfig, units: list[Unit], out: Path, sett
     distinct = _count_ids(cfg, units).num_distinct()
     caps = [auto_hash_cap(n) for n in distinct]
     write_json(marker, {"fingerprint": key, "distinct": distinct, "caps": caps})
-    logger.info("hash caps from %s distinct training values per column in %.1fs (data.max_ids_per_feature=null): %s",
-                distinct, time.perf_counter() - t0, caps)
+    logger.info(
+        "hash caps from %s distinct training values per column in %.1fs (data.max_ids_per_feature=null): %s",
+        distinct,
+        time.perf_counter() - t0,
+        caps,
+    )
     return caps
 
 
@@ -182,8 +204,11 @@ def _process_unit(unit: Unit, cfg: DataConfig, out: Path, features: FeatureTrans
     """Convert one input file into its part; returns the part's done record."""
     t0 = time.perf_counter()
     rel = f"parts/{unit.name}"
-    file_min = (file_dense_min(unit.path, features.schema, True, cfg.block_size_mb, cfg.bad_rows.value)
-                if cfg.dense_transform == DenseTransform.torchrec else None)
+    file_min = (
+        file_dense_min(unit.path, features.schema, True, cfg.block_size_mb, cfg.bad_rows.value)
+        if cfg.dense_transform == DenseTransform.torchrec
+        else None
+    )
     counter = BadRows()
     writers = {s: SplitWriter(out, f"{rel}/{s}", features.ids.dtype, features.schema) for s in unit.splits}
 
@@ -223,13 +248,21 @@ def _process_unit(unit: Unit, cfg: DataConfig, out: Path, features: FeatureTrans
     rows = sum(v["num_rows"] for v in record["splits"].values())
     if rows == 0:
         if counter.total:
-            raise DataError(f"{unit.path}: all {counter.total:,} rows are malformed and were skipped "
-                            f"(data.bad_rows=skip; by kind {({k: v for k, v in counter.counts.items() if v})}); first: "
-                            f"{counter.examples[0] if counter.examples else '-'}")
+            raise DataError(
+                f"{unit.path}: all {counter.total:,} rows are malformed and were skipped "
+                f"(data.bad_rows=skip; by kind { ({k: v for k, v in counter.counts.items() if v}) }); first: "
+                f"{counter.examples[0] if counter.examples else '-'}"
+            )
         raise DataError(f"{unit.path} has no rows: an empty input file")
-    logger.info("part %s: %s -> %s rows in %.1fs (%s rows/s)%s", unit.name, unit.path, f"{rows:,}",
-                record["seconds"], f"{rows / max(record['seconds'], 1e-9):,.0f}",
-                f", skipped {counter.total} bad rows {counter.counts}" if counter.total else "")
+    logger.info(
+        "part %s: %s -> %s rows in %.1fs (%s rows/s)%s",
+        unit.name,
+        unit.path,
+        f"{rows:,}",
+        record["seconds"],
+        f"{rows / max(record['seconds'], 1e-9):,.0f}",
+        f", skipped {counter.total} bad rows {counter.counts}" if counter.total else "",
+    )
     for example in counter.examples:
         logger.warning("skipped bad row %s", example)
     return record
@@ -283,16 +316,24 @@ def preprocess(cfg: DataConfig) -> Manifest:
         bad.merge(part_bad)
     _check_splits(cfg, units, splits)
     manifest = Manifest(
-        settings=settings, sources=sources, splits=splits, schema=schema,
+        settings=settings,
+        sources=sources,
+        splits=splits,
+        schema=schema,
         num_embeddings_per_feature=mapper.num_embeddings,  # before data.min_id_frequency (see features.table_sizes)
         id_caps=None if vocab is not None and configured_caps(cfg) is None else caps,
         reserved_ids={"missing": MISSING_ID, **({"rare_or_unseen": RARE_ID} if vocab is not None else {})},
-        dense_transform=DENSE_TRANSFORMS[cfg.dense_transform], bad_rows=bad.to_dict(), optimum=_optimum(cfg),
+        dense_transform=DENSE_TRANSFORMS[cfg.dense_transform],
+        bad_rows=bad.to_dict(),
+        optimum=_optimum(cfg),
         seconds=round(time.perf_counter() - t0, 2),
     )
     manifest.save(out)
     logger.info(
-        "preprocessed %d file(s) -> %s in %.1fs: %s%s", len(files), out, manifest.seconds,
+        "preprocessed %d file(s) -> %s in %.1fs: %s%s",
+        len(files),
+        out,
+        manifest.seconds,
         ", ".join(f"{s} {v.num_rows:,} rows" for s, v in splits.items()),
         f"; skipped {bad.total} bad rows {bad.counts}" if bad.total else "",
     )
@@ -308,13 +349,21 @@ def _check_splits(cfg: DataConfig, units: list[Unit], splits: dict[str, SplitInf
     for split in SPLITS:
         feeding = [str(u.path) for u in units if split in u.splits]
         if (feeding or split != "test") and splits[split].num_rows == 0:
-            share = (f"data.{split}_fraction={getattr(cfg, f'{split}_fraction')}" if split != "train" else
-                     f"1 - data.val_fraction - data.test_fraction = {1 - cfg.val_fraction - cfg.test_fraction:g}")
-            how = {SplitMode.random: f"{share} of a random split",
-                   SplitMode.files: f"data.{split}_files", SplitMode.kaggle: "the Kaggle day split",
-                   SplitMode.days: "the day split"}[cfg.split]
-            raise DataError(f"split {split} has no rows ({how}; from {feeding or 'no file'}): give it rows, "
-                            "e.g. more input or a larger fraction")
+            share = (
+                f"data.{split}_fraction={getattr(cfg, f'{split}_fraction')}"
+                if split != "train"
+                else f"1 - data.val_fraction - data.test_fraction = {1 - cfg.val_fraction - cfg.test_fraction:g}"
+            )
+            how = {
+                SplitMode.random: f"{share} of a random split",
+                SplitMode.files: f"data.{split}_files",
+                SplitMode.kaggle: "the Kaggle day split",
+                SplitMode.days: "the day split",
+            }[cfg.split]
+            raise DataError(
+                f"split {split} has no rows ({how}; from {feeding or 'no file'}): give it rows, "
+                "e.g. more input or a larger fraction"
+            )
 
 
 def _optimum(cfg: DataConfig) -> dict | None:

@@ -31,8 +31,6 @@ NUM_FIELDS = len(COLUMNS)
 UNLABELLED_COLUMNS = COLUMNS[1:]  # the layout without a label column (Kaggle test.txt)
 
 
-
-
 @dataclass(frozen=True)
 class Schema:
     """A raw layout: label, then ``dense_columns``, then ``sparse_columns``; the default is Criteo's."""
@@ -45,8 +43,12 @@ class Schema:
     @classmethod
     def from_config(cls, cfg: DataConfig) -> Schema:
         """The layout ``data.dense_columns``/``sparse_columns``/``feature_names``/``categorical_format`` declare."""
-        return cls(tuple(cfg.dense_columns), tuple(cfg.sparse_columns),
-                   tuple(cfg.feature_names or cfg.sparse_columns), CategoricalFormat(cfg.categorical_format))
+        return cls(
+            tuple(cfg.dense_columns),
+            tuple(cfg.sparse_columns),
+            tuple(cfg.feature_names or cfg.sparse_columns),
+            CategoricalFormat(cfg.categorical_format),
+        )
 
     @classmethod
     def from_dict(cls, d: dict | None) -> Schema:
@@ -55,12 +57,20 @@ class Schema:
         d = d or {}
         sparse = tuple(d.get("sparse_columns") or SPARSE_COLUMNS)
         names = d.get("feature_names") or (SPARSE_FEATURE_NAMES if "sparse_columns" not in d else sparse)
-        return cls(tuple(d.get("dense_columns", DENSE_COLUMNS)), sparse, tuple(names),
-                   CategoricalFormat(d.get("categorical_format", "hex")))
+        return cls(
+            tuple(d.get("dense_columns", DENSE_COLUMNS)),
+            sparse,
+            tuple(names),
+            CategoricalFormat(d.get("categorical_format", "hex")),
+        )
 
     def to_dict(self) -> dict:
-        return {"dense_columns": list(self.dense_columns), "sparse_columns": list(self.sparse_columns),
-                "feature_names": list(self.feature_names), "categorical_format": self.categorical_format.value}
+        return {
+            "dense_columns": list(self.dense_columns),
+            "sparse_columns": list(self.sparse_columns),
+            "feature_names": list(self.feature_names),
+            "categorical_format": self.categorical_format.value,
+        }
 
     @property
     def num_dense(self) -> int:
@@ -81,11 +91,15 @@ class Schema:
 
     def describe(self) -> str:
         """The layout in words, for messages and export.json."""
+
         def span(cols: tuple[str, ...]) -> str:
             return "none" if not cols else cols[0] if len(cols) == 1 else f"{cols[0]}..{cols[-1]}"
+
         cats = "8-hex-digit hashes" if self.categorical_format == CategoricalFormat.hex else "decimal integer ids"
-        return (f"TSV: [label], {self.num_dense} integer(s) {span(self.dense_columns)} (empty = missing), "
-                f"{self.num_sparse} categorical(s) {span(self.sparse_columns)} as {cats} (empty = missing)")
+        return (
+            f"TSV: [label], {self.num_dense} integer(s) {span(self.dense_columns)} (empty = missing), "
+            f"{self.num_sparse} categorical(s) {span(self.sparse_columns)} as {cats} (empty = missing)"
+        )
 
 
 CRITEO = Schema()

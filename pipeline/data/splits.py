@@ -87,15 +87,19 @@ def split_files(cfg: DataConfig) -> dict[str, list[Path]]:
         if default.is_file():
             out[split] = [default]
         elif split != "test":
-            raise MissingDataError(f"no {split} data: {key} is empty and {default} does not exist. Name your "
-                                   f"files, e.g. {key}=[clicks/{split}_*.tsv.gz] (data.raw_dir={cfg.raw_dir})")
+            raise MissingDataError(
+                f"no {split} data: {key} is empty and {default} does not exist. Name your "
+                f"files, e.g. {key}=[clicks/{split}_*.tsv.gz] (data.raw_dir={cfg.raw_dir})"
+            )
     seen: dict[Path, str] = {}
     for split, paths in out.items():
         for path in paths:
             other = seen.setdefault(path.resolve(), split)
             if other != split:
-                raise DataError(f"{path} is listed for both {other} and {split} (data.{other}_files, "
-                                f"data.{split}_files): a file feeds one split")
+                raise DataError(
+                    f"{path} is listed for both {other} and {split} (data.{other}_files, "
+                    f"data.{split}_files): a file feeds one split"
+                )
     return out
 
 
@@ -162,9 +166,13 @@ def _assignment(unit: Unit, cfg: DataConfig, lines: np.ndarray) -> np.ndarray:
     return assigned
 
 
-def assigned_blocks(unit: Unit, cfg: DataConfig, counter: BadRows, only: tuple[str, ...] = SPLITS,
-                     then: Callable[[RawBlock, np.ndarray], Any] | None = None,
-                     ) -> Iterator[tuple[RawBlock, np.ndarray, Any]]:
+def assigned_blocks(
+    unit: Unit,
+    cfg: DataConfig,
+    counter: BadRows,
+    only: tuple[str, ...] = SPLITS,
+    then: Callable[[RawBlock, np.ndarray], Any] | None = None,
+) -> Iterator[tuple[RawBlock, np.ndarray, Any]]:
     """(block, split index of each row: 0 train, 1 val, 2 test, -1 none, ``then(block, split index)``)
     of one input file; the split indices and ``then`` are computed in the reader's worker threads.
     Stops reading once every wanted line range (of the splits in ``only``) has ended."""
@@ -175,16 +183,18 @@ def assigned_blocks(unit: Unit, cfg: DataConfig, counter: BadRows, only: tuple[s
         assigned = _assignment(unit, cfg, block.line_index)
         return assigned, None if then is None else then(block, assigned)
 
-    for block, (assigned, extra) in read_blocks(unit.path, cfg.block_size_mb, cfg.bad_rows.value, counter,
-                                                schema=Schema.from_config(cfg), then=assign):
+    for block, (assigned, extra) in read_blocks(
+        unit.path, cfg.block_size_mb, cfg.bad_rows.value, counter, schema=Schema.from_config(cfg), then=assign
+    ):
         lines = block.line_index
         yield block, assigned, extra
         if last_line is not None and len(lines) and lines[-1] + 1 >= last_line:
             break
 
 
-def unit_blocks(unit: Unit, cfg: DataConfig, counter: BadRows,
-                 only: tuple[str, ...] = SPLITS) -> Iterator[tuple[str, RawBlock]]:
+def unit_blocks(
+    unit: Unit, cfg: DataConfig, counter: BadRows, only: tuple[str, ...] = SPLITS
+) -> Iterator[tuple[str, RawBlock]]:
     """(split, rows of a block) of one input file, for the splits in ``only``."""
     wanted = [s for s in unit.splits if s in only]
     for block, assigned, _ in assigned_blocks(unit, cfg, counter, only):

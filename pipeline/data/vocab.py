@@ -42,8 +42,9 @@ class IdCounter:
             return
         new, cnt = np.unique(np.concatenate(self.pending[j]), return_counts=True)
         keys, inv = np.unique(np.concatenate([self.keys[j], new]), return_inverse=True)
-        self.counts[j] = np.bincount(inv, weights=np.concatenate([self.counts[j], cnt]).astype(np.float64),
-                                     minlength=len(keys)).astype(np.int64)
+        self.counts[j] = np.bincount(
+            inv, weights=np.concatenate([self.counts[j], cnt]).astype(np.float64), minlength=len(keys)
+        ).astype(np.int64)
         self.keys[j] = keys
         self.pending[j], self.pending_len[j] = [], 0
 

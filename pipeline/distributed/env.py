@@ -43,7 +43,7 @@ class DistEnv:
         return self.rank == 0
 
     @classmethod
-    def from_environ(cls) -> "DistEnv":
+    def from_environ(cls) -> DistEnv:
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
         return cls(
             rank=env_rank(),
@@ -115,8 +115,13 @@ def init_process_group(cfg: LauncherConfig, env: DistEnv, device: torch.device) 
             os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
             os.environ.setdefault("MASTER_PORT", str(_free_port()))
         timeout = datetime.timedelta(seconds=cfg.timeout_s)
-        dist.init_process_group(backend=backend, rank=env.rank, world_size=env.world_size, timeout=timeout,
-                                store=_restart_safe_store(timeout))
+        dist.init_process_group(
+            backend=backend,
+            rank=env.rank,
+            world_size=env.world_size,
+            timeout=timeout,
+            store=_restart_safe_store(timeout),
+        )
     return backend
 
 
@@ -139,14 +144,23 @@ def _restart_safe_store(timeout: datetime.timedelta) -> dist.Store | None:
     if restarts == 0:
         return None
     if os.environ.get("GROUP_WORLD_SIZE", "1") != "1":
-        logger.warning("torchrun may restart this %s-node job (--max-restarts %d) but shares its rendezvous store with "
-                       "the workers, so restarted ranks can read the previous attempt's addresses and hang "
-                       "(pytorch/pytorch#135712): launch with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (launch.sh and "
-                       "the TorchX component do)", os.environ["GROUP_WORLD_SIZE"], restarts)
+        logger.warning(
+            "torchrun may restart this %s-node job (--max-restarts %d) but shares its rendezvous store with "
+            "the workers, so restarted ranks can read the previous attempt's addresses and hang "
+            "(pytorch/pytorch#135712): launch with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (launch.sh and "
+            "the TorchX component do)",
+            os.environ["GROUP_WORLD_SIZE"],
+            restarts,
+        )
         return None
     attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
-    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
-                          int(os.environ["WORLD_SIZE"]), is_master=False, timeout=timeout)
+    store = dist.TCPStore(
+        os.environ["MASTER_ADDR"],
+        int(os.environ["MASTER_PORT"]),
+        int(os.environ["WORLD_SIZE"]),
+        is_master=False,
+        timeout=timeout,
+    )
     return dist.PrefixStore(f"pipeline/attempt_{attempt}", store)
 
 

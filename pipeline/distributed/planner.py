@@ -34,8 +34,15 @@ GIB = 1024**3
 DTYPE_BYTES = {DataType.FP32: 4, DataType.FP16: 2, DataType.BF16: 2}
 _DTYPE_NAMES = {DataType.FP32: "fp32", DataType.FP16: "fp16", DataType.BF16: "bf16"}
 
-SHARDING_TYPES = {"table_wise", "row_wise", "column_wise", "data_parallel", "table_row_wise", "table_column_wise",
-                  "grid_shard"}
+SHARDING_TYPES = {
+    "table_wise",
+    "row_wise",
+    "column_wise",
+    "data_parallel",
+    "table_row_wise",
+    "table_column_wise",
+    "grid_shard",
+}
 COMPUTE_KERNELS = {"dense", "fused", "fused_uvm", "fused_uvm_caching", "key_value"}
 
 
@@ -63,9 +70,10 @@ def host_memory_available() -> int:
         pass
     if available is None:
         available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    for limit_file, usage_file in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
-                                   ("/sys/fs/cgroup/memory/memory.limit_in_bytes",
-                                    "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
+    for limit_file, usage_file in (
+        ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+        ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes"),
+    ):
         try:
             limit = Path(limit_file).read_text().strip()
             if limit != "max" and int(limit) < 1 << 60:
@@ -101,23 +109,32 @@ def _types_for_kernels(kernels: list[str] | None, device_type: str) -> list[str]
     return types
 
 
-def constraints_from_config(cfg: ShardingConfig, tables: list[str], device_type: str = "cpu") -> dict[str, ParameterConstraints]:
+def constraints_from_config(
+    cfg: ShardingConfig, tables: list[str], device_type: str = "cpu"
+) -> dict[str, ParameterConstraints]:
     """Planner constraints: the group-wide allowed types/kernels, then per-table overrides.
 
     Raises:
         ValueError: a per-table key names no table of the model.
     """
-    for key, per_table in (("table_sharding_types", cfg.table_sharding_types), ("table_compute_kernels", cfg.table_compute_kernels)):
+    for key, per_table in (
+        ("table_sharding_types", cfg.table_sharding_types),
+        ("table_compute_kernels", cfg.table_compute_kernels),
+    ):
         unknown = sorted(set(per_table) - set(tables))
         if unknown:
             raise ValueError(f"sharding.{key} names unknown table(s) {unknown}; the model's tables are {tables}")
     out = {}
     for name in tables:
         kernels = cfg.table_compute_kernels.get(name) or cfg.compute_kernels or None
-        sharding_types = (cfg.table_sharding_types.get(name) or cfg.sharding_types
-                          or _types_for_kernels(kernels, device_type))
-        cache = (CacheParams(load_factor=cfg.cache_load_factor)
-                 if cfg.cache_load_factor is not None and (not kernels or "fused_uvm_caching" in kernels) else None)
+        sharding_types = (
+            cfg.table_sharding_types.get(name) or cfg.sharding_types or _types_for_kernels(kernels, device_type)
+        )
+        cache = (
+            CacheParams(load_factor=cfg.cache_load_factor)
+            if cfg.cache_load_factor is not None and (not kernels or "fused_uvm_caching" in kernels)
+            else None
+        )
         if sharding_types or kernels or cache:
             out[name] = ParameterConstraints(sharding_types=sharding_types, compute_kernels=kernels, cache_params=cache)
     return out
@@ -125,8 +142,12 @@ def constraints_from_config(cfg: ShardingConfig, tables: list[str], device_type:
 
 def _tables(model: nn.Module) -> list[tuple[str, int, int, DataType]]:
     """(name, rows, dim, dtype) of every table of the model's collections."""
-    return [(t.name, t.num_embeddings, t.embedding_dim, t.data_type) for m in model.modules()
-            if isinstance(m, EmbeddingBagCollection) for t in m.embedding_bag_configs()]
+    return [
+        (t.name, t.num_embeddings, t.embedding_dim, t.data_type)
+        for m in model.modules()
+        if isinstance(m, EmbeddingBagCollection)
+        for t in m.embedding_bag_configs()
+    ]
 
 
 def bytes_per_row(dim: int, optimizer: str, dtype: DataType = DataType.FP32) -> int:
@@ -139,6 +160,7 @@ def bytes_per_row(dim: int, optimizer: str, dtype: DataType = DataType.FP32) -> 
 
 def _cap_that_fits(rows: list[int], row_bytes: list[int], capacity: float) -> int | None:
     """The largest per-table row cap under which the tables fit in ``capacity`` bytes (None: none does)."""
+
     def need(cap: int) -> int:
         return sum(min(n, cap) * b for n, b in zip(rows, row_bytes, strict=True))
 
@@ -164,58 +186,86 @@ class PlanRequest:
     reservation: float
     optimizer: str = "row_wise_adagrad"
     cap_fix: str = "data.max_ids_per_feature={cap}"  # how to cap the tables (the plan tool says --cap)
-    other_fixes: tuple[str, ...] = ("a smaller model.embedding_dim", "sharding.embedding_dtype=fp16",
-                                    "more ranks or nodes")
+    other_fixes: tuple[str, ...] = (
+        "a smaller model.embedding_dim",
+        "sharding.embedding_dtype=fp16",
+        "more ranks or nodes",
+    )
     cache_fix: str = "tables in host memory behind an HBM cache: sharding.compute_kernels=[fused,fused_uvm_caching]"
 
 
 def make_planner(req: PlanRequest, constraints: dict[str, ParameterConstraints] | None) -> EmbeddingShardingPlanner:
     topology = TopologyFactory.create_topology(
-        PlannerTrainerConfig(world_size=req.world_size, local_world_size=req.local_world_size,
-                             hbm_cap_bytes=req.memory.hbm, ddr_cap_bytes=req.memory.ddr),
+        PlannerTrainerConfig(
+            world_size=req.world_size,
+            local_world_size=req.local_world_size,
+            hbm_cap_bytes=req.memory.hbm,
+            ddr_cap_bytes=req.memory.ddr,
+        ),
         kernel_config=KernelConfig(compute_device=req.device_type),
     )
-    return EmbeddingShardingPlanner(topology=topology, batch_size=req.batch_size, constraints=constraints or None,
-                                    storage_reservation=FixedPercentageStorageReservation(req.reservation))
+    return EmbeddingShardingPlanner(
+        topology=topology,
+        batch_size=req.batch_size,
+        constraints=constraints or None,
+        storage_reservation=FixedPercentageStorageReservation(req.reservation),
+    )
 
 
-def explain_refusal(req: PlanRequest, tables: list[tuple[str, int, int, DataType]], kernels: list[str] | None,
-                    planner_error: str) -> str:
+def explain_refusal(
+    req: PlanRequest, tables: list[tuple[str, int, int, DataType]], kernels: list[str] | None, planner_error: str
+) -> str:
     """Why no plan fits: the tables' total against the usable memory, the largest tables, and the fixes."""
     need = [n * bytes_per_row(d, req.optimizer, dt) for _, n, d, dt in tables]
     uvm = req.device_type == "cuda" and (not kernels or bool({"fused_uvm", "fused_uvm_caching"} & set(kernels)))
     m = req.memory
     if req.device_type == "cuda":
         per_rank = (m.hbm + m.ddr) if uvm else m.hbm
-        where = (f"{m.hbm / GIB:.3g} GiB HBM + {m.ddr / GIB:.3g} GiB host" if uvm else f"{m.hbm / GIB:.3g} GiB HBM")
+        where = f"{m.hbm / GIB:.3g} GiB HBM + {m.ddr / GIB:.3g} GiB host" if uvm else f"{m.hbm / GIB:.3g} GiB HBM"
     else:
         per_rank, where = m.ddr, f"{m.ddr / GIB:.3g} GiB host memory"
     capacity = per_rank * req.world_size * (1 - req.reservation)
     total = sum(need)
     over = total - capacity
     largest = sorted(range(len(tables)), key=lambda i: -need[i])[:5]
-    lines = [f"  {tables[i][0]}: {tables[i][1]:,} rows x {tables[i][2]} {_DTYPE_NAMES[tables[i][3]]} = "
-             f"{need[i] / GIB:.1f} GiB" for i in largest]
+    lines = [
+        f"  {tables[i][0]}: {tables[i][1]:,} rows x {tables[i][2]} {_DTYPE_NAMES[tables[i][3]]} = "
+        f"{need[i] / GIB:.1f} GiB"
+        for i in largest
+    ]
     ranks = f"{req.world_size} rank{'s' if req.world_size > 1 else ''}"
-    why = (f"the tables need {total / GIB:.1f} GiB with {req.optimizer} state, {abs(over) / GIB:.1f} GiB "
-           f"{'more than' if over > 0 else 'less than'} the {capacity / GIB:.1f} GiB usable on {ranks} x ({where}), "
-           f"{req.reservation:.0%} reserved (memory per rank: {m.source})")
+    why = (
+        f"the tables need {total / GIB:.1f} GiB with {req.optimizer} state, {abs(over) / GIB:.1f} GiB "
+        f"{'more than' if over > 0 else 'less than'} the {capacity / GIB:.1f} GiB usable on {ranks} x ({where}), "
+        f"{req.reservation:.0%} reserved (memory per rank: {m.source})"
+    )
     if over <= 0:
         why += "; in total they would fit, but not under these sharding constraints and per-device limits"
     fixes = []
-    cap = _cap_that_fits([t[1] for t in tables], [bytes_per_row(d, req.optimizer, dt) for _, _, d, dt in tables],
-                         capacity * 0.9)
+    cap = _cap_that_fits(
+        [t[1] for t in tables], [bytes_per_row(d, req.optimizer, dt) for _, _, d, dt in tables], capacity * 0.9
+    )
     if cap is not None and cap < max(t[1] for t in tables):
         fixes.append(req.cap_fix.format(cap=cap))
     fixes += [f for f in req.other_fixes if not (f.endswith("fp16") and all(t[3] != DataType.FP32 for t in tables))]
     if req.device_type == "cuda" and not uvm:
         fixes.append(req.cache_fix)
-    return (f"no sharding plan fits: {why}. Largest tables:\n" + "\n".join(lines) + "\nFix: " + ", or ".join(fixes)
-            + f". Planner: {planner_error.splitlines()[0][:300] if planner_error else '-'}")
+    return (
+        f"no sharding plan fits: {why}. Largest tables:\n"
+        + "\n".join(lines)
+        + "\nFix: "
+        + ", or ".join(fixes)
+        + f". Planner: {planner_error.splitlines()[0][:300] if planner_error else '-'}"
+    )
 
 
-def plan(model: nn.Module, req: PlanRequest, constraints: dict[str, ParameterConstraints] | None,
-         kernels: list[str] | None = None, collective: bool = True) -> tuple[ShardingPlan, EmbeddingShardingPlanner]:
+def plan(
+    model: nn.Module,
+    req: PlanRequest,
+    constraints: dict[str, ParameterConstraints] | None,
+    kernels: list[str] | None = None,
+    collective: bool = True,
+) -> tuple[ShardingPlan, EmbeddingShardingPlanner]:
     """Plan ``model``'s tables (rank 0 plans and every rank gets its plan or its refusal).
 
     Raises:
@@ -239,8 +289,14 @@ def plan(model: nn.Module, req: PlanRequest, constraints: dict[str, ParameterCon
     return result, planner
 
 
-def plan_sharding(model: nn.Module, cfg: ShardingConfig, env: DistEnv, device: torch.device,
-                  local_batch_size: int, optimizer: str = "row_wise_adagrad") -> ShardingPlan:
+def plan_sharding(
+    model: nn.Module,
+    cfg: ShardingConfig,
+    env: DistEnv,
+    device: torch.device,
+    local_batch_size: int,
+    optimizer: str = "row_wise_adagrad",
+) -> ShardingPlan:
     """Run TorchRec's planner for this job with the memory each rank really has (rank 0 plans, every rank
     gets its plan).
 
@@ -248,8 +304,9 @@ def plan_sharding(model: nn.Module, cfg: ShardingConfig, env: DistEnv, device: t
         PlanDoesNotFit: the tables do not fit; the message names the sizes and the fix.
     """
     memory = detect_memory(device, env.local_world_size, cfg.hbm_cap_gb)
-    req = PlanRequest(env.world_size, env.local_world_size, device.type, memory, local_batch_size,
-                      cfg.storage_reservation, optimizer)
+    req = PlanRequest(
+        env.world_size, env.local_world_size, device.type, memory, local_batch_size, cfg.storage_reservation, optimizer
+    )
     constraints = constraints_from_config(cfg, [t[0] for t in _tables(model)], device.type)
     sharding_plan, _ = plan(model, req, constraints, cfg.compute_kernels or None)
     return sharding_plan

@@ -32,7 +32,11 @@ from pipeline.optim.optimizers import dense_optimizer_factory, fused_table_optim
 logger = logging.getLogger(__name__)
 
 
-_DATA_TYPES = {EmbeddingDtype.fp32: DataType.FP32, EmbeddingDtype.fp16: DataType.FP16, EmbeddingDtype.bf16: DataType.BF16}
+_DATA_TYPES = {
+    EmbeddingDtype.fp32: DataType.FP32,
+    EmbeddingDtype.fp16: DataType.FP16,
+    EmbeddingDtype.bf16: DataType.BF16,
+}
 
 
 def set_embedding_dtype(model: nn.Module, dtype: EmbeddingDtype) -> None:
@@ -54,8 +58,14 @@ def describe_plan(plan: ShardingPlan) -> list[str]:
     return lines
 
 
-def shard_model(model: nn.Module, sharding: ShardingConfig, optimizer: OptimizerConfig, env: DistEnv,
-                device: torch.device, local_batch_size: int) -> tuple[DistributedModelParallel, CombinedOptimizer]:
+def shard_model(
+    model: nn.Module,
+    sharding: ShardingConfig,
+    optimizer: OptimizerConfig,
+    env: DistEnv,
+    device: torch.device,
+    local_batch_size: int,
+) -> tuple[DistributedModelParallel, CombinedOptimizer]:
     """Fuse the table optimizer into backward, plan, wrap in DMP; return the model and its optimizer.
 
     FBGEMM applies the sparse update inside backward; the dense optimizer must skip those parameters,
@@ -69,8 +79,9 @@ def shard_model(model: nn.Module, sharding: ShardingConfig, optimizer: Optimizer
     if sharding.print_plan and env.is_rank_zero:
         logger.info("sharding plan (%d ranks):\n  %s", env.world_size, "\n  ".join(describe_plan(plan)))
     dmp = DistributedModelParallel(module=model, device=device, plan=plan)
-    dense = KeyedOptimizerWrapper(dict(in_backward_optimizer_filter(dmp.named_parameters())),
-                                  dense_optimizer_factory(optimizer))
+    dense = KeyedOptimizerWrapper(
+        dict(in_backward_optimizer_filter(dmp.named_parameters())), dense_optimizer_factory(optimizer)
+    )
     return dmp, CombinedOptimizer([dmp.fused_optimizer, dense])
 
 

@@ -127,14 +127,22 @@ def ddp(
 
     cmd = [
         "torchrun",
-        "--rdzv_backend", rdzv_backend,
-        "--rdzv_endpoint", rdzv_endpoint,
-        "--rdzv_id", macros.app_id,
-        "--nnodes", nnodes_rep,
-        "--nproc_per_node", str(nproc_per_node),
-        "--max_restarts", str(max_restarts),
-        "--tee", str(tee),
-        "--role", "",
+        "--rdzv_backend",
+        rdzv_backend,
+        "--rdzv_endpoint",
+        rdzv_endpoint,
+        "--rdzv_id",
+        macros.app_id,
+        "--nnodes",
+        nnodes_rep,
+        "--nproc_per_node",
+        str(nproc_per_node),
+        "--max_restarts",
+        str(max_restarts),
+        "--tee",
+        str(tee),
+        "--role",
+        "",
     ]
     if rdzv_backend == "static":
         cmd += ["--node_rank", macros.replica_id]
@@ -193,8 +201,19 @@ def spmd(
         mounts: mounts for the worker containers (type=<bind/volume>,src=/host,dst=/job[,readonly])
         debug: whether to run with preset debug flags enabled
     """
-    return _torchx_dist.spmd(*args, script=script, m=m, image=image, name=name, h=h, j=j, env=env,
-                             max_retries=max_retries, mounts=mounts, debug=debug)
+    return _torchx_dist.spmd(
+        *args,
+        script=script,
+        m=m,
+        image=image,
+        name=name,
+        h=h,
+        j=j,
+        env=env,
+        max_retries=max_retries,
+        mounts=mounts,
+        debug=debug,
+    )
 
 
 def _looks_like_script(arg: str) -> bool:

@@ -23,8 +23,9 @@ class PredictionGatherer:
         self._rows: list[torch.Tensor] = []
         self.predictions: torch.Tensor | None = None  # after compute(): probabilities in row order, if rows were given
 
-    def update(self, logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor,
-               rows: torch.Tensor | None = None) -> None:
+    def update(
+        self, logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor, rows: torch.Tensor | None = None
+    ) -> None:
         self._probs.append(torch.sigmoid(logits.detach().float().flatten()))
         self._labels.append(labels.detach().float().flatten())
         self._weights.append(weights.to(logits.device).float().flatten())

@@ -27,7 +27,7 @@ def of_split(record: dict, split: str) -> dict[str, Any]:
     """``{name: value}`` of one split's ``eval/<split>/<name>`` entries of a record (an event, or a summary's
     ``final``)."""
     prefix = f"eval/{split}/"
-    return {k[len(prefix):]: v for k, v in (record or {}).items() if k.startswith(prefix)}
+    return {k[len(prefix) :]: v for k, v in (record or {}).items() if k.startswith(prefix)}
 
 
 def splits_in(record: dict) -> list[str]:

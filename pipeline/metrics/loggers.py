@@ -100,8 +100,12 @@ class TensorBoardBackend:
         if self._writer is not None:
             self._writer.close()
         # Event file names carry the time in seconds: the suffix keeps two files of one second apart.
-        self._writer = SummaryWriter(logdir=str(self.log_dir), purge_step=purge_step, flush_secs=self.flush_secs,
-                                     filename_suffix=f".{os.getpid()}.{next(_FILE_NUMBERS):06d}")
+        self._writer = SummaryWriter(
+            logdir=str(self.log_dir),
+            purge_step=purge_step,
+            flush_secs=self.flush_secs,
+            filename_suffix=f".{os.getpid()}.{next(_FILE_NUMBERS):06d}",
+        )
         return self._writer
 
     def log(self, record: dict) -> None:
@@ -171,8 +175,11 @@ class RunWriter:
         self.run_dir = run_dir
         self.enabled = enabled
         self._metrics = open(run_dir / "metrics.jsonl", "a") if enabled else None
-        self._backends = make_backends(logger_cfg.backends, run_dir, logger_cfg.tensorboard_step) \
-            if enabled and logger_cfg is not None else []
+        self._backends = (
+            make_backends(logger_cfg.backends, run_dir, logger_cfg.tensorboard_step)
+            if enabled and logger_cfg is not None
+            else []
+        )
 
     def event(self, record: dict) -> None:
         if self._metrics is not None:

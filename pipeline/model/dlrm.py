@@ -144,8 +144,15 @@ def pooled_values(kt: KeyedTensor, names: list[str], dim: int) -> torch.Tensor:
 _REORDERED_PAIRS: dict[tuple, torch.Tensor] = {}
 
 
-def pooled_for_dot(kt: KeyedTensor, names: list[str], dim: int, flat_pairs: torch.Tensor, pair_i: torch.Tensor,
-                   pair_j: torch.Tensor, padded: int) -> tuple[torch.Tensor, torch.Tensor]:
+def pooled_for_dot(
+    kt: KeyedTensor,
+    names: list[str],
+    dim: int,
+    flat_pairs: torch.Tensor,
+    pair_i: torch.Tensor,
+    pair_j: torch.Tensor,
+    padded: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The pooled embeddings as [B, F, D] in the collection's own key order (a view), and the pair
     indices of :class:`DotInteraction` (``flat_pairs``) for that order.
 
@@ -163,8 +170,12 @@ def pooled_for_dot(kt: KeyedTensor, names: list[str], dim: int, flat_pairs: torc
     cache_key = (tuple(keys), tuple(names), dim, padded, pair_i.numel(), str(pair_i.device))
     pairs = _REORDERED_PAIRS.get(cache_key)
     if pairs is None:
-        if kt.key_dim() != 1 or sorted(keys) != sorted(names) or values.shape[1] != len(names) * dim \
-                or any(n != dim for n in kt.length_per_key()):
+        if (
+            kt.key_dim() != 1
+            or sorted(keys) != sorted(names)
+            or values.shape[1] != len(names) * dim
+            or any(n != dim for n in kt.length_per_key())
+        ):
             return pooled_values(kt, names, dim), flat_pairs
         position = {k: p for p, k in enumerate(keys)}
         # Row of each vector in the stacked input: the dense vector first, then the pooled ones in kt order.
@@ -196,11 +207,13 @@ class DotInteraction(nn.Module):
         self.register_buffer("flat_pairs", i * self.padded + j, persistent=False)
         self.num_interactions = i.numel()
 
-    def forward(self, dense_features: torch.Tensor, sparse_features: torch.Tensor,
-                flat_pairs: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, dense_features: torch.Tensor, sparse_features: torch.Tensor, flat_pairs: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """``flat_pairs``: the pair indices for pooled vectors in another order (:func:`pooled_for_dot`)."""
-        return pairwise_dot(dense_features, sparse_features, self.flat_pairs if flat_pairs is None else flat_pairs,
-                            self.padded)
+        return pairwise_dot(
+            dense_features, sparse_features, self.flat_pairs if flat_pairs is None else flat_pairs, self.padded
+        )
 
 
 class FeatureMLPs(nn.Module):
@@ -221,7 +234,7 @@ class FeatureMLPs(nn.Module):
     def forward(self, pooled: torch.Tensor) -> torch.Tensor:
         x = pooled.transpose(0, 1)  # [F, B, D]
         last = len(self.weights) - 1
-        for k, (w, b) in enumerate(zip(self.weights, self.biases)):
+        for k, (w, b) in enumerate(zip(self.weights, self.biases, strict=True)):
             x = torch.baddbmm(b, x, w)
             if k < last:
                 x = torch.relu(x)
@@ -232,31 +245,47 @@ class DLRM(TorchRecDLRM):
     """TorchRec's DLRM with a choice of interaction, an optional self-interaction and optional
     per-feature MLPs on the pooled embeddings."""
 
-    def __init__(self, embedding_bag_collection: EmbeddingBagCollection, dense_in_features: int,
-                 dense_arch_layer_sizes: list[int], over_arch_layer_sizes: list[int],
-                 self_interaction: bool = False, interaction: Interaction = Interaction.dot,
-                 sparse_arch_layer_sizes: list[int] | None = None, dcn_num_layers: int = 3,
-                 dcn_low_rank_dim: int = 64, projection_layer_sizes: tuple[list[int], list[int]] | None = None,
-                 dense_device: torch.device | None = None) -> None:
-        super().__init__(embedding_bag_collection, dense_in_features, dense_arch_layer_sizes,
-                         over_arch_layer_sizes, dense_device)
+    def __init__(
+        self,
+        embedding_bag_collection: EmbeddingBagCollection,
+        dense_in_features: int,
+        dense_arch_layer_sizes: list[int],
+        over_arch_layer_sizes: list[int],
+        self_interaction: bool = False,
+        interaction: Interaction = Interaction.dot,
+        sparse_arch_layer_sizes: list[int] | None = None,
+        dcn_num_layers: int = 3,
+        dcn_low_rank_dim: int = 64,
+        projection_layer_sizes: tuple[list[int], list[int]] | None = None,
+        dense_device: torch.device | None = None,
+    ) -> None:
+        super().__init__(
+            embedding_bag_collection, dense_in_features, dense_arch_layer_sizes, over_arch_layer_sizes, dense_device
+        )
         num_sparse = len(self.sparse_arch.sparse_feature_names)
         d = dense_arch_layer_sizes[-1]
-        self.sparse_mlp = (FeatureMLPs(num_sparse, self.sparse_arch.D, list(sparse_arch_layer_sizes))
-                           if sparse_arch_layer_sizes else None)
+        self.sparse_mlp = (
+            FeatureMLPs(num_sparse, self.sparse_arch.D, list(sparse_arch_layer_sizes))
+            if sparse_arch_layer_sizes
+            else None
+        )
         if interaction == Interaction.dot:  # TorchRec's InteractionArch's layout, with an optional diagonal
             self.inter_arch = DotInteraction(num_sparse, self_interaction=self_interaction)
             top_in = d + self.inter_arch.num_interactions
         elif interaction == Interaction.dcn:
-            crossnet = LowRankCrossNet(in_features=(num_sparse + 1) * d, num_layers=dcn_num_layers,
-                                       low_rank=dcn_low_rank_dim)
+            crossnet = LowRankCrossNet(
+                in_features=(num_sparse + 1) * d, num_layers=dcn_num_layers, low_rank=dcn_low_rank_dim
+            )
             self.inter_arch = InteractionDCNArch(num_sparse, crossnet)
             top_in = (num_sparse + 1) * d
         elif interaction == Interaction.projection:
             branch1, branch2 = projection_layer_sizes
             in_features = (num_sparse + 1) * d
-            self.inter_arch = InteractionProjectionArch(num_sparse, DenseArch(in_features, list(branch1), dense_device),
-                                                        DenseArch(in_features, list(branch2), dense_device))
+            self.inter_arch = InteractionProjectionArch(
+                num_sparse,
+                DenseArch(in_features, list(branch1), dense_device),
+                DenseArch(in_features, list(branch2), dense_device),
+            )
             top_in = d + (branch1[-1] // d) * (branch2[-1] // d)
         else:
             raise ValueError(f"unknown interaction {interaction!r}")
@@ -269,13 +298,15 @@ class DLRM(TorchRecDLRM):
         if self.sparse_mlp is None and isinstance(self.inter_arch, DotInteraction):
             # Whatever order the (sharded) collection returns the features in: no copy to reorder them.
             inter = self.inter_arch
-            pooled, flat_pairs = pooled_for_dot(kt, names, dim, inter.flat_pairs, inter.pair_i, inter.pair_j,
-                                                inter.padded)
+            pooled, flat_pairs = pooled_for_dot(
+                kt, names, dim, inter.flat_pairs, inter.pair_i, inter.pair_j, inter.padded
+            )
             return self.forward_pooled(dense_features, pooled, flat_pairs)
         return self.forward_pooled(dense_features, pooled_values(kt, names, dim))
 
-    def forward_pooled(self, dense_features: torch.Tensor, pooled: torch.Tensor,
-                       flat_pairs: torch.Tensor | None = None) -> torch.Tensor:
+    def forward_pooled(
+        self, dense_features: torch.Tensor, pooled: torch.Tensor, flat_pairs: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Logits [B, 1] from the dense features [B, I] and the pooled embeddings [B, F, D] (in feature
         order, or in the order ``flat_pairs`` of the dot interaction was made for)."""
         if self.sparse_mlp is not None:
@@ -299,7 +330,9 @@ class MatrixFactorization(nn.Module):
         super().__init__()
         self.sparse_arch = SparseArch(embedding_bag_collection)
         if len(self.sparse_arch.sparse_feature_names) != 2:
-            raise ValueError(f"matrix factorisation needs exactly two tables, got {self.sparse_arch.sparse_feature_names}")
+            raise ValueError(
+                f"matrix factorisation needs exactly two tables, got {self.sparse_arch.sparse_feature_names}"
+            )
         self.bias = nn.Parameter(torch.zeros(1))
 
     def forward(self, dense_features: torch.Tensor, sparse_features: KeyedJaggedTensor) -> torch.Tensor:
@@ -312,31 +345,40 @@ class MatrixFactorization(nn.Module):
         return []
 
 
-def table_configs(cfg: ModelConfig, num_embeddings_per_feature: list[int],
-                  feature_names: list[str] = SPARSE_FEATURE_NAMES) -> list[EmbeddingBagConfig]:
+def table_configs(
+    cfg: ModelConfig, num_embeddings_per_feature: list[int], feature_names: list[str] = SPARSE_FEATURE_NAMES
+) -> list[EmbeddingBagConfig]:
     """One table per categorical feature, sized from the dataset's manifest (for ``mf``, the user's
     and the item's only)."""
     if len(num_embeddings_per_feature) != len(feature_names):
         raise ValueError(f"expected {len(feature_names)} table sizes, got {len(num_embeddings_per_feature)}")
-    sizes = dict(zip(feature_names, num_embeddings_per_feature))
+    sizes = dict(zip(feature_names, num_embeddings_per_feature, strict=True))
     if cfg.name == ModelName.mf:
         for key in ("user_feature", "item_feature"):
             if getattr(cfg, key) not in sizes:
-                raise ValueError(f"model.{key}={getattr(cfg, key)!r} is not one of the data's sparse features "
-                                 f"{feature_names}")
+                raise ValueError(
+                    f"model.{key}={getattr(cfg, key)!r} is not one of the data's sparse features {feature_names}"
+                )
         feature_names = [cfg.user_feature, cfg.item_feature]
-    return [EmbeddingBagConfig(name=f"t_{feature}", embedding_dim=cfg.embedding_dim, num_embeddings=sizes[feature],
-                               feature_names=[feature])
-            for feature in feature_names]
+    return [
+        EmbeddingBagConfig(
+            name=f"t_{feature}", embedding_dim=cfg.embedding_dim, num_embeddings=sizes[feature], feature_names=[feature]
+        )
+        for feature in feature_names
+    ]
 
 
-def build_model(cfg: ModelConfig, num_embeddings_per_feature: list[int],
-                feature_names: list[str] = SPARSE_FEATURE_NAMES,
-                num_dense_features: int = NUM_DENSE_FEATURES) -> DLRMTrain:
+def build_model(
+    cfg: ModelConfig,
+    num_embeddings_per_feature: list[int],
+    feature_names: list[str] = SPARSE_FEATURE_NAMES,
+    num_dense_features: int = NUM_DENSE_FEATURES,
+) -> DLRMTrain:
     """The configured model + BCE loss; tables on the meta device (placed and sharded later by DMP),
     the dense part on CPU."""
-    ebc = EmbeddingBagCollection(tables=table_configs(cfg, num_embeddings_per_feature, list(feature_names)),
-                                 device=torch.device("meta"))
+    ebc = EmbeddingBagCollection(
+        tables=table_configs(cfg, num_embeddings_per_feature, list(feature_names)), device=torch.device("meta")
+    )
     if cfg.name == ModelName.mf:
         return DLRMTrain(MatrixFactorization(ebc))
     dlrm = DLRM(

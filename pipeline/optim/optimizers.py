@@ -35,5 +35,6 @@ def dense_optimizer_factory(cfg: OptimizerConfig):
         return lambda params: torch.optim.SGD(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     if cfg.dense == DenseOptimizer.adagrad:
         return lambda params: torch.optim.Adagrad(params, lr=cfg.lr, eps=cfg.eps, weight_decay=cfg.weight_decay)
-    return lambda params: torch.optim.Adam(params, lr=cfg.lr, eps=cfg.eps, betas=tuple(cfg.betas),
-                                           weight_decay=cfg.weight_decay)
+    return lambda params: torch.optim.Adam(
+        params, lr=cfg.lr, eps=cfg.eps, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay
+    )

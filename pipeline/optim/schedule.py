@@ -65,16 +65,21 @@ class Schedule:
         if self.decay != LrDecay.linear:
             decay = "no decay"
         elif self.decay_period:
-            decay = (f"linear decay of the MLPs' rate from step {self.decay_start_step} of each {self.decay_period}-step "
-                     f"epoch to {self.final_lr_fraction:g} x lr at its end (the tables restart each epoch)")
+            decay = (
+                f"linear decay of the MLPs' rate from step {self.decay_start_step} of each {self.decay_period}-step "
+                f"epoch to {self.final_lr_fraction:g} x lr at its end (the tables restart each epoch)"
+            )
         else:
-            decay = (f"linear decay from step {max(self.warmup_steps, self.decay_start_step)} to "
-                     f"{self.final_lr_fraction:g} x lr at step {self.total_steps}")
+            decay = (
+                f"linear decay from step {max(self.warmup_steps, self.decay_start_step)} to "
+                f"{self.final_lr_fraction:g} x lr at step {self.total_steps}"
+            )
         return f"warm-up {self.warmup_steps} of {self.total_steps} steps, {decay}"
 
 
-def resolve_schedule(cfg: OptimizerConfig, total_steps: int,
-                     epoch_steps: int | None = None) -> tuple[Schedule, list[str]]:
+def resolve_schedule(
+    cfg: OptimizerConfig, total_steps: int, epoch_steps: int | None = None
+) -> tuple[Schedule, list[str]]:
     """The schedule of a run of ``total_steps`` steps, and a warning per configured value the run does not fit.
 
     Fractions are rounded to whole steps; absolute steps beyond the run are clipped to it. ``epoch_steps``
@@ -85,9 +90,11 @@ def resolve_schedule(cfg: OptimizerConfig, total_steps: int,
     if cfg.warmup_steps is not None:
         warmup = cfg.warmup_steps
         if warmup > total_steps:
-            warnings.append(f"optimizer.warmup_steps={warmup} exceeds this run's {total_steps} steps: warming up over "
-                            f"{total_steps} (the learning rate reaches its nominal value only at the last step); "
-                            f"optimizer.warmup_fraction sizes warm-up to the run")
+            warnings.append(
+                f"optimizer.warmup_steps={warmup} exceeds this run's {total_steps} steps: warming up over "
+                f"{total_steps} (the learning rate reaches its nominal value only at the last step); "
+                f"optimizer.warmup_fraction sizes warm-up to the run"
+            )
             warmup = total_steps
     else:
         warmup = round(cfg.warmup_fraction * total_steps)
@@ -95,13 +102,22 @@ def resolve_schedule(cfg: OptimizerConfig, total_steps: int,
     if cfg.decay_start_step is not None:
         start = cfg.decay_start_step
         if cfg.decay == LrDecay.linear and start >= total_steps:
-            warnings.append(f"optimizer.decay_start_step={start} is not before this run's last step ({total_steps}): "
-                            "the learning rate does not decay; optimizer.decay_start sizes it to the run")
+            warnings.append(
+                f"optimizer.decay_start_step={start} is not before this run's last step ({total_steps}): "
+                "the learning rate does not decay; optimizer.decay_start sizes it to the run"
+            )
             start = total_steps
     else:
         start = int(cfg.decay_start * (period or total_steps))
-    return Schedule(total_steps, warmup, cfg.decay, start, cfg.final_lr_fraction, decay_tables=epoch_steps is None,
-                    decay_period=period), warnings
+    return Schedule(
+        total_steps,
+        warmup,
+        cfg.decay,
+        start,
+        cfg.final_lr_fraction,
+        decay_tables=epoch_steps is None,
+        decay_period=period,
+    ), warnings
 
 
 def lr_scheduler(optimizer: torch.optim.Optimizer, schedule: Schedule, num_table_groups: int = 0) -> LambdaLR:

@@ -68,8 +68,12 @@ ROOT = Path(__file__).resolve().parents[2]  # a checkout's root: relative data p
 
 
 # -- the model ------------------------------------------------------------------------------------
-def build_dlrm(model_cfg: dict | ModelConfig, num_embeddings_per_feature: list[int],
-               feature_names: list[str] | None = None, num_dense_features: int | None = None) -> torch.nn.Module:
+def build_dlrm(
+    model_cfg: dict | ModelConfig,
+    num_embeddings_per_feature: list[int],
+    feature_names: list[str] | None = None,
+    num_dense_features: int | None = None,
+) -> torch.nn.Module:
     """The training architecture (``pipeline.model.dlrm.build_model``) as a plain CPU module, without
     the loss wrapper; table weights are allocated but not initialised (a checkpoint fills them).
 
@@ -78,10 +82,12 @@ def build_dlrm(model_cfg: dict | ModelConfig, num_embeddings_per_feature: list[i
     from pipeline.model.dlrm import build_model
 
     cfg = model_cfg if isinstance(model_cfg, ModelConfig) else ModelConfig(**model_cfg)
-    dlrm = build_model(cfg, list(num_embeddings_per_feature),  # tables on the meta device, MLPs on CPU
-                       feature_names=list(feature_names if feature_names is not None else CRITEO.feature_names),
-                       num_dense_features=CRITEO.num_dense if num_dense_features is None else num_dense_features,
-                       ).model
+    dlrm = build_model(
+        cfg,
+        list(num_embeddings_per_feature),  # tables on the meta device, MLPs on CPU
+        feature_names=list(feature_names if feature_names is not None else CRITEO.feature_names),
+        num_dense_features=CRITEO.num_dense if num_dense_features is None else num_dense_features,
+    ).model
     ebc = dlrm.sparse_arch.embedding_bag_collection
     ebc.to_empty(device=torch.device("cpu"))  # no random init of tables about to be overwritten
     ebc._device = torch.device("cpu")  # noqa: SLF001 - EBC records its construction device (meta)
@@ -108,8 +114,10 @@ def find_checkpoint(path: str | Path, which: str = "best") -> Path:
                 found = ckpt.latest_checkpoint(root, pointer)
                 if found is not None:
                     return found
-    raise ExportError(f"no checkpoint at {path}: expected a step_<N> folder ({ckpt.META} + .metadata), a checkpoints "
-                      f"folder with '{ckpt.LATEST}', or a run folder with checkpoints/{ckpt.LATEST}")
+    raise ExportError(
+        f"no checkpoint at {path}: expected a step_<N> folder ({ckpt.META} + .metadata), a checkpoints "
+        f"folder with '{ckpt.LATEST}', or a run folder with checkpoints/{ckpt.LATEST}"
+    )
 
 
 def read_weights(path: Path, meta: dict, dlrm: torch.nn.Module) -> None:
@@ -133,12 +141,14 @@ def read_weights(path: Path, meta: dict, dlrm: torch.nn.Module) -> None:
             problems.append(f"  not a tensor (refusing to unpickle it)  {CHECKPOINT_PREFIX + key}")
         elif list(entry.size) != list(tensor.shape):
             problems.append(f"  shape differs  {key}: checkpoint {list(entry.size)} vs model {list(tensor.shape)}")
-    extra = sorted(k for k in meta.get("shapes", {})
-                   if k.startswith("model.") and k[len(CHECKPOINT_PREFIX):] not in own)
+    extra = sorted(
+        k for k in meta.get("shapes", {}) if k.startswith("model.") and k[len(CHECKPOINT_PREFIX) :] not in own
+    )
     problems += [f"  not in the model  {k}" for k in extra]
     if problems:
-        raise ExportError(f"checkpoint {path} does not fit the model its config describes:\n"
-                          + "\n".join(problems[:40]))
+        raise ExportError(
+            f"checkpoint {path} does not fit the model its config describes:\n" + "\n".join(problems[:40])
+        )
     target = {CHECKPOINT_PREFIX + k: v for k, v in own.items()}
     try:
         load_tensors(path, target, no_dist=True)  # in place, no process group
@@ -170,16 +180,21 @@ def _dense_mins(processed: Path) -> list[dict]:
     out = []
     for done in sorted((processed / "parts").glob("*/done.json")):
         record = json.loads(done.read_text())
-        out.append({"source": record["source"]["path"],
-                    "splits": [s for s, v in record["splits"].items() if v["num_rows"] > 0],
-                    "dense_min": record.get("dense_min")})
+        out.append(
+            {
+                "source": record["source"]["path"],
+                "splits": [s for s, v in record["splits"].items() if v["num_rows"] > 0],
+                "dense_min": record.get("dense_min"),
+            }
+        )
     return out
 
 
 def _differ(sizes: list[int], table_sizes: dict[str, int], feature_names: tuple[str, ...]) -> bool:
     """True when a feature with a table in the checkpoint has another size in ``sizes``."""
     return len(sizes) != len(feature_names) or any(
-        f in table_sizes and table_sizes[f] != n for f, n in zip(feature_names, sizes, strict=True))
+        f in table_sizes and table_sizes[f] != n for f, n in zip(feature_names, sizes, strict=True)
+    )
 
 
 def input_spec(data: dict, processed: Path | None, table_sizes: dict[str, int]) -> tuple[dict, list[int]]:
@@ -211,16 +226,20 @@ def input_spec(data: dict, processed: Path | None, table_sizes: dict[str, int]) 
     manifest_sizes = None
     if have_data:
         if manifest.schema != schema:
-            raise ExportError(f"{processed / 'manifest.json'} records the columns {manifest.schema.to_dict()}, "
-                              f"the checkpoint's config declares {schema.to_dict()}: the data was preprocessed again "
-                              "with other settings since training (use --processed-dir to point at the data the "
-                              "model was trained on)")
+            raise ExportError(
+                f"{processed / 'manifest.json'} records the columns {manifest.schema.to_dict()}, "
+                f"the checkpoint's config declares {schema.to_dict()}: the data was preprocessed again "
+                "with other settings since training (use --processed-dir to point at the data the "
+                "model was trained on)"
+            )
         manifest_sizes = ft.table_sizes(manifest, processed, min_frequency)
         if _differ(manifest_sizes, table_sizes, schema.feature_names):
-            raise ExportError(f"{processed / 'manifest.json'} gives table sizes {manifest_sizes} (with "
-                              f"data.min_id_frequency={min_frequency}), the checkpoint holds {held}: the data "
-                              "was preprocessed again with other settings since training (use --processed-dir to "
-                              "point at the data the model was trained on)")
+            raise ExportError(
+                f"{processed / 'manifest.json'} gives table sizes {manifest_sizes} (with "
+                f"data.min_id_frequency={min_frequency}), the checkpoint holds {held}: the data "
+                "was preprocessed again with other settings since training (use --processed-dir to "
+                "point at the data the model was trained on)"
+            )
     spec: dict[str, Any] = {
         "layout": schema.describe(),
         "dense_transform": transform.value,
@@ -228,7 +247,10 @@ def input_spec(data: dict, processed: Path | None, table_sizes: dict[str, int]) 
         "id_mode": id_mode.value,
         "caps": None,
         "min_id_frequency": min_frequency,
-        "reserved_ids": {"missing": ft.MISSING_ID, **({"rare_or_unseen": ft.RARE_ID} if id_mode == IdMode.vocab else {})},
+        "reserved_ids": {
+            "missing": ft.MISSING_ID,
+            **({"rare_or_unseen": ft.RARE_ID} if id_mode == IdMode.vocab else {}),
+        },
         "hash_formula": "1 + hash % (cap - 1)" if id_mode == IdMode.hash else None,
         "vocab": None,
         "dense_min": None,
@@ -238,21 +260,28 @@ def input_spec(data: dict, processed: Path | None, table_sizes: dict[str, int]) 
         train = [p["dense_min"] for p in parts if "train" in p["splits"] and p["dense_min"] is not None]
         spec["dense_min"] = {"train": min(train) if train else None, "parts": parts}
         if not train:
-            logger.warning("dense_transform=torchrec but the training file minimum is unknown (no %s): predict "
-                           "will need --dense-min input or an integer", processed / "parts" if processed else "data")
+            logger.warning(
+                "dense_transform=torchrec but the training file minimum is unknown (no %s): predict "
+                "will need --dense-min input or an integer",
+                processed / "parts" if processed else "data",
+            )
     if id_mode == IdMode.hash:
         caps = _hash_caps(data, manifest_sizes, len(schema.feature_names))
         if caps is None:
-            raise ExportError("id_mode=hash with caps chosen from the data (data.max_ids_per_feature=null) needs the "
-                              f"data's manifest (looked in {processed}): pass --processed-dir <the data.processed_dir "
-                              "the model was trained on>")
+            raise ExportError(
+                "id_mode=hash with caps chosen from the data (data.max_ids_per_feature=null) needs the "
+                f"data's manifest (looked in {processed}): pass --processed-dir <the data.processed_dir "
+                "the model was trained on>"
+            )
         spec["caps"] = caps
         if _differ(spec["caps"], table_sizes, schema.feature_names):
             raise ExportError(f"id_mode=hash caps {spec['caps']} differ from the checkpoint's table sizes {held}")
         return spec, list(spec["caps"])
     if not have_data or not (processed / VOCAB).is_file():
-        raise ExportError(f"id_mode=vocab needs the data's {VOCAB} (looked in {processed}): pass --processed-dir "
-                          "<the data.processed_dir the model was trained on>")
+        raise ExportError(
+            f"id_mode=vocab needs the data's {VOCAB} (looked in {processed}): pass --processed-dir "
+            "<the data.processed_dir the model was trained on>"
+        )
     src = processed / VOCAB
     marker = processed / "vocab.json"
     digest = _sha256(src)
@@ -263,8 +292,13 @@ def input_spec(data: dict, processed: Path | None, table_sizes: dict[str, int]) 
     if _differ(vocab_sizes, table_sizes, schema.feature_names):
         raise ExportError(f"{src} gives table sizes {vocab_sizes}, the checkpoint holds {held}")
     # The export's copy holds the values that own a row under data.min_id_frequency (the rest read as rare).
-    spec["vocab"] = {"file": VOCAB, "source": str(src), "source_sha256": digest, "min_id_frequency": min_frequency,
-                     "arrays": vocab}
+    spec["vocab"] = {
+        "file": VOCAB,
+        "source": str(src),
+        "source_sha256": digest,
+        "min_id_frequency": min_frequency,
+        "arrays": vocab,
+    }
     return spec, vocab_sizes
 
 
@@ -337,9 +371,15 @@ def _weights_format(requested: str) -> str:
     return "safetensors"
 
 
-def export(checkpoint: str | Path, out: str | Path, processed_dir: str | Path | None = None,
-           weights_format: str = "auto", dense_program: bool = True, quantize: str = "none",
-           which: str = "best") -> dict:
+def export(
+    checkpoint: str | Path,
+    out: str | Path,
+    processed_dir: str | Path | None = None,
+    weights_format: str = "auto",
+    dense_program: bool = True,
+    quantize: str = "none",
+    which: str = "best",
+) -> dict:
     """Export the checkpoint at ``checkpoint`` (see :func:`find_checkpoint`) into ``out``; returns export.json.
 
     Runs in one process and never initialises ``torch.distributed``. ``quantize="int8"`` stores the
@@ -363,8 +403,9 @@ def export(checkpoint: str | Path, out: str | Path, processed_dir: str | Path | 
         if key in shapes:
             table_sizes[f] = shapes[key][0]
     if not table_sizes:
-        raise ExportError(f"checkpoint {path} has none of the tables t_<feature> of the data's features "
-                          f"{list(schema.feature_names)}")
+        raise ExportError(
+            f"checkpoint {path} has none of the tables t_<feature> of the data's features {list(schema.feature_names)}"
+        )
     tables = [f"t_{f}" for f in table_sizes]
     out = Path(out)
     if out.exists() and any(out.iterdir()) and not (out / EXPORT_JSON).is_file():
@@ -393,45 +434,74 @@ def export(checkpoint: str | Path, out: str | Path, processed_dir: str | Path | 
     if dense_program:
         try:
             export_dense_program(dlrm, out / PROGRAM, schema.num_dense)
-            program = {"file": PROGRAM,
-                       "inputs": [f"dense_features [B, {schema.num_dense}] float32 (transformed)",
-                                  f"pooled_embeddings [B, {len(tables)}, {dlrm.sparse_arch.D}] float32 "
-                                  f"(tables {tables} in order)"],
-                       "output": "logits [B, 1]"}
+            program = {
+                "file": PROGRAM,
+                "inputs": [
+                    f"dense_features [B, {schema.num_dense}] float32 (transformed)",
+                    f"pooled_embeddings [B, {len(tables)}, {dlrm.sparse_arch.D}] float32 (tables {tables} in order)",
+                ],
+                "output": "logits [B, 1]",
+            }
         except Exception as e:  # noqa: BLE001 - optional artifact
-            logger.warning("torch.export of the dense part failed (%s: %s); the export has no %s",
-                           type(e).__name__, e, PROGRAM)
+            logger.warning(
+                "torch.export of the dense part failed (%s: %s); the export has no %s", type(e).__name__, e, PROGRAM
+            )
     import torchrec
 
     spec = {
         "format_version": FORMAT_VERSION if quantize == "int8" else 2,  # readers of format 2 load float exports
         "exported_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        "source": {"checkpoint": str(path.resolve()), "step": meta["train_state"]["step"],
-                   "saved_by_world_size": meta["world_size"], "saved_at": meta.get("saved_at")},
+        "source": {
+            "checkpoint": str(path.resolve()),
+            "step": meta["train_state"]["step"],
+            "saved_by_world_size": meta["world_size"],
+            "saved_at": meta.get("saved_at"),
+        },
         "model": dict(cfg["model"]),
         "top_in_features": getattr(dlrm, "top_in_features", None),  # DLRM only (matrix factorisation has no top MLP)
         "tables": tables,
         "schema": schema.to_dict(),
         "feature_names": list(schema.feature_names),  # the KJT keys, one per sparse column
         "num_embeddings_per_feature": sizes,  # per feature (the id mapping's); tables hold those in "tables"
-        "weights": {"file": weights.name, "format": fmt, "sha256": _sha256(weights),
-                    "num_tensors": len(state), "dtype": "float32", "table_format": table_format,
-                    "bytes": weights.stat().st_size,
-                    "parameters": sum(v.numel() for v in dlrm.state_dict().values())},
+        "weights": {
+            "file": weights.name,
+            "format": fmt,
+            "sha256": _sha256(weights),
+            "num_tensors": len(state),
+            "dtype": "float32",
+            "table_format": table_format,
+            "bytes": weights.stat().st_size,
+            "parameters": sum(v.numel() for v in dlrm.state_dict().values()),
+        },
         "input": spec_input,
-        "data": {"name": cfg["data"].get("name"), "processed_dir": str(processed), "split": cfg["data"].get("split"),
-                 "raw_dir": cfg["data"].get("raw_dir"), "raw_files": cfg["data"].get("raw_files")},
+        "data": {
+            "name": cfg["data"].get("name"),
+            "processed_dir": str(processed),
+            "split": cfg["data"].get("split"),
+            "raw_dir": cfg["data"].get("raw_dir"),
+            "raw_files": cfg["data"].get("raw_files"),
+        },
         "dense_program": program,
         "versions": {"torch": torch.__version__, "torchrec": getattr(torchrec, "__version__", "?")},
     }
     tmp = out / (EXPORT_JSON + ".tmp")
     tmp.write_text(json.dumps(spec, indent=2) + "\n")
     os.replace(tmp, out / EXPORT_JSON)
-    logger.info("exported %s (step %d, saved by %d rank(s)) -> %s in %.1fs: %s parameters, %s (%s tables, %.1f MiB), "
-                "id_mode=%s, dense=%s", path, spec["source"]["step"], meta["world_size"], out, time.perf_counter() - t0,
-                f"{spec['weights']['parameters']:,}", weights.name, table_format, weights.stat().st_size / 2**20,
-                spec_input["id_mode"],
-                spec_input["dense_transform"])
+    logger.info(
+        "exported %s (step %d, saved by %d rank(s)) -> %s in %.1fs: %s parameters, %s (%s tables, %.1f MiB), "
+        "id_mode=%s, dense=%s",
+        path,
+        spec["source"]["step"],
+        meta["world_size"],
+        out,
+        time.perf_counter() - t0,
+        f"{spec['weights']['parameters']:,}",
+        weights.name,
+        table_format,
+        weights.stat().st_size / 2**20,
+        spec_input["id_mode"],
+        spec_input["dense_transform"],
+    )
     return spec
 
 
@@ -464,15 +534,17 @@ class ExportedModel:
         caps = list(inp["caps"]) if inp.get("caps") else [NO_CAP] * len(sizes)
         mapper = IdMapper(IdMode(inp["id_mode"]), caps, self.vocab)
         if mapper.num_embeddings != sizes:
-            raise ExportError(f"{self.dir}: the id mapping gives table sizes {mapper.num_embeddings}, the weights "
-                              f"hold {sizes}")
+            raise ExportError(
+                f"{self.dir}: the id mapping gives table sizes {mapper.num_embeddings}, the weights hold {sizes}"
+            )
         return FeatureTransform(self.schema, DenseTransform(inp["dense_transform"]), sizes, mapper)
 
     @torch.inference_mode()
     def logits(self, dense: np.ndarray | torch.Tensor, ids: np.ndarray | torch.Tensor) -> torch.Tensor:
         """Logits [B] of transformed dense features [B, num_dense] float32 and table row ids [B, num_sparse]."""
-        dense = torch.as_tensor(np.ascontiguousarray(dense) if isinstance(dense, np.ndarray) else dense,
-                                dtype=torch.float32)
+        dense = torch.as_tensor(
+            np.ascontiguousarray(dense) if isinstance(dense, np.ndarray) else dense, dtype=torch.float32
+        )
         return self.model(dense_features=dense, sparse_features=self.features.kjt(np.asarray(ids))).flatten()
 
     def predict(self, dense: np.ndarray | torch.Tensor, ids: np.ndarray | torch.Tensor) -> np.ndarray:
@@ -485,8 +557,10 @@ def _load_tensors(path: Path, fmt: str) -> dict[str, torch.Tensor]:
         try:
             from safetensors.torch import load_file
         except ImportError:
-            raise ExportError(f"{path} is safetensors, which is not installed here: pip install safetensors, or "
-                              "export again with --format torch") from None
+            raise ExportError(
+                f"{path} is safetensors, which is not installed here: pip install safetensors, or "
+                "export again with --format torch"
+            ) from None
         return load_file(str(path))
     # Memory-mapped: pages are read as rows are looked up, and the parameters use them in place (assign=True).
     return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -527,26 +601,52 @@ def load_exported(export_dir: str | Path) -> ExportedModel:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="./launch.sh export", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="./launch.sh export",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("checkpoint", help="a run folder, its checkpoints folder, or one step_<N>")
-    parser.add_argument("--checkpoint", dest="which", choices=("best", "latest"), default="best",
-                        help="in a run or checkpoints folder: the best checkpoint (the run's final metrics came from "
-                             "it; default) or the latest")
+    parser.add_argument(
+        "--checkpoint",
+        dest="which",
+        choices=("best", "latest"),
+        default="best",
+        help="in a run or checkpoints folder: the best checkpoint (the run's final metrics came from "
+        "it; default) or the latest",
+    )
     parser.add_argument("--out", required=True, help="export folder (new, empty, or an earlier export)")
-    parser.add_argument("--processed-dir", default=None,
-                        help="the preprocessed data the model was trained on (default: data.processed_dir from the "
-                             "checkpoint's config); needed for vocab.npz and the torchrec transform's file minimums")
-    parser.add_argument("--format", choices=("auto", "safetensors", "torch"), default="auto",
-                        help="weights file: safetensors when installed (auto), else a torch.save dict of tensors")
+    parser.add_argument(
+        "--processed-dir",
+        default=None,
+        help="the preprocessed data the model was trained on (default: data.processed_dir from the "
+        "checkpoint's config); needed for vocab.npz and the torchrec transform's file minimums",
+    )
+    parser.add_argument(
+        "--format",
+        choices=("auto", "safetensors", "torch"),
+        default="auto",
+        help="weights file: safetensors when installed (auto), else a torch.save dict of tensors",
+    )
     parser.add_argument("--no-dense-program", action="store_true", help=f"skip the torch.export program ({PROGRAM})")
-    parser.add_argument("--quantize", choices=("none", "int8"), default="none",
-                        help="int8: tables stored int8 row-wise (a quarter of the size; the dense part stays float32)")
+    parser.add_argument(
+        "--quantize",
+        choices=("none", "int8"),
+        default="none",
+        help="int8: tables stored int8 row-wise (a quarter of the size; the dense part stays float32)",
+    )
     args = parser.parse_args(argv)
     setup_logging()
     try:
-        export(args.checkpoint, args.out, args.processed_dir, args.format, not args.no_dense_program, args.quantize,
-               which=args.which)
+        export(
+            args.checkpoint,
+            args.out,
+            args.processed_dir,
+            args.format,
+            not args.no_dense_program,
+            args.quantize,
+            which=args.which,
+        )
     except ExportError as e:
         logger.error("%s", e)
         return 1

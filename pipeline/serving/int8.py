@@ -22,7 +22,8 @@ def quantize_tables(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     for key, value in state.items():
         if _is_table_weight(key):
             out[key[: -len("weight")] + INT8_KEY] = torch.ops.quantized.embedding_bag_byte_prepack(
-                value.detach().float().contiguous())
+                value.detach().float().contiguous()
+            )
         else:
             out[key] = value
     return out
@@ -53,11 +54,24 @@ class Int8EmbeddingBagCollection(torch.nn.Module):
         for feature, table, _ in self.lookups:
             jt = per_feature[feature]
             indices = jt.values()
-            pooled.append(torch.ops.quantized.embedding_bag_byte_rowwise_offsets(
-                getattr(self.embedding_bags[table], INT8_KEY), indices, jt.offsets().to(indices.dtype),
-                False, 0, False, jt.weights_or_none(), None, True))  # sum pooling; offsets end with the total
-        return KeyedTensor(keys=[f for f, _, _ in self.lookups], length_per_key=[d for _, _, d in self.lookups],
-                           values=torch.cat(pooled, dim=1))
+            pooled.append(
+                torch.ops.quantized.embedding_bag_byte_rowwise_offsets(
+                    getattr(self.embedding_bags[table], INT8_KEY),
+                    indices,
+                    jt.offsets().to(indices.dtype),
+                    False,
+                    0,
+                    False,
+                    jt.weights_or_none(),
+                    None,
+                    True,
+                )
+            )  # sum pooling; offsets end with the total
+        return KeyedTensor(
+            keys=[f for f, _, _ in self.lookups],
+            length_per_key=[d for _, _, d in self.lookups],
+            values=torch.cat(pooled, dim=1),
+        )
 
 
 def use_int8_tables(dlrm: torch.nn.Module) -> torch.nn.Module:

@@ -90,15 +90,19 @@ def detect_labelled(path: str | Path, max_lines: int = 1000, schema: Schema = CR
         if fields == num_fields - 1:
             return False
         seen.append(fields)
-    named = ", ".join(c[0] if len(c) == 1 else f"{c[0]}..{c[-1]}"
-                      for c in (schema.dense_columns, schema.sparse_columns) if c)
-    raise PredictError(f"{path}: no line among the first {len(seen)} has {num_fields} tab-separated fields (label, "
-                       f"{named}) or {num_fields - 1} (no label); the first has {seen[0] if seen else 0}. "
-                       "--layout labelled|unlabelled forces one")
+    named = ", ".join(
+        c[0] if len(c) == 1 else f"{c[0]}..{c[-1]}" for c in (schema.dense_columns, schema.sparse_columns) if c
+    )
+    raise PredictError(
+        f"{path}: no line among the first {len(seen)} has {num_fields} tab-separated fields (label, "
+        f"{named}) or {num_fields - 1} (no label); the first has {seen[0] if seen else 0}. "
+        "--layout labelled|unlabelled forces one"
+    )
 
 
-def resolve_dense_min(model: ExportedModel, choice: str, path: str | Path, labelled: bool,
-                      block_size_mb: float, bad_rows: str) -> int | None:
+def resolve_dense_min(
+    model: ExportedModel, choice: str, path: str | Path, labelled: bool, block_size_mb: float, bad_rows: str
+) -> int | None:
     """The minimum for the torchrec dense transform (None for log1p).
 
     ``train``: the minimum of the training file(s) preprocessing used (recorded at export);
@@ -113,9 +117,11 @@ def resolve_dense_min(model: ExportedModel, choice: str, path: str | Path, label
     if choice == "train":
         recorded = (inp.get("dense_min") or {}).get("train")
         if recorded is None:
-            raise PredictError(f"{model.dir}: dense_transform=torchrec needs the training file minimum, which the "
-                               "export does not record (its processed data was not found at export time): pass "
-                               "--dense-min input (the input file's minimum) or --dense-min <integer>")
+            raise PredictError(
+                f"{model.dir}: dense_transform=torchrec needs the training file minimum, which the "
+                "export does not record (its processed data was not found at export time): pass "
+                "--dense-min input (the input file's minimum) or --dense-min <integer>"
+            )
         return int(recorded)
     try:
         return int(choice)
@@ -130,10 +136,18 @@ def _score(model: ExportedModel, dense: np.ndarray, ids: np.ndarray, batch_size:
     return out
 
 
-def predict_raw(model: ExportedModel, path: str | Path, labelled: bool, *, batch_size: int = DEFAULT_BATCH,
-                block_size_mb: float = 8, bad_rows: str = "error", dense_min: int | None = None,
-                counter: BadRows | None = None, result: PredictResult | None = None
-                ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+def predict_raw(
+    model: ExportedModel,
+    path: str | Path,
+    labelled: bool,
+    *,
+    batch_size: int = DEFAULT_BATCH,
+    block_size_mb: float = 8,
+    bad_rows: str = "error",
+    dense_min: int | None = None,
+    counter: BadRows | None = None,
+    result: PredictResult | None = None,
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Stream (probabilities float32, labels int8) for consecutive lines of a raw file.
 
     One value per input line, in order: a malformed line skipped under ``bad_rows=skip`` gives NaN
@@ -171,8 +185,9 @@ def predict_raw(model: ExportedModel, path: str | Path, labelled: bool, *, batch
 
 
 # -- preprocessed split -----------------------------------------------------------------------------
-def predict_split(model: ExportedModel, processed_dir: str | Path, split: str,
-                  batch_size: int = DEFAULT_BATCH) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+def predict_split(
+    model: ExportedModel, processed_dir: str | Path, split: str, batch_size: int = DEFAULT_BATCH
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Stream (probabilities, labels) over a preprocessed split, in row order.
 
     Raises:
@@ -191,8 +206,10 @@ def predict_split(model: ExportedModel, processed_dir: str | Path, split: str,
     if features.table_sizes != model.spec["num_embeddings_per_feature"]:
         differ["table sizes"] = (features.table_sizes, model.spec["num_embeddings_per_feature"])
     if differ:
-        raise PredictError(f"{processed_dir} was preprocessed with other settings than the model was trained on "
-                           f"(data vs model): {differ}; score the raw file with --input instead")
+        raise PredictError(
+            f"{processed_dir} was preprocessed with other settings than the model was trained on "
+            f"(data vs model): {differ}; score the raw file with --input instead"
+        )
     data = BinarySplit(processed_dir, split, manifest, features)
     for lo in range(0, len(data), batch_size):
         rows = np.arange(lo, min(lo + batch_size, len(data)))
@@ -237,9 +254,19 @@ class _Output:
             self.tmp.unlink(missing_ok=True)
 
 
-def run(model: ExportedModel, out: str, *, input_path: str | None = None, split: str | None = None,
-        processed_dir: str | None = None, layout: str = "auto", batch_size: int = DEFAULT_BATCH,
-        block_size_mb: float = 8, bad_rows: str = "error", dense_min: str = "train") -> PredictResult:
+def run(
+    model: ExportedModel,
+    out: str,
+    *,
+    input_path: str | None = None,
+    split: str | None = None,
+    processed_dir: str | None = None,
+    layout: str = "auto",
+    batch_size: int = DEFAULT_BATCH,
+    block_size_mb: float = 8,
+    bad_rows: str = "error",
+    dense_min: str = "train",
+) -> PredictResult:
     """Score ``input_path`` (raw) or ``split`` (preprocessed) into ``out``; see the module docstring."""
     from pipeline.metrics.functional import binary_metrics
 
@@ -250,8 +277,17 @@ def run(model: ExportedModel, out: str, *, input_path: str | None = None, split:
         labelled = detect_labelled(input_path, schema=model.schema) if layout == "auto" else layout == "labelled"
         result.labelled = labelled
         result.dense_min = resolve_dense_min(model, dense_min, input_path, labelled, block_size_mb, bad_rows)
-        stream = predict_raw(model, input_path, labelled, batch_size=batch_size, block_size_mb=block_size_mb,
-                             bad_rows=bad_rows, dense_min=result.dense_min, counter=counter, result=result)
+        stream = predict_raw(
+            model,
+            input_path,
+            labelled,
+            batch_size=batch_size,
+            block_size_mb=block_size_mb,
+            bad_rows=bad_rows,
+            dense_min=result.dense_min,
+            counter=counter,
+            result=result,
+        )
     else:
         result.labelled = True
         stream = predict_split(model, processed_dir or model.spec["data"]["processed_dir"], split, batch_size)
@@ -283,28 +319,47 @@ def run(model: ExportedModel, out: str, *, input_path: str | None = None, split:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="./launch.sh predict", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="./launch.sh predict",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--model", required=True, help="an export folder (./launch.sh export ... --out DIR)")
     src = parser.add_mutually_exclusive_group(required=True)
     src.add_argument("--input", help="raw TSV in the export's layout (plain or .gz), with or without the label column")
     src.add_argument("--split", choices=("train", "val", "test"), help="a split of preprocessed data instead")
     parser.add_argument("--out", required=True, help="predictions: .npy (float32) or text (one per line); - = stdout")
-    parser.add_argument("--processed-dir",
-                        help="--split: the preprocessed data (default: the export's data.processed_dir)")
-    parser.add_argument("--layout", choices=("auto", "labelled", "unlabelled"), default="auto",
-                        help="--input: with a label (Criteo: 40 fields) or without (39); auto = from the first line")
-    parser.add_argument("--bad-rows", choices=("error", "skip"), default="error",
-                        help="--input: stop at the first malformed line (naming it), or score it NaN and count it")
-    parser.add_argument("--dense-min", default="train",
-                        help="data.dense_transform=torchrec only: the minimum in log(x - min + 2): train (the training "
-                             "file's, recorded at export), input (the input file's own, TorchRec's per-file "
-                             "converter), or an integer")
+    parser.add_argument(
+        "--processed-dir", help="--split: the preprocessed data (default: the export's data.processed_dir)"
+    )
+    parser.add_argument(
+        "--layout",
+        choices=("auto", "labelled", "unlabelled"),
+        default="auto",
+        help="--input: with a label (Criteo: 40 fields) or without (39); auto = from the first line",
+    )
+    parser.add_argument(
+        "--bad-rows",
+        choices=("error", "skip"),
+        default="error",
+        help="--input: stop at the first malformed line (naming it), or score it NaN and count it",
+    )
+    parser.add_argument(
+        "--dense-min",
+        default="train",
+        help="data.dense_transform=torchrec only: the minimum in log(x - min + 2): train (the training "
+        "file's, recorded at export), input (the input file's own, TorchRec's per-file "
+        "converter), or an integer",
+    )
     parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH, help="rows per forward pass")
     parser.add_argument("--block-size-mb", type=float, default=8, help="--input: raw bytes parsed per block")
-    parser.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 1) - 1),
-                        help="torch intra-op threads (default: cores - 1, leaving one to the parser thread; more "
-                             "threads than free cores make OpenMP spin: 10k instead of 60k rows/s on 2 busy cores)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=max(1, (os.cpu_count() or 1) - 1),
+        help="torch intra-op threads (default: cores - 1, leaving one to the parser thread; more "
+        "threads than free cores make OpenMP spin: 10k instead of 60k rows/s on 2 busy cores)",
+    )
     parser.add_argument("--metrics-json", help="also write the run's summary (rows, bad rows, metrics) as JSON here")
     args = parser.parse_args(argv)
     setup_logging()
@@ -312,33 +367,68 @@ def main(argv: list[str] | None = None) -> int:
     try:
         t0 = time.perf_counter()
         model = load_exported(args.model)
-        logger.info("loaded %s (step %d, %s parameters) in %.1fs", args.model, model.spec["source"]["step"],
-                    f"{model.spec['weights']['parameters']:,}", time.perf_counter() - t0)
-        result = run(model, args.out, input_path=args.input, split=args.split, processed_dir=args.processed_dir,
-                     layout=args.layout, batch_size=args.batch_size, block_size_mb=args.block_size_mb,
-                     bad_rows=args.bad_rows, dense_min=args.dense_min)
+        logger.info(
+            "loaded %s (step %d, %s parameters) in %.1fs",
+            args.model,
+            model.spec["source"]["step"],
+            f"{model.spec['weights']['parameters']:,}",
+            time.perf_counter() - t0,
+        )
+        result = run(
+            model,
+            args.out,
+            input_path=args.input,
+            split=args.split,
+            processed_dir=args.processed_dir,
+            layout=args.layout,
+            batch_size=args.batch_size,
+            block_size_mb=args.block_size_mb,
+            bad_rows=args.bad_rows,
+            dense_min=args.dense_min,
+        )
     except RawDataError as e:
-        logger.error("%s", str(e).replace("data.bad_rows=skip drops and counts such rows",
-                                          "--bad-rows skip scores such rows NaN and counts them"))
+        logger.error(
+            "%s",
+            str(e).replace(
+                "data.bad_rows=skip drops and counts such rows", "--bad-rows skip scores such rows NaN and counts them"
+            ),
+        )
         return 1
     except (ExportError, PredictError, FileNotFoundError, KeyError) as e:
         logger.error("%s", e)
         return 1
     what = args.input or f"split {args.split}"
-    logger.info("scored %s rows of %s in %.1fs (%s rows/s) -> %s%s", f"{result.rows:,}", what, result.seconds,
-                f"{result.rows / max(result.seconds, 1e-9):,.0f}", args.out,
-                f"; {result.bad_rows['total']} malformed rows scored NaN {result.bad_rows['by_kind']}"
-                if result.bad_rows else "")
+    logger.info(
+        "scored %s rows of %s in %.1fs (%s rows/s) -> %s%s",
+        f"{result.rows:,}",
+        what,
+        result.seconds,
+        f"{result.rows / max(result.seconds, 1e-9):,.0f}",
+        args.out,
+        f"; {result.bad_rows['total']} malformed rows scored NaN {result.bad_rows['by_kind']}"
+        if result.bad_rows
+        else "",
+    )
     if result.dense_min is not None:
         logger.info("torchrec dense transform with min %d (--dense-min %s)", result.dense_min, args.dense_min)
     if result.nonfinite_dense_rows:
-        logger.warning("%d rows have an integer feature below min - 1 = %d, where log(x - min + 2) is -inf or NaN, "
-                       "and score NaN or garbage: --dense-min input uses this file's own minimum",
-                       result.nonfinite_dense_rows, result.dense_min - 1)
+        logger.warning(
+            "%d rows have an integer feature below min - 1 = %d, where log(x - min + 2) is -inf or NaN, "
+            "and score NaN or garbage: --dense-min input uses this file's own minimum",
+            result.nonfinite_dense_rows,
+            result.dense_min - 1,
+        )
     if result.metrics:
         m = result.metrics
-        logger.info("metrics: auc %.4f logloss %.4f ne %.4f acc %.4f calibration %.3f (%s labelled rows)", m["auc"],
-                    m["logloss"], m["normalized_entropy"], m["accuracy"], m["calibration"], f"{m['num_samples']:,}")
+        logger.info(
+            "metrics: auc %.4f logloss %.4f ne %.4f acc %.4f calibration %.3f (%s labelled rows)",
+            m["auc"],
+            m["logloss"],
+            m["normalized_entropy"],
+            m["accuracy"],
+            m["calibration"],
+            f"{m['num_samples']:,}",
+        )
     if args.metrics_json:
         Path(args.metrics_json).write_text(json.dumps(asdict(result), indent=2) + "\n")
     return 0

@@ -258,9 +258,7 @@ def probe_stack() -> None:
     from fbgemm_gpu.split_table_batched_embeddings_ops_common import ComputeDevice, EmbeddingLocation
     from fbgemm_gpu.split_table_batched_embeddings_ops_training import SplitTableBatchedEmbeddingBagsCodegen
 
-    tbe = SplitTableBatchedEmbeddingBagsCodegen(
-        embedding_specs=[(10, 4, EmbeddingLocation.HOST, ComputeDevice.CPU)]
-    )
+    tbe = SplitTableBatchedEmbeddingBagsCodegen(embedding_specs=[(10, 4, EmbeddingLocation.HOST, ComputeDevice.CPU)])
     pooled = tbe(torch.tensor([1, 2, 3], dtype=torch.int64), torch.tensor([0, 2, 3], dtype=torch.int64))
     if tuple(pooled.shape) != (2, 4):
         raise RuntimeError(f"CPU TBE forward returned shape {tuple(pooled.shape)}, expected (2, 4)")

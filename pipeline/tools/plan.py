@@ -20,10 +20,62 @@ from pipeline.distributed.planner import PlanDoesNotFit
 
 # Per-column row counts of the public datasets (TorchRec's and MLPerf's DLRM examples use the same).
 CARDINALITIES = {
-    "criteo_kaggle": [1460, 583, 10131227, 2202608, 305, 24, 12517, 633, 3, 93145, 5683, 8351593, 3194, 27, 14992,
-                      5461306, 10, 5652, 2173, 4, 7046547, 18, 15, 286181, 105, 142572],
-    "criteo_1tb": [45833188, 36746, 17245, 7413, 20243, 3, 7114, 1441, 62, 29275261, 1572176, 345138, 10, 2209,
-                   11267, 128, 4, 974, 14, 48937457, 11316796, 40094537, 452104, 12606, 104, 35],
+    "criteo_kaggle": [
+        1460,
+        583,
+        10131227,
+        2202608,
+        305,
+        24,
+        12517,
+        633,
+        3,
+        93145,
+        5683,
+        8351593,
+        3194,
+        27,
+        14992,
+        5461306,
+        10,
+        5652,
+        2173,
+        4,
+        7046547,
+        18,
+        15,
+        286181,
+        105,
+        142572,
+    ],
+    "criteo_1tb": [
+        45833188,
+        36746,
+        17245,
+        7413,
+        20243,
+        3,
+        7114,
+        1441,
+        62,
+        29275261,
+        1572176,
+        345138,
+        10,
+        2209,
+        11267,
+        128,
+        4,
+        974,
+        14,
+        48937457,
+        11316796,
+        40094537,
+        452104,
+        12606,
+        104,
+        35,
+    ],
 }
 GIB = 1024**3
 
@@ -45,9 +97,22 @@ DTYPE_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
 DEFAULT_HBM_GB = 80  # --device cuda on a machine without a GPU: an H100's
 
 
-def plan(nodes: int, devices_per_node: int, device: str, hbm_gb: float | None, ddr_gb: float | None, sizes: list[int],
-         dim: int, batch_size: int, optimizer: str, reservation: float, sharding_types: list[str] | None,
-         kernels: list[str] | None = None, dtype: str = "fp32", cache_load_factor: float | None = None) -> dict:
+def plan(
+    nodes: int,
+    devices_per_node: int,
+    device: str,
+    hbm_gb: float | None,
+    ddr_gb: float | None,
+    sizes: list[int],
+    dim: int,
+    batch_size: int,
+    optimizer: str,
+    reservation: float,
+    sharding_types: list[str] | None,
+    kernels: list[str] | None = None,
+    dtype: str = "fp32",
+    cache_load_factor: float | None = None,
+) -> dict:
     """Run the planner the training job runs (``pipeline.distributed.planner``) for another topology; return
     the per-table plan and per-rank memory. ``hbm_gb`` / ``ddr_gb`` None: this machine's (its GPU; its host
     memory available, shared by ``devices_per_node`` ranks).
@@ -66,31 +131,56 @@ def plan(nodes: int, devices_per_node: int, device: str, hbm_gb: float | None, d
 
     world = nodes * devices_per_node
     data_type = {"fp32": DataType.FP32, "fp16": DataType.FP16, "bf16": DataType.BF16}[dtype]
-    tables = [EmbeddingBagConfig(name=f"t_cat_{i}", embedding_dim=dim, num_embeddings=n, feature_names=[f"cat_{i}"],
-                                 data_type=data_type)
-              for i, n in enumerate(sizes)]
+    tables = [
+        EmbeddingBagConfig(
+            name=f"t_cat_{i}", embedding_dim=dim, num_embeddings=n, feature_names=[f"cat_{i}"], data_type=data_type
+        )
+        for i, n in enumerate(sizes)
+    ]
     ebc = EmbeddingBagCollection(tables=tables, device=torch.device("meta"))
-    opt = {"sgd": trec_optim.SGD, "row_wise_adagrad": trec_optim.RowWiseAdagrad, "adagrad": trec_optim.Adagrad,
-           "adam": trec_optim.Adam}[optimizer]
+    opt = {
+        "sgd": trec_optim.SGD,
+        "row_wise_adagrad": trec_optim.RowWiseAdagrad,
+        "adagrad": trec_optim.Adagrad,
+        "adam": trec_optim.Adam,
+    }[optimizer]
     apply_optimizer_in_backward(opt, ebc.parameters(), {"lr": 0.01})
-    detected = planner.detect_memory(torch.device("cuda" if device == "cuda" and torch.cuda.is_available() else "cpu"),
-                                     devices_per_node)
+    detected = planner.detect_memory(
+        torch.device("cuda" if device == "cuda" and torch.cuda.is_available() else "cpu"), devices_per_node
+    )
     given = []
     if device == "cuda":
         hbm = int(hbm_gb * GIB) if hbm_gb is not None else detected.hbm or DEFAULT_HBM_GB * GIB
-        given.append("HBM given" if hbm_gb is not None else "HBM of this machine's GPU" if detected.hbm
-                     else f"{DEFAULT_HBM_GB} GiB HBM (no GPU here; --hbm-gb to change)")
+        given.append(
+            "HBM given"
+            if hbm_gb is not None
+            else "HBM of this machine's GPU"
+            if detected.hbm
+            else f"{DEFAULT_HBM_GB} GiB HBM (no GPU here; --hbm-gb to change)"
+        )
     else:
         hbm = None
     ddr = int(ddr_gb * GIB) if ddr_gb is not None else detected.ddr
     given.append("host memory given" if ddr_gb is not None else f"host memory available here / {devices_per_node}")
     memory = planner.Memory(hbm, ddr, "; ".join(given))
-    sharding = ShardingConfig(sharding_types=list(sharding_types or []), compute_kernels=list(kernels or []),
-                              cache_load_factor=cache_load_factor)
+    sharding = ShardingConfig(
+        sharding_types=list(sharding_types or []),
+        compute_kernels=list(kernels or []),
+        cache_load_factor=cache_load_factor,
+    )
     constraints = planner.constraints_from_config(sharding, [t.name for t in tables], device)
-    req = planner.PlanRequest(world, devices_per_node, device, memory, batch_size, reservation, optimizer,
-                              cap_fix="--cap {cap}", other_fixes=("more devices (-j)", "--embedding-dtype fp16"),
-                              cache_fix="keep tables in host memory behind an HBM cache: --kernels fused,fused_uvm_caching")
+    req = planner.PlanRequest(
+        world,
+        devices_per_node,
+        device,
+        memory,
+        batch_size,
+        reservation,
+        optimizer,
+        cap_fix="--cap {cap}",
+        other_fixes=("more devices (-j)", "--embedding-dtype fp16"),
+        cache_fix="keep tables in host memory behind an HBM cache: --kernels fused,fused_uvm_caching",
+    )
     sharding_plan, best = planner.plan(ebc, req, constraints, kernels, collective=False)
     hbm_used = [0.0] * world
     ddr_used = [0.0] * world
@@ -101,11 +191,23 @@ def plan(nodes: int, devices_per_node: int, device: str, hbm_gb: float | None, d
     rows = []
     for module_plan in sharding_plan.plan.values():
         for table, ps in module_plan.items():  # type: ignore[union-attr]
-            rows.append({"table": table, "rows": sizes[int(table.rsplit("_", 1)[1])], "sharding": ps.sharding_type,
-                         "kernel": ps.compute_kernel, "ranks": sorted(set(ps.ranks or []))})
-    return {"world_size": world, "tables": rows, "hbm_gib": [h / GIB for h in hbm_used],
-            "ddr_gib": [d / GIB for d in ddr_used],
-            "capacity_gib": {"hbm": hbm / GIB if hbm else 0.0, "ddr": ddr / GIB}, "memory": memory.source}
+            rows.append(
+                {
+                    "table": table,
+                    "rows": sizes[int(table.rsplit("_", 1)[1])],
+                    "sharding": ps.sharding_type,
+                    "kernel": ps.compute_kernel,
+                    "ranks": sorted(set(ps.ranks or [])),
+                }
+            )
+    return {
+        "world_size": world,
+        "tables": rows,
+        "hbm_gib": [h / GIB for h in hbm_used],
+        "ddr_gib": [d / GIB for d in ddr_used],
+        "capacity_gib": {"hbm": hbm / GIB if hbm else 0.0, "ddr": ddr / GIB},
+        "memory": memory.source,
+    }
 
 
 def format_plan(result: dict) -> str:
@@ -115,22 +217,33 @@ def format_plan(result: dict) -> str:
         shown = f"{ranks[0]}-{ranks[-1]}" if len(ranks) > 3 and ranks == list(range(ranks[0], ranks[-1] + 1)) else ranks
         lines.append(f"{r['table']:10s} {r['rows']:>12,d}  {r['sharding']:18s} {r['kernel']:18s} {shown}")
     lines.append("")
-    lines.append(f"{'rank':>4s} {'HBM GiB':>9s} {'host GiB':>9s}   (capacity: HBM {result['capacity_gib']['hbm']:g}, "
-                 f"host {result['capacity_gib']['ddr']:g} per rank)")
+    lines.append(
+        f"{'rank':>4s} {'HBM GiB':>9s} {'host GiB':>9s}   (capacity: HBM {result['capacity_gib']['hbm']:g}, "
+        f"host {result['capacity_gib']['ddr']:g} per rank)"
+    )
     for rank, (h, d) in enumerate(zip(result["hbm_gib"], result["ddr_gib"], strict=True)):
         lines.append(f"{rank:>4d} {h:>9.2f} {d:>9.2f}")
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="./launch.sh plan", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="./launch.sh plan", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("-j", default="1x2", help="NODESxDEVICES, e.g. 2x8")
     p.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
-    p.add_argument("--hbm-gb", type=float, default=None,
-                   help=f"HBM per GPU; default this machine's GPU, else {DEFAULT_HBM_GB} (an H100)")
-    p.add_argument("--ddr-gb", type=float, default=None,
-                   help="host memory per rank; default the host memory available here / devices per node")
+    p.add_argument(
+        "--hbm-gb",
+        type=float,
+        default=None,
+        help=f"HBM per GPU; default this machine's GPU, else {DEFAULT_HBM_GB} (an H100)",
+    )
+    p.add_argument(
+        "--ddr-gb",
+        type=float,
+        default=None,
+        help="host memory per rank; default the host memory available here / devices per node",
+    )
     p.add_argument("--data", default="criteo_1tb", help="criteo_1tb, criteo_kaggle, or processed:<folder>")
     p.add_argument("--cap", type=int, default=None, help="cap on rows per table (e.g. 40000000)")
     p.add_argument("--embedding-dim", type=int, default=128)
@@ -138,11 +251,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--optimizer", default="row_wise_adagrad", choices=["sgd", "row_wise_adagrad", "adagrad", "adam"])
     p.add_argument("--storage-reservation", type=float, default=0.15)
     p.add_argument("--sharding-types", default=None, help="comma-separated allowed types, e.g. table_wise")
-    p.add_argument("--kernels", default=None,
-                   help="comma-separated allowed compute kernels, e.g. fused,fused_uvm_caching (GPU: tables that do "
-                        "not fit in HBM stay in host memory with an HBM cache)")
-    p.add_argument("--cache-load-factor", type=float, default=None,
-                   help="fused_uvm_caching: share of a table's rows cached in HBM (TorchRec's default 0.2)")
+    p.add_argument(
+        "--kernels",
+        default=None,
+        help="comma-separated allowed compute kernels, e.g. fused,fused_uvm_caching (GPU: tables that do "
+        "not fit in HBM stay in host memory with an HBM cache)",
+    )
+    p.add_argument(
+        "--cache-load-factor",
+        type=float,
+        default=None,
+        help="fused_uvm_caching: share of a table's rows cached in HBM (TorchRec's default 0.2)",
+    )
     p.add_argument("--embedding-dtype", choices=sorted(DTYPE_BYTES), default="fp32", help="stored table precision")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     a = p.parse_args(argv)
@@ -155,9 +275,22 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"-j {a.j}: expected NODESxDEVICES, e.g. 2x8")
     sizes = table_sizes(a.data, a.cap)
     try:
-        result = plan(nodes, devices, a.device, a.hbm_gb, a.ddr_gb, sizes, a.embedding_dim, a.batch_size, a.optimizer,
-                      a.storage_reservation, a.sharding_types.split(",") if a.sharding_types else None,
-                      a.kernels.split(",") if a.kernels else None, a.embedding_dtype, a.cache_load_factor)
+        result = plan(
+            nodes,
+            devices,
+            a.device,
+            a.hbm_gb,
+            a.ddr_gb,
+            sizes,
+            a.embedding_dim,
+            a.batch_size,
+            a.optimizer,
+            a.storage_reservation,
+            a.sharding_types.split(",") if a.sharding_types else None,
+            a.kernels.split(",") if a.kernels else None,
+            a.embedding_dtype,
+            a.cache_load_factor,
+        )
     except PlanDoesNotFit as e:
         print(f"plan refused: {e}", file=sys.stderr)
         return 1
@@ -166,10 +299,12 @@ def main(argv: list[str] | None = None) -> int:
     else:
         cap_gib = result["capacity_gib"]
         hbm_text = f"{cap_gib['hbm']:.3g} GiB HBM, " if a.device == "cuda" else ""
-        print(f"{nodes}x{devices} {a.device} ({hbm_text}{cap_gib['ddr']:.3g} GiB host per rank: {result['memory']}), "
-              f"{a.data}"
-              f"{f' capped at {a.cap:,}' if a.cap else ''}, dim {a.embedding_dim} {a.embedding_dtype}, {a.optimizer}, "
-              f"batch {a.batch_size}/rank\n")
+        print(
+            f"{nodes}x{devices} {a.device} ({hbm_text}{cap_gib['ddr']:.3g} GiB host per rank: {result['memory']}), "
+            f"{a.data}"
+            f"{f' capped at {a.cap:,}' if a.cap else ''}, dim {a.embedding_dim} {a.embedding_dtype}, {a.optimizer}, "
+            f"batch {a.batch_size}/rank\n"
+        )
         print(format_plan(result))
     return 0
 

@@ -143,8 +143,9 @@ def load_run(run_dir: str | Path) -> Run:
     if not metrics.is_file():
         raise FileNotFoundError(f"{run_dir}: no metrics.jsonl (not a run folder)")
     events = load_events(metrics)
-    run = Run(run_dir, train=[e for e in events if e["event"] == "train"],
-              evals=[e for e in events if e["event"] == "eval"])
+    run = Run(
+        run_dir, train=[e for e in events if e["event"] == "train"], evals=[e for e in events if e["event"] == "eval"]
+    )
     if (run_dir / "summary.json").is_file():
         try:
             run.summary = json.loads((run_dir / "summary.json").read_text())
@@ -225,25 +226,62 @@ def plot(runs: list[Run], path: Path) -> Path:
         color = f"C{i % 10}"
         if run.train:
             has_train = True
-            ax_loss.plot([e["samples"] for e in run.train], [e.get("train/loss", math.nan) for e in run.train],
-                         color=color, lw=1.0, alpha=0.55 if not single else 0.9,
-                         label="train loss (per log window)" if single else None)
+            ax_loss.plot(
+                [e["samples"] for e in run.train],
+                [e.get("train/loss", math.nan) for e in run.train],
+                color=color,
+                lw=1.0,
+                alpha=0.55 if not single else 0.9,
+                label="train loss (per log window)" if single else None,
+            )
         val = run.eval_points("val")
         if val:
             has_eval = True
             xs = [e["samples"] for e in val]
-            ax_auc.plot(xs, [e.get("eval/val/auc", math.nan) for e in val], color=color, lw=1.8, marker="o", ms=4,
-                        label="val" if single else None)
-            ax_loss.plot(xs, [e.get("eval/val/logloss", math.nan) for e in val], color=color, lw=1.8, marker="o",
-                         ms=4, label="val" if single else None)
+            ax_auc.plot(
+                xs,
+                [e.get("eval/val/auc", math.nan) for e in val],
+                color=color,
+                lw=1.8,
+                marker="o",
+                ms=4,
+                label="val" if single else None,
+            )
+            ax_loss.plot(
+                xs,
+                [e.get("eval/val/logloss", math.nan) for e in val],
+                color=color,
+                lw=1.8,
+                marker="o",
+                ms=4,
+                label="val" if single else None,
+            )
         test = run.eval_points("test")
         if test:
             has_eval = True
             last = test[-1]
-            ax_auc.plot([last["samples"]], [last.get("eval/test/auc", math.nan)], color=color, marker="s", ms=7,
-                        ls="none", mfc="white", mew=1.8, label="test (final)" if single else None)
-            ax_loss.plot([last["samples"]], [last.get("eval/test/logloss", math.nan)], color=color, marker="s", ms=7,
-                         ls="none", mfc="white", mew=1.8, label="test (final)" if single else None)
+            ax_auc.plot(
+                [last["samples"]],
+                [last.get("eval/test/auc", math.nan)],
+                color=color,
+                marker="s",
+                ms=7,
+                ls="none",
+                mfc="white",
+                mew=1.8,
+                label="test (final)" if single else None,
+            )
+            ax_loss.plot(
+                [last["samples"]],
+                [last.get("eval/test/logloss", math.nan)],
+                color=color,
+                marker="s",
+                ms=7,
+                ls="none",
+                mfc="white",
+                mew=1.8,
+                label="test (final)" if single else None,
+            )
     for i, run in enumerate(runs):  # after the curves, so the legend lists the runs first
         opt = (run.optimum or {}).get("val")
         color = f"C{i % 10}"
@@ -262,8 +300,9 @@ def plot(runs: list[Run], path: Path) -> Path:
     if not has_eval:
         ax_auc.text(0.5, 0.5, "no evaluation yet", ha="center", va="center", transform=ax_auc.transAxes, color="0.4")
     if not (has_eval or has_train):
-        ax_loss.text(0.5, 0.5, "no training events yet", ha="center", va="center", transform=ax_loss.transAxes,
-                     color="0.4")
+        ax_loss.text(
+            0.5, 0.5, "no training events yet", ha="center", va="center", transform=ax_loss.transAxes, color="0.4"
+        )
     gbs = {r.global_batch_size for r in runs}
     if len(gbs) == 1 and (g := gbs.pop()) and (has_eval or has_train):
         for ax in (ax_auc, ax_loss):
@@ -276,11 +315,16 @@ def plot(runs: list[Run], path: Path) -> Path:
                 ax.legend(fontsize="small", loc="best")
     else:
         # One colour per run (left), one line style per series (right).
-        ax_auc.legend(handles=[Line2D([], [], color=f"C{i % 10}", lw=1.8, label=r.label) for i, r in enumerate(runs)],
-                      fontsize="x-small", loc="best")
-        styles = [Line2D([], [], color="0.2", lw=1.0, alpha=0.6, label="train loss (per log window)"),
-                  Line2D([], [], color="0.2", lw=1.8, marker="o", ms=4, label="val"),
-                  Line2D([], [], color="0.2", marker="s", ms=7, ls="none", mfc="white", mew=1.8, label="test (final)")]
+        ax_auc.legend(
+            handles=[Line2D([], [], color=f"C{i % 10}", lw=1.8, label=r.label) for i, r in enumerate(runs)],
+            fontsize="x-small",
+            loc="best",
+        )
+        styles = [
+            Line2D([], [], color="0.2", lw=1.0, alpha=0.6, label="train loss (per log window)"),
+            Line2D([], [], color="0.2", lw=1.8, marker="o", ms=4, label="val"),
+            Line2D([], [], color="0.2", marker="s", ms=7, ls="none", mfc="white", mew=1.8, label="test (final)"),
+        ]
         if optima:
             styles.append(Line2D([], [], color="0.35", ls="--", lw=1.2, label="val optimum (Bayes)"))
         ax_loss.legend(handles=styles, fontsize="x-small", loc="best")
@@ -330,21 +374,32 @@ def _highlights(run: Run) -> list[str]:
     data_name = _get(c, "data.name") or s.get("data")
     if data_name:
         row_text = ", ".join(f"{_num(rows[k])} {k}" for k in ("train", "val", "test") if rows.get(k) is not None)
-        lines.append(f"**data**: {data_name}" + (f" ({row_text} rows)" if row_text else "")
-                     + (f", id_mode {_get(c, 'data.id_mode')}" if _get(c, "data.id_mode") else ""))
+        lines.append(
+            f"**data**: {data_name}"
+            + (f" ({row_text} rows)" if row_text else "")
+            + (f", id_mode {_get(c, 'data.id_mode')}" if _get(c, "data.id_mode") else "")
+        )
     if _get(c, "model"):
         m = c["model"]
-        lines.append(f"**model**: {m.get('name', 'dlrm')}, embedding_dim {m.get('embedding_dim')}, bottom MLP "
-                     f"{m.get('dense_arch_layer_sizes')}, top MLP {m.get('over_arch_layer_sizes')}"
-                     + (", self_interaction" if m.get("self_interaction") else ""))
+        lines.append(
+            f"**model**: {m.get('name', 'dlrm')}, embedding_dim {m.get('embedding_dim')}, bottom MLP "
+            f"{m.get('dense_arch_layer_sizes')}, top MLP {m.get('over_arch_layer_sizes')}"
+            + (", self_interaction" if m.get("self_interaction") else "")
+        )
     if _get(c, "optimizer"):
         o = c["optimizer"]
         emb_lr = o.get("embedding_lr")
-        lines.append(f"**optimizer**: {o.get('name')} (tables {o.get('embedding')}, MLPs {o.get('dense')}), lr "
-                     f"{o.get('lr')}" + (f", embedding_lr {emb_lr}" if emb_lr is not None else "")
-                     + (f"; {s['schedule']}" if s.get("schedule") else
-                        f", warmup {o.get('warmup_steps') if o.get('warmup_steps') is not None else o.get('warmup_fraction')}"
-                        f", decay {o.get('decay')}"))
+        lines.append(
+            f"**optimizer**: {o.get('name')} (tables {o.get('embedding')}, MLPs {o.get('dense')}), lr "
+            f"{o.get('lr')}"
+            + (f", embedding_lr {emb_lr}" if emb_lr is not None else "")
+            + (
+                f"; {s['schedule']}"
+                if s.get("schedule")
+                else f", warmup {o.get('warmup_fraction') if o.get('warmup_steps') is None else o.get('warmup_steps')}"
+                f", decay {o.get('decay')}"
+            )
+        )
     gbs = run.global_batch_size
     ws = s.get("world_size")
     parts = []
@@ -357,13 +412,17 @@ def _highlights(run: Run) -> list[str]:
     if parts:
         lines.append("**launch**: " + ", ".join(parts))
     if s:
-        lines.append(f"**training**: {_num(s.get('steps'))} steps ({_fmt(s.get('epochs'), 2)} epochs), "
-                     f"{_num(s.get('samples'))} samples, {_num(s.get('train_samples_per_s'))} samples/s, "
-                     f"training {_fmt(s.get('train_seconds'), 1)} s, wall {_fmt(s.get('wall_seconds'), 1)} s")
+        lines.append(
+            f"**training**: {_num(s.get('steps'))} steps ({_fmt(s.get('epochs'), 2)} epochs), "
+            f"{_num(s.get('samples'))} samples, {_num(s.get('train_samples_per_s'))} samples/s, "
+            f"training {_fmt(s.get('train_seconds'), 1)} s, wall {_fmt(s.get('wall_seconds'), 1)} s"
+        )
     elif run.train:
         last = run.train[-1]
-        lines.append(f"**training**: not finished (no summary.json): last log at step {_num(last.get('step'))}, "
-                     f"{_num(last.get('samples'))} samples, {_num(last.get('train/samples_per_s'))} samples/s")
+        lines.append(
+            f"**training**: not finished (no summary.json): last log at step {_num(last.get('step'))}, "
+            f"{_num(last.get('samples'))} samples, {_num(last.get('train/samples_per_s'))} samples/s"
+        )
     if run.train and "memory/peak_rss_mib" in run.train[-1]:
         last = run.train[-1]
         mem = f"**memory** (largest rank): peak RSS {_num(last['memory/peak_rss_mib'])} MiB"
@@ -381,8 +440,18 @@ def markdown(runs: list[Run], png_name: str = PNG_NAME) -> str:
     single = len(runs) == 1
     title = f"Run report: {runs[0].name}" if single else f"Sweep report: {len(runs)} runs"
     out = [f"# {title}", "", f"![AUC and logloss against samples seen]({png_name})", "", "## Final metrics", ""]
-    head = ([] if single else ["run"]) + ["split", "auc", "logloss", "ne", "accuracy", "calibration", "optimum auc",
-                                          "optimum logloss", "auc gap", "logloss gap"]
+    head = ([] if single else ["run"]) + [
+        "split",
+        "auc",
+        "logloss",
+        "ne",
+        "accuracy",
+        "calibration",
+        "optimum auc",
+        "optimum logloss",
+        "auc gap",
+        "logloss gap",
+    ]
     out += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     any_row = False
     for run in runs:
@@ -398,16 +467,27 @@ def markdown(runs: list[Run], png_name: str = PNG_NAME) -> str:
             gap_auc = o["auc"] - auc if o.get("auc") is not None and auc is not None else None
             gap_ll = logloss - o["logloss"] if o.get("logloss") is not None and logloss is not None else None
             cells = ([] if single else [run.label]) + [
-                split, _fmt(auc), _fmt(logloss), _fmt(m.get("normalized_entropy")), _fmt(m.get("accuracy")),
-                _fmt(m.get("calibration"), 3), _fmt(o.get("auc")), _fmt(o.get("logloss")), _fmt(gap_auc),
-                _fmt(gap_ll)]
+                split,
+                _fmt(auc),
+                _fmt(logloss),
+                _fmt(m.get("normalized_entropy")),
+                _fmt(m.get("accuracy")),
+                _fmt(m.get("calibration"), 3),
+                _fmt(o.get("auc")),
+                _fmt(o.get("logloss")),
+                _fmt(gap_auc),
+                _fmt(gap_ll),
+            ]
             out.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
     if not any_row:
         out.append("| " + " | ".join(["-"] * len(head)) + " |")
         out += ["", "No evaluation in metrics.jsonl yet."]
     if any(not r.summary for r in runs):
-        out += ["", "Runs without summary.json (still running, or stopped) show their last evaluation, "
-                "which may be partial (`trainer.eval_max_batches`)."]
+        out += [
+            "",
+            "Runs without summary.json (still running, or stopped) show their last evaluation, "
+            "which may be partial (`trainer.eval_max_batches`).",
+        ]
     for run in runs:
         out += ["", f"## {run.label or run.name}" if not single else "## Run", "", f"folder: `{run.run_dir}`", ""]
         out += [f"- {line}" for line in _highlights(run)]
@@ -444,10 +524,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="./launch.sh report",
         description="Plot AUC/logloss against samples seen (report.png) and summarise (report.md) one run, "
-                    "or compare several (a sweep folder stands for its runs).")
+        "or compare several (a sweep folder stands for its runs).",
+    )
     parser.add_argument("run_dirs", nargs="+", help="run folders (outputs/<run_id>) or sweep folders (multirun/<id>)")
-    parser.add_argument("--out", default=None,
-                        help="output folder (default: the run folder, or the runs' common parent folder)")
+    parser.add_argument(
+        "--out", default=None, help="output folder (default: the run folder, or the runs' common parent folder)"
+    )
     args = parser.parse_args(argv)
     try:
         png, md = write_report(args.run_dirs, args.out)

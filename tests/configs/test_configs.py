@@ -72,13 +72,17 @@ def test_unknown_enum_value_lists_the_choices() -> None:
 
 def test_batch_not_divisible_by_world_size_names_the_fix() -> None:
     cfg = _compose(["data.global_batch_size=1000"])
-    with pytest.raises(ConfigError, match=r"data.global_batch_size=1000 must be divisible by world_size=16.*data.global_batch_size=992"):
+    with pytest.raises(
+        ConfigError, match=r"data.global_batch_size=1000 must be divisible by world_size=16.*data.global_batch_size=992"
+    ):
         validate(cfg, world_size=16)
 
 
 def test_bottom_mlp_follows_embedding_dim_unless_set_apart() -> None:
     validate(_compose(["model.embedding_dim=64"]), world_size=1)  # the preset's last layer follows it
-    with pytest.raises(ConfigError, match=r"model.dense_arch_layer_sizes=\[512, 256, 128\] must end with model.embedding_dim=64"):
+    with pytest.raises(
+        ConfigError, match=r"model.dense_arch_layer_sizes=\[512, 256, 128\] must end with model.embedding_dim=64"
+    ):
         _compose(["model.embedding_dim=64", "model.dense_arch_layer_sizes=[512,256,128]"])  # fails as it is built
 
 

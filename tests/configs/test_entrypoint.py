@@ -11,8 +11,13 @@ from tests.conftest import ROOT
 
 
 def test_cfg_job_prints_the_resolved_config() -> None:
-    out = subprocess.run([sys.executable, "pipeline/train.py", "--cfg", "job", "--resolve", "model.self_interaction=true"],
-                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "pipeline/train.py", "--cfg", "job", "--resolve", "model.self_interaction=true"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr
     cfg = yaml.safe_load(out.stdout)
     assert cfg["model"]["self_interaction"] is True

@@ -15,8 +15,16 @@ pytestmark = pytest.mark.distributed
 def test_final_metrics_and_export_come_from_the_best_checkpoint(tmp_path, tiny_data_overrides) -> None:
     """Four epochs over the same tables overfit (no fresh tables): the best validation logloss comes early, and
     the final metrics are that evaluation's, from its checkpoint, not the last state's."""
-    run = run_training(tmp_path / "run", [*tiny_data_overrides, "trainer.num_epochs=4", "trainer.eval_every_steps=20",
-                                          "trainer.reset_tables_each_epoch=false", "optimizer.decay=none"])
+    run = run_training(
+        tmp_path / "run",
+        [
+            *tiny_data_overrides,
+            "trainer.num_epochs=4",
+            "trainer.eval_every_steps=20",
+            "trainer.reset_tables_each_epoch=false",
+            "optimizer.decay=none",
+        ],
+    )
     assert run.returncode == 0, run.output[-3000:]
     s = run.summary
     mid = [e for e in run.events("eval") if "eval/val/auc" in e and "model_step" not in e]
@@ -43,8 +51,11 @@ def _rare_value_log(path, rows: int, rng: np.random.Generator, frequent: np.ndar
     seen once 60%; every other column is a frequent value or a singleton at random. Returns the click rate of
     rows with a singleton C1."""
     rare = rng.random((rows, 26)) < 0.5
-    values = np.where(rare, rng.integers(1, 2**32, size=(rows, 26), dtype=np.uint64),
-                      frequent[np.arange(26), rng.integers(0, 20, size=(rows, 26))])
+    values = np.where(
+        rare,
+        rng.integers(1, 2**32, size=(rows, 26), dtype=np.uint64),
+        frequent[np.arange(26), rng.integers(0, 20, size=(rows, 26))],
+    )
     labels = (rng.random(rows) < np.where(rare[:, 0], 0.6, 0.1)).astype(int)
     with open(path, "w") as f:
         for y, row in zip(labels, values, strict=True):
@@ -61,10 +72,20 @@ def test_unseen_values_share_a_trained_row_and_get_a_calibrated_probability(tmp_
     frequent = rng.integers(1, 2**32, size=(26, 20), dtype=np.uint64)  # per column, shared by train and val
     rare_rate = _rare_value_log(tmp_path / "train.tsv", 20_000, rng, frequent)
     _rare_value_log(tmp_path / "val.tsv", 4_000, rng, frequent)
-    run = run_training(tmp_path / "run", [
-        "model=tiny", "data=files", f"data.train_files=[{tmp_path}/train.tsv]", f"data.val_files=[{tmp_path}/val.tsv]",
-        f"data.processed_dir={tmp_path}/processed", "data.min_id_frequency=2", "data.global_batch_size=256",
-        "trainer.num_epochs=1", "sharding=table_wise"])
+    run = run_training(
+        tmp_path / "run",
+        [
+            "model=tiny",
+            "data=files",
+            f"data.train_files=[{tmp_path}/train.tsv]",
+            f"data.val_files=[{tmp_path}/val.tsv]",
+            f"data.processed_dir={tmp_path}/processed",
+            "data.min_id_frequency=2",
+            "data.global_batch_size=256",
+            "trainer.num_epochs=1",
+            "sharding=table_wise",
+        ],
+    )
     assert run.returncode == 0, run.output[-3000:]
     assert run.summary["final"]["eval/val/auc"] > 0.7
 
@@ -81,8 +102,14 @@ def test_unseen_values_share_a_trained_row_and_get_a_calibrated_probability(tmp_
     unseen = rng.integers(1, 2**32, size=(500, 26), dtype=np.uint64)
     from pipeline.data.tsv import RawBlock
 
-    block = RawBlock(np.zeros(500, np.int8), np.zeros((500, 13), np.int64), np.ones((500, 13), bool),
-                     unseen.astype(np.uint32), np.zeros((500, 26), bool), np.arange(500))
+    block = RawBlock(
+        np.zeros(500, np.int8),
+        np.zeros((500, 13), np.int64),
+        np.ones((500, 13), bool),
+        unseen.astype(np.uint32),
+        np.zeros((500, 26), bool),
+        np.arange(500),
+    )
     ids = model.features.map_ids(block)
     assert (ids == 1).all(), "unseen values map to the shared row"
     probs = model.predict(np.zeros((500, 13), np.float32), ids)
@@ -91,8 +118,15 @@ def test_unseen_values_share_a_trained_row_and_get_a_calibrated_probability(tmp_
 
 def test_tables_that_do_not_fit_stop_the_job_in_one_message(tmp_path, tiny_data_overrides) -> None:
     overrides = [o for o in tiny_data_overrides if not o.startswith("data.processed_dir")]
-    run = run_training(tmp_path / "run", [*overrides, f"data.processed_dir={tmp_path}/hashed", "data.id_mode=hash",
-                                          "data.max_ids_per_feature=500000000"])
+    run = run_training(
+        tmp_path / "run",
+        [
+            *overrides,
+            f"data.processed_dir={tmp_path}/hashed",
+            "data.id_mode=hash",
+            "data.max_ids_per_feature=500000000",
+        ],
+    )
     log = (run.run_dir / "rank0.log").read_text()
     assert run.returncode != 0 and "exitcode  : 3" in run.output, run.output[-3000:]  # TrainingError's code
     assert "no sharding plan fits: the tables need" in log and "Fix: data.max_ids_per_feature=" in log

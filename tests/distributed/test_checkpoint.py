@@ -24,8 +24,15 @@ STEPS = 60
 
 def _overrides(data: list[str], *extra: str) -> list[str]:
     # Every step is logged, so each step's loss can be compared; checkpoints every 10 steps.
-    return [*data, f"trainer.max_steps={STEPS}", "logger.log_every_steps=1", "trainer.eval_every_steps=0",
-            "checkpoint.every_steps=10", "sharding=table_wise", *extra]
+    return [
+        *data,
+        f"trainer.max_steps={STEPS}",
+        "logger.log_every_steps=1",
+        "trainer.eval_every_steps=0",
+        "checkpoint.every_steps=10",
+        "sharding=table_wise",
+        *extra,
+    ]
 
 
 def _losses(run_dir: Path) -> dict[int, float]:
@@ -42,8 +49,11 @@ def reference(tmp_path_factory, tiny_data_overrides) -> dict[int, Path]:
     """Uninterrupted runs, 1 and 2 ranks."""
     out = {}
     for nproc in (1, 2):
-        run = run_training(tmp_path_factory.mktemp("ref") / f"ref{nproc}",
-                           [*_overrides(tiny_data_overrides), "trainer.save_predictions=true"], nproc=nproc)
+        run = run_training(
+            tmp_path_factory.mktemp("ref") / f"ref{nproc}",
+            [*_overrides(tiny_data_overrides), "trainer.save_predictions=true"],
+            nproc=nproc,
+        )
         assert run.returncode == 0, run.output[-3000:]
         out[nproc] = run.run_dir
     return out
@@ -73,11 +83,17 @@ def test_checkpoint_reshards_across_world_sizes_and_plans(tmp_path, tiny_data_ov
     the same predictions on every validation row."""
     for saved_by, load_into in ((2, 1), (1, 2)):
         src = reference[saved_by] / "checkpoints"  # saved at the end of the reference run, beside its predictions
-        base = [*tiny_data_overrides, f"trainer.max_steps={STEPS}", "trainer.save_predictions=true",
-                "trainer.eval_every_steps=0", "checkpoint.save_at_end=false"]
+        base = [
+            *tiny_data_overrides,
+            f"trainer.max_steps={STEPS}",
+            "trainer.save_predictions=true",
+            "trainer.eval_every_steps=0",
+            "checkpoint.save_at_end=false",
+        ]
         # No further steps (max_steps equals the checkpoint's step): only load and predict.
-        other = run_training(tmp_path / f"other{load_into}", [*base, "sharding=column_wise", f"trainer.resume={src}"],
-                             nproc=load_into)
+        other = run_training(
+            tmp_path / f"other{load_into}", [*base, "sharding=column_wise", f"trainer.resume={src}"], nproc=load_into
+        )
         assert other.returncode == 0, other.output[-3000:]
         assert f"saved by {saved_by} rank(s)) at step {STEPS}" in other.output
         a = np.load(reference[saved_by] / "predictions_val.npy")
@@ -100,9 +116,19 @@ def test_job_restarts_itself_after_a_rank_dies(tmp_path, tiny_data_overrides, re
 
 
 def test_nonfinite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path, tiny_data_overrides) -> None:
-    run = run_training(tmp_path / "nan", [*tiny_data_overrides, "trainer.max_steps=200", "logger.log_every_steps=5",
-                                          "checkpoint.every_steps=1", "trainer.eval_every_steps=0",
-                                          "optimizer=sgd", "optimizer.lr=1e18", "optimizer.warmup_steps=0"])
+    run = run_training(
+        tmp_path / "nan",
+        [
+            *tiny_data_overrides,
+            "trainer.max_steps=200",
+            "logger.log_every_steps=5",
+            "checkpoint.every_steps=1",
+            "trainer.eval_every_steps=0",
+            "optimizer=sgd",
+            "optimizer.lr=1e18",
+            "optimizer.warmup_steps=0",
+        ],
+    )
     assert run.returncode != 0
     assert "training loss (BCE) is nan at step" in run.output or "training loss (BCE) is inf at step" in run.output
     step = int(run.output.split(" at step ")[1].split(":")[0])
@@ -114,8 +140,9 @@ def test_nonfinite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint
 def test_unwritable_checkpoint_folder_fails_loudly(tmp_path, tiny_data_overrides) -> None:
     blocker = tmp_path / "not_a_dir"
     blocker.write_text("a file where the checkpoint folder should be")
-    run = run_training(tmp_path / "ro", [*tiny_data_overrides, "trainer.max_steps=5", f"checkpoint.dir={blocker}/ck"],
-                       nproc=2)
+    run = run_training(
+        tmp_path / "ro", [*tiny_data_overrides, "trainer.max_steps=5", f"checkpoint.dir={blocker}/ck"], nproc=2
+    )
     assert run.returncode != 0
     assert "checkpoint save failed to create" in run.output and "Check checkpoint.dir is writable" in run.output
 
@@ -127,26 +154,40 @@ def test_full_disk_fails_the_save_and_keeps_the_previous_checkpoint(tmp_path, ti
     if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=900k", "tmpfs", str(ck)]).returncode != 0:
         pytest.skip("cannot mount a tmpfs here")
     try:
-        run = run_training(tmp_path / "full", [*tiny_data_overrides, "trainer.max_steps=30", "checkpoint.every_steps=10",
-                                               "checkpoint.keep_last=3", f"checkpoint.dir={ck}", "trainer.eval_every_steps=0"])
+        run = run_training(
+            tmp_path / "full",
+            [
+                *tiny_data_overrides,
+                "trainer.max_steps=30",
+                "checkpoint.every_steps=10",
+                "checkpoint.keep_last=3",
+                f"checkpoint.dir={ck}",
+                "trainer.eval_every_steps=0",
+            ],
+        )
         assert run.returncode != 0
         assert "checkpoint save failed" in run.output, run.output[-3000:]
         # ENOSPC itself, or (when DCP's writer reports a short write as a zip error) the free space.
-        assert ("No space left on device" in run.output
-                or "the filesystem of checkpoint.dir is full" in run.output), run.output[-3000:]
+        assert "No space left on device" in run.output or "the filesystem of checkpoint.dir is full" in run.output, (
+            run.output[-3000:]
+        )
         latest = (ck / "latest").read_text().strip()
         assert latest == "step_00000010", "the previous checkpoint is still the latest"
         # ...and it still loads.
-        again = run_training(tmp_path / "from_full", [*tiny_data_overrides, "trainer.max_steps=10", f"trainer.resume={ck}",
-                                                      "checkpoint.save_at_end=false"])
+        again = run_training(
+            tmp_path / "from_full",
+            [*tiny_data_overrides, "trainer.max_steps=10", f"trainer.resume={ck}", "checkpoint.save_at_end=false"],
+        )
         assert again.returncode == 0 and "at step 10" in again.output, again.output[-3000:]
     finally:
         subprocess.run(["umount", str(ck)])
 
 
 def test_checkpoint_of_another_shape_names_what_differs(tmp_path, tiny_data_overrides, reference) -> None:
-    run = run_training(tmp_path / "shape", [*tiny_data_overrides, "model.embedding_dim=16",
-                                            f"trainer.resume={reference[1] / 'checkpoints'}"])
+    run = run_training(
+        tmp_path / "shape",
+        [*tiny_data_overrides, "model.embedding_dim=16", f"trainer.resume={reference[1] / 'checkpoints'}"],
+    )
     assert run.returncode != 0
     assert "does not fit this model" in run.output
     assert "t_cat_0.weight: checkpoint [" in run.output and ", 8] vs model [" in run.output

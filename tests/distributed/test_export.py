@@ -28,25 +28,34 @@ def _option(overrides: list[str], key: str) -> str:
 
 
 def _train(run_dir: Path, data: list[str], *extra: str) -> Path:
-    run = run_training(run_dir, [*data, f"trainer.max_steps={STEPS}", "trainer.save_predictions=true",
-                                 "trainer.eval_every_steps=0", *extra], nproc=2)
+    run = run_training(
+        run_dir,
+        [*data, f"trainer.max_steps={STEPS}", "trainer.save_predictions=true", "trainer.eval_every_steps=0", *extra],
+        nproc=2,
+    )
     assert run.returncode == 0, run.output[-3000:]
     assert (run_dir / "checkpoints" / "latest").is_file() and (run_dir / "predictions_val.npy").is_file()
     return run_dir
 
 
 def _cli(module: str, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", module, *map(str, args)], cwd=ROOT, capture_output=True, text=True,
-                          timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", module, *map(str, args)], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
 
 
 @pytest.fixture(scope="module")
 def vocab_run(tmp_path_factory, tiny_data_overrides) -> Path:
     """data=tiny as is (id_mode=vocab, log1p), table-wise over 2 ranks but one table data-parallel (replicated,
     dense kernel), with the self-interaction (TorchRec's InteractionArch replaced by DotInteraction)."""
-    return _train(tmp_path_factory.mktemp("export") / "vocab", tiny_data_overrides, "sharding=table_wise",
-                  "+sharding.table_sharding_types.t_cat_3=[data_parallel]",
-                  "+sharding.table_compute_kernels.t_cat_3=[dense]", "model.self_interaction=true")
+    return _train(
+        tmp_path_factory.mktemp("export") / "vocab",
+        tiny_data_overrides,
+        "sharding=table_wise",
+        "+sharding.table_sharding_types.t_cat_3=[data_parallel]",
+        "+sharding.table_compute_kernels.t_cat_3=[dense]",
+        "model.self_interaction=true",
+    )
 
 
 @pytest.fixture(scope="module")
@@ -55,9 +64,18 @@ def hash_run(tmp_path_factory, tiny_data_overrides) -> Path:
     with 256-wide tables, which the planner cuts into two 128-column shards (its minimum), one per rank."""
     root = tmp_path_factory.mktemp("export_hash")
     data = [o for o in tiny_data_overrides if not o.startswith("data.processed_dir=")]
-    return _train(root / "hash", [*data, f"data.processed_dir={root}/processed", "data.id_mode=hash",
-                                  "data.max_ids_per_feature=300", "data.dense_transform=torchrec"],
-                  "sharding=column_wise", "model.embedding_dim=256")
+    return _train(
+        root / "hash",
+        [
+            *data,
+            f"data.processed_dir={root}/processed",
+            "data.id_mode=hash",
+            "data.max_ids_per_feature=300",
+            "data.dense_transform=torchrec",
+        ],
+        "sharding=column_wise",
+        "model.embedding_dim=256",
+    )
 
 
 def test_exported_model_scores_the_raw_tsv_like_the_sharded_model(tmp_path, vocab_run, tiny_data_overrides) -> None:
@@ -75,8 +93,17 @@ def test_exported_model_scores_the_raw_tsv_like_the_sharded_model(tmp_path, voca
         assert all(isinstance(v, torch.Tensor) for v in weights.values())
         assert weights["sparse_arch.embedding_bag_collection.embedding_bags.t_cat_0.weight"].shape[1] == 8
 
-    pred = _cli("pipeline.serving.predict", "--model", out, "--input", raw / "val.tsv", "--out", tmp_path / "val.tsv",
-                "--metrics-json", tmp_path / "metrics.json")
+    pred = _cli(
+        "pipeline.serving.predict",
+        "--model",
+        out,
+        "--input",
+        raw / "val.tsv",
+        "--out",
+        tmp_path / "val.tsv",
+        "--metrics-json",
+        tmp_path / "metrics.json",
+    )
     assert pred.returncode == 0, pred.stderr[-3000:]
     got = np.loadtxt(tmp_path / "val.tsv", dtype=np.float32)
     want = np.load(vocab_run / "predictions_val.npy")
@@ -99,8 +126,9 @@ def vocab_export(tmp_path_factory, vocab_run) -> Path:
     return out
 
 
-def test_export_and_predict_run_without_torch_distributed(tmp_path, vocab_run, vocab_export,
-                                                         tiny_data_overrides) -> None:
+def test_export_and_predict_run_without_torch_distributed(
+    tmp_path, vocab_run, vocab_export, tiny_data_overrides
+) -> None:
     """In this process: load the export, score the raw test TSV and the preprocessed val split."""
     from pipeline.serving.export import DenseInteraction, load_exported
     from pipeline.serving.predict import run
@@ -111,10 +139,12 @@ def test_export_and_predict_run_without_torch_distributed(tmp_path, vocab_run, v
     split = run(model, str(tmp_path / "val.npy"), split="val")
     assert not dist.is_initialized(), "export and predict never start a process group"
     assert test.rows == test.scored == 4000 and test.labelled
-    np.testing.assert_allclose(np.load(tmp_path / "test.npy"), np.load(vocab_run / "predictions_test.npy"), rtol=1e-5,
-                               atol=1e-7)
-    np.testing.assert_allclose(np.load(tmp_path / "val.npy"), np.load(vocab_run / "predictions_val.npy"), rtol=1e-5,
-                               atol=1e-7)
+    np.testing.assert_allclose(
+        np.load(tmp_path / "test.npy"), np.load(vocab_run / "predictions_test.npy"), rtol=1e-5, atol=1e-7
+    )
+    np.testing.assert_allclose(
+        np.load(tmp_path / "val.npy"), np.load(vocab_run / "predictions_val.npy"), rtol=1e-5, atol=1e-7
+    )
     assert split.metrics["num_samples"] == 4000
 
     # The torch.export program of the dense part gives the eager model's logits from pooled embeddings.
@@ -124,9 +154,12 @@ def test_export_and_predict_run_without_torch_distributed(tmp_path, vocab_run, v
     rng = np.random.default_rng(0)
     dense = torch.from_numpy(rng.random((37, 13), dtype=np.float32))
     ids = np.stack([rng.integers(0, n, 37) for n in model.spec["num_embeddings_per_feature"]], axis=1)
-    kjt = KeyedJaggedTensor(keys=model.spec["feature_names"],
-                            values=torch.from_numpy(np.ascontiguousarray(ids.T).reshape(-1)),
-                            lengths=torch.ones(26 * 37, dtype=torch.int32), stride=37)
+    kjt = KeyedJaggedTensor(
+        keys=model.spec["feature_names"],
+        values=torch.from_numpy(np.ascontiguousarray(ids.T).reshape(-1)),
+        lengths=torch.ones(26 * 37, dtype=torch.int32),
+        stride=37,
+    )
     with torch.inference_mode():
         pooled = model.model.sparse_arch(kjt)
         torch.testing.assert_close(program(dense, pooled), DenseInteraction(model.model)(dense, pooled))
@@ -134,8 +167,9 @@ def test_export_and_predict_run_without_torch_distributed(tmp_path, vocab_run, v
     assert not dist.is_initialized()
 
 
-def test_unlabelled_gz_input_and_malformed_lines(tmp_path, vocab_run, vocab_export, tiny_data_overrides,
-                                                 caplog) -> None:
+def test_unlabelled_gz_input_and_malformed_lines(
+    tmp_path, vocab_run, vocab_export, tiny_data_overrides, caplog
+) -> None:
     """The Kaggle test layout (no label column, here gzipped) scores the same; a malformed line stops the
     run naming it, or with --bad-rows skip scores NaN in its place so output rows still follow input lines."""
     import gzip

@@ -24,9 +24,11 @@ QUICK = ["trainer.run_doctor=false", "logger.log_every_steps=5", "trainer.eval_m
 @pytest.fixture(scope="module")
 def tb_run(tmp_path_factory, tiny_data_overrides) -> TrainRun:
     """40 steps with TensorBoard (the default backends) and the automatic report, evaluating every 20."""
-    run = run_training(tmp_path_factory.mktemp("logging") / "lr0.01",
-                       [*tiny_data_overrides, *QUICK, "trainer.max_steps=40", "trainer.eval_every_steps=20",
-                        "optimizer.lr=0.01"], nproc=1)
+    run = run_training(
+        tmp_path_factory.mktemp("logging") / "lr0.01",
+        [*tiny_data_overrides, *QUICK, "trainer.max_steps=40", "trainer.eval_every_steps=20", "optimizer.lr=0.01"],
+        nproc=1,
+    )
     assert run.returncode == 0, run.output[-4000:]
     return run
 
@@ -65,13 +67,36 @@ def test_automatic_report_after_training(tb_run) -> None:
 
 def test_report_cli_and_two_run_comparison(tb_run, tiny_data_overrides, tmp_path) -> None:
     # A second run without TensorBoard nor automatic report, at another learning rate.
-    other = run_training(tb_run.run_dir.parent / "lr0.05",
-                         [*tiny_data_overrides, *QUICK, "trainer.max_steps=10", "trainer.eval_every_steps=0",
-                          "optimizer.lr=0.05", "logger.backends=[jsonl]", "logger.report=false"], nproc=1)
+    other = run_training(
+        tb_run.run_dir.parent / "lr0.05",
+        [
+            *tiny_data_overrides,
+            *QUICK,
+            "trainer.max_steps=10",
+            "trainer.eval_every_steps=0",
+            "optimizer.lr=0.05",
+            "logger.backends=[jsonl]",
+            "logger.report=false",
+        ],
+        nproc=1,
+    )
     assert other.returncode == 0, other.output[-4000:]
     assert not list(other.run_dir.glob(EVENT_FILE_GLOB)) and not (other.run_dir / "report.png").exists()
-    out = subprocess.run([sys.executable, "-m", "pipeline.tools.report", str(tb_run.run_dir), str(other.run_dir),
-                          "--out", str(tmp_path / "cmp")], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pipeline.tools.report",
+            str(tb_run.run_dir),
+            str(other.run_dir),
+            "--out",
+            str(tmp_path / "cmp"),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr
     _check_png(tmp_path / "cmp" / "report.png")
     md = (tmp_path / "cmp" / "report.md").read_text()
@@ -101,8 +126,15 @@ def test_resumed_run_supersedes_the_points_after_its_checkpoint(tmp_path, tiny_d
     """A run that stopped at step 15 with its last checkpoint at step 10, resumed and run to step 20:
     TensorBoard (purge_step) and the report (metrics.jsonl's resume event) keep the resumed points."""
     run_dir = tmp_path / "resumed"
-    common = [*tiny_data_overrides, *QUICK, "trainer.eval_every_steps=0", "checkpoint.every_steps=10",
-              "checkpoint.save_at_end=false", "trainer.restore_best=false", "logger.report=false"]
+    common = [
+        *tiny_data_overrides,
+        *QUICK,
+        "trainer.eval_every_steps=0",
+        "checkpoint.every_steps=10",
+        "checkpoint.save_at_end=false",
+        "trainer.restore_best=false",
+        "logger.report=false",
+    ]
     first = run_training(run_dir, [*common, "trainer.max_steps=15"], nproc=1)
     assert first.returncode == 0, first.output[-4000:]
     second = run_training(run_dir, [*common, "trainer.max_steps=20"], nproc=1)

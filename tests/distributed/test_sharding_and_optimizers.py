@@ -23,9 +23,19 @@ def _trainer(tmp_path, overrides: list[str]):
     from pipeline.trainer import Trainer
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = OmegaConf.to_object(compose("train", overrides=[
-            "trainer.max_steps=4", "trainer.eval_every_steps=0", "trainer.run_doctor=false",
-            "logger.progress_bar=false", "data.eval_global_batch_size=4096", *overrides]))
+        cfg = OmegaConf.to_object(
+            compose(
+                "train",
+                overrides=[
+                    "trainer.max_steps=4",
+                    "trainer.eval_every_steps=0",
+                    "trainer.run_doctor=false",
+                    "logger.progress_bar=false",
+                    "data.eval_global_batch_size=4096",
+                    *overrides,
+                ],
+            )
+        )
     return Trainer(cfg, tmp_path)
 
 
@@ -38,8 +48,9 @@ def _tables(trainer) -> dict[str, torch.Tensor]:
     return out
 
 
-@pytest.mark.parametrize(("optimizer", "fused"), [("row_wise_adagrad", True), ("adagrad", True), ("sgd", True),
-                                                  ("adam", False)])
+@pytest.mark.parametrize(
+    ("optimizer", "fused"), [("row_wise_adagrad", True), ("adagrad", True), ("sgd", True), ("adam", False)]
+)
 def test_table_optimizer_updates_tables_in_backward(tmp_path, tiny_data_overrides, optimizer: str, fused: bool) -> None:
     # FBGEMM's CPU kernel has no fused Adam: on CPU, Adam tables must be data-parallel.
     sharding = [] if fused else ["sharding=data_parallel"]
@@ -60,7 +71,9 @@ def test_table_optimizer_updates_tables_in_backward(tmp_path, tiny_data_override
 def test_adam_tables_on_cpu_fail_with_the_fix(tmp_path, tiny_data_overrides) -> None:
     from pipeline.config import ConfigError
 
-    with pytest.raises(ConfigError, match="optimizer.embedding=adam: FBGEMM's fused CPU kernel has no Adam.*sharding=data_parallel"):
+    with pytest.raises(
+        ConfigError, match="optimizer.embedding=adam: FBGEMM's fused CPU kernel has no Adam.*sharding=data_parallel"
+    ):
         _trainer(tmp_path, [*tiny_data_overrides, "optimizer=adam"])
 
 
@@ -76,8 +89,9 @@ def test_sharding_type_is_applied(tmp_path, tiny_data_overrides, sharding: str) 
 
 
 def test_per_table_constraint_overrides_the_group(tmp_path, tiny_data_overrides) -> None:
-    trainer = _trainer(tmp_path, [*tiny_data_overrides, "sharding=table_wise",
-                                  "+sharding.table_sharding_types.t_cat_3=[column_wise]"])
+    trainer = _trainer(
+        tmp_path, [*tiny_data_overrides, "sharding=table_wise", "+sharding.table_sharding_types.t_cat_3=[column_wise]"]
+    )
     try:
         plan = trainer.model.plan.plan["model.sparse_arch.embedding_bag_collection"]
         assert plan["t_cat_3"].sharding_type == "column_wise"
@@ -89,14 +103,24 @@ def test_per_table_constraint_overrides_the_group(tmp_path, tiny_data_overrides)
 def test_row_wise_on_cpu_fails_with_the_fix(tmp_path, tiny_data_overrides) -> None:
     from pipeline.config import ConfigError
 
-    with pytest.raises(ConfigError, match=r"sharding.sharding_types=\['row_wise'\]: TorchRec shards tables row-wise only on CUDA"):
+    with pytest.raises(
+        ConfigError, match=r"sharding.sharding_types=\['row_wise'\]: TorchRec shards tables row-wise only on CUDA"
+    ):
         _trainer(tmp_path, [*tiny_data_overrides, "sharding=row_wise"])
 
 
 def test_schedule_drives_the_fused_table_lr(tmp_path, tiny_data_overrides) -> None:
-    trainer = _trainer(tmp_path, [*tiny_data_overrides, "optimizer.decay=linear", "optimizer.decay_start=0.0",
-                                  "optimizer.final_lr_fraction=0.5", "optimizer.embedding_lr=0.08",
-                                  "optimizer.warmup_steps=0"])
+    trainer = _trainer(
+        tmp_path,
+        [
+            *tiny_data_overrides,
+            "optimizer.decay=linear",
+            "optimizer.decay_start=0.0",
+            "optimizer.final_lr_fraction=0.5",
+            "optimizer.embedding_lr=0.08",
+            "optimizer.warmup_steps=0",
+        ],
+    )
     try:
         trainer.train()
         fused_lr = trainer.model.fused_optimizer.param_groups[0]["lr"]
@@ -111,8 +135,9 @@ def test_profile_steps_write_a_profile_of_the_sharded_step(tmp_path, tiny_data_o
     takes them without a copy."""
     from pipeline.data.loader import eval_batches
 
-    trainer = _trainer(tmp_path, [*tiny_data_overrides, "optimizer=sgd", "trainer.profile_steps=2",
-                                  "trainer.profile_wait_steps=1"])
+    trainer = _trainer(
+        tmp_path, [*tiny_data_overrides, "optimizer=sgd", "trainer.profile_steps=2", "trainer.profile_wait_steps=1"]
+    )
     try:
         trainer.train()
         table = (tmp_path / "profile" / "rank0.txt").read_text()

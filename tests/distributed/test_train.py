@@ -20,15 +20,20 @@ def _eval_lines(log_text: str) -> list[str]:
 
 
 def test_two_ranks_loss_falls_and_ranks_agree(tmp_path, tiny_data_overrides) -> None:
-    run = run_training(tmp_path / "run2", [*tiny_data_overrides, "trainer.num_epochs=2", "logger.log_every_steps=10",
-                                           "trainer.eval_every_steps=25"], nproc=2)
+    run = run_training(
+        tmp_path / "run2",
+        [*tiny_data_overrides, "trainer.num_epochs=2", "logger.log_every_steps=10", "trainer.eval_every_steps=25"],
+        nproc=2,
+    )
     assert run.returncode == 0, run.output[-4000:]
     train = run.events("train")
     assert train[-1]["train/loss"] < train[0]["train/loss"] - 0.02, [e["train/loss"] for e in train]
     # Throughput windows exclude the evaluations inside them (eval at step 25 falls mid-window) and
     # add up to the run's training time.
     steps = [e["step"] for e in train]
-    window_seconds = sum((s - p) * 256 / e["train/samples_per_s"] for p, s, e in zip([0, *steps], steps, train))
+    window_seconds = sum(
+        (s - p) * 256 / e["train/samples_per_s"] for p, s, e in zip([0, *steps], steps, train, strict=False)
+    )
     assert window_seconds == pytest.approx(run.summary["train_seconds"], rel=0.01)
     # Both ranks computed the same exact metrics over all ranks' predictions.
     rank0, rank1 = (_eval_lines((run.run_dir / f"rank{r}.log").read_text()) for r in (0, 1))
@@ -47,8 +52,13 @@ def test_two_ranks_loss_falls_and_ranks_agree(tmp_path, tiny_data_overrides) -> 
 
 
 def test_one_rank_same_data_per_step_as_two(tmp_path, tiny_data_overrides) -> None:
-    common = [*tiny_data_overrides, "trainer.max_steps=20", "logger.log_every_steps=1", "trainer.eval_every_steps=0",
-              "sharding=table_wise"]
+    common = [
+        *tiny_data_overrides,
+        "trainer.max_steps=20",
+        "logger.log_every_steps=1",
+        "trainer.eval_every_steps=0",
+        "sharding=table_wise",
+    ]
     one = run_training(tmp_path / "one", common, nproc=1)
     assert one.returncode == 0, one.output[-4000:]
     assert one.summary["world_size"] == 1
@@ -75,18 +85,30 @@ def test_trains_on_one_real_format_file_with_a_random_split(tmp_path) -> None:
     from pipeline.config import SyntheticConfig
     from pipeline.data.generators import synthetic
 
-    synthetic.generate(SyntheticConfig(num_train_rows=6000, num_val_rows=10, num_test_rows=10, max_cardinality=300,
-                                       seed=11), tmp_path / "gen")
+    synthetic.generate(
+        SyntheticConfig(num_train_rows=6000, num_val_rows=10, num_test_rows=10, max_cardinality=300, seed=11),
+        tmp_path / "gen",
+    )
     lines = (tmp_path / "gen" / "train.tsv").read_text().splitlines()
     lines[10] = lines[10].upper()  # hex digits in upper case are the same hashes
     lines.insert(500, "1\t2\t3")  # a malformed row
     sample = tmp_path / "sample.tsv"
     sample.write_text("\n".join(lines))  # no final newline
     processed = tmp_path / "processed"
-    run = run_training(tmp_path / "run", ["model=tiny", "data=tsv", f"data.raw_files=[{sample}]",
-                                          f"data.processed_dir={processed}", "data.bad_rows=skip",
-                                          "data.global_batch_size=256", "data.eval_global_batch_size=512",
-                                          "trainer.max_steps=15"], nproc=1)
+    run = run_training(
+        tmp_path / "run",
+        [
+            "model=tiny",
+            "data=tsv",
+            f"data.raw_files=[{sample}]",
+            f"data.processed_dir={processed}",
+            "data.bad_rows=skip",
+            "data.global_batch_size=256",
+            "data.eval_global_batch_size=512",
+            "trainer.max_steps=15",
+        ],
+        nproc=1,
+    )
     assert run.returncode == 0, run.output[-4000:]
     manifest = json.loads((processed / "manifest.json").read_text())
     assert manifest["bad_rows"]["by_kind"]["wrong_field_count"] == 1 and manifest["bad_rows"]["total"] == 1
@@ -96,8 +118,13 @@ def test_trains_on_one_real_format_file_with_a_random_split(tmp_path) -> None:
 
 
 def test_early_stop_on_target_auc_and_on_patience(tmp_path, tiny_data_overrides) -> None:
-    common = [*tiny_data_overrides, "trainer.max_steps=200", "trainer.eval_every_steps=10", "trainer.eval_max_batches=2",
-              "checkpoint.save_at_end=false"]
+    common = [
+        *tiny_data_overrides,
+        "trainer.max_steps=200",
+        "trainer.eval_every_steps=10",
+        "trainer.eval_max_batches=2",
+        "checkpoint.save_at_end=false",
+    ]
     target = run_training(tmp_path / "target", [*common, "trainer.early_stop_auc=0.6"])
     assert target.returncode == 0, target.output[-3000:]
     s = target.summary
@@ -106,8 +133,9 @@ def test_early_stop_on_target_auc_and_on_patience(tmp_path, tiny_data_overrides)
     assert evals[-1]["eval/val/auc"] >= 0.6 and all(e["eval/val/auc"] < 0.6 for e in evals[:-1])
     assert s["final"]["eval/val/num_samples"] == 4000, "the final evaluation still covers the whole split"
 
-    patience = run_training(tmp_path / "patience", [*common, "trainer.early_stop_patience=2",
-                                                    "trainer.early_stop_min_delta=1.0"])  # no gain can count
+    patience = run_training(
+        tmp_path / "patience", [*common, "trainer.early_stop_patience=2", "trainer.early_stop_min_delta=1.0"]
+    )  # no gain can count
     assert patience.returncode == 0, patience.output[-3000:]
     assert patience.summary["steps"] == 30, "first eval sets the best, the next two bring no gain"
     assert "trainer.early_stop_patience=2" in patience.summary["stopped_early"]

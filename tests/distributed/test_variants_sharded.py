@@ -16,8 +16,12 @@ pytestmark = pytest.mark.distributed
 
 VARIANTS = {
     "dcn": ["model.interaction=dcn", "model.dcn_num_layers=2", "model.dcn_low_rank_dim=4"],
-    "projection_sparse_mlp": ["model.interaction=projection", "model.projection_branch1_layer_sizes=[16,32]",
-                              "model.projection_branch2_layer_sizes=[16,24]", "model.sparse_arch_layer_sizes=[16,8]"],
+    "projection_sparse_mlp": [
+        "model.interaction=projection",
+        "model.projection_branch1_layer_sizes=[16,32]",
+        "model.projection_branch2_layer_sizes=[16,24]",
+        "model.sparse_arch_layer_sizes=[16,8]",
+    ],
     "fp16_tables": ["sharding.embedding_dtype=fp16"],
 }
 
@@ -28,9 +32,19 @@ def test_variant_trains_sharded_and_exports_with_parity(tmp_path, tiny_data_over
     from pipeline.serving.predict import run
 
     run_dir = tmp_path / variant
-    res = run_training(run_dir, [*tiny_data_overrides, *VARIANTS[variant], "trainer.max_steps=60",
-                                 "trainer.eval_every_steps=20", "trainer.save_predictions=true",
-                                 "sharding=table_wise", "logger.log_every_steps=5"], nproc=2)
+    res = run_training(
+        run_dir,
+        [
+            *tiny_data_overrides,
+            *VARIANTS[variant],
+            "trainer.max_steps=60",
+            "trainer.eval_every_steps=20",
+            "trainer.save_predictions=true",
+            "sharding=table_wise",
+            "logger.log_every_steps=5",
+        ],
+        nproc=2,
+    )
     assert res.returncode == 0, res.output[-3000:]
     events = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     losses = [e["train/loss"] for e in events if e["event"] == "train"]
@@ -42,8 +56,9 @@ def test_variant_trains_sharded_and_exports_with_parity(tmp_path, tiny_data_over
     assert spec["model"]["interaction"] == {"dcn": "dcn", "projection_sparse_mlp": "projection"}.get(variant, "dot")
     model = load_exported(tmp_path / "export")
     run(model, str(tmp_path / "val.npy"), split="val")
-    np.testing.assert_allclose(np.load(tmp_path / "val.npy"), np.load(run_dir / "predictions_val.npy"),
-                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        np.load(tmp_path / "val.npy"), np.load(run_dir / "predictions_val.npy"), rtol=1e-5, atol=1e-6
+    )
     program = torch.export.load(str(tmp_path / "export" / spec["dense_program"]["file"])).module()
     dense, pooled = torch.rand(5, 13), torch.randn(5, 26, 8)
     with torch.inference_mode():
@@ -58,10 +73,21 @@ def test_matrix_factorisation_on_generated_movielens_data(tmp_path) -> None:
 
     data = tmp_path / "movielens"
     run_dir = tmp_path / "mf"
-    res = run_training(run_dir, ["model=mf", "data=movielens_tiny", f"data.raw_dir={data}/raw",
-                                 f"data.processed_dir={data}/processed", "trainer.max_steps=160",
-                                 "trainer.eval_every_steps=0", "trainer.save_predictions=true",
-                                 "sharding=table_wise", "logger.log_every_steps=10"], nproc=2)
+    res = run_training(
+        run_dir,
+        [
+            "model=mf",
+            "data=movielens_tiny",
+            f"data.raw_dir={data}/raw",
+            f"data.processed_dir={data}/processed",
+            "trainer.max_steps=160",
+            "trainer.eval_every_steps=0",
+            "trainer.save_predictions=true",
+            "sharding=table_wise",
+            "logger.log_every_steps=10",
+        ],
+        nproc=2,
+    )
     assert res.returncode == 0, res.output[-3000:]
     assert "t_user_id: table_wise" in res.output and "t_genre" not in res.output  # two tables, nothing else
     summary = json.loads((run_dir / "summary.json").read_text())["final"]
@@ -71,8 +97,9 @@ def test_matrix_factorisation_on_generated_movielens_data(tmp_path) -> None:
     assert spec["model"]["name"] == "mf" and spec["top_in_features"] is None
     model = load_exported(tmp_path / "export")
     run(model, str(tmp_path / "val.npy"), input_path=str(data / "raw" / "val.tsv"))
-    np.testing.assert_allclose(np.load(tmp_path / "val.npy"), np.load(run_dir / "predictions_val.npy"),
-                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        np.load(tmp_path / "val.npy"), np.load(run_dir / "predictions_val.npy"), rtol=1e-5, atol=1e-6
+    )
 
 
 def test_bf16_autocast_trains_as_well_as_fp32(tmp_path, tiny_data_overrides) -> None:
@@ -81,8 +108,17 @@ def test_bf16_autocast_trains_as_well_as_fp32(tmp_path, tiny_data_overrides) -> 
     aucs = {}
     for precision in ("fp32", "bf16"):
         run_dir = tmp_path / precision
-        res = run_training(run_dir, [*tiny_data_overrides, "trainer.max_steps=150", "trainer.eval_every_steps=0",
-                                     f"trainer.precision={precision}", "checkpoint.save_at_end=false"], nproc=1)
+        res = run_training(
+            run_dir,
+            [
+                *tiny_data_overrides,
+                "trainer.max_steps=150",
+                "trainer.eval_every_steps=0",
+                f"trainer.precision={precision}",
+                "checkpoint.save_at_end=false",
+            ],
+            nproc=1,
+        )
         assert res.returncode == 0, res.output[-3000:]
         aucs[precision] = json.loads((run_dir / "summary.json").read_text())["final"]["eval/val/auc"]
     assert abs(aucs["bf16"] - aucs["fp32"]) < 0.01, aucs

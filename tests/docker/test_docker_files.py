@@ -71,8 +71,14 @@ def _service_env(service: dict, env: dict[str, str]) -> dict[str, str]:
 def _dry_run(argv: list[str], env: dict[str, str]) -> list[str]:
     """The command ./launch.sh would exec for ``argv`` (PIPELINE_DRY_RUN=1 prints it)."""
     assert argv[0] == "./launch.sh" and os.access(ROOT / "launch.sh", os.X_OK)
-    out = subprocess.run(["bash", "launch.sh", *argv[1:]], cwd=ROOT, capture_output=True, text=True, timeout=60,
-                         env={**os.environ, **env, "PIPELINE_DRY_RUN": "1"})
+    out = subprocess.run(
+        ["bash", "launch.sh", *argv[1:]],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, **env, "PIPELINE_DRY_RUN": "1"},
+    )
     assert out.returncode == 0, out.stderr
     return shlex.split(out.stdout)
 
@@ -85,14 +91,19 @@ def _assert_overrides_compose(overrides: list[str]) -> None:
 # -- docker-compose.yml ---------------------------------------------------------------------------
 def test_compose_file_matches_the_compose_spec(tmp_path) -> None:
     check = _tool("check-jsonschema")
-    ok = subprocess.run([check, "--builtin-schema", "vendor.compose-spec", str(COMPOSE_FILE)],
-                        capture_output=True, text=True, timeout=120)
+    ok = subprocess.run(
+        [check, "--builtin-schema", "vendor.compose-spec", str(COMPOSE_FILE)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert ok.returncode == 0, ok.stdout + ok.stderr
     # The schema is strict enough to catch a misspelled key.
     bad = tmp_path / "docker-compose.yml"
     bad.write_text(COMPOSE_FILE.read_text().replace("    hostname: node1", "    hostnme: node1"))
-    out = subprocess.run([check, "--builtin-schema", "vendor.compose-spec", str(bad)],
-                         capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [check, "--builtin-schema", "vendor.compose-spec", str(bad)], capture_output=True, text=True, timeout=120
+    )
     assert out.returncode != 0 and "hostnme" in out.stdout + out.stderr
 
 
@@ -104,8 +115,11 @@ def test_compose_nodes_run_one_two_node_torchrun_job(train_args: str) -> None:
     assert set(services) == {"node0", "node1"}
     commands = []
     for service in services.values():
-        assert service["build"] == {"context": "..", "dockerfile": "docker/Dockerfile",
-                                    "args": {"VARIANT": "${PIPELINE_VARIANT:-cpu}"}}
+        assert service["build"] == {
+            "context": "..",
+            "dockerfile": "docker/Dockerfile",
+            "args": {"VARIANT": "${PIPELINE_VARIANT:-cpu}"},
+        }
         assert (ROOT / "docker" / service["build"]["context"] / service["build"]["dockerfile"]).resolve() == DOCKERFILE
         env = _service_env(service, host_env)
         # Both nodes: one rendezvous (the first node's c10d store), one run id, so one run folder.
@@ -118,10 +132,15 @@ def test_compose_nodes_run_one_two_node_torchrun_job(train_args: str) -> None:
         script = next(i for i, arg in enumerate(torchrun) if arg.endswith("pipeline/train.py"))
         assert Path(torchrun[0]).name == "torchrun" and Path(torchrun[script]) == ROOT / "pipeline" / "train.py"
         flags = torchrun[1:script]
-        for flag, want in {"--nnodes": "2", "--nproc_per_node": env["NPROC"], "--rdzv_backend": "c10d",
-                           "--rdzv_endpoint": "node0:29500", "--rdzv_id": "job-42"}.items():
+        for flag, want in {
+            "--nnodes": "2",
+            "--nproc_per_node": env["NPROC"],
+            "--rdzv_backend": "c10d",
+            "--rdzv_endpoint": "node0:29500",
+            "--rdzv_id": "job-42",
+        }.items():
             assert flags[flags.index(flag) + 1] == want, (flag, flags)
-        overrides = torchrun[script + 1:]
+        overrides = torchrun[script + 1 :]
         assert overrides == ["checkpoint.dir=/app/checkpoints/job-42", *train_args.split()]
         _assert_overrides_compose(overrides)
         commands.append(torchrun)
@@ -151,8 +170,9 @@ def _instructions() -> list[tuple[str, str]]:
 
 def test_dockerfile_passes_hadolint() -> None:
     hadolint = _tool("hadolint")
-    out = subprocess.run([hadolint, "--no-color", str(DOCKERFILE)], cwd=ROOT, capture_output=True, text=True,
-                         timeout=120)
+    out = subprocess.run(
+        [hadolint, "--no-color", str(DOCKERFILE)], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
     assert out.returncode == 0, out.stdout + out.stderr
 
 
@@ -198,8 +218,9 @@ exit 0
 
 
 def _launch(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
-    return subprocess.run(["bash", "launch.sh", *args], cwd=ROOT, capture_output=True, text=True, timeout=60,
-                          env={**os.environ, **env})
+    return subprocess.run(
+        ["bash", "launch.sh", *args], cwd=ROOT, capture_output=True, text=True, timeout=60, env={**os.environ, **env}
+    )
 
 
 def test_launch_compose_wraps_docker_compose(tmp_path) -> None:

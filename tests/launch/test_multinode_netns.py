@@ -32,8 +32,13 @@ ADDRESSES = ("198.18.0.1", "198.18.0.2")
 RDZV_PORT = 29400  # inside node 0's namespace: no clash with anything on the host
 STEPS = 200
 
-COMMON = ["trainer.max_steps=%d" % STEPS, "trainer.eval_every_steps=100", "logger.log_every_steps=50",
-          "sharding=table_wise", "trainer.num_threads=1"]
+COMMON = [
+    f"trainer.max_steps={STEPS}",
+    "trainer.eval_every_steps=100",
+    "logger.log_every_steps=50",
+    "sharding=table_wise",
+    "trainer.num_threads=1",
+]
 
 
 def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -87,19 +92,23 @@ class TwoNodeNetwork:
         self.namespaces = (f"{base}n0", f"{base}n1")
         self.interfaces = (f"{base}v0", f"{base}v1")  # <= 15 characters for a pid up to 7 digits
 
-    def __enter__(self) -> "TwoNodeNetwork":
+    def __enter__(self) -> TwoNodeNetwork:
         try:
             for ns in self.namespaces:
                 _ip("netns", "add", ns)
             _ip("link", "add", self.interfaces[0], "type", "veth", "peer", "name", self.interfaces[1])
-            for ns, dev, addr in zip(self.namespaces, self.interfaces, ADDRESSES):
+            for ns, dev, addr in zip(self.namespaces, self.interfaces, ADDRESSES, strict=True):
                 _ip("link", "set", dev, "netns", ns)
                 _ip("-n", ns, "addr", "add", f"{addr}/24", "dev", dev)
                 _ip("-n", ns, "link", "set", dev, "up")
                 _ip("-n", ns, "link", "set", "lo", "up")
             if shutil.which("ping"):  # the link works before any training starts
-                ping = subprocess.run(["ip", "netns", "exec", self.namespaces[1], "ping", "-c", "1", "-W", "5",
-                                       ADDRESSES[0]], capture_output=True, text=True, timeout=30)
+                ping = subprocess.run(
+                    ["ip", "netns", "exec", self.namespaces[1], "ping", "-c", "1", "-W", "5", ADDRESSES[0]],
+                    capture_output=True,
+                    text=True,
+                    timeout=30,
+                )
                 if ping.returncode != 0:
                     raise RuntimeError(f"veth link down: {ping.stdout}{ping.stderr}")
         except BaseException:
@@ -119,17 +128,41 @@ class TwoNodeNetwork:
 
 
 def _start_node(net: TwoNodeNetwork, node: int, run_dir: Path, overrides: list[str], log: Path) -> subprocess.Popen:
-    cmd = ["ip", "netns", "exec", net.namespaces[node],
-           sys.executable, "-m", "torch.distributed.run",
-           "--nnodes", "2", "--nproc_per_node", "1",
-           "--rdzv_backend", "c10d", "--rdzv_endpoint", f"{ADDRESSES[0]}:{RDZV_PORT}", "--rdzv_id", run_dir.name,
-           # Node 0's namespace hosts the rendezvous store: torchrun cannot tell by the hostname, which
-           # both namespaces share. --local_addr is the address this node's ranks are reached at.
-           "--rdzv_conf", f"is_host={'true' if node == 0 else 'false'}",
-           "--local_addr", ADDRESSES[node],
-           str(ROOT / "pipeline" / "train.py"), f"hydra.run.dir={run_dir}", "logger.progress_bar=false", *overrides]
-    env = {**os.environ, "PIPELINE_RUN_ID": run_dir.name, "GLOO_SOCKET_IFNAME": net.interfaces[node],
-           "OMP_NUM_THREADS": "1"}
+    cmd = [
+        "ip",
+        "netns",
+        "exec",
+        net.namespaces[node],
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nnodes",
+        "2",
+        "--nproc_per_node",
+        "1",
+        "--rdzv_backend",
+        "c10d",
+        "--rdzv_endpoint",
+        f"{ADDRESSES[0]}:{RDZV_PORT}",
+        "--rdzv_id",
+        run_dir.name,
+        # Node 0's namespace hosts the rendezvous store: torchrun cannot tell by the hostname, which
+        # both namespaces share. --local_addr is the address this node's ranks are reached at.
+        "--rdzv_conf",
+        f"is_host={'true' if node == 0 else 'false'}",
+        "--local_addr",
+        ADDRESSES[node],
+        str(ROOT / "pipeline" / "train.py"),
+        f"hydra.run.dir={run_dir}",
+        "logger.progress_bar=false",
+        *overrides,
+    ]
+    env = {
+        **os.environ,
+        "PIPELINE_RUN_ID": run_dir.name,
+        "GLOO_SOCKET_IFNAME": net.interfaces[node],
+        "OMP_NUM_THREADS": "1",
+    }
     with open(log, "w") as out:
         return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
 

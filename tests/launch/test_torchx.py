@@ -28,8 +28,13 @@ from tests.conftest import ROOT
 
 TORCHX = Path(sys.executable).parent / "torchx"
 COMPONENT_FILE = f"{ROOT / 'pipeline' / 'launch' / 'components.py'}:ddp"
-SHORT_RUN = ["trainer.max_steps=30", "trainer.eval_every_steps=0", "logger.log_every_steps=10", "trainer.num_threads=1",
-             "logger.progress_bar=false"]
+SHORT_RUN = [
+    "trainer.max_steps=30",
+    "trainer.eval_every_steps=0",
+    "logger.log_every_steps=10",
+    "trainer.num_threads=1",
+    "logger.progress_bar=false",
+]
 _HANDLE = re.compile(r"^local_cwd://torchx/(\S+)$", re.M)
 
 
@@ -168,17 +173,40 @@ def _check_one_run_folder(run: subprocess.CompletedProcess, runs: Path, world_si
 @pytest.mark.distributed
 def test_two_nodes_of_one_process_positional_script(tmp_path, torchx_env, tiny_data_overrides) -> None:
     runs = tmp_path / "runs"
-    run = _torchx(torchx_env, "run", "dist.ddp", "-j", "2x1", "--rdzv_port", str(_free_port()),
-                  "pipeline/train.py", *tiny_data_overrides, *SHORT_RUN, f"hydra.run.dir={runs}/${{run_id:}}",
-                  timeout=240)
+    run = _torchx(
+        torchx_env,
+        "run",
+        "dist.ddp",
+        "-j",
+        "2x1",
+        "--rdzv_port",
+        str(_free_port()),
+        "pipeline/train.py",
+        *tiny_data_overrides,
+        *SHORT_RUN,
+        f"hydra.run.dir={runs}/${{run_id:}}",
+        timeout=240,
+    )
     _check_one_run_folder(run, runs, world_size=2)
 
 
 @pytest.mark.distributed
 def test_one_node_of_two_processes_script_flag(tmp_path, torchx_env, tiny_data_overrides) -> None:
     runs = tmp_path / "runs"
-    run = _torchx(torchx_env, "run", "dist.ddp", "-j", "1x2", "--script", "pipeline/train.py", "--",
-                  *tiny_data_overrides, *SHORT_RUN, f"hydra.run.dir={runs}/${{run_id:}}", timeout=240)
+    run = _torchx(
+        torchx_env,
+        "run",
+        "dist.ddp",
+        "-j",
+        "1x2",
+        "--script",
+        "pipeline/train.py",
+        "--",
+        *tiny_data_overrides,
+        *SHORT_RUN,
+        f"hydra.run.dir={runs}/${{run_id:}}",
+        timeout=240,
+    )
     _check_one_run_folder(run, runs, world_size=2)
 
 
@@ -207,15 +235,21 @@ def test_slurm_sbatch_script_runs_torchrun_on_every_node(tmp_path) -> None:
     fake_venv = tmp_path / "venv"
     (fake_venv / "bin").mkdir(parents=True)
     torchrun = fake_venv / "bin" / "torchrun"
-    torchrun.write_text(f"#!{sys.executable}\nimport json, os, sys\n"
-                        "print(json.dumps({'argv': sys.argv[1:], 'run_id': os.environ.get('PIPELINE_RUN_ID')}))\n")
+    torchrun.write_text(
+        f"#!{sys.executable}\nimport json, os, sys\n"
+        "print(json.dumps({'argv': sys.argv[1:], 'run_id': os.environ.get('PIPELINE_RUN_ID')}))\n"
+    )
     torchrun.chmod(0o755)
     srun = tmp_path / "srun"
     srun.write_text(f"#!{sys.executable}\n" + _FAKE_SRUN)
     srun.chmod(0o755)
     (tmp_path / "job.sh").write_text(script)
-    env = {"PATH": f"{tmp_path}{os.pathsep}{os.environ['PATH']}", "SLURM_JOB_ID": "4242",
-           "SLURM_JOB_NODELIST_HET_GROUP_0": "node-a", "PIPELINE_VENV": str(fake_venv)}
+    env = {
+        "PATH": f"{tmp_path}{os.pathsep}{os.environ['PATH']}",
+        "SLURM_JOB_ID": "4242",
+        "SLURM_JOB_NODELIST_HET_GROUP_0": "node-a",
+        "PIPELINE_VENV": str(fake_venv),
+    }
     out = subprocess.run(["bash", "job.sh"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr[-3000:]
     nodes = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
@@ -230,8 +264,23 @@ def test_slurm_sbatch_script_runs_torchrun_on_every_node(tmp_path) -> None:
 
 
 def test_resource_and_restart_options_from_the_command_line() -> None:
-    info = _dryrun("slurm", ["-j", "1:2x1", "--cpu", "3", "--memMB", "1000", "--max_restarts", "2",
-                             "--max_retries", "1", "--", "model=tiny"])
+    info = _dryrun(
+        "slurm",
+        [
+            "-j",
+            "1:2x1",
+            "--cpu",
+            "3",
+            "--memMB",
+            "1000",
+            "--max_restarts",
+            "2",
+            "--max_retries",
+            "1",
+            "--",
+            "model=tiny",
+        ],
+    )
     request = info.request
     assert request.max_retries == 1  # Slurm requeues the job once after a failure
     for replica in request.replicas.values():
@@ -266,12 +315,25 @@ for g in groups:
 
 
 def test_kubernetes_volcano_job_gang_schedules_every_node() -> None:
-    pytest.importorskip("kubernetes", reason="the kubernetes package renders TorchX's pod specs "
-                        "(pip install kubernetes 'urllib3<1.27')")
-    info = _dryrun("kubernetes",
-                   ["-j", "2x8", "--gpu", "8", "--image", "registry.example/dlrm-pipeline:1",
-                    "--mounts", "type=volume,src=dlrm-outputs,dst=/app/outputs", "pipeline/train.py", "model=tiny"],
-                   cfg={"queue": "default"})
+    pytest.importorskip(
+        "kubernetes", reason="the kubernetes package renders TorchX's pod specs (pip install kubernetes 'urllib3<1.27')"
+    )
+    info = _dryrun(
+        "kubernetes",
+        [
+            "-j",
+            "2x8",
+            "--gpu",
+            "8",
+            "--image",
+            "registry.example/dlrm-pipeline:1",
+            "--mounts",
+            "type=volume,src=dlrm-outputs,dst=/app/outputs",
+            "pipeline/train.py",
+            "model=tiny",
+        ],
+        cfg={"queue": "default"},
+    )
     job = info.request.resource
     assert job["kind"] == "Job" and job["apiVersion"].startswith("batch.volcano.sh/")
     assert job["spec"]["queue"] == "default" and job["spec"]["schedulerName"] == "volcano"
@@ -295,8 +357,9 @@ def test_kubernetes_volcano_job_gang_schedules_every_node() -> None:
 
 
 def test_kubernetes_defaults_come_from_torchxconfig(torchx_env) -> None:
-    pytest.importorskip("kubernetes", reason="the kubernetes package renders TorchX's pod specs "
-                        "(pip install kubernetes 'urllib3<1.27')")
+    pytest.importorskip(
+        "kubernetes", reason="the kubernetes package renders TorchX's pod specs (pip install kubernetes 'urllib3<1.27')"
+    )
     # No -cfg queue=..., no --workspace "": .torchxconfig gives the queue and submits the image as built.
     dry = _torchx(torchx_env, "run", "-s", "kubernetes", "--dryrun", "dist.ddp", "-j", "2x1", "pipeline/train.py")
     assert dry.returncode == 0, dry.stderr[-3000:]

@@ -15,8 +15,14 @@ SCRIPT = str(ROOT / "pipeline" / "train.py")  # the installed package's entry, b
 
 def _launch(*args: str, **env: str) -> subprocess.CompletedProcess:
     base = {k: v for k, v in os.environ.items() if k not in ("NNODES", "RDZV_ENDPOINT", "PIPELINE_RUN_ID", "NPROC")}
-    return subprocess.run(["bash", "launch.sh", *args], cwd=ROOT, capture_output=True, text=True, timeout=60,
-                          env={**base, "PIPELINE_DRY_RUN": "1", **env})
+    return subprocess.run(
+        ["bash", "launch.sh", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**base, "PIPELINE_DRY_RUN": "1", **env},
+    )
 
 
 def _argv(*args: str, **env: str) -> list[str]:
@@ -25,10 +31,15 @@ def _argv(*args: str, **env: str) -> list[str]:
     return shlex.split(out.stdout)
 
 
-@pytest.mark.parametrize("args", [["train", "-m", "optimizer.lr=0.01,0.1"],
-                                  ["train", "--multirun", "optimizer.lr=0.01,0.1"],
-                                  ["sweep", "optimizer.lr=0.01,0.1"],
-                                  ["sweep", "-m", "optimizer.lr=0.01,0.1"]])
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["train", "-m", "optimizer.lr=0.01,0.1"],
+        ["train", "--multirun", "optimizer.lr=0.01,0.1"],
+        ["sweep", "optimizer.lr=0.01,0.1"],
+        ["sweep", "-m", "optimizer.lr=0.01,0.1"],
+    ],
+)
 def test_sweep_runs_in_one_process_not_under_torchrun(args: list[str]) -> None:
     argv = _argv(*args)
     # One Hydra process expands the sweep; its launcher starts torchrun per point.
@@ -44,8 +55,20 @@ def test_train_is_one_standalone_torchrun_node_by_default() -> None:
 
 def test_train_on_several_nodes_uses_c10d_rendezvous_with_the_run_id() -> None:
     argv = _argv("train", "model=tiny", NNODES="2", NPROC="1", RDZV_ENDPOINT="node0:29500", PIPELINE_RUN_ID="job1")
-    assert argv[1:] == ["--nnodes", "2", "--nproc_per_node", "1", "--rdzv_backend", "c10d", "--rdzv_endpoint",
-                        "node0:29500", "--rdzv_id", "job1", SCRIPT, "model=tiny"]
+    assert argv[1:] == [
+        "--nnodes",
+        "2",
+        "--nproc_per_node",
+        "1",
+        "--rdzv_backend",
+        "c10d",
+        "--rdzv_endpoint",
+        "node0:29500",
+        "--rdzv_id",
+        "job1",
+        SCRIPT,
+        "model=tiny",
+    ]
     # Without an endpoint or a shared run id the nodes could not meet (or would write two folders).
     for env in ({"RDZV_ENDPOINT": "node0:29500"}, {"PIPELINE_RUN_ID": "job1"}):
         out = _launch("train", NNODES="2", **env)
@@ -66,22 +89,45 @@ def test_help_explains_every_command_with_an_example() -> None:
     for command in ("train", "sweep", "test", "preprocess", "doctor", "setup", "compose", "submit"):
         assert f"\n  {command} " in out.stdout
         assert f"./launch.sh {command}" in out.stdout
-    for text in ("-m model.embedding_dim=64,128 optimizer.lr=0.01,0.1", "hydra/launcher=slurm", "compose up",
-                 "NNODES=2 RDZV_ENDPOINT="):
+    for text in (
+        "-m model.embedding_dim=64,128 optimizer.lr=0.01,0.1",
+        "hydra/launcher=slurm",
+        "compose up",
+        "NNODES=2 RDZV_ENDPOINT=",
+    ):
         assert text in out.stdout
 
 
 def test_max_restarts_reaches_torchrun() -> None:
     argv = _argv("train", "model=tiny", NPROC="2", MAX_RESTARTS="3")
-    assert argv[1:] == ["--standalone", "--nnodes", "1", "--nproc_per_node", "2", "--max-restarts", "3",
-                        SCRIPT, "model=tiny"]
+    assert argv[1:] == [
+        "--standalone",
+        "--nnodes",
+        "1",
+        "--nproc_per_node",
+        "2",
+        "--max-restarts",
+        "3",
+        SCRIPT,
+        "model=tiny",
+    ]
 
 
 def test_submit_puts_torchx_run_options_before_the_component() -> None:
     argv = _argv("submit", "slurm", "--dryrun", "-cfg", "partition=cpu", "-j", "2x8", "model=tiny")
     assert argv[0].endswith("/torchx")
-    assert argv[1:] == ["run", "--scheduler", "slurm", "--dryrun", "-cfg", "partition=cpu", "dist.ddp", "-j", "2x8",
-                        "model=tiny"]
+    assert argv[1:] == [
+        "run",
+        "--scheduler",
+        "slurm",
+        "--dryrun",
+        "-cfg",
+        "partition=cpu",
+        "dist.ddp",
+        "-j",
+        "2x8",
+        "model=tiny",
+    ]
 
 
 @pytest.mark.parametrize("env", [{}, {"NNODES": "2", "RDZV_ENDPOINT": "node0:29500", "PIPELINE_RUN_ID": "job1"}])
@@ -92,8 +138,14 @@ def test_train_gives_every_torchrun_restart_a_fresh_rendezvous_store(monkeypatch
 
     seen: dict = {}
     monkeypatch.setattr(cli, "_torchrun", lambda argv, run_id: seen.update(argv=argv, env=dict(os.environ)) or 0)
-    for key in ("NNODES", "RDZV_ENDPOINT", "PIPELINE_RUN_ID", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "NPROC",
-                "OMP_NUM_THREADS"):
+    for key in (
+        "NNODES",
+        "RDZV_ENDPOINT",
+        "PIPELINE_RUN_ID",
+        "TORCH_DISABLE_SHARE_RDZV_TCP_STORE",
+        "NPROC",
+        "OMP_NUM_THREADS",
+    ):
         monkeypatch.setenv(key, "unset")
         monkeypatch.delenv(key)
     for key, value in {**env, "MAX_RESTARTS": "2"}.items():
@@ -105,8 +157,14 @@ def test_train_gives_every_torchrun_restart_a_fresh_rendezvous_store(monkeypatch
 
 def test_a_bad_override_stops_before_torchrun_in_a_few_lines(tmp_path) -> None:
     """Checked in one process before torchrun: one message with the closest key, exit code 2, no run folder."""
-    out = subprocess.run([str(ROOT / ".venv" / "bin" / "dlrm-pipeline"), "train", "trainer.max_step=5"], cwd=tmp_path,
-                         capture_output=True, text=True, timeout=120, env={**os.environ, "PIPELINE_RUN_ID": "bad"})
+    out = subprocess.run(
+        [str(ROOT / ".venv" / "bin" / "dlrm-pipeline"), "train", "trainer.max_step=5"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PIPELINE_RUN_ID": "bad"},
+    )
     assert out.returncode == 2
     lines = (out.stdout + out.stderr).strip().splitlines()
     assert len(lines) <= 5 and "Traceback" not in out.stderr, lines

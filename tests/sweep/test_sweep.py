@@ -32,8 +32,9 @@ QUICK = ["trainer.max_steps=10", "trainer.eval_every_steps=0", "trainer.run_doct
 
 
 def _sweep(args: list[str], env: dict[str, str] | None = None, timeout: int = 240) -> subprocess.CompletedProcess:
-    return subprocess.run(args, cwd=ROOT, env={**os.environ, **(env or {})}, capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        args, cwd=ROOT, env={**os.environ, **(env or {})}, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def _rows(sweep_dir: Path) -> list[dict[str, str]]:
@@ -45,13 +46,26 @@ def _rows(sweep_dir: Path) -> list[dict[str, str]]:
 @pytest.mark.slow
 def test_launch_sh_sweep_runs_every_point_and_writes_one_table(tmp_path, tiny_data_overrides) -> None:
     sweep_dir = tmp_path / "sweep"
-    out = _sweep(["bash", "launch.sh", "train", "-m", *tiny_data_overrides, *QUICK, "optimizer.lr=0.01,0.1",
-                  f"hydra.sweep.dir={sweep_dir}"], env={"NPROC": "1", "PIPELINE_RUN_ID": "sweep-test"})
+    out = _sweep(
+        [
+            "bash",
+            "launch.sh",
+            "train",
+            "-m",
+            *tiny_data_overrides,
+            *QUICK,
+            "optimizer.lr=0.01,0.1",
+            f"hydra.sweep.dir={sweep_dir}",
+        ],
+        env={"NPROC": "1", "PIPELINE_RUN_ID": "sweep-test"},
+    )
     assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
 
     rows = _rows(sweep_dir)
     assert [(r["num"], r["status"], r["exit_code"], r["optimizer.lr"]) for r in rows] == [
-        ("0", "ok", "0", "0.01"), ("1", "ok", "0", "0.1")]
+        ("0", "ok", "0", "0.01"),
+        ("1", "ok", "0", "0.1"),
+    ]
     for num, row in enumerate(rows):
         point = sweep_dir / str(num)
         summary = json.loads((point / "summary.json").read_text())
@@ -80,9 +94,18 @@ def test_failed_point_is_reported_and_the_others_still_run_on_two_ranks(tmp_path
     """255 rows do not split over 2 ranks: point #0's config is refused before it starts; 40,000 rows a step
     are more than the training split holds: #1 fails at start (a data error); #2 trains on 2 ranks."""
     sweep_dir = tmp_path / "sweep"
-    out = _sweep([sys.executable, "pipeline/train.py", "-m", *tiny_data_overrides, *QUICK,
-                  "data.global_batch_size=255,40000,256", "hydra.launcher.nproc_per_node=2",
-                  f"hydra.sweep.dir={sweep_dir}"])
+    out = _sweep(
+        [
+            sys.executable,
+            "pipeline/train.py",
+            "-m",
+            *tiny_data_overrides,
+            *QUICK,
+            "data.global_batch_size=255,40000,256",
+            "hydra.launcher.nproc_per_node=2",
+            f"hydra.sweep.dir={sweep_dir}",
+        ]
+    )
     assert out.returncode != 0, "a sweep with a failed point exits non-zero"
     assert "2 of 3 points failed" in out.stderr
 
@@ -102,9 +125,20 @@ def test_point_over_its_time_limit_is_stopped_with_its_ranks(tmp_path) -> None:
     # Its own data folder: the point may be stopped while it generates data.
     data = ["model=tiny", "data=tiny", f"data.raw_dir={tmp_path}/raw", f"data.processed_dir={tmp_path}/processed"]
     sweep_dir = tmp_path / "sweep"
-    out = _sweep([sys.executable, "pipeline/train.py", "-m", *data, *QUICK, "optimizer.lr=0.1",
-                  "hydra.launcher.nproc_per_node=2", "hydra.launcher.timeout_s=2", f"hydra.sweep.dir={sweep_dir}"],
-                 timeout=120)
+    out = _sweep(
+        [
+            sys.executable,
+            "pipeline/train.py",
+            "-m",
+            *data,
+            *QUICK,
+            "optimizer.lr=0.1",
+            "hydra.launcher.nproc_per_node=2",
+            "hydra.launcher.timeout_s=2",
+            f"hydra.sweep.dir={sweep_dir}",
+        ],
+        timeout=120,
+    )
     assert out.returncode != 0
     (row,) = _rows(sweep_dir)
     assert row["status"] == "timeout" and row["val_auc"] == ""
@@ -118,9 +152,20 @@ def test_point_over_its_time_limit_is_stopped_with_its_ranks(tmp_path) -> None:
 def test_sigterm_to_the_sweep_stops_its_running_points(tmp_path) -> None:
     data = ["model=tiny", "data=tiny", f"data.raw_dir={tmp_path}/raw", f"data.processed_dir={tmp_path}/processed"]
     sweep_dir = tmp_path / "sweep"
-    proc = subprocess.Popen([sys.executable, "pipeline/train.py", "-m", *data, "optimizer.lr=0.1,0.2",
-                             "hydra.launcher.nproc_per_node=2", f"hydra.sweep.dir={sweep_dir}"],
-                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "pipeline/train.py",
+            "-m",
+            *data,
+            "optimizer.lr=0.1,0.2",
+            "hydra.launcher.nproc_per_node=2",
+            f"hydra.sweep.dir={sweep_dir}",
+        ],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         deadline = time.monotonic() + 60
         while not (sweep_dir / "0" / "torchrun.log").exists() and time.monotonic() < deadline:
@@ -138,8 +183,13 @@ def test_sigterm_to_the_sweep_stops_its_running_points(tmp_path) -> None:
 
 def test_torchrun_is_the_default_launcher_and_slurm_composes() -> None:
     def hydra_cfg(*overrides: str) -> dict:
-        out = subprocess.run([sys.executable, "pipeline/train.py", "--cfg", "hydra", *overrides], cwd=ROOT,
-                             capture_output=True, text=True, timeout=120)
+        out = subprocess.run(
+            [sys.executable, "pipeline/train.py", "--cfg", "hydra", *overrides],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert out.returncode == 0, out.stderr
         return yaml.safe_load(out.stdout)["hydra"]
 
@@ -164,17 +214,36 @@ def test_plugin_is_discovered_and_refuses_to_run_inside_torchrun(monkeypatch) ->
 
 
 def test_results_table_lists_statuses_swept_values_and_metrics(tmp_path) -> None:
-    final = {f"eval/{s}/{k}": v for s in ("val", "test")
-             for k, v in {"auc": 0.71, "logloss": 0.5, "normalized_entropy": 0.9, "calibration": 1.0}.items()}
+    final = {
+        f"eval/{s}/{k}": v
+        for s in ("val", "test")
+        for k, v in {"auc": 0.71, "logloss": 0.5, "normalized_entropy": 0.9, "calibration": 1.0}.items()
+    }
     points = [
-        SweepPoint(0, ["model=tiny", "optimizer.lr=0.01"], tmp_path / "0", "ok", 0, 12.3,
-                   {"final": final, "world_size": 2, "steps": 10, "train_samples_per_s": 1000.0}),
+        SweepPoint(
+            0,
+            ["model=tiny", "optimizer.lr=0.01"],
+            tmp_path / "0",
+            "ok",
+            0,
+            12.3,
+            {"final": final, "world_size": 2, "steps": 10, "train_samples_per_s": 1000.0},
+        ),
         SweepPoint(1, ["model=tiny", "optimizer.lr=0.1"], tmp_path / "1", "failed", 1, 3.0, None),
     ]
     text = write_results(tmp_path, points, ["optimizer.lr"])
     lines = text.splitlines()
-    assert lines[1].split() == ["#", "status", "exit", "optimizer.lr", "val_auc", "val_logloss", "test_auc",
-                                "test_logloss", "seconds"]
+    assert lines[1].split() == [
+        "#",
+        "status",
+        "exit",
+        "optimizer.lr",
+        "val_auc",
+        "val_logloss",
+        "test_auc",
+        "test_logloss",
+        "seconds",
+    ]
     assert lines[2].split() == ["0", "ok", "0", "0.01", "0.7100", "0.5000", "0.7100", "0.5000", "12.3"]
     assert lines[3].split() == ["1", "failed", "1", "0.1", "-", "-", "-", "-", "3.0"]
     rows = _rows(tmp_path)

@@ -19,15 +19,35 @@ from tests.conftest import ROOT
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
 # Search the MLPs' learning rate only; fix the rest of pipeline/conf/tune/default.yaml's space so trials are quick.
-FIXED = ["optimizer.embedding_lr=0.1", "data.global_batch_size=256", "model.embedding_dim=8", "trainer.num_epochs=1",
-         "optimizer.embedding=row_wise_adagrad", "model.interaction=dot", "data.min_id_frequency=2"]
+FIXED = [
+    "optimizer.embedding_lr=0.1",
+    "data.global_batch_size=256",
+    "model.embedding_dim=8",
+    "trainer.num_epochs=1",
+    "optimizer.embedding=row_wise_adagrad",
+    "model.interaction=dot",
+    "data.min_id_frequency=2",
+]
 
 
 def _tune_cmd(sweep_dir: Path, tuned_dir: Path, data: list[str]) -> list[str]:
-    return ["bash", "launch.sh", "tune", *data, *FIXED, "trainer.max_steps=150", "checkpoint.every_steps=20",
-            "trainer.run_doctor=false", "logger.progress_bar=false", "logger.report=false",
-            "hydra.sweeper.n_trials=3", "hydra.sweeper.n_jobs=1", f"hydra.sweep.dir={sweep_dir}",
-            f"hydra.sweeper.tuned_dir={tuned_dir}", "hydra.sweeper.tuned_name=tiny_best"]
+    return [
+        "bash",
+        "launch.sh",
+        "tune",
+        *data,
+        *FIXED,
+        "trainer.max_steps=150",
+        "checkpoint.every_steps=20",
+        "trainer.run_doctor=false",
+        "logger.progress_bar=false",
+        "logger.report=false",
+        "hydra.sweeper.n_trials=3",
+        "hydra.sweeper.n_jobs=1",
+        f"hydra.sweep.dir={sweep_dir}",
+        f"hydra.sweeper.tuned_dir={tuned_dir}",
+        "hydra.sweeper.tuned_name=tiny_best",
+    ]
 
 
 def _steps(run_dir: Path) -> list[int]:
@@ -41,11 +61,13 @@ def test_tune_resumes_after_a_kill_and_writes_the_best_config(tmp_path, tiny_dat
     sweep_dir, tuned_dir = tmp_path / "sweep", tmp_path / "tuned"
     env = {**os.environ, "NPROC": "1", "PIPELINE_RUN_ID": "tune-test"}
     cmd = _tune_cmd(sweep_dir, tuned_dir, tiny_data_overrides)
-    first = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                             start_new_session=True)
+    first = subprocess.Popen(
+        cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
     deadline = time.time() + 240
-    while time.time() < deadline and not (max(_steps(sweep_dir / "1"), default=0) >= 60
-                                          and list((sweep_dir / "1" / "checkpoints").glob("step_*"))):
+    while time.time() < deadline and not (
+        max(_steps(sweep_dir / "1"), default=0) >= 60 and list((sweep_dir / "1" / "checkpoints").glob("step_*"))
+    ):
         assert first.poll() is None, first.stdout.read()[-3000:]
         time.sleep(0.05)
     # A machine loss: the search process and trial 1's torchrun and rank, all at once.
@@ -60,8 +82,9 @@ def test_tune_resumes_after_a_kill_and_writes_the_best_config(tmp_path, tiny_dat
     with sqlite3.connect(sweep_dir / "optuna.db") as db:
         states = db.execute("SELECT number, state FROM trials ORDER BY number").fetchall()
     assert states == [(0, "COMPLETE"), (1, "COMPLETE"), (2, "COMPLETE")]  # the killed trial finished, no extra one
-    resumed = [json.loads(line) for line in (sweep_dir / "1" / "metrics.jsonl").read_text().splitlines()
-               if '"resume"' in line]
+    resumed = [
+        json.loads(line) for line in (sweep_dir / "1" / "metrics.jsonl").read_text().splitlines() if '"resume"' in line
+    ]
     assert len(resumed) == 1 and resumed[0]["step"] >= 20  # trial 1 went on from its checkpoint
     lrs = [yaml.safe_load((sweep_dir / str(n) / "config.yaml").read_text())["optimizer"]["lr"] for n in range(3)]
     assert len(set(lrs)) == 3, "the resumed search did not repeat the first run's draws"
@@ -75,8 +98,20 @@ def test_tune_resumes_after_a_kill_and_writes_the_best_config(tmp_path, tiny_dat
 
     tuned = yaml.safe_load((tuned_dir / "tiny_best.yaml").read_text())
     assert tuned == {"optimizer": {"lr": best["params"]["optimizer.lr"]}}
-    job = subprocess.run([str(ROOT / ".venv" / "bin" / "python"), "pipeline/train.py", "+tuned=tiny_best",
-                          f"hydra.searchpath=[file://{tmp_path}]", *tiny_data_overrides, "--cfg", "job"],
-                         cwd=ROOT, capture_output=True, text=True, timeout=60)
+    job = subprocess.run(
+        [
+            str(ROOT / ".venv" / "bin" / "python"),
+            "pipeline/train.py",
+            "+tuned=tiny_best",
+            f"hydra.searchpath=[file://{tmp_path}]",
+            *tiny_data_overrides,
+            "--cfg",
+            "job",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert job.returncode == 0, job.stderr[-2000:]
     assert yaml.safe_load(job.stdout)["optimizer"]["lr"] == best["params"]["optimizer.lr"]

@@ -56,15 +56,25 @@ def optimal_metrics(prob: np.ndarray, labels: np.ndarray) -> dict[str, float]:
     ranks[order] = np.repeat(avg, ends - starts)
     positives = y.sum()
     negatives = len(y) - positives
-    auc = float((ranks[y == 1].sum() - positives * (positives + 1) / 2) / (positives * negatives)) \
-        if positives and negatives else float("nan")
-    return {"auc": auc, "logloss": logloss, "normalized_entropy": logloss / entropy,
-            "accuracy": float(((p > 0.5) == (y == 1)).mean()),
-            "calibration": float(p.mean() / ctr) if ctr > 0 else float("nan"), "ctr": ctr, "num_samples": len(p)}
+    auc = (
+        float((ranks[y == 1].sum() - positives * (positives + 1) / 2) / (positives * negatives))
+        if positives and negatives
+        else float("nan")
+    )
+    return {
+        "auc": auc,
+        "logloss": logloss,
+        "normalized_entropy": logloss / entropy,
+        "accuracy": float(((p > 0.5) == (y == 1)).mean()),
+        "calibration": float(p.mean() / ctr) if ctr > 0 else float("nan"),
+        "ctr": ctr,
+        "num_samples": len(p),
+    }
 
 
-def write_split(chunk_table: ChunkTable, truth: Any, seed: int, split_index: int, path: Path,
-                num_rows: int) -> tuple[np.ndarray, np.ndarray]:
+def write_split(
+    chunk_table: ChunkTable, truth: Any, seed: int, split_index: int, path: Path, num_rows: int
+) -> tuple[np.ndarray, np.ndarray]:
     """Write one split's TSV (to a temporary name, renamed when complete); return its true probabilities and
     drawn labels."""
     options = pacsv.WriteOptions(include_header=False, delimiter="\t", quoting_style="none")
@@ -86,8 +96,9 @@ def write_split(chunk_table: ChunkTable, truth: Any, seed: int, split_index: int
     return np.concatenate(probs), np.concatenate(labels)
 
 
-def generate(generator: str, cfg: Any, out_dir: str | Path, truth: Any, chunk_table: ChunkTable,
-             extra: dict | None = None) -> dict:
+def generate(
+    generator: str, cfg: Any, out_dir: str | Path, truth: Any, chunk_table: ChunkTable, extra: dict | None = None
+) -> dict:
     """Write the three splits and ``optimum.json`` (last) into ``out_dir``; return the optimum record."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -99,10 +110,19 @@ def generate(generator: str, cfg: Any, out_dir: str | Path, truth: Any, chunk_ta
         prob, labels = write_split(chunk_table, truth, cfg.seed, i, out / f"{split}.tsv", sizes[split])
         if split != "train" and len(labels):
             optimum[split] = optimal_metrics(prob, labels)
-        logger.info("wrote %s rows to %s (click rate %.4f)", f"{sizes[split]:,}", out / f"{split}.tsv",
-                    labels.mean() if len(labels) else float("nan"))
-    record = {"generator": generator, "config": asdict(cfg), **(extra or {}), "optimum": optimum,
-              "seconds": round(time.perf_counter() - t0, 2)}
+        logger.info(
+            "wrote %s rows to %s (click rate %.4f)",
+            f"{sizes[split]:,}",
+            out / f"{split}.tsv",
+            labels.mean() if len(labels) else float("nan"),
+        )
+    record = {
+        "generator": generator,
+        "config": asdict(cfg),
+        **(extra or {}),
+        "optimum": optimum,
+        "seconds": round(time.perf_counter() - t0, 2),
+    }
     (out / OPTIMUM_FILE).write_text(json.dumps(record, indent=2) + "\n")
     return record
 
@@ -113,5 +133,8 @@ def is_complete(generator: str, cfg: Any, out_dir: str | Path) -> bool:
     if not path.exists():
         return False
     record = json.loads(path.read_text())
-    return (record.get("generator") == generator and record.get("config") == asdict(cfg)
-            and all((Path(out_dir) / f"{s}.tsv").exists() for s in SPLITS))
+    return (
+        record.get("generator") == generator
+        and record.get("config") == asdict(cfg)
+        and all((Path(out_dir) / f"{s}.tsv").exists() for s in SPLITS)
+    )

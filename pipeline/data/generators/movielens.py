@@ -140,9 +140,15 @@ def _draw_pairs(truth: _Truth, rng: np.random.Generator, n: int) -> tuple[np.nda
 
 def _logits(truth: _Truth, users: np.ndarray, items: np.ndarray) -> np.ndarray:
     dot = np.einsum("nk,nk->n", truth.user_latent[users], truth.item_latent[items])
-    return (truth.b0 + dot + truth.user_bias[users] + truth.item_bias[items]
-            + truth.affinity[truth.user_age_bucket[users], truth.item_genre[items]]
-            + _W_ITEM_AGE * truth.item_age_z[items] + _W_ACTIVITY * truth.user_activity_z[users])
+    return (
+        truth.b0
+        + dot
+        + truth.user_bias[users]
+        + truth.item_bias[items]
+        + truth.affinity[truth.user_age_bucket[users], truth.item_genre[items]]
+        + _W_ITEM_AGE * truth.item_age_z[items]
+        + _W_ACTIVITY * truth.user_activity_z[users]
+    )
 
 
 def _chunk_table(truth: _Truth, rng: np.random.Generator, n: int) -> tuple[pa.Table, np.ndarray, np.ndarray]:
@@ -184,8 +190,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=defaults.seed)
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    cfg = MovieLensConfig(num_users=a.users, num_items=a.items, num_train_rows=a.train_rows,
-                          num_val_rows=a.val_rows, num_test_rows=a.test_rows, seed=a.seed)
+    cfg = MovieLensConfig(
+        num_users=a.users,
+        num_items=a.items,
+        num_train_rows=a.train_rows,
+        num_val_rows=a.val_rows,
+        num_test_rows=a.test_rows,
+        seed=a.seed,
+    )
     record = generate(cfg, a.out)
     print(json.dumps(record["optimum"], indent=2))
 

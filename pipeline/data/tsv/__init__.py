@@ -9,5 +9,16 @@ from pipeline.data.tsv.checks import BAD_ROW_KINDS, BadRows, RawDataError, check
 from pipeline.data.tsv.reader import count_lines, open_raw, read_blocks
 from pipeline.data.tsv.scanner import compile_scanner, compiled
 
-__all__ = ["NO_LABEL", "RawBlock", "BAD_ROW_KINDS", "BadRows", "RawDataError", "check_line", "count_lines", "open_raw",
-           "read_blocks", "compile_scanner", "compiled"]
+__all__ = [
+    "NO_LABEL",
+    "RawBlock",
+    "BAD_ROW_KINDS",
+    "BadRows",
+    "RawDataError",
+    "check_line",
+    "count_lines",
+    "open_raw",
+    "read_blocks",
+    "compile_scanner",
+    "compiled",
+]

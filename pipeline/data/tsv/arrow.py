@@ -31,17 +31,25 @@ def parse(data: bytes | memoryview, labelled: bool = True, schema: Schema = CRIT
     """
     # Decimal ids are read as text: pyarrow's integer parser also takes " 7" and "0x1f", which are not ids.
     cat_type = pa.binary(8) if schema.categorical_format == CategoricalFormat.hex else pa.string()
-    types = {**({LABEL: pa.int8()} if labelled else {}), **{c: pa.int64() for c in schema.dense_columns},
-             **{c: cat_type for c in schema.sparse_columns}}
+    types = {
+        **({LABEL: pa.int8()} if labelled else {}),
+        **{c: pa.int64() for c in schema.dense_columns},
+        **{c: cat_type for c in schema.sparse_columns},
+    }
     return pacsv.read_csv(
         pa.py_buffer(data),
-        read_options=pacsv.ReadOptions(column_names=schema.columns if labelled else schema.columns[1:],
-                                       block_size=_ARROW_BLOCK, use_threads=threads),
+        read_options=pacsv.ReadOptions(
+            column_names=schema.columns if labelled else schema.columns[1:],
+            block_size=_ARROW_BLOCK,
+            use_threads=threads,
+        ),
         # Empty lines are rows (of nulls), so they are caught as bad rows instead of vanishing.
-        parse_options=pacsv.ParseOptions(delimiter="\t", quote_char=False, double_quote=False,
-                                         escape_char=False, ignore_empty_lines=False),
-        convert_options=pacsv.ConvertOptions(column_types=types, null_values=[""],
-                                             strings_can_be_null=True, quoted_strings_can_be_null=True),
+        parse_options=pacsv.ParseOptions(
+            delimiter="\t", quote_char=False, double_quote=False, escape_char=False, ignore_empty_lines=False
+        ),
+        convert_options=pacsv.ConvertOptions(
+            column_types=types, null_values=[""], strings_can_be_null=True, quoted_strings_can_be_null=True
+        ),
     )
 
 
@@ -137,7 +145,9 @@ def _int_column(col: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
     """int64 column -> (values with missing as 0, missing mask), read straight from the arrow buffers."""
     arr = _one_chunk(col)
     n = len(arr)
-    values = np.frombuffer(arr.buffers()[1], dtype=np.int64, count=n, offset=arr.offset * 8) if n else np.zeros(0, np.int64)
+    values = (
+        np.frombuffer(arr.buffers()[1], dtype=np.int64, count=n, offset=arr.offset * 8) if n else np.zeros(0, np.int64)
+    )
     valid = _validity(arr)
     if valid is None:
         return values, np.zeros(n, dtype=bool)

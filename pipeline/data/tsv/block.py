@@ -1,5 +1,4 @@
-"""What the reader hands on: chunks of whole lines, and parsed blocks of rows.
-"""
+"""What the reader hands on: chunks of whole lines, and parsed blocks of rows."""
 
 from __future__ import annotations
 
@@ -25,8 +24,14 @@ class RawBlock:
         return len(self.labels)
 
     def take(self, keep: np.ndarray) -> RawBlock:
-        return RawBlock(self.labels[keep], self.dense[keep], self.dense_missing[keep], self.sparse[keep],
-                        self.sparse_missing[keep], self.line_index[keep])
+        return RawBlock(
+            self.labels[keep],
+            self.dense[keep],
+            self.dense_missing[keep],
+            self.sparse[keep],
+            self.sparse_missing[keep],
+            self.line_index[keep],
+        )
 
 
 @dataclass

@@ -98,6 +98,9 @@ def bad_lines(chunk: Chunk, path: Path, labelled: bool = True, schema: Schema = 
         if problem is not None:
             kind, detail = problem
             if chunk.unterminated and i == len(lines) - 1:
-                kind, detail = "truncated_last_line", f"the file ends without a newline inside a malformed row ({detail})"
+                kind, detail = (
+                    "truncated_last_line",
+                    f"the file ends without a newline inside a malformed row ({detail})",
+                )
             bad.append((i, kind, detail))
     return bad

@@ -105,9 +105,15 @@ def _count_newlines(buf: np.ndarray) -> int:
     return sum(int(np.count_nonzero(buf[i : i + _SCAN] == _NEWLINE)) for i in range(0, len(buf), _SCAN))
 
 
-def read_blocks(path: str | Path, block_size_mb: float = 64, bad_rows: str = "error",
-                counter: BadRows | None = None, labelled: bool = True, schema: Schema = CRITEO,
-                then: Callable[[RawBlock], Any] | None = None) -> Iterator[RawBlock] | Iterator[tuple[RawBlock, Any]]:
+def read_blocks(
+    path: str | Path,
+    block_size_mb: float = 64,
+    bad_rows: str = "error",
+    counter: BadRows | None = None,
+    labelled: bool = True,
+    schema: Schema = CRITEO,
+    then: Callable[[RawBlock], Any] | None = None,
+) -> Iterator[RawBlock] | Iterator[tuple[RawBlock, Any]]:
     """Stream a raw file as parsed, validated blocks of about ``block_size_mb`` raw bytes.
 
     Every line is validated in full on every pass, so all passes over a file agree on its bad rows.
@@ -176,12 +182,16 @@ def read_blocks(path: str | Path, block_size_mb: float = 64, bad_rows: str = "er
             lines = np.arange(chunk.first_line, chunk.first_line + chunk.num_lines, dtype=np.int64)
             bad = bad_lines(chunk, path, labelled, schema)
             if not bad:
-                raise RawDataError(f"{path} (lines {chunk.first_line + 1}-{chunk.first_line + chunk.num_lines}): "
-                                   f"pyarrow rejected the block but no line is malformed: {table}")
+                raise RawDataError(
+                    f"{path} (lines {chunk.first_line + 1}-{chunk.first_line + chunk.num_lines}): "
+                    f"pyarrow rejected the block but no line is malformed: {table}"
+                )
             if bad_rows == "error":
                 i, kind, detail = bad[0]
-                raise RawDataError(f"{path}:{chunk.first_line + i + 1}: {detail} [{kind}; data.bad_rows=skip drops "
-                                   "and counts such rows]")
+                raise RawDataError(
+                    f"{path}:{chunk.first_line + i + 1}: {detail} [{kind}; data.bad_rows=skip drops "
+                    "and counts such rows]"
+                )
             for i, kind, detail in bad:
                 counter.add(kind, f"{path}:{chunk.first_line + i + 1}: {detail}")
             drop = np.zeros(chunk.num_lines, dtype=bool)
@@ -193,6 +203,8 @@ def read_blocks(path: str | Path, block_size_mb: float = 64, bad_rows: str = "er
                 table = parse(b"\n".join(kept) + b"\n", labelled, schema)
                 block = convert(table, lines[~drop], labelled, schema)
             except (pa.ArrowInvalid, SlowPath) as e:
-                raise RawDataError(f"{path} (lines {chunk.first_line + 1}-{chunk.first_line + chunk.num_lines}): "
-                                   f"rows still rejected after dropping {len(bad)} malformed lines: {e}") from None
+                raise RawDataError(
+                    f"{path} (lines {chunk.first_line + 1}-{chunk.first_line + chunk.num_lines}): "
+                    f"rows still rejected after dropping {len(bad)} malformed lines: {e}"
+                ) from None
             yield block if then is None else (block, then(block))

@@ -124,5 +124,11 @@ def scan_chunk(chunk: Chunk, labelled: bool, schema: Schema) -> RawBlock | None:
     sparse_missing = np.empty((n, schema.num_sparse), bool, order="F")
     if _scan_hex_rows(buf, labelled, NIBBLE, labels, dense, dense_missing, sparse, sparse_missing) != n:
         return None
-    return RawBlock(labels, dense, dense_missing, sparse, sparse_missing,
-                    np.arange(chunk.first_line, chunk.first_line + n, dtype=np.int64))
+    return RawBlock(
+        labels,
+        dense,
+        dense_missing,
+        sparse,
+        sparse_missing,
+        np.arange(chunk.first_line, chunk.first_line + n, dtype=np.int64),
+    )
