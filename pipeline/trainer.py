@@ -8,7 +8,7 @@ import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -129,8 +129,12 @@ class BestTracker:
         return f"val {self.metric.value} {self.value:.4f} at step {self.step}" if self.step is not None else "none"
 
     def to_dict(self) -> dict:
-        return {"metric": self.metric.value, "value": self.value, "step": self.step,
-                "evals_without_gain": self.evals_without_gain}
+        return {
+            "metric": self.metric.value,
+            "value": self.value,
+            "step": self.step,
+            "evals_without_gain": self.evals_without_gain,
+        }
 
     @classmethod
     def from_dict(cls, d: dict | None, metric: BestMetric) -> BestTracker:
@@ -156,18 +160,29 @@ class Trainer:
         self.writer = RunWriter(self.run_dir, self.env.is_rank_zero, cfg.logger)
         logger.info(
             "rank %d/%d (pid %d) on %s, backend %s, %d threads%s, run folder %s",
-            self.env.rank, self.env.world_size, os.getpid(), self.device, self.backend, self.num_threads,
-            ", freed memory kept for reuse" if self.malloc_tuned else "", self.run_dir,
+            self.env.rank,
+            self.env.world_size,
+            os.getpid(),
+            self.device,
+            self.backend,
+            self.num_threads,
+            ", freed memory kept for reuse" if self.malloc_tuned else "",
+            self.run_dir,
         )
 
         self.manifest = prepare_data_distributed(cfg.data, self.env.is_rank_zero)
         features = FeatureTransform.from_manifest(self.manifest, cfg.data.processed_dir, cfg.data.min_id_frequency)
         self.train_split = BinarySplit(cfg.data.processed_dir, "train", self.manifest, features)
-        self.eval_splits = {s: BinarySplit(cfg.data.processed_dir, s, self.manifest, features) for s in ("val", "test")
-                            if self.manifest.rows(s)}
+        self.eval_splits = {
+            s: BinarySplit(cfg.data.processed_dir, s, self.manifest, features)
+            for s in ("val", "test")
+            if self.manifest.rows(s)
+        }
         if "val" not in self.eval_splits:
-            raise DataError(f"the val split of {cfg.data.processed_dir} has no rows: evaluation and the best "
-                            "checkpoint need validation data (data.val_files, or data.val_fraction with data=tsv)")
+            raise DataError(
+                f"the val split of {cfg.data.processed_dir} has no rows: evaluation and the best "
+                "checkpoint need validation data (data.val_files, or data.val_fraction with data=tsv)"
+            )
         self.adapted = adapt_to_data(cfg, len(self.train_split), self.env.world_size)
         validate_batch_sizes(cfg.data, self.env.world_size)
         if self.env.is_rank_zero:
@@ -176,23 +191,30 @@ class Trainer:
             self._write_resolved_config()
         self.steps_per_epoch = num_train_batches(len(self.train_split), cfg.data.global_batch_size)
         if self.steps_per_epoch == 0:
-            raise DataError(f"the train split of {cfg.data.processed_dir} has {len(self.train_split):,} rows, fewer "
-                            f"than one global batch (data.global_batch_size={cfg.data.global_batch_size}): use a smaller "
-                            "batch or more training data")
+            raise DataError(
+                f"the train split of {cfg.data.processed_dir} has {len(self.train_split):,} rows, fewer "
+                f"than one global batch (data.global_batch_size={cfg.data.global_batch_size}): use a smaller "
+                "batch or more training data"
+            )
         self.total_steps = cfg.trainer.max_steps or self.steps_per_epoch * cfg.trainer.num_epochs
 
         torch.manual_seed(cfg.trainer.seed)  # identical MLP init on every rank (DDP also broadcasts)
         schema = self.manifest.schema  # the columns the data was preprocessed with
-        model = build_model(cfg.model, features.table_sizes, feature_names=list(schema.feature_names),
-                            num_dense_features=schema.num_dense)
+        model = build_model(
+            cfg.model,
+            features.table_sizes,
+            feature_names=list(schema.feature_names),
+            num_dense_features=schema.num_dense,
+        )
         self.local_batch_size = cfg.data.global_batch_size // self.env.world_size
         self.model, self.optimizer = shard_model(
             model, cfg.sharding, cfg.optimizer, self.env, self.device, self.local_batch_size
         )
         # Tables re-initialised each epoch need their full rate in every epoch; the MLPs' rate decays each epoch.
         restarts = cfg.trainer.reset_tables_each_epoch and self.total_steps > self.steps_per_epoch
-        self.schedule, warnings = resolve_schedule(cfg.optimizer, self.total_steps,
-                                                   self.steps_per_epoch if restarts else None)
+        self.schedule, warnings = resolve_schedule(
+            cfg.optimizer, self.total_steps, self.steps_per_epoch if restarts else None
+        )
         if self.env.is_rank_zero:
             for warning in warnings:
                 logger.warning("%s", warning)
@@ -208,8 +230,14 @@ class Trainer:
         self._last_val: tuple[int, BinaryMetrics] | None = None  # (step, metrics) of the last whole-split val eval
         self._last_saved_step: int | None = None
         c = cfg.checkpoint
-        self.checkpointer = ckpt.Checkpointer(c.dir or self.run_dir / "checkpoints", self.env.rank,
-                                              self.env.world_size, c.every_steps, c.every_minutes, c.keep_last)
+        self.checkpointer = ckpt.Checkpointer(
+            c.dir or self.run_dir / "checkpoints",
+            self.env.rank,
+            self.env.world_size,
+            c.every_steps,
+            c.every_minutes,
+            c.keep_last,
+        )
         resume = ckpt.resolve_resume(cfg.trainer.resume, self.checkpointer.root)
         if resume is not None:
             self.restore(resume, load_optimizer=c.load_optimizer)
@@ -228,27 +256,36 @@ class Trainer:
     def _dense_optimizer(self):
         return self.optimizer.optimizers[-1][1]
 
-    def tensor_state(self) -> dict:
-        """The live tensors a checkpoint holds (loading fills them in place)."""
+    def app_state(self) -> dict:
+        """What a checkpoint holds: the model and its optimizers as DCP ``Stateful`` objects."""
         dense = self._dense_optimizer()
         if any(p not in dense.state for p in dense.params.values()):
             dense.init_state()  # Adam-style state appears at the first step; loading needs it to exist
-        return ckpt.tensor_state(self.model, self.optimizer)
+        return ckpt.app_state(self.model, self.optimizer)
 
     def save_checkpoint(self, best: bool = False) -> Path:
         self._check_loss_finite()  # never save a diverged state over a good one
-        train_state = ckpt.TrainState(step=self.step, epoch=self.step // self.steps_per_epoch,
-                                      step_in_epoch=self.step % self.steps_per_epoch,
-                                      train_seconds=self.timer.train_seconds,
-                                      samples=self.step * self.cfg.data.global_batch_size)
+        train_state = ckpt.TrainState(
+            step=self.step,
+            epoch=self.step // self.steps_per_epoch,
+            step_in_epoch=self.step % self.steps_per_epoch,
+            train_seconds=self.timer.train_seconds,
+            samples=self.step * self.cfg.data.global_batch_size,
+        )
         sched = {k: v for k, v in self.scheduler.state_dict().items() if k != "lr_lambdas"}
         from omegaconf import OmegaConf
 
-        path = self.checkpointer.save(self.tensor_state(), train_state, {
-            "scheduler": sched, "global_batch_size": self.cfg.data.global_batch_size,
-            "early_stop": self.best.to_dict(),
-            "config": OmegaConf.to_container(OmegaConf.structured(self.cfg), enum_to_str=True),
-        }, best=best)
+        path = self.checkpointer.save(
+            self.app_state(),
+            train_state,
+            {
+                "scheduler": sched,
+                "global_batch_size": self.cfg.data.global_batch_size,
+                "early_stop": self.best.to_dict(),
+                "config": OmegaConf.to_container(OmegaConf.structured(self.cfg), enum_to_str=True),
+            },
+            best=best,
+        )
         self.writer.event({"event": "checkpoint", "step": self.step, "path": str(path), "best": best})
         self._last_saved_step = self.step
         return path
@@ -260,27 +297,40 @@ class Trainer:
         if load_optimizer:
             ts = ckpt.TrainState(**meta["train_state"])
             if meta.get("global_batch_size") != self.cfg.data.global_batch_size:
-                logger.warning("checkpoint was trained at global batch %s, this run uses %d: the data position "
-                               "is mapped by samples seen", meta.get("global_batch_size"), self.cfg.data.global_batch_size)
+                logger.warning(
+                    "checkpoint was trained at global batch %s, this run uses %d: the data position "
+                    "is mapped by samples seen",
+                    meta.get("global_batch_size"),
+                    self.cfg.data.global_batch_size,
+                )
                 ts.step = ts.samples // self.cfg.data.global_batch_size
             self.step = ts.step
             self.timer.train_seconds = ts.train_seconds
             self.best = BestTracker.from_dict(meta.get("early_stop"), self.cfg.trainer.best_metric)
-            self.scheduler.load_state_dict({**meta["scheduler"], "lr_lambdas": [None] * len(self.optimizer.param_groups)})
+            self.scheduler.load_state_dict(
+                {**meta["scheduler"], "lr_lambdas": [None] * len(self.optimizer.param_groups)}
+            )
             for group, lr in zip(self.optimizer.param_groups, self.scheduler.get_last_lr(), strict=True):
                 group["lr"] = lr
-        logger.info("resumed from %s (saved by %d rank(s)) at step %d in %.2fs", path, meta["world_size"], self.step,
-                    time.perf_counter() - t0)
-        self.writer.event({"event": "resume", "step": self.step, "samples": self.step * self.cfg.data.global_batch_size,
-                           "path": str(path), "saved_world_size": meta["world_size"]})
+        logger.info(
+            "resumed from %s (saved by %d rank(s)) at step %d in %.2fs",
+            path,
+            meta["world_size"],
+            self.step,
+            time.perf_counter() - t0,
+        )
+        self.writer.event(
+            {
+                "event": "resume",
+                "step": self.step,
+                "samples": self.step * self.cfg.data.global_batch_size,
+                "path": str(path),
+                "saved_world_size": meta["world_size"],
+            }
+        )
 
     def _load_weights(self, path: Path, load_optimizer: bool, restore_rng: bool = True) -> dict:
-        state = self.tensor_state()
-        meta = ckpt.load(path, state, self.env.rank, load_optimizer=load_optimizer, restore_rng=restore_rng)
-        self.model.load_state_dict(state["model"])
-        if load_optimizer:
-            self.optimizer.load_state_dict({"state": state["optim"]})
-        return meta
+        return ckpt.load(path, self.app_state(), self.env.rank, load_optimizer, restore_rng)
 
     def _check_loss_finite(self) -> None:
         if not self.cfg.trainer.stop_on_nonfinite_loss or self.loss is None:
@@ -298,8 +348,9 @@ class Trainer:
     # -- evaluation ---------------------------------------------------------------------------
     def _autocast(self) -> torch.autocast:
         """bf16 autocast of the matmuls when trainer.precision=bf16 (the loss and metrics stay fp32)."""
-        return torch.autocast(self.device.type, dtype=torch.bfloat16,
-                              enabled=self.cfg.trainer.precision == Precision.bf16)
+        return torch.autocast(
+            self.device.type, dtype=torch.bfloat16, enabled=self.cfg.trainer.precision == Precision.bf16
+        )
 
     @torch.no_grad()
     def evaluate(self, split: str, max_batches: int | None = None, save_predictions: bool = False) -> BinaryMetrics:
@@ -310,8 +361,13 @@ class Trainer:
         """
         self.model.eval()
         gatherer = PredictionGatherer()
-        batches = eval_batches(self.eval_splits[split], self.cfg.data.eval_global_batch_size,
-                               self.env.rank, self.env.world_size, max_batches)
+        batches = eval_batches(
+            self.eval_splits[split],
+            self.cfg.data.eval_global_batch_size,
+            self.env.rank,
+            self.env.world_size,
+            max_batches,
+        )
         for eb in batches:
             with self._autocast():
                 _, (_, logits, labels) = self.model(eb.batch.to(self.device))
@@ -322,23 +378,37 @@ class Trainer:
             np.save(self.run_dir / f"predictions_{split}.npy", gatherer.predictions.numpy())
         return metrics
 
-    def _timed_eval(self, split: str, max_batches: int | None, save_predictions: bool = False,
-                    model_step: int | None = None) -> BinaryMetrics:
+    def _timed_eval(
+        self, split: str, max_batches: int | None, save_predictions: bool = False, model_step: int | None = None
+    ) -> BinaryMetrics:
         """Evaluate and log the event; ``model_step``: the step of the weights evaluated, when not the current."""
         t0 = time.perf_counter()
         metrics = self.evaluate(split, max_batches, save_predictions)
         seconds = time.perf_counter() - t0
         partial = max_batches is not None
-        record = {"event": "eval", "step": self.step, "samples": self.step * self.cfg.data.global_batch_size,
-                  "partial": partial, **eval_metrics(split, metrics), eval_key(split, "seconds"): round(seconds, 3)}
+        record = {
+            "event": "eval",
+            "step": self.step,
+            "samples": self.step * self.cfg.data.global_batch_size,
+            "partial": partial,
+            **eval_metrics(split, metrics),
+            eval_key(split, "seconds"): round(seconds, 3),
+        }
         if model_step is not None:
             record["model_step"] = model_step
         self.writer.event(record)
         logger.info(
             "eval %s step %d%s: auc %.4f logloss %.4f ne %.4f acc %.4f calibration %.3f (%s rows%s)",
-            split, self.step, f" (best checkpoint, step {model_step})" if model_step is not None else "", metrics.auc,
-            metrics.logloss, metrics.normalized_entropy, metrics.accuracy, metrics.calibration,
-            f"{metrics.num_samples:,}", ", partial" if partial else "",
+            split,
+            self.step,
+            f" (best checkpoint, step {model_step})" if model_step is not None else "",
+            metrics.auc,
+            metrics.logloss,
+            metrics.normalized_entropy,
+            metrics.accuracy,
+            metrics.calibration,
+            f"{metrics.num_samples:,}",
+            ", partial" if partial else "",
         )
         return metrics
 
@@ -381,8 +451,10 @@ class Trainer:
         if t.early_stop_auc is not None and metrics.auc >= t.early_stop_auc:
             return f"val AUC {metrics.auc:.4f} reached trainer.early_stop_auc={t.early_stop_auc}"
         if t.early_stop_patience and self.best.evals_without_gain >= t.early_stop_patience:
-            return (f"no gain over the best {self.best.describe()} in {self.best.evals_without_gain} evaluations "
-                    f"(trainer.early_stop_patience={t.early_stop_patience})")
+            return (
+                f"no gain over the best {self.best.describe()} in {self.best.evals_without_gain} evaluations "
+                f"(trainer.early_stop_patience={t.early_stop_patience})"
+            )
         return None
 
     # -- training -----------------------------------------------------------------------------
@@ -400,7 +472,8 @@ class Trainer:
             table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30, max_name_column_width=70)
             (out / f"rank{rank}.txt").write_text(
                 f"{steps} training steps at global batch {gbs} from step {self.step - steps + 1}, rank {rank} of "
-                f"{self.env.world_size}, {self.num_threads} threads, {self.device}\n{table}\n")
+                f"{self.env.world_size}, {self.num_threads} threads, {self.device}\n{table}\n"
+            )
             prof.export_chrome_trace(str(out / f"rank{rank}.trace.json"))
             logger.info("profile of %d steps written to %s", steps, out / f"rank{rank}.txt")
 
@@ -414,8 +487,10 @@ class Trainer:
         """From the second epoch on, fresh tables (trainer.reset_tables_each_epoch): see the config."""
         if self.cfg.trainer.reset_tables_each_epoch and self.step > 0 and self.step % self.steps_per_epoch == 0:
             reset_tables(self.model)
-            logger.info("epoch %d starts from re-initialised tables (trainer.reset_tables_each_epoch)",
-                        self.step // self.steps_per_epoch)
+            logger.info(
+                "epoch %d starts from re-initialised tables (trainer.reset_tables_each_epoch)",
+                self.step // self.steps_per_epoch,
+            )
 
     def _log_train(self, bar: tqdm, wall0: float) -> None:
         steps, seconds = self.timer.close_window()
@@ -423,28 +498,56 @@ class Trainer:
         gbs = self.cfg.data.global_batch_size
         mean_loss = self._mean_over_ranks(self.loss.loss_sum / steps)
         self.loss.loss_sum.zero_()
-        self.writer.event({"event": "train", "step": self.step, "epoch": (self.step - 1) // self.steps_per_epoch,
-                           "samples": self.step * gbs, "train/loss": mean_loss, "train/samples_per_s": steps * gbs / seconds,
-                           "train/lr": self.optimizer.param_groups[-1]["lr"], "time_s": round(time.perf_counter() - wall0, 3),
-                           **self._memory_over_ranks()})
+        self.writer.event(
+            {
+                "event": "train",
+                "step": self.step,
+                "epoch": (self.step - 1) // self.steps_per_epoch,
+                "samples": self.step * gbs,
+                "train/loss": mean_loss,
+                "train/samples_per_s": steps * gbs / seconds,
+                "train/lr": self.optimizer.param_groups[-1]["lr"],
+                "time_s": round(time.perf_counter() - wall0, 3),
+                **self._memory_over_ranks(),
+            }
+        )
         bar.set_postfix(loss=f"{mean_loss:.4f}")
 
     def train(self) -> dict:
         """Train for the configured steps, keep the best checkpoint, evaluate, write summary.json; return it."""
         cfg, env = self.cfg, self.env
         gbs = cfg.data.global_batch_size
-        batches = train_batches(self.train_split, gbs, env.rank, env.world_size, cfg.trainer.seed, cfg.data.shuffle,
-                                start_epoch=self.step // self.steps_per_epoch, start_step=self.step % self.steps_per_epoch)
+        batches = train_batches(
+            self.train_split,
+            gbs,
+            env.rank,
+            env.world_size,
+            cfg.trainer.seed,
+            cfg.data.shuffle,
+            start_epoch=self.step // self.steps_per_epoch,
+            start_step=self.step % self.steps_per_epoch,
+        )
         pipeline = TrainPipelineSparseDist(self.model, self.optimizer, self.device, execute_all_batches=True)
         log_every = max(1, cfg.logger.log_every_steps)
         logger.info(
             "training %d steps (%d per epoch) at global batch %d (%d per rank), %s rows; %s; %s",
-            self.total_steps, self.steps_per_epoch, gbs, self.local_batch_size, f"{len(self.train_split):,}",
+            self.total_steps,
+            self.steps_per_epoch,
+            gbs,
+            self.local_batch_size,
+            f"{len(self.train_split):,}",
             self.schedule.describe(),
             f"val evaluated every {self.eval_every} steps" if self.eval_every else "val evaluated at the end",
         )
-        bar = tqdm(total=self.total_steps * gbs, initial=self.step * gbs, unit="sample", unit_scale=True,
-                   mininterval=2.0, disable=not (env.is_rank_zero and cfg.logger.progress_bar), desc="train")
+        bar = tqdm(
+            total=self.total_steps * gbs,
+            initial=self.step * gbs,
+            unit="sample",
+            unit_scale=True,
+            mininterval=2.0,
+            disable=not (env.is_rank_zero and cfg.logger.progress_bar),
+            desc="train",
+        )
         wall0 = time.perf_counter()
         self.timer = StepTimer(self.timer.train_seconds)
         self.train_seconds_at_start = self.timer.train_seconds
@@ -564,17 +667,29 @@ class Trainer:
         }
         if optimum:
             summary["gap_to_optimum"] = {
-                k: v for s, m in final.items() if s in optimum
-                for k, v in eval_metrics(s, {"auc": optimum[s]["auc"] - m.auc,
-                                             "logloss": m.logloss - optimum[s]["logloss"]}).items()
+                k: v
+                for s, m in final.items()
+                if s in optimum
+                for k, v in eval_metrics(
+                    s, {"auc": optimum[s]["auc"] - m.auc, "logloss": m.logloss - optimum[s]["logloss"]}
+                ).items()
             }
         self.writer.summary(summary)
         if self.env.is_rank_zero:
             restored = f" (the best checkpoint, step {self.final_step})" if self.final_step != self.step else ""
-            logger.info("final metrics%s%s:\n%s", restored, " beside the data's optimum" if optimum else "",
-                        format_final(final, optimum))
-            logger.info("throughput %.0f samples/s over %d steps; wall %.1fs; summary in %s",
-                        summary["train_samples_per_s"] or 0, self.step, wall_s, self.run_dir / "summary.json")
+            logger.info(
+                "final metrics%s%s:\n%s",
+                restored,
+                " beside the data's optimum" if optimum else "",
+                format_final(final, optimum),
+            )
+            logger.info(
+                "throughput %.0f samples/s over %d steps; wall %.1fs; summary in %s",
+                summary["train_samples_per_s"] or 0,
+                self.step,
+                wall_s,
+                self.run_dir / "summary.json",
+            )
         return summary
 
     def close(self) -> None:

@@ -8,17 +8,32 @@ from pipeline.checkpoint.manager import (
     PREFIX,
     Checkpointer,
     TrainState,
+    app_state,
     best_checkpoint,
     check_compatible,
     latest_checkpoint,
     load,
     read_meta,
     resolve_resume,
-    tensor_state,
 )
 from pipeline.checkpoint.safe_load import SafeFileSystemReader, load_tensors
 from pipeline.errors import CheckpointError
 
-__all__ = ["BEST", "LATEST", "META", "PREFIX", "Checkpointer", "TrainState", "best_checkpoint", "check_compatible",
-           "latest_checkpoint", "load", "read_meta", "resolve_resume", "tensor_state", "SafeFileSystemReader",
-           "load_tensors", "CheckpointError"]
+__all__ = [
+    "BEST",
+    "LATEST",
+    "META",
+    "PREFIX",
+    "Checkpointer",
+    "TrainState",
+    "best_checkpoint",
+    "check_compatible",
+    "latest_checkpoint",
+    "load",
+    "read_meta",
+    "resolve_resume",
+    "app_state",
+    "SafeFileSystemReader",
+    "load_tensors",
+    "CheckpointError",
+]

@@ -38,8 +38,9 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException as DCPCheckpointException
+from torch.distributed.checkpoint.stateful import Stateful
 
-from pipeline.checkpoint.safe_load import flatten, load_tensors
+from pipeline.checkpoint.safe_load import flatten, load_tensors, plain_state
 from pipeline.errors import CheckpointError
 
 logger = logging.getLogger(__name__)
@@ -62,12 +63,40 @@ class TrainState:
     samples: int = 0
 
 
-def tensor_state(model: torch.nn.Module, optimizer: Any) -> dict[str, Any]:
-    """The model's and both optimizers' tensors, keyed for DCP (the live tensors: load fills them in place)."""
-    state = {"model": model.state_dict(), "optim": optimizer.state_dict()["state"]}
-    bad = {}
-    flatten("", state, bad)
-    not_tensors = [k for k, v in bad.items() if not isinstance(v, torch.Tensor)]
+class ModelState(Stateful):
+    """The model's tensors for DCP (``model.<name>``): the live tensors, so loading fills them in place and
+    then hands them to ``load_state_dict``."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.model.state_dict()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.model.load_state_dict(state_dict)
+
+
+class OptimizerState(Stateful):
+    """Both optimizers' state for DCP (``optim.<param>.<name>``): the fused table optimizers' (sharded with
+    their tables) and the MLPs'; hyper-parameters come from the config, not the checkpoint."""
+
+    def __init__(self, optimizer: Any):
+        self.optimizer = optimizer
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.optimizer.state_dict()["state"]
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict({"state": state_dict})
+
+
+def app_state(model: torch.nn.Module, optimizer: Any) -> dict[str, Stateful]:
+    """What DCP saves and loads: the model and its optimizers, as :class:`Stateful` objects."""
+    state = {"model": ModelState(model), "optim": OptimizerState(optimizer)}
+    flat: dict[str, Any] = {}
+    flatten("", plain_state(state), flat)
+    not_tensors = [k for k, v in flat.items() if not isinstance(v, torch.Tensor)]
     if not_tensors:
         raise CheckpointError(f"state holds non-tensor entries, which DCP would pickle: {not_tensors[:5]}")
     return state
@@ -76,7 +105,7 @@ def tensor_state(model: torch.nn.Module, optimizer: Any) -> dict[str, Any]:
 def _shapes(state: dict[str, Any]) -> dict[str, list[int]]:
     """Global shape of every entry (a ShardedTensor's size is the whole table's)."""
     flat: dict[str, Any] = {}
-    flatten("", state, flat)
+    flatten("", plain_state(state), flat)
     with warnings.catch_warnings():  # ShardedTensor.size() warns that ShardedTensor is being replaced by DTensor
         warnings.simplefilter("ignore", FutureWarning)
         return {k: list(v.size()) for k, v in flat.items()}
@@ -98,8 +127,9 @@ def _rng_state() -> dict[str, torch.Tensor]:
 def _set_rng_state(s: dict[str, torch.Tensor]) -> None:
     torch.set_rng_state(s["torch"])
     pos, has_gauss = (int(x) for x in s["numpy_pos"])
-    np.random.set_state(("MT19937", s["numpy_keys"].numpy().astype(np.uint32), pos, has_gauss,
-                         float(s["numpy_gauss"][0])))
+    np.random.set_state(
+        ("MT19937", s["numpy_keys"].numpy().astype(np.uint32), pos, has_gauss, float(s["numpy_gauss"][0]))
+    )
     random.setstate((int(s["python_version"][0]), tuple(int(x) for x in s["python"]), None))
 
 
@@ -131,7 +161,9 @@ def resolve_resume(resume: str, root: Path) -> Path | None:
     if (path / LATEST).is_file():
         return latest_checkpoint(path)
     if not (path / META).is_file():
-        raise CheckpointError(f"trainer.resume={resume}: no checkpoint there (expected {path / META} or {path / LATEST})")
+        raise CheckpointError(
+            f"trainer.resume={resume}: no checkpoint there (expected {path / META} or {path / LATEST})"
+        )
     return path
 
 
@@ -139,8 +171,15 @@ def resolve_resume(resume: str, root: Path) -> Path | None:
 class Checkpointer:
     """Saves every N steps and/or minutes, keeps the last K, loads with resharding."""
 
-    def __init__(self, root: str | Path, rank: int, world_size: int, every_steps: int = 0,
-                 every_minutes: float = 0.0, keep_last: int = 2):
+    def __init__(
+        self,
+        root: str | Path,
+        rank: int,
+        world_size: int,
+        every_steps: int = 0,
+        every_minutes: float = 0.0,
+        keep_last: int = 2,
+    ):
         self.root = Path(root)
         self.rank = rank
         self.world_size = world_size
@@ -160,7 +199,7 @@ class Checkpointer:
         return by_steps or by_time
 
     def save(self, state: dict[str, Any], train_state: TrainState, extra_meta: dict, best: bool = False) -> Path:
-        """Write a checkpoint of ``state`` (collective: every rank calls it). Returns its folder.
+        """Write a checkpoint of ``state`` (:func:`app_state`; collective: every rank calls it). Returns its folder.
 
         ``best``: it also becomes the ``best`` checkpoint, which pruning keeps beside the last K.
 
@@ -202,8 +241,13 @@ class Checkpointer:
             shapes = {k: v for d in everyone for k, v in d.items()}
         try:
             if self.rank == 0:
-                meta = {"train_state": asdict(train_state), "world_size": self.world_size,
-                        "shapes": dict(sorted(shapes.items())), "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S"), **extra_meta}
+                meta = {
+                    "train_state": asdict(train_state),
+                    "world_size": self.world_size,
+                    "shapes": dict(sorted(shapes.items())),
+                    "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                    **extra_meta,
+                }
                 _write_atomic(tmp / META, json.dumps(meta, indent=2) + "\n")
                 _fsync_dir(tmp)
                 if final.exists():
@@ -231,8 +275,10 @@ class Checkpointer:
             prev = latest.read_text().strip() if latest.is_file() else "none"
             reason = f"{type(error).__name__}: {error}" if error is not None else "another rank failed"
             reason += _space_note(self.root)
-            raise CheckpointError(f"checkpoint save failed to {what} ({reason}); the previous checkpoint ({prev}) "
-                                  "is untouched. Check checkpoint.dir is writable and has space.") from error
+            raise CheckpointError(
+                f"checkpoint save failed to {what} ({reason}); the previous checkpoint ({prev}) "
+                "is untouched. Check checkpoint.dir is writable and has space."
+            ) from error
 
     def mark_best(self, path: Path) -> None:
         """Point ``best`` at an existing checkpoint (rank 0 writes; every rank calls)."""
@@ -308,13 +354,15 @@ def check_compatible(path: Path, meta: dict, state: dict[str, Any], load_optimiz
     if missing or differ:
         lines = [*(f"  shape differs  {d}" for d in differ[:20]), *(f"  not in checkpoint  {k}" for k in missing[:20])]
         more = len(differ) + len(missing) - len(lines)
-        raise CheckpointError(f"checkpoint {path} does not fit this model ({len(differ)} shapes differ, "
-                              f"{len(missing)} missing):\n" + "\n".join(lines) + (f"\n  ... and {more} more" if more > 0 else ""))
+        raise CheckpointError(
+            f"checkpoint {path} does not fit this model ({len(differ)} shapes differ, "
+            f"{len(missing)} missing):\n" + "\n".join(lines) + (f"\n  ... and {more} more" if more > 0 else "")
+        )
 
 
-def load(path: Path, state: dict[str, Any], rank: int, load_optimizer: bool = True,
-         restore_rng: bool = True) -> dict:
-    """Load a checkpoint into ``state`` in place (resharding as needed); returns its meta.json.
+def load(path: Path, state: dict[str, Any], rank: int, load_optimizer: bool = True, restore_rng: bool = True) -> dict:
+    """Load a checkpoint into ``state`` (:func:`app_state`: in place, resharding as needed, then each part's
+    ``load_state_dict``); returns its meta.json.
 
     Raises:
         CheckpointError: shapes differ (named), or an entry is not a tensor.
@@ -326,4 +374,3 @@ def load(path: Path, state: dict[str, Any], rank: int, load_optimizer: bool = Tr
     if restore_rng and rng.is_file() and meta["world_size"] > rank:
         _set_rng_state(torch.load(rng, weights_only=True))
     return meta
-

@@ -14,6 +14,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata, TensorStorageMetadata
+from torch.distributed.checkpoint.stateful import Stateful
 
 from pipeline.errors import CheckpointError
 
@@ -25,9 +26,15 @@ _SAFE_MODULES = (
 )
 
 
-_SAFE_GLOBALS = {("torch", "Size"), ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"),
-                 ("pathlib", "PurePosixPath"), ("collections", "OrderedDict"), ("builtins", "set"),
-                 ("builtins", "frozenset")}
+_SAFE_GLOBALS = {
+    ("torch", "Size"),
+    ("torch.serialization", "_get_layout"),
+    ("pathlib", "PosixPath"),
+    ("pathlib", "PurePosixPath"),
+    ("collections", "OrderedDict"),
+    ("builtins", "set"),
+    ("builtins", "frozenset"),
+}
 
 
 class MetadataUnpickler(pickle.Unpickler):
@@ -38,8 +45,9 @@ class MetadataUnpickler(pickle.Unpickler):
             return super().find_class(module, name)
         if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
             return getattr(torch, name)
-        raise CheckpointError(f"checkpoint metadata refers to {module}.{name}, which is not a checkpoint type: "
-                              "refusing to unpickle it")
+        raise CheckpointError(
+            f"checkpoint metadata refers to {module}.{name}, which is not a checkpoint type: refusing to unpickle it"
+        )
 
 
 class SafeFileSystemReader(FileSystemReader):
@@ -59,9 +67,14 @@ class SafeFileSystemReader(FileSystemReader):
         return metadata
 
 
+def plain_state(state: dict[str, Any]) -> dict[str, Any]:
+    """``state`` with each DCP ``Stateful`` value replaced by its ``state_dict()``."""
+    return {k: v.state_dict() if isinstance(v, Stateful) else v for k, v in state.items()}
+
+
 def load_tensors(path: str | Path, target: dict[str, Any], no_dist: bool = False) -> None:
-    """Fill the tensors of ``target`` (DCP keys -> tensors, nested dicts allowed) from checkpoint ``path`` in
-    place, resharding as needed; every entry asked for must be a tensor in the checkpoint.
+    """Fill the tensors of ``target`` (DCP keys -> tensors, nested dicts or ``Stateful`` objects) from checkpoint
+    ``path`` in place, resharding as needed; every entry asked for must be a tensor in the checkpoint.
 
     ``no_dist``: load in this process only, without a process group (export).
 
@@ -71,10 +84,12 @@ def load_tensors(path: str | Path, target: dict[str, Any], no_dist: bool = False
     reader = SafeFileSystemReader(path)
     metadata = reader.read_metadata()
     wanted: dict[str, Any] = {}
-    flatten("", target, wanted)
+    flatten("", plain_state(target), wanted)
     for key in wanted:
         entry = metadata.state_dict_metadata.get(key)
-        if isinstance(entry, BytesStorageMetadata) or (entry is not None and not isinstance(entry, TensorStorageMetadata)):
+        if isinstance(entry, BytesStorageMetadata) or (
+            entry is not None and not isinstance(entry, TensorStorageMetadata)
+        ):
             raise CheckpointError(f"checkpoint {path}: entry {key} is not a tensor; refusing to unpickle it")
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process.*")
