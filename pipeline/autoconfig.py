@@ -13,14 +13,14 @@ import math
 from pipeline.config import TrainConfig
 
 UPDATES_PER_EPOCH = 1000  # the batch size gives an epoch at least this many updates ...
-MIN_AUTO_BATCH, MAX_AUTO_BATCH = 128, 2048  # ... as a power of two in this range
+MIN_AUTO_BATCH, MAX_AUTO_BATCH = 64, 2048  # ... as a power of two in this range
 SAMPLES_PER_RUN = 1_000_000  # small logs train for about this many samples ...
 MAX_AUTO_EPOCHS = 4  # ... in at most this many epochs (each from fresh tables, the best one kept)
 
 
 def auto_global_batch_size(num_train_rows: int, world_size: int) -> int:
-    """The largest power of two giving an epoch ``UPDATES_PER_EPOCH`` updates, within [128, 2048], rounded up
-    to a multiple of the world size."""
+    """The largest power of two giving an epoch ``UPDATES_PER_EPOCH`` updates, within [``MIN_AUTO_BATCH``,
+    ``MAX_AUTO_BATCH``], rounded up to a multiple of the world size."""
     target = max(1, num_train_rows // UPDATES_PER_EPOCH)
     batch = min(MAX_AUTO_BATCH, max(MIN_AUTO_BATCH, 1 << (target.bit_length() - 1)))
     return -(-batch // world_size) * world_size
@@ -39,13 +39,18 @@ def adapt_to_data(cfg: TrainConfig, num_train_rows: int, world_size: int) -> lis
     d, t = cfg.data, cfg.trainer
     if d.global_batch_size is None:
         d.global_batch_size = auto_global_batch_size(num_train_rows, world_size)
-        chosen.append(f"data.global_batch_size={d.global_batch_size}: {num_train_rows:,} training rows, at least "
-                      f"{UPDATES_PER_EPOCH} updates per epoch with a power of two in [{MIN_AUTO_BATCH}, "
-                      f"{MAX_AUTO_BATCH}] ({num_train_rows // d.global_batch_size:,} per epoch)")
+        chosen.append(
+            f"data.global_batch_size={d.global_batch_size}: {num_train_rows:,} training rows, at least "
+            f"{UPDATES_PER_EPOCH} updates per epoch with a power of two in [{MIN_AUTO_BATCH}, "
+            f"{MAX_AUTO_BATCH}] ({num_train_rows // d.global_batch_size:,} per epoch)"
+        )
     if t.num_epochs is None:
         t.num_epochs = auto_num_epochs(num_train_rows)
-        reason = (f"{num_train_rows:,} training rows: one epoch from {SAMPLES_PER_RUN:,} up" if t.num_epochs == 1 else
-                  f"{num_train_rows:,} training rows: about {SAMPLES_PER_RUN:,} samples in at most {MAX_AUTO_EPOCHS} "
-                  "epochs, each from fresh tables (trainer.reset_tables_each_epoch), the best one kept")
+        reason = (
+            f"{num_train_rows:,} training rows: one epoch from {SAMPLES_PER_RUN:,} up"
+            if t.num_epochs == 1
+            else f"{num_train_rows:,} training rows: about {SAMPLES_PER_RUN:,} samples in at most {MAX_AUTO_EPOCHS} "
+            "epochs, each from fresh tables (trainer.reset_tables_each_epoch), the best one kept"
+        )
         chosen.append(f"trainer.num_epochs={t.num_epochs}: {reason}")
     return chosen
