@@ -460,8 +460,11 @@ def check_environment(log: Callable[[str], None] = logger.info) -> DoctorReport:
     return report
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     """Entry point of ``./launch.sh doctor``: prints the report, 0 when ok."""
+    import argparse
+
+    argparse.ArgumentParser(prog="dlrm-pipeline doctor", description=main.__doc__).parse_args(argv)
     # fbgemm_gpu logs every library it loads; keep only real warnings on the console.
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     report = run_checks()
