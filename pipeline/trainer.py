@@ -513,13 +513,12 @@ class Trainer:
         )
         bar.set_postfix(loss=f"{mean_loss:.4f}")
 
-    def train(self) -> dict:
-        """Train for the configured steps, keep the best checkpoint, evaluate, write summary.json; return it."""
+    def _train_batches(self) -> Iterator:
+        """This rank's training batches from the current step on (the resumed position included)."""
         cfg, env = self.cfg, self.env
-        gbs = cfg.data.global_batch_size
-        batches = train_batches(
+        return train_batches(
             self.train_split,
-            gbs,
+            cfg.data.global_batch_size,
             env.rank,
             env.world_size,
             cfg.trainer.seed,
@@ -527,27 +526,39 @@ class Trainer:
             start_epoch=self.step // self.steps_per_epoch,
             start_step=self.step % self.steps_per_epoch,
         )
-        pipeline = TrainPipelineSparseDist(self.model, self.optimizer, self.device, execute_all_batches=True)
-        log_every = max(1, cfg.logger.log_every_steps)
+
+    def _announce(self) -> None:
         logger.info(
             "training %d steps (%d per epoch) at global batch %d (%d per rank), %s rows; %s; %s",
             self.total_steps,
             self.steps_per_epoch,
-            gbs,
+            self.cfg.data.global_batch_size,
             self.local_batch_size,
             f"{len(self.train_split):,}",
             self.schedule.describe(),
             f"val evaluated every {self.eval_every} steps" if self.eval_every else "val evaluated at the end",
         )
-        bar = tqdm(
+
+    def _progress_bar(self) -> tqdm:
+        gbs = self.cfg.data.global_batch_size
+        return tqdm(
             total=self.total_steps * gbs,
             initial=self.step * gbs,
             unit="sample",
             unit_scale=True,
             mininterval=2.0,
-            disable=not (env.is_rank_zero and cfg.logger.progress_bar),
+            disable=not (self.env.is_rank_zero and self.cfg.logger.progress_bar),
             desc="train",
         )
+
+    def train(self) -> dict:
+        """Train for the configured steps, keep the best checkpoint, evaluate, write summary.json; return it."""
+        gbs = self.cfg.data.global_batch_size
+        log_every = max(1, self.cfg.logger.log_every_steps)
+        batches = self._train_batches()
+        pipeline = TrainPipelineSparseDist(self.model, self.optimizer, self.device, execute_all_batches=True)
+        self._announce()
+        bar = self._progress_bar()
         wall0 = time.perf_counter()
         self.timer = StepTimer(self.timer.train_seconds)
         self.train_seconds_at_start = self.timer.train_seconds
