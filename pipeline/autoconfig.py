@@ -1,21 +1,24 @@
 """Defaults that follow the data: settings left null are chosen from the number of training rows.
 
 A click log of a hundred thousand rows and one of billions want different batch sizes and epoch counts,
-and a fixed default serves one of them badly (2048 rows a step leaves a 125k-row log 61 updates). What is
-chosen, and why, is logged at start and written into the run's ``config.yaml`` and ``summary.json``
-(``chosen_from_data``); setting the key yourself always wins.
+and a fixed default serves one of them badly (2048 rows a step leaves a 125k-row log 61 updates). A batch
+chosen small comes with a smaller table learning rate (Adagrad tables; see :func:`scaled_table_lr`). What
+is chosen, and why, is logged at start and written into the run's ``config.yaml`` and ``summary.json``
+(``chosen_from_data``); setting the key yourself always wins (a batch you set keeps your rates as given).
 """
 
 from __future__ import annotations
 
 import math
 
-from pipeline.config import TrainConfig
+from pipeline.config import EmbeddingOptimizer, TrainConfig
 
 UPDATES_PER_EPOCH = 1000  # the batch size gives an epoch at least this many updates ...
 MIN_AUTO_BATCH, MAX_AUTO_BATCH = 64, 2048  # ... as a power of two in this range
 SAMPLES_PER_RUN = 1_000_000  # small logs train for about this many samples ...
 MAX_AUTO_EPOCHS = 4  # ... in at most this many epochs (each from fresh tables, the best one kept)
+TABLE_LR_BATCH = 256  # a batch chosen below this scales the Adagrad tables' rate by sqrt(batch / this)
+_ADAGRAD_TABLES = (EmbeddingOptimizer.adagrad, EmbeddingOptimizer.row_wise_adagrad)
 
 
 def auto_global_batch_size(num_train_rows: int, world_size: int) -> int:
@@ -32,11 +35,19 @@ def auto_num_epochs(num_train_rows: int) -> int:
     return min(MAX_AUTO_EPOCHS, max(1, math.ceil(SAMPLES_PER_RUN / max(1, num_train_rows))))
 
 
+def scaled_table_lr(lr: float, batch: int) -> float:
+    """The tables' learning rate for a batch chosen from the data: ``lr`` from ``TABLE_LR_BATCH`` rows up,
+    ``lr * sqrt(batch / TABLE_LR_BATCH)`` below (0.1 -> 0.05 at 64): smaller batches update each row more
+    often (figures in benchmarks/README.md, "Model quality on your own files")."""
+    return lr if batch >= TABLE_LR_BATCH else round(lr * math.sqrt(batch / TABLE_LR_BATCH), 6)
+
+
 def adapt_to_data(cfg: TrainConfig, num_train_rows: int, world_size: int) -> list[str]:
     """Fill the settings left null (``data.global_batch_size``, ``trainer.num_epochs``) from the training rows,
-    in place; return one line per value chosen, with the reason."""
+    with the table learning rate that goes with a chosen batch, in place; return one line per value chosen,
+    with the reason."""
     chosen = []
-    d, t = cfg.data, cfg.trainer
+    d, t, o = cfg.data, cfg.trainer, cfg.optimizer
     if d.global_batch_size is None:
         d.global_batch_size = auto_global_batch_size(num_train_rows, world_size)
         chosen.append(
@@ -44,6 +55,13 @@ def adapt_to_data(cfg: TrainConfig, num_train_rows: int, world_size: int) -> lis
             f"{UPDATES_PER_EPOCH} updates per epoch with a power of two in [{MIN_AUTO_BATCH}, "
             f"{MAX_AUTO_BATCH}] ({num_train_rows // d.global_batch_size:,} per epoch)"
         )
+        table_lr = o.embedding_lr if o.embedding_lr is not None else o.lr
+        if o.embedding in _ADAGRAD_TABLES and scaled_table_lr(table_lr, d.global_batch_size) != table_lr:
+            o.embedding_lr = scaled_table_lr(table_lr, d.global_batch_size)
+            chosen.append(
+                f"optimizer.embedding_lr={o.embedding_lr:g}: {table_lr:g} x sqrt({d.global_batch_size}/"
+                f"{TABLE_LR_BATCH}) with the batch chosen from the data (a batch you set keeps your rates)"
+            )
     if t.num_epochs is None:
         t.num_epochs = auto_num_epochs(num_train_rows)
         reason = (

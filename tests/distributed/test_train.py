@@ -6,6 +6,7 @@ import json
 import re
 
 import pytest
+import yaml
 
 from pipeline.metrics.keys import splits_in
 from tests.conftest import run_training
@@ -139,3 +140,31 @@ def test_early_stop_on_target_auc_and_on_patience(tmp_path, tiny_data_overrides)
     assert patience.returncode == 0, patience.output[-3000:]
     assert patience.summary["steps"] == 30, "first eval sets the best, the next two bring no gain"
     assert "trainer.early_stop_patience=2" in patience.summary["stopped_early"]
+
+
+def test_settings_left_null_are_chosen_from_the_rows_logged_and_recorded(tmp_path, tiny_data_overrides) -> None:
+    """20,000 training rows, batch and epochs unset: batch 64 (the smallest), the tables' Adagrad rate scaled
+    with it, 4 epochs; each choice in the log, config.yaml and summary.json."""
+    run = run_training(
+        tmp_path / "run",
+        [
+            *tiny_data_overrides,
+            "data.global_batch_size=null",
+            "trainer.num_epochs=null",
+            "trainer.max_steps=20",
+            "checkpoint.save_at_end=false",
+        ],
+        nproc=2,
+    )
+    assert run.returncode == 0, run.output[-3000:]
+    cfg = yaml.safe_load((run.run_dir / "config.yaml").read_text())
+    assert (cfg["data"]["global_batch_size"], cfg["trainer"]["num_epochs"]) == (64, 4)
+    assert cfg["optimizer"]["embedding_lr"] == 0.05  # 0.1 x sqrt(64 / 256)
+    chosen = run.summary["chosen_from_data"]
+    assert [c.split(":")[0] for c in chosen] == [
+        "data.global_batch_size=64",
+        "optimizer.embedding_lr=0.05",
+        "trainer.num_epochs=4",
+    ]
+    assert all(f"chosen from the data: {c}" in run.output for c in chosen)
+    assert run.summary["global_batch_size"] == 64 and run.summary["steps"] == 20
