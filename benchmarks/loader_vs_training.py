@@ -68,7 +68,7 @@ def main() -> None:
         cfg = OmegaConf.to_object(compose("train", overrides=overrides))
     t = time.perf_counter()
     manifest = prepare_data(cfg.data)
-    print(f"data ready in {time.perf_counter() - t:.1f}s: {manifest['splits']['train']['num_rows']:,} training rows")
+    print(f"data ready in {time.perf_counter() - t:.1f}s: {manifest.splits['train'].num_rows:,} training rows")
 
     split = BinarySplit(cfg.data.processed_dir, "train", manifest)
     batches = train_batches(split, args.batch_size, 0, 1, seed=0, shuffle=True)

@@ -34,6 +34,8 @@ from pipeline.data.generators import synthetic  # noqa: E402
 from pipeline.data.preprocess import preprocess  # noqa: E402
 from pipeline.distributed.env import keep_freed_memory  # noqa: E402
 
+HASH_CAP = 10_000_000  # rows per table in hash mode (ids 1 + hash % (cap - 1))
+
 
 def _convert_once(contender: str, src: Path, out: Path, block_size_mb: int) -> float:
     """One conversion in this (fresh) process; returns its seconds (imports and set-up excluded)."""
@@ -47,6 +49,7 @@ def _convert_once(contender: str, src: Path, out: Path, block_size_mb: int) -> f
             split=SplitMode.random,
             raw_files=[str(src)],
             id_mode=IdMode.hash,
+            max_ids_per_feature=HASH_CAP,  # a set cap: one pass (unset, the cap is counted from the data first)
             block_size_mb=block_size_mb,
         )
         t0 = time.perf_counter()
