@@ -22,6 +22,7 @@ from __future__ import annotations
 import datetime
 import os
 import shlex
+import signal
 import sys
 from pathlib import Path
 
@@ -29,6 +30,7 @@ from pipeline.errors import ConfigError, UserError
 
 TRAIN_SCRIPT = Path(__file__).resolve().parent / "train.py"
 INTERRUPTED = 130  # 128 + SIGINT, as a shell reports Ctrl-C
+PREEMPTED = 143  # 128 + SIGTERM: the ranks saved a checkpoint at the step they reached (pipeline.errors.Preempted)
 USER_EXIT_CODES = {2, 3, 4, 5}
 # Hydra flags that inspect the config instead of running it: one process, no torchrun.
 _INSPECT = {"--cfg", "-c", "--help", "-h", "--hydra-help", "--info", "-i", "--resolve", "--package", "-p"}
@@ -113,12 +115,16 @@ def _torchrun(argv: list[str], run_id: str) -> int:
     from torch.distributed.run import get_args_parser, run
 
     logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+    # torchrun's agent forwards SIGTERM (not SIGUSR1) to the ranks: a SIGUSR1 here (Slurm's --signal) becomes one.
+    signal.signal(signal.SIGUSR1, lambda *_: os.kill(os.getpid(), signal.SIGTERM))
     try:
         run(get_args_parser().parse_args(argv))
     except ChildFailedError as e:
         codes = {f.exitcode for f in e.failures.values()}
         if codes <= USER_EXIT_CODES:  # the rank printed its message
             return min(codes)
+        if PREEMPTED in codes and codes <= {PREEMPTED, -15}:  # signalled: the ranks saved the same step
+            return PREEMPTED
         if codes == {INTERRUPTED} or codes <= {-2, INTERRUPTED, -15}:
             return INTERRUPTED
         failure = e.get_first_failure()[1]
@@ -127,7 +133,9 @@ def _torchrun(argv: list[str], run_id: str) -> int:
             f"{failure.error_file or 'rank' + str(failure.global_rank) + '.log in the run folder'}"
         )
         return 1
-    except (KeyboardInterrupt, SignalException):
+    except SignalException as e:  # the ranks got the same signal from the agent and saved their step
+        return PREEMPTED if e.sigval == signal.SIGTERM else INTERRUPTED
+    except KeyboardInterrupt:
         return INTERRUPTED
     return 0
 
@@ -165,7 +173,7 @@ def train(args: list[str], sweep: bool = False) -> int:
 
     compose_config(args, world_size=nproc * nnodes)  # fails here, before any process or run folder
     code = _torchrun(argv, run_id)
-    if code == INTERRUPTED:
+    if code in (INTERRUPTED, PREEMPTED):
         _say(_resume_hint(args, run_id))
     return code
 

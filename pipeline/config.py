@@ -323,6 +323,9 @@ class TrainerConfig:
     )  # bf16: MLPs and interaction under torch.autocast (tables: sharding.embedding_dtype)
     num_threads: int | None = None  # intra-op threads per rank; null = cores / local ranks
     keep_freed_memory: bool = True  # glibc: reuse freed pages instead of page-faulting fresh ones each step
+    # SIGTERM / SIGUSR1: every rank finishes its step, a checkpoint is saved and the job exits 143. The seconds
+    # the launcher waits before it kills (torchrun 30, docker stop 10, Slurm --signal=USR1@<s>): a slower save warns.
+    preempt_grace_s: float = 30.0
     profile_steps: int = 0  # torch.profiler over this many training steps -> <run dir>/profile/; 0 = off
     profile_wait_steps: int = 10  # steps (after the first, which warms up) before profiling starts
     run_doctor: bool = True  # check the torch/fbgemm/torchrec pairing before training
@@ -495,6 +498,8 @@ def check_trainer(t: TrainerConfig) -> None:
         raise ConfigError(f"trainer.num_epochs={t.num_epochs} must be >= 1 (or set trainer.max_steps)")
     if t.max_steps is not None and t.max_steps < 1:
         raise ConfigError(f"trainer.max_steps={t.max_steps} must be >= 1 or null")
+    if t.preempt_grace_s <= 0:
+        raise ConfigError(f"trainer.preempt_grace_s={t.preempt_grace_s} must be positive (seconds)")
     mid_evals = t.eval_every_steps if t.eval_every_steps is not None else t.eval_every_fraction
     if (t.early_stop_auc is not None or t.early_stop_patience) and not mid_evals:
         raise ConfigError(

@@ -50,3 +50,10 @@ class ExportError(ServingError, RuntimeError):
 
 class PredictError(ServingError, ValueError):
     """The input cannot be scored with this model."""
+
+
+class Preempted(Exception):
+    """The run was asked to stop (SIGTERM or SIGUSR1): it saved a checkpoint at the step it reached and exits
+    with ``exit_code`` (128 + SIGTERM, what schedulers report for a terminated job); the same command resumes."""
+
+    exit_code = 143

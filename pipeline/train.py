@@ -23,7 +23,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline.config import TrainConfig, register_configs
-from pipeline.errors import CheckpointError, ConfigError, UserError
+from pipeline.errors import CheckpointError, ConfigError, Preempted, UserError
 from pipeline.resolvers import register_resolvers
 
 # configs/ (the user's config folder, on the search path) is optional: no warning where it does not exist.
@@ -87,6 +87,10 @@ def main(dict_cfg: DictConfig) -> None:
         (logger.error if _rank() == 0 else logger.info)("%s%s", prefix, e)
         if isinstance(e, ConfigError):
             _discard_if_new(run_dir)
+        raise SystemExit(e.exit_code) from None
+    except Preempted as e:
+        if _rank() == 0:
+            logger.warning("preempted by %s; the same command with PIPELINE_RUN_ID=%s resumes from it", e, run_dir.name)
         raise SystemExit(e.exit_code) from None
     except KeyboardInterrupt:
         if _rank() == 0:

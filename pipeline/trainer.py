@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -25,7 +26,7 @@ from pipeline.data.loader import BinarySplit, eval_batches, num_train_batches, t
 from pipeline.data.prepare import prepare_data_distributed
 from pipeline.distributed.env import DistEnv, init_process_group, keep_freed_memory, select_device, set_num_threads
 from pipeline.distributed.sharding import reset_tables, shard_model
-from pipeline.errors import DataError, TrainingError
+from pipeline.errors import DataError, Preempted, TrainingError
 from pipeline.metrics.evaluator import PredictionGatherer
 from pipeline.metrics.functional import BinaryMetrics
 from pipeline.metrics.keys import eval_key, eval_metrics
@@ -156,6 +157,9 @@ class Trainer:
         self.device = select_device(cfg.trainer, self.env)
         validate(cfg, self.env.world_size, self.device.type)
         self.backend = init_process_group(cfg.launcher, self.env, self.device)
+        # Stop requests are agreed on the CPU (a gloo group beside NCCL's), so checking costs no device sync.
+        self._control = dist.new_group(backend="gloo") if self.env.world_size > 1 else None
+        self._stop_signal = 0
         self.num_threads = set_num_threads(cfg.trainer.num_threads, self.env)
         self.writer = RunWriter(self.run_dir, self.env.is_rank_zero, cfg.logger)
         logger.info(
@@ -551,8 +555,62 @@ class Trainer:
             desc="train",
         )
 
+    # -- preemption ------------------------------------------------------------------------------
+    @contextmanager
+    def _stop_signals(self) -> Iterator[None]:
+        """While training, SIGTERM and SIGUSR1 only note the request; the loop acts on it after the step."""
+
+        def note(signum, frame) -> None:
+            self._stop_signal = signum
+
+        previous = {s: signal.signal(s, note) for s in (signal.SIGTERM, signal.SIGUSR1)}
+        try:
+            yield
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+
+    def _stop_requested(self) -> int:
+        """The stop signal any rank received (0: none), the same on every rank, so all stop after the same step."""
+        if self._control is None:
+            return self._stop_signal
+        flag = torch.tensor([self._stop_signal], dtype=torch.int64)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._control)
+        return int(flag.item())
+
+    def _stop_for_preemption(self, signum: int) -> None:
+        """Save the step reached (unless just saved) and stop with :class:`Preempted`."""
+        name, t0 = signal.Signals(signum).name, time.perf_counter()
+        path = (
+            self.save_checkpoint()
+            if self._last_saved_step != self.step
+            else ckpt.latest_checkpoint(self.checkpointer.root)
+        )
+        seconds = time.perf_counter() - t0
+        grace = self.cfg.trainer.preempt_grace_s
+        self.writer.event(
+            {
+                "event": "preempted",
+                "step": self.step,
+                "signal": name,
+                "checkpoint": str(path),
+                "seconds": round(seconds, 3),
+            }
+        )
+        if seconds > grace:
+            logger.warning("the preemption checkpoint took %.1fs, more than trainer.preempt_grace_s=%s", seconds, grace)
+        raise Preempted(f"{name}: stopped after step {self.step}, checkpoint {path} saved in {seconds:.1f}s")
+
     def train(self) -> dict:
-        """Train for the configured steps, keep the best checkpoint, evaluate, write summary.json; return it."""
+        """Train for the configured steps, keep the best checkpoint, evaluate, write summary.json; return it.
+
+        Raises:
+            Preempted: SIGTERM or SIGUSR1 arrived; the step reached is checkpointed.
+        """
+        with self._stop_signals():
+            return self._train()
+
+    def _train(self) -> dict:
         gbs = self.cfg.data.global_batch_size
         log_every = max(1, self.cfg.logger.log_every_steps)
         batches = self._train_batches()
@@ -580,6 +638,11 @@ class Trainer:
                 bar.update(gbs)
                 if self.step % log_every == 0 or self.step == self.total_steps:
                     self._log_train(bar, wall0)
+                stop = self._stop_requested()
+            if stop:
+                bar.close()
+                pipeline.detach()
+                self._stop_for_preemption(stop)
             if self._eval_due():
                 with self.timer.paused():
                     pipeline.detach()  # a direct forward must not consume the pipeline's prefetched batch

@@ -10,12 +10,13 @@ import os
 import pickle
 import signal
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from tests.conftest import kill_job, rank_pids, run_training, start_training, wait_for_step
+from tests.conftest import ROOT, kill_job, rank_pids, run_training, start_training, wait_for_step
 
 pytestmark = pytest.mark.distributed
 
@@ -113,6 +114,81 @@ def test_job_restarts_itself_after_a_rank_dies(tmp_path, tiny_data_overrides, re
     assert _losses(run_dir) == _losses(reference[2])
     final = json.loads((run_dir / "summary.json").read_text())["final"]
     assert final == json.loads((reference[2] / "summary.json").read_text())["final"]
+
+
+@pytest.mark.parametrize("target", ["torchrun", "one rank"])
+def test_a_stop_signal_checkpoints_the_step_reached_and_resumes_bit_for_bit(
+    tmp_path, tiny_data_overrides, reference, target
+) -> None:
+    """SIGTERM to torchrun (which forwards it to every rank), or SIGUSR1 to one rank under torchrun's restarts:
+    every rank finishes the same step, saves it and exits 143; the resumed job's every step equals the
+    uninterrupted run's."""
+    run_dir = tmp_path / "stopped"
+    restarts = ("--max-restarts", "1") if target == "one rank" else ()
+    proc = start_training(run_dir, _overrides(tiny_data_overrides), nproc=2, torchrun_args=restarts)
+    wait_for_step(run_dir, 23, proc)
+    if target == "torchrun":
+        os.kill(proc.pid, signal.SIGTERM)
+    else:
+        os.kill(rank_pids(run_dir, 2)[1], signal.SIGUSR1)
+    out = proc.communicate(timeout=120)[0]
+    events = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    (stop,) = [e for e in events if e["event"] == "preempted"]
+    saved = run_dir / "checkpoints" / f"step_{stop['step']:08d}"
+    assert 23 <= stop["step"] < STEPS and stop["checkpoint"] == str(saved)
+    assert stop["signal"] == ("SIGTERM" if target == "torchrun" else "SIGUSR1")
+    if target == "torchrun":
+        assert proc.returncode != 0 and not (run_dir / "summary.json").exists(), out[-3000:]
+        assert (saved / "meta.json").is_file() and (
+            run_dir / "checkpoints" / "latest"
+        ).read_text().strip() == saved.name
+        assert "preempted by SIGTERM: stopped after step" in (run_dir / "rank0.log").read_text()
+        resumed = run_training(run_dir, _overrides(tiny_data_overrides), nproc=2)
+        assert resumed.returncode == 0, resumed.output[-3000:]
+        assert f"resumed from {saved}" in resumed.output
+    else:  # torchrun restarted both ranks, which resumed from the step saved
+        assert proc.returncode == 0, out[-3000:]
+        assert f"resumed from {saved}" in (run_dir / "rank0.log").read_text()
+    assert _losses(run_dir) == _losses(reference[2]), "every step's loss equals the uninterrupted run's"
+    final = json.loads((run_dir / "summary.json").read_text())["final"]
+    assert final == json.loads((reference[2] / "summary.json").read_text())["final"]
+
+
+@pytest.mark.parametrize(("sig", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_the_command_says_where_a_stopped_run_is_and_how_to_resume_it(tmp_path, tiny_data_overrides, sig, code) -> None:
+    """dlrm-pipeline train stopped by Ctrl-C (SIGINT to the terminal's process group) or by a scheduler's SIGTERM
+    (to the command): its exit code, the checkpoint it can resume from and the command that does it."""
+    run_dir = tmp_path / "cli"
+    overrides = [
+        *tiny_data_overrides,
+        "trainer.max_steps=5000",
+        "logger.log_every_steps=1",
+        "checkpoint.every_steps=10",
+        "trainer.eval_every_steps=0",
+        f"hydra.run.dir={run_dir}",
+    ]
+    proc = subprocess.Popen(
+        [str(Path(sys.executable).parent / "dlrm-pipeline"), "train", *overrides],
+        cwd=ROOT,
+        env={**os.environ, "NPROC": "2", "PIPELINE_RUN_ID": "cli-stop"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    wait_for_step(run_dir, 23, proc)
+    if sig == signal.SIGINT:
+        os.killpg(proc.pid, sig)
+    else:
+        os.kill(proc.pid, sig)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == code, err[-3000:]
+    step = int((run_dir / "checkpoints" / "latest").read_text().strip().split("_")[-1])
+    assert f"stopped: the latest checkpoint is step {step} " in err
+    assert "this resumes it:\n  PIPELINE_RUN_ID=cli-stop ./launch.sh train model=tiny data=tiny" in err
+    if sig == signal.SIGTERM:  # the step reached, not the last periodic checkpoint
+        events = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        assert [e["step"] for e in events if e["event"] == "preempted"] == [step]
 
 
 def test_nonfinite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path, tiny_data_overrides) -> None:
