@@ -36,6 +36,8 @@ from pipeline.optim.schedule import lr_scheduler, resolve_schedule
 
 logger = logging.getLogger(__name__)
 
+STOP_VOTE_EVERY = 8  # steps between the ranks' votes on a stop signal (SIGTERM, SIGUSR1)
+
 
 class NonFiniteLossError(TrainingError):
     """The training loss became NaN or Inf; the message names the step."""
@@ -160,6 +162,7 @@ class Trainer:
         # Stop requests are agreed on the CPU (a gloo group beside NCCL's), so checking costs no device sync.
         self._control = dist.new_group(backend="gloo") if self.env.world_size > 1 else None
         self._stop_signal = 0
+        self._stop_vote: tuple | None = None  # the all-reduce of the stop flags in flight
         self.num_threads = set_num_threads(cfg.trainer.num_threads, self.env)
         self.writer = RunWriter(self.run_dir, self.env.is_rank_zero, cfg.logger)
         logger.info(
@@ -569,14 +572,25 @@ class Trainer:
         finally:
             for s, handler in previous.items():
                 signal.signal(s, handler)
+            if self._stop_vote is not None:
+                self._stop_vote[0].wait()
+                self._stop_vote = None
 
     def _stop_requested(self) -> int:
-        """The stop signal any rank received (0: none), the same on every rank, so all stop after the same step."""
+        """The stop signal any rank had received (0: none), the same on every rank, so all stop after the same
+        step. Ranks vote every ``STOP_VOTE_EVERY`` steps and read the vote a step later, when it has finished:
+        no rank waits, and a stop lands within ``STOP_VOTE_EVERY + 1`` steps of the signal."""
         if self._control is None:
             return self._stop_signal
-        flag = torch.tensor([self._stop_signal], dtype=torch.int64)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._control)
-        return int(flag.item())
+        decided = 0
+        if self._stop_vote is not None and self.step % STOP_VOTE_EVERY == 1:
+            work, flag = self._stop_vote
+            work.wait()
+            decided, self._stop_vote = int(flag.item()), None
+        if self.step % STOP_VOTE_EVERY == 0:
+            flag = torch.tensor([self._stop_signal], dtype=torch.int64)
+            self._stop_vote = (dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._control, async_op=True), flag)
+        return decided
 
     def _stop_for_preemption(self, signum: int) -> None:
         """Save the step reached (unless just saved) and stop with :class:`Preempted`."""
