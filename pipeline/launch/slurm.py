@@ -1,0 +1,86 @@
+"""TorchX's Slurm scheduler, reading a job's state without Slurm accounting.
+
+TorchX reads a Slurm job's state with ``sacct``, which fails on a cluster without accounting storage
+(slurmdbd and its database): ``torchx run -s slurm`` then submits the job and fails right after, and
+``--wait`` or ``torchx status`` cannot follow it. This scheduler asks ``sacct`` first and, when it
+fails, ``scontrol show job`` (which knows a job until ``MinJobAge`` after it ends). Registered as
+``slurm`` through pyproject.toml's ``torchx.schedulers`` entry points, beside TorchX's other schedulers.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from typing import Any
+
+from torchx.schedulers.api import DescribeAppResponse
+from torchx.schedulers.slurm_scheduler import SLURM_STATES
+from torchx.schedulers.slurm_scheduler import SlurmScheduler as TorchXSlurmScheduler
+from torchx.specs import AppState, ReplicaStatus, Role, RoleStatus
+
+
+def parse_scontrol(text: str) -> list[dict[str, str]]:
+    """The jobs of ``scontrol show job -o`` output: one ``{Key: value}`` per line (a heterogeneous job, one
+    line per component)."""
+    jobs = []
+    for line in text.splitlines():
+        fields = {}
+        for token in line.split():
+            key, sep, value = token.partition("=")
+            if sep:
+                fields[key] = value
+        if "JobId" in fields:
+            jobs.append(fields)
+    return jobs
+
+
+def describe_from_scontrol(app_id: str, jobs: list[dict[str, str]]) -> DescribeAppResponse | None:
+    """The app's state from its jobs' ``JobState`` (the worst of its components) and its roles from their
+    ``JobName`` (``<role>-<replica>``, as TorchX names them)."""
+    if not jobs:
+        return None
+    roles: dict[str, Role] = {}
+    statuses: dict[str, RoleStatus] = {}
+    states = []
+    for job in jobs:
+        state = SLURM_STATES.get(job.get("JobState", ""), AppState.UNKNOWN)
+        states.append((job.get("JobState", ""), state))
+        role, _, replica = job.get("JobName", "").rpartition("-")
+        if role and replica.isdigit():
+            roles.setdefault(role, Role(name=role, num_replicas=0, image=""))
+            statuses.setdefault(role, RoleStatus(role, []))
+            roles[role].num_replicas += 1
+            statuses[role].replicas.append(ReplicaStatus(id=int(replica), role=role, state=state, hostname=""))
+    order = [AppState.FAILED, AppState.CANCELLED, AppState.RUNNING, AppState.PENDING, AppState.SUCCEEDED]
+    msg, state = min(states, key=lambda s: order.index(s[1]) if s[1] in order else len(order))
+    return DescribeAppResponse(
+        app_id=app_id, roles=list(roles.values()), roles_statuses=list(statuses.values()), state=state, msg=msg
+    )
+
+
+def has_accounting() -> bool:
+    """Whether the cluster stores accounting (what ``sacct`` reads): ``AccountingStorageType`` is not ``none``."""
+    out = subprocess.run(["scontrol", "show", "config"], capture_output=True, text=True)
+    for line in out.stdout.splitlines():
+        key, _, value = line.partition("=")
+        if key.strip() == "AccountingStorageType":
+            return value.strip() not in ("", "accounting_storage/none")
+    return True  # unknown: let sacct answer
+
+
+class SlurmScheduler(TorchXSlurmScheduler):
+    _accounting: bool | None = None
+
+    def describe(self, app_id: str) -> DescribeAppResponse | None:
+        if self._accounting is None:
+            self._accounting = has_accounting()
+        if self._accounting:
+            try:
+                return super().describe(app_id)
+            except subprocess.CalledProcessError:
+                pass
+        out = subprocess.run(["scontrol", "show", "job", "-o", app_id], capture_output=True, text=True)
+        return describe_from_scontrol(app_id, parse_scontrol(out.stdout)) if out.returncode == 0 else None
+
+
+def create_scheduler(session_name: str, **kwargs: Any) -> SlurmScheduler:
+    return SlurmScheduler(session_name=session_name)

@@ -1,0 +1,32 @@
+"""The Slurm job state TorchX follows when the cluster has no accounting storage (scontrol's view)."""
+
+from __future__ import annotations
+
+from torchx.specs import AppState
+
+from pipeline.launch.slurm import describe_from_scontrol, parse_scontrol
+
+RUNNING = "JobId=7 JobName=train-0 UserId=root(0) JobState=RUNNING Reason=None Dependency=(null) NumNodes=1"
+DONE = "JobId=7 JobName=train-0 JobState=COMPLETED Reason=None ExitCode=0:0"
+HET = "\n".join(
+    [
+        "JobId=9 HetJobId=9 HetJobOffset=0 JobName=trainer-0 JobState=COMPLETED ExitCode=0:0",
+        "JobId=10 HetJobId=9 HetJobOffset=1 JobName=trainer-1 JobState=FAILED ExitCode=1:0",
+    ]
+)
+
+
+def test_one_line_per_job_becomes_its_fields() -> None:
+    (job,) = parse_scontrol(RUNNING + "\n")
+    assert job["JobId"] == "7" and job["JobName"] == "train-0" and job["JobState"] == "RUNNING"
+    assert parse_scontrol("slurm_load_jobs error: Invalid job id specified\n") == []
+
+
+def test_states_map_to_torchx_and_the_worst_component_wins() -> None:
+    assert describe_from_scontrol("7", parse_scontrol(RUNNING)).state == AppState.RUNNING
+    done = describe_from_scontrol("7", parse_scontrol(DONE))
+    assert done.state == AppState.SUCCEEDED and done.msg == "COMPLETED"
+    assert [(r.name, r.num_replicas) for r in done.roles] == [("train", 1)]
+    het = describe_from_scontrol("9", parse_scontrol(HET))
+    assert het.state == AppState.FAILED and het.roles[0].num_replicas == 2
+    assert describe_from_scontrol("8", []) is None
