@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import subprocess
+import time
+from pathlib import Path
 
 import pytest
 
@@ -54,4 +56,77 @@ def test_torchx_job_on_slurm_runs_to_the_end_like_a_local_torchrun_job(
     finally:
         if job_id:
             for f in ROOT.glob(f"slurm-{job_id}*"):  # sbatch's own output files, in the submitting folder
+                f.unlink()
+
+
+def _steps(run_dir: Path) -> dict[int, float]:
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return {}
+    events = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return {e["step"]: e["train/loss"] for e in events if e["event"] == "train"}
+
+
+def test_scancel_checkpoints_the_step_and_a_resubmitted_job_resumes_it(
+    slurm_cluster, tmp_path, tiny_data_overrides
+) -> None:
+    """scancel sends the job SIGTERM: the ranks save the step they reached and stop; the same job submitted
+    again (same run folder) resumes from it, and every step's loss equals an uninterrupted run's."""
+    overrides = [
+        *tiny_data_overrides,
+        "trainer.max_steps=400",
+        "trainer.num_threads=1",
+        "logger.progress_bar=false",
+        "logger.log_every_steps=1",
+        "trainer.eval_every_steps=0",
+        "checkpoint.every_steps=1000",
+    ]
+    run_dir = tmp_path / "on_slurm"
+    submit = [
+        "./launch.sh",
+        "submit",
+        "slurm",
+        "-j",
+        "1x2",
+        "--cpu",
+        "2",
+        "--memMB",
+        "4000",
+        "pipeline/train.py",
+        *overrides,
+        f"hydra.run.dir={run_dir}",
+    ]
+    job_ids = []
+    try:
+        first = subprocess.run(submit, cwd=ROOT, env=slurm_cluster, capture_output=True, text=True, timeout=120)
+        job_ids.append(next(w.split("/")[-1] for w in first.stdout.split() if w.startswith("slurm://")))
+        deadline = time.time() + 120
+        while max(_steps(run_dir), default=0) < 30 and time.time() < deadline:
+            time.sleep(0.05)
+        assert max(_steps(run_dir), default=0) >= 30, "the job did not start training within 120 s"
+        subprocess.run(["scancel", job_ids[0]], env=slurm_cluster, check=True)
+        deadline = time.time() + 120
+        while "preempted" not in (run_dir / "metrics.jsonl").read_text() and time.time() < deadline:
+            time.sleep(0.2)
+        events = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        (stop,) = [e for e in events if e["event"] == "preempted"]
+        assert stop["signal"] == "SIGTERM" and 30 <= stop["step"] < 400
+        second = subprocess.run(
+            [*submit[:3], "--wait", *submit[3:]],
+            cwd=ROOT,
+            env=slurm_cluster,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        job_ids.append(next((w.split("/")[-1] for w in second.stdout.split() if w.startswith("slurm://")), ""))
+        assert second.returncode == 0, (second.stdout + second.stderr)[-3000:]
+        saved = run_dir / "checkpoints" / f"step_{stop['step']:08d}"
+        assert f"resumed from {saved}" in (run_dir / "rank0.log").read_text()
+        reference = run_training(tmp_path / "reference", overrides, nproc=2)
+        assert reference.returncode == 0, reference.output[-3000:]
+        assert _steps(run_dir) == _steps(reference.run_dir), "every step's loss equals the uninterrupted run's"
+    finally:
+        for job_id in filter(None, job_ids):
+            for f in ROOT.glob(f"slurm-{job_id}*"):
                 f.unlink()
