@@ -130,3 +130,40 @@ def test_scancel_checkpoints_the_step_and_a_resubmitted_job_resumes_it(
         for job_id in filter(None, job_ids):
             for f in ROOT.glob(f"slurm-{job_id}*"):
                 f.unlink()
+
+
+def test_a_sweep_through_slurm_runs_each_point_as_a_job_and_prints_the_results(
+    slurm_cluster, tmp_path, tiny_data_overrides
+) -> None:
+    """hydra/launcher=slurm (submitit): two points, two Slurm jobs, followed without accounting storage, and
+    the same results table as a torchrun sweep."""
+    sweep_dir = tmp_path / "sweep"
+    out = subprocess.run(
+        [
+            "./launch.sh",
+            "train",
+            "-m",
+            "hydra/launcher=slurm",
+            "hydra.launcher.cpus_per_task=1",
+            "hydra.launcher.mem_gb=4",
+            f"hydra.sweep.dir={sweep_dir}",
+            *tiny_data_overrides,
+            "trainer.max_steps=20",
+            "logger.progress_bar=false",
+            "optimizer.lr=0.01,0.1",
+        ],
+        cwd=ROOT,
+        env=slurm_cluster,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
+    assert "sacct" not in out.stdout + out.stderr
+    lines = out.stdout[out.stdout.index("sweep results") :].splitlines()
+    assert lines[1].split()[:4] == ["#", "status", "exit", "optimizer.lr"]
+    assert [row.split()[:4] for row in lines[2:4]] == [["0", "ok", "0", "0.01"], ["1", "ok", "0", "0.1"]]
+    for num in (0, 1):
+        summary = json.loads((sweep_dir / str(num) / "summary.json").read_text())
+        assert summary["world_size"] == 1 and summary["steps"] == 20
+    assert (sweep_dir / "results.csv").is_file()

@@ -197,7 +197,7 @@ def test_torchrun_is_the_default_launcher_and_slurm_composes() -> None:
     assert default["launcher"]["_target_"].endswith("pipeline_torchrun_launcher.torchrun_launcher.TorchrunLauncher")
     assert default["sweep"]["dir"] == "multirun/${run_id:}"
     slurm = hydra_cfg("hydra/launcher=slurm", "hydra.launcher.partition=gpu")
-    assert slurm["launcher"]["_target_"] == "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
+    assert slurm["launcher"]["_target_"] == "hydra_plugins.pipeline_torchrun_launcher.slurm_sweep.PipelineSlurmLauncher"
     assert (slurm["launcher"]["partition"], slurm["launcher"]["tasks_per_node"]) == ("gpu", 1)
     assert hydra_cfg("hydra/launcher=slurm", "--resolve")["launcher"]["setup"][0].startswith("export PIPELINE_RUN_ID=")
 

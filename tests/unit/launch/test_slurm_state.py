@@ -30,3 +30,16 @@ def test_states_map_to_torchx_and_the_worst_component_wins() -> None:
     het = describe_from_scontrol("9", parse_scontrol(HET))
     assert het.state == AppState.FAILED and het.roles[0].num_replicas == 2
     assert describe_from_scontrol("8", []) is None
+
+
+def test_the_sweep_launchers_watcher_reads_array_tasks_from_scontrol() -> None:
+    from hydra_plugins.pipeline_torchrun_launcher.slurm_sweep import _scontrol_watcher
+
+    text = (
+        "JobId=12 ArrayJobId=11 ArrayTaskId=1 JobName=train JobState=RUNNING NodeList=vm\n"
+        "JobId=11 ArrayJobId=11 ArrayTaskId=0 JobName=train JobState=COMPLETED NodeList=vm\n"
+        "JobId=5 JobName=other JobState=PENDING NodeList=(null)\n"
+    )
+    info = _scontrol_watcher().read_info(text)
+    assert info["11_0"]["State"] == "COMPLETED" and info["11_1"]["State"] == "RUNNING"
+    assert info["5"] == {"JobID": "5", "State": "PENDING", "NodeList": "(null)"}
