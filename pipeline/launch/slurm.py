@@ -3,19 +3,24 @@
 TorchX reads a Slurm job's state with ``sacct``, which fails on a cluster without accounting storage
 (slurmdbd and its database): ``torchx run -s slurm`` then submits the job and fails right after, and
 ``--wait`` or ``torchx status`` cannot follow it. This scheduler asks ``sacct`` first and, when it
-fails, ``scontrol show job`` (which knows a job until ``MinJobAge`` after it ends). Registered as
-``slurm`` through pyproject.toml's ``torchx.schedulers`` entry points, beside TorchX's other schedulers.
+fails, ``scontrol show job`` (which knows a job until ``MinJobAge`` after it ends). It also fits each
+role's CPUs and memory per node to what the partition's nodes have (the component asks for 2 CPUs and
+4 GB per rank unless told), saying so, instead of submitting a job that would pend forever. Registered
+as ``slurm`` through pyproject.toml's ``torchx.schedulers`` entry points, beside TorchX's other schedulers.
 """
 
 from __future__ import annotations
 
+import logging
 import subprocess
 from typing import Any
 
 from torchx.schedulers.api import DescribeAppResponse
 from torchx.schedulers.slurm_scheduler import SLURM_STATES
 from torchx.schedulers.slurm_scheduler import SlurmScheduler as TorchXSlurmScheduler
-from torchx.specs import AppState, ReplicaStatus, Role, RoleStatus
+from torchx.specs import AppDef, AppState, ReplicaStatus, Role, RoleStatus
+
+logger = logging.getLogger(__name__)
 
 
 def parse_scontrol(text: str) -> list[dict[str, str]]:
@@ -67,8 +72,41 @@ def has_accounting() -> bool:
     return True  # unknown: let sacct answer
 
 
+def partition_node_size(partition: str | None) -> tuple[int, int] | None:
+    """(CPUs, memory MB) of the smallest node in ``partition`` (the default partition if None), from sinfo."""
+    out = subprocess.run(["sinfo", "-h", "-N", "-o", "%P %c %m", "--noconvert"], capture_output=True, text=True)
+    sizes = []
+    for line in out.stdout.splitlines() if out.returncode == 0 else []:
+        part, cpus, mem = line.split()
+        if part.strip("*") == partition or (partition is None and part.endswith("*")):
+            sizes.append((int(cpus.strip("+")), int(mem.strip("M+"))))
+    return min(sizes) if sizes else None
+
+
+def fit_to_partition(app: AppDef, size: tuple[int, int]) -> list[str]:
+    """Lower each role's CPUs and memory per node to a node's ``size``; return what was changed."""
+    cpus, mem = size
+    changed = []
+    for role in app.roles:
+        r = role.resource
+        if r.cpu > cpus or r.memMB > mem:
+            changed.append(
+                f"{role.name}: {r.cpu} CPUs / {r.memMB} MB per node -> {min(r.cpu, cpus)} / "
+                f"{min(r.memMB, mem)} (the partition's nodes)"
+            )
+            r.cpu, r.memMB = min(r.cpu, cpus), min(r.memMB, mem)
+    return changed
+
+
 class SlurmScheduler(TorchXSlurmScheduler):
     _accounting: bool | None = None
+
+    def _submit_dryrun(self, app: AppDef, cfg: Any):
+        size = partition_node_size(cfg.get("partition"))
+        if size is not None:
+            for line in fit_to_partition(app, size):
+                logger.warning("fitted to the partition: %s", line)
+        return super()._submit_dryrun(app, cfg)
 
     def describe(self, app_id: str) -> DescribeAppResponse | None:
         if self._accounting is None:

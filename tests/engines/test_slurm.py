@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import time
 from pathlib import Path
@@ -17,8 +18,9 @@ pytestmark = pytest.mark.slurm
 def test_torchx_job_on_slurm_runs_to_the_end_like_a_local_torchrun_job(
     slurm_cluster, tmp_path, tiny_data_overrides
 ) -> None:
-    """A 1x2 job (one node, two ranks) submitted with --wait: its state is followed without Slurm accounting,
-    it writes one run folder, and its final metrics equal the same job under local torchrun."""
+    """A 1x2 job (one node, two ranks) submitted with --wait and no resources given: fitted to the partition's
+    nodes, its state followed without Slurm accounting, one run folder, and the final metrics of the same job
+    under local torchrun."""
     overrides = [*tiny_data_overrides, "trainer.max_steps=50", "trainer.num_threads=1", "logger.progress_bar=false"]
     run_dir = tmp_path / "on_slurm"
     job = subprocess.run(
@@ -29,10 +31,6 @@ def test_torchx_job_on_slurm_runs_to_the_end_like_a_local_torchrun_job(
             "--wait",
             "-j",
             "1x2",
-            "--cpu",
-            "2",
-            "--memMB",
-            "4000",
             "pipeline/train.py",
             *overrides,
             f"hydra.run.dir={run_dir}",
@@ -48,6 +46,7 @@ def test_torchx_job_on_slurm_runs_to_the_end_like_a_local_torchrun_job(
         assert job.returncode == 0, (job.stdout + job.stderr)[-3000:]
         assert "Job finished: SUCCEEDED" in job.stderr + job.stdout
         assert "accounting storage is disabled" not in job.stderr
+        assert f"fitted to the partition: train: 4 CPUs / 8192 MB per node -> {os.cpu_count()} / 8192" in job.stderr
         assert sorted(p.name for p in run_dir.glob("rank*.log")) == ["rank0.log", "rank1.log"]
         local = run_training(tmp_path / "local", overrides, nproc=2)
         assert local.returncode == 0, local.output[-3000:]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torchx.specs import AppState
 
-from pipeline.launch.slurm import describe_from_scontrol, parse_scontrol
+from pipeline.launch.slurm import describe_from_scontrol, fit_to_partition, parse_scontrol
 
 RUNNING = "JobId=7 JobName=train-0 UserId=root(0) JobState=RUNNING Reason=None Dependency=(null) NumNodes=1"
 DONE = "JobId=7 JobName=train-0 JobState=COMPLETED Reason=None ExitCode=0:0"
@@ -43,3 +43,12 @@ def test_the_sweep_launchers_watcher_reads_array_tasks_from_scontrol() -> None:
     info = _scontrol_watcher().read_info(text)
     assert info["11_0"]["State"] == "COMPLETED" and info["11_1"]["State"] == "RUNNING"
     assert info["5"] == {"JobID": "5", "State": "PENDING", "NodeList": "(null)"}
+
+
+def test_roles_larger_than_the_partitions_nodes_are_fitted_to_them() -> None:
+    from torchx.specs import AppDef, Resource, Role
+
+    app = AppDef("train", roles=[Role("train", image="", resource=Resource(cpu=4, gpu=0, memMB=8192))])
+    assert fit_to_partition(app, (2, 20000)) == ["train: 4 CPUs / 8192 MB per node -> 2 / 8192 (the partition's nodes)"]
+    assert (app.roles[0].resource.cpu, app.roles[0].resource.memMB) == (2, 8192)
+    assert fit_to_partition(app, (64, 512000)) == [] and app.roles[0].resource.cpu == 2
