@@ -111,10 +111,12 @@ def init_process_group(cfg: LauncherConfig, env: DistEnv, device: torch.device) 
     """Join the job's process group (a group of one without a launcher); return the backend."""
     backend = select_backend(cfg, device)
     if not dist.is_initialized():
-        if "MASTER_ADDR" not in os.environ:  # run without torchrun: a world of one
-            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-            os.environ.setdefault("MASTER_PORT", str(_free_port()))
         timeout = datetime.timedelta(seconds=cfg.timeout_s)
+        if env.world_size == 1 and "TORCHELASTIC_RUN_ID" not in os.environ:
+            # Without a launcher (python pipeline/train.py, a submitit sweep point): a world of one on an
+            # in-process store, so no port is opened and none inherited from the environment can clash.
+            dist.init_process_group(backend=backend, rank=0, world_size=1, timeout=timeout, store=dist.HashStore())
+            return backend
         dist.init_process_group(
             backend=backend,
             rank=env.rank,
@@ -162,14 +164,6 @@ def _restart_safe_store(timeout: datetime.timedelta) -> dist.Store | None:
         timeout=timeout,
     )
     return dist.PrefixStore(f"pipeline/attempt_{attempt}", store)
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def set_num_threads(num_threads: int | None, env: DistEnv) -> int:

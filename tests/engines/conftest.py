@@ -61,7 +61,9 @@ def slurm_cluster(tmp_path_factory):
     (state / "d").mkdir()
     conf = state / "slurm.conf"
     conf.write_text(_slurm_conf(state))
-    env = {**os.environ, "SLURM_CONF": str(conf)}
+    # Jobs inherit the submitting environment (sbatch --export=ALL): not this process's rendezvous variables.
+    rendezvous = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
+    env = {**{k: v for k, v in os.environ.items() if k not in rendezvous}, "SLURM_CONF": str(conf)}
     started: list[int] = []
     if subprocess.run(["pgrep", "-x", "munged"], capture_output=True).returncode != 0:
         Path("/run/munge").mkdir(parents=True, exist_ok=True)
