@@ -64,12 +64,11 @@ def slurm_cluster(tmp_path_factory):
     # Jobs inherit the submitting environment (sbatch --export=ALL): not this process's rendezvous variables.
     rendezvous = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
     env = {**{k: v for k, v in os.environ.items() if k not in rendezvous}, "SLURM_CONF": str(conf)}
-    started: list[int] = []
-    if subprocess.run(["pgrep", "-x", "munged"], capture_output=True).returncode != 0:
+    started_munged = subprocess.run(["pgrep", "-x", "munged"], capture_output=True).returncode != 0
+    if started_munged:  # none ran: every munged at the end is the one started here (it forks as it starts)
         Path("/run/munge").mkdir(parents=True, exist_ok=True)
         shutil.chown("/run/munge", "munge", "munge")
         subprocess.run(["su", "-s", "/bin/sh", "munge", "-c", "/usr/sbin/munged"], check=True)
-        started.append(int(subprocess.run(["pgrep", "-x", "munged"], capture_output=True, text=True).stdout.split()[0]))
     for daemon in ("slurmctld", "slurmd"):
         subprocess.run([daemon], env=env, check=True)
     deadline = time.time() + 60
@@ -85,5 +84,5 @@ def slurm_cluster(tmp_path_factory):
         pid = state / f"{daemon}.pid"
         if pid.exists():
             subprocess.run(["kill", pid.read_text().strip()])
-    for pid in started:
-        subprocess.run(["kill", str(pid)])
+    if started_munged:
+        subprocess.run(["pkill", "-x", "munged"])
