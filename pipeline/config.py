@@ -423,7 +423,7 @@ def register_configs() -> None:
         cs.store(group=group, name="schema", node=schema)
 
 
-_SHARDING_TYPES = {
+SHARDING_TYPES = {
     "table_wise",
     "row_wise",
     "column_wise",
@@ -432,7 +432,7 @@ _SHARDING_TYPES = {
     "table_column_wise",
     "grid_shard",
 }
-_COMPUTE_KERNELS = {"dense", "fused", "fused_uvm", "fused_uvm_caching", "key_value"}
+COMPUTE_KERNELS = {"dense", "fused", "fused_uvm", "fused_uvm_caching", "key_value"}
 
 
 def validate(cfg: TrainConfig, world_size: int, device_type: str = "cpu") -> None:
@@ -551,13 +551,13 @@ def check_sharding(s: ShardingConfig) -> None:
     if not 0 <= s.storage_reservation < 1:
         raise ConfigError(f"sharding.storage_reservation={s.storage_reservation} must be in [0, 1)")
     checks = [
-        ("sharding.sharding_types", s.sharding_types, _SHARDING_TYPES),
-        ("sharding.compute_kernels", s.compute_kernels, _COMPUTE_KERNELS),
+        ("sharding.sharding_types", s.sharding_types, SHARDING_TYPES),
+        ("sharding.compute_kernels", s.compute_kernels, COMPUTE_KERNELS),
     ]
     for table, values in s.table_sharding_types.items():
-        checks.append((f"sharding.table_sharding_types.{table}", values, _SHARDING_TYPES))
+        checks.append((f"sharding.table_sharding_types.{table}", values, SHARDING_TYPES))
     for table, values in s.table_compute_kernels.items():
-        checks.append((f"sharding.table_compute_kernels.{table}", values, _COMPUTE_KERNELS))
+        checks.append((f"sharding.table_compute_kernels.{table}", values, COMPUTE_KERNELS))
     for key, values, allowed in checks:
         unknown = sorted(set(values) - allowed)
         if unknown:

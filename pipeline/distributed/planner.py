@@ -34,17 +34,6 @@ GIB = 1024**3
 DTYPE_BYTES = {DataType.FP32: 4, DataType.FP16: 2, DataType.BF16: 2}
 _DTYPE_NAMES = {DataType.FP32: "fp32", DataType.FP16: "fp16", DataType.BF16: "bf16"}
 
-SHARDING_TYPES = {
-    "table_wise",
-    "row_wise",
-    "column_wise",
-    "data_parallel",
-    "table_row_wise",
-    "table_column_wise",
-    "grid_shard",
-}
-COMPUTE_KERNELS = {"dense", "fused", "fused_uvm", "fused_uvm_caching", "key_value"}
-
 
 class PlanDoesNotFit(TrainingError):
     """The tables cannot be placed on the given topology; the message says by how much, which, and the fix."""

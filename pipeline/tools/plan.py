@@ -16,68 +16,8 @@ import json
 import sys
 from pathlib import Path
 
-from pipeline.distributed.planner import PlanDoesNotFit
-
-# Per-column row counts of the public datasets (TorchRec's and MLPerf's DLRM examples use the same).
-CARDINALITIES = {
-    "criteo_kaggle": [
-        1460,
-        583,
-        10131227,
-        2202608,
-        305,
-        24,
-        12517,
-        633,
-        3,
-        93145,
-        5683,
-        8351593,
-        3194,
-        27,
-        14992,
-        5461306,
-        10,
-        5652,
-        2173,
-        4,
-        7046547,
-        18,
-        15,
-        286181,
-        105,
-        142572,
-    ],
-    "criteo_1tb": [
-        45833188,
-        36746,
-        17245,
-        7413,
-        20243,
-        3,
-        7114,
-        1441,
-        62,
-        29275261,
-        1572176,
-        345138,
-        10,
-        2209,
-        11267,
-        128,
-        4,
-        974,
-        14,
-        48937457,
-        11316796,
-        40094537,
-        452104,
-        12606,
-        104,
-        35,
-    ],
-}
-GIB = 1024**3
+from pipeline.data.schema import CARDINALITIES
+from pipeline.distributed.planner import GIB, PlanDoesNotFit
 
 
 def table_sizes(data: str, cap: int | None) -> list[int]:

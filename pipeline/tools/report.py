@@ -234,54 +234,33 @@ def plot(runs: list[Run], path: Path) -> Path:
                 alpha=0.55 if not single else 0.9,
                 label="train loss (per log window)" if single else None,
             )
-        val = run.eval_points("val")
-        if val:
-            has_eval = True
-            xs = [e["samples"] for e in val]
-            ax_auc.plot(
-                xs,
-                [e.get("eval/val/auc", math.nan) for e in val],
-                color=color,
-                lw=1.8,
-                marker="o",
-                ms=4,
-                label="val" if single else None,
-            )
-            ax_loss.plot(
-                xs,
-                [e.get("eval/val/logloss", math.nan) for e in val],
-                color=color,
-                lw=1.8,
-                marker="o",
-                ms=4,
-                label="val" if single else None,
-            )
-        test = run.eval_points("test")
-        if test:
-            has_eval = True
-            last = test[-1]
-            ax_auc.plot(
-                [last["samples"]],
-                [last.get("eval/test/auc", math.nan)],
-                color=color,
-                marker="s",
-                ms=7,
-                ls="none",
-                mfc="white",
-                mew=1.8,
-                label="test (final)" if single else None,
-            )
-            ax_loss.plot(
-                [last["samples"]],
-                [last.get("eval/test/logloss", math.nan)],
-                color=color,
-                marker="s",
-                ms=7,
-                ls="none",
-                mfc="white",
-                mew=1.8,
-                label="test (final)" if single else None,
-            )
+        val, test = run.eval_points("val"), run.eval_points("test")
+        has_eval = has_eval or bool(val or test)
+        for ax, metric in ((ax_auc, "auc"), (ax_loss, "logloss")):
+            if val:
+                ys = [e.get(f"eval/val/{metric}", math.nan) for e in val]
+                ax.plot(
+                    [e["samples"] for e in val],
+                    ys,
+                    color=color,
+                    lw=1.8,
+                    marker="o",
+                    ms=4,
+                    label="val" if single else None,
+                )
+            if test:
+                last = test[-1]
+                ax.plot(
+                    [last["samples"]],
+                    [last.get(f"eval/test/{metric}", math.nan)],
+                    color=color,
+                    marker="s",
+                    ms=7,
+                    ls="none",
+                    mfc="white",
+                    mew=1.8,
+                    label="test (final)" if single else None,
+                )
     for i, run in enumerate(runs):  # after the curves, so the legend lists the runs first
         opt = (run.optimum or {}).get("val")
         color = f"C{i % 10}"

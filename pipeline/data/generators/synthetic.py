@@ -35,41 +35,12 @@ import pyarrow as pa
 
 from pipeline.config import NUM_DENSE_FEATURES, NUM_SPARSE_FEATURES, SyntheticConfig
 from pipeline.data.generators import base
+from pipeline.data.schema import CARDINALITIES
 
 logger = logging.getLogger(__name__)
 
 GENERATOR = "pipeline.data.synthetic"  # the name optimum.json records
 
-# Distinct values per categorical column of Criteo Kaggle train.txt (as used by the DLRM and
-# TorchRec references); the generator caps each at SyntheticConfig.max_cardinality.
-CRITEO_KAGGLE_CARDINALITIES = [
-    1460,
-    583,
-    10131227,
-    2202608,
-    305,
-    24,
-    12517,
-    633,
-    3,
-    93145,
-    5683,
-    8351593,
-    3194,
-    27,
-    14992,
-    5461306,
-    10,
-    5652,
-    2173,
-    4,
-    7046547,
-    18,
-    15,
-    286181,
-    105,
-    142572,
-]
 _LATENT_DIM = 4
 # Effect sizes of the ground truth (logit scale). Most of the signal is first-order (per-id effects,
 # dense features), as in real click logs; pairwise terms add what only an interaction layer can find.
@@ -110,7 +81,7 @@ class _Truth:
 
 def _make_truth(cfg: SyntheticConfig) -> _Truth:
     rng = np.random.default_rng([cfg.seed, 0])
-    cards = np.minimum(np.array(CRITEO_KAGGLE_CARDINALITIES), cfg.max_cardinality).astype(np.int64)
+    cards = np.minimum(np.array(CARDINALITIES["criteo_kaggle"]), cfg.max_cardinality).astype(np.int64)
     cdfs, rank_to_id, bias, latent, cat_dense = [], [], [], [], []
     # Columns differ in how much they say about a click, as real Criteo columns do.
     col_scale = rng.uniform(*_BIAS_SCALE, NUM_SPARSE_FEATURES)
