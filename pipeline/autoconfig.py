@@ -56,8 +56,9 @@ def adapt_to_data(cfg: TrainConfig, num_train_rows: int, world_size: int) -> lis
             f"{MAX_AUTO_BATCH}] ({num_train_rows // d.global_batch_size:,} per epoch)"
         )
         table_lr = o.embedding_lr if o.embedding_lr is not None else o.lr
-        if o.embedding in _ADAGRAD_TABLES and scaled_table_lr(table_lr, d.global_batch_size) != table_lr:
-            o.embedding_lr = scaled_table_lr(table_lr, d.global_batch_size)
+        scaled = scaled_table_lr(table_lr, d.global_batch_size)
+        if o.embedding in _ADAGRAD_TABLES and scaled != table_lr:
+            o.embedding_lr = scaled
             chosen.append(
                 f"optimizer.embedding_lr={o.embedding_lr:g}: {table_lr:g} x sqrt({d.global_batch_size}/"
                 f"{TABLE_LR_BATCH}) with the batch chosen from the data (a batch you set keeps your rates)"

@@ -32,20 +32,14 @@ def _scontrol_watcher():
             return ["scontrol", "show", "job", "-o"] if self._registered - self._finished else None
 
         def read_info(self, string: bytes | str) -> dict[str, dict[str, str]]:
-            text = string.decode() if isinstance(string, bytes) else string
+            from pipeline.launch.slurm import parse_scontrol
+
             out: dict[str, dict[str, str]] = {}
-            for line in text.splitlines():
-                fields = dict(t.partition("=")[::2] for t in line.split() if "=" in t)
-                if "JobId" not in fields:
-                    continue
-                key = fields["JobId"]
-                if fields.get("ArrayJobId") and fields.get("ArrayTaskId", "").isdigit():
-                    key = f"{fields['ArrayJobId']}_{fields['ArrayTaskId']}"
-                out[key] = {
-                    "JobID": key,
-                    "State": fields.get("JobState", "UNKNOWN"),
-                    "NodeList": fields.get("NodeList", ""),
-                }
+            for job in parse_scontrol(string.decode() if isinstance(string, bytes) else string):
+                key = job["JobId"]
+                if job.get("ArrayJobId") and job.get("ArrayTaskId", "").isdigit():
+                    key = f"{job['ArrayJobId']}_{job['ArrayTaskId']}"
+                out[key] = {"JobID": key, "State": job.get("JobState", "UNKNOWN"), "NodeList": job.get("NodeList", "")}
             return out
 
     return ScontrolInfoWatcher(delay_s=600)
@@ -80,7 +74,15 @@ class PipelineSlurmLauncher(SlurmLauncher):
             summary = json.loads(summary_file.read_text()) if summary_file.is_file() else None
             ok = ret.status == JobStatus.COMPLETED and summary is not None
             points.append(
-                SweepPoint(num, list(overrides), run_dir, "ok" if ok else "failed", 0 if ok else 1, seconds, summary)
+                SweepPoint(
+                    num,
+                    list(overrides),
+                    run_dir,
+                    "ok" if ok else "failed",
+                    0 if ok else 1,
+                    (summary or {}).get("wall_seconds", seconds),
+                    summary,
+                )
             )
         print(write_results(sweep_dir, points, _swept_keys(points)), flush=True)
         return returns

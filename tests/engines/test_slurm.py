@@ -15,6 +15,18 @@ from tests.conftest import ROOT, run_training
 pytestmark = pytest.mark.slurm
 
 
+def _job_id(out: subprocess.CompletedProcess) -> str | None:
+    """The Slurm job id of a submission, from the app handle TorchX prints (slurm://torchx/<id>)."""
+    return next((w.split("/")[-1] for w in out.stdout.split() if w.startswith("slurm://")), None)
+
+
+def _remove_job_files(job_ids: list[str | None]) -> None:
+    """sbatch's own output files, written into the submitting folder (the checkout)."""
+    for job_id in filter(None, job_ids):
+        for f in ROOT.glob(f"slurm-{job_id}*"):
+            f.unlink()
+
+
 def test_torchx_job_on_slurm_runs_to_the_end_like_a_local_torchrun_job(
     slurm_cluster, tmp_path, tiny_data_overrides
 ) -> None:
@@ -41,7 +53,7 @@ def test_torchx_job_on_slurm_runs_to_the_end_like_a_local_torchrun_job(
         text=True,
         timeout=600,
     )
-    job_id = next((w.split("/")[-1] for w in job.stdout.split() if w.startswith("slurm://")), None)
+    job_id = _job_id(job)
     try:
         assert job.returncode == 0, (job.stdout + job.stderr)[-3000:]
         assert "Job finished: SUCCEEDED" in job.stderr + job.stdout
@@ -53,9 +65,7 @@ def test_torchx_job_on_slurm_runs_to_the_end_like_a_local_torchrun_job(
         on_slurm = json.loads((run_dir / "summary.json").read_text())
         assert on_slurm["world_size"] == 2 and on_slurm["final"] == local.summary["final"]
     finally:
-        if job_id:
-            for f in ROOT.glob(f"slurm-{job_id}*"):  # sbatch's own output files, in the submitting folder
-                f.unlink()
+        _remove_job_files([job_id])
 
 
 def _steps(run_dir: Path) -> dict[int, float]:
@@ -98,7 +108,8 @@ def test_scancel_checkpoints_the_step_and_a_resubmitted_job_resumes_it(
     job_ids = []
     try:
         first = subprocess.run(submit, cwd=ROOT, env=slurm_cluster, capture_output=True, text=True, timeout=120)
-        job_ids.append(next(w.split("/")[-1] for w in first.stdout.split() if w.startswith("slurm://")))
+        job_ids.append(_job_id(first))
+        assert job_ids[0], first.stdout + first.stderr
         deadline = time.time() + 120
         while max(_steps(run_dir), default=0) < 30 and time.time() < deadline:
             time.sleep(0.05)
@@ -118,7 +129,7 @@ def test_scancel_checkpoints_the_step_and_a_resubmitted_job_resumes_it(
             text=True,
             timeout=600,
         )
-        job_ids.append(next((w.split("/")[-1] for w in second.stdout.split() if w.startswith("slurm://")), ""))
+        job_ids.append(_job_id(second))
         assert second.returncode == 0, (second.stdout + second.stderr)[-3000:]
         saved = run_dir / "checkpoints" / f"step_{stop['step']:08d}"
         assert f"resumed from {saved}" in (run_dir / "rank0.log").read_text()
@@ -126,9 +137,7 @@ def test_scancel_checkpoints_the_step_and_a_resubmitted_job_resumes_it(
         assert reference.returncode == 0, reference.output[-3000:]
         assert _steps(run_dir) == _steps(reference.run_dir), "every step's loss equals the uninterrupted run's"
     finally:
-        for job_id in filter(None, job_ids):
-            for f in ROOT.glob(f"slurm-{job_id}*"):
-                f.unlink()
+        _remove_job_files(job_ids)
 
 
 def test_a_sweep_through_slurm_runs_each_point_as_a_job_and_prints_the_results(
