@@ -63,12 +63,19 @@ Usage: ./launch.sh <command> [arguments...]
                 ./launch.sh doctor
   setup       Create .venv and install the pinned stack (done automatically by the others).
                 PIPELINE_VARIANT=cuda ./launch.sh setup        # CUDA lock instead of CPU
-  compose     docker compose -f docker/docker-compose.yml <arguments>: a 2-node job (node0, node1) from the
-              image, data/outputs/checkpoints on shared volumes, one run folder (PIPELINE_RUN_ID).
-              PIPELINE_TRAIN_ARGS holds the Hydra overrides. Needs Docker Compose v2 and a running engine
-              (config only needs the CLI).
+  image       Build the image (docker/Dockerfile) as $PIPELINE_IMAGE (default dlrm-pipeline:latest); extra
+              arguments go to docker build.
+                ./launch.sh image                              # FROM python:3.11-slim-bookworm (needs a registry)
+                ./launch.sh image --local-base                 # no registry: a Debian base made here (root, debootstrap)
+  compose     docker compose -p dlrm-pipeline -f docker/docker-compose.yml <arguments>: a 2-node job (node0,
+              node1) from the image, data/outputs/checkpoints on shared volumes, one run folder
+              (PIPELINE_RUN_ID). PIPELINE_TRAIN_ARGS holds the Hydra overrides. Compose v2 (docker compose)
+              or docker-compose 1.29, and a running engine (config only needs the CLI).
                 ./launch.sh compose config                     # the resolved compose file
-                PIPELINE_TRAIN_ARGS="model=tiny data=tiny" ./launch.sh compose up --build
+                PIPELINE_TRAIN_ARGS="model=tiny data=tiny" PIPELINE_RUN_ID=job1 ./launch.sh compose up
+                ./launch.sh compose stop                       # preempt: both nodes save their step (exit 143)
+                PIPELINE_RUN_ID=job1 ./launch.sh compose up    # resumes from that step
+                ./launch.sh compose --profile tensorboard up -d tensorboard   # http://127.0.0.1:6006
                 ./launch.sh compose down -v                    # stop, and drop the volumes
   submit      Submit with TorchX: torchx run --scheduler <scheduler> dist.ddp <arguments>.
                 ./launch.sh submit local_cwd -j 2x1 pipeline/train.py model=tiny data=tiny
@@ -183,7 +190,17 @@ case "$cmd" in
       exit 1
     fi
     export PIPELINE_RUN_ID; PIPELINE_RUN_ID="$(run_id)"
-    run "${COMPOSE[@]}" -f docker/docker-compose.yml "$@" ;;
+    run "${COMPOSE[@]}" -p "${PIPELINE_COMPOSE_PROJECT:-dlrm-pipeline}" -f docker/docker-compose.yml "$@" ;;
+  image)
+    build_args=()
+    if [[ "${1:-}" == --local-base ]]; then
+      shift
+      docker/base-image.sh dlrm-pipeline/base:bookworm
+      # The local base brings its own wheels (PIP_FIND_LINKS): no PyTorch index.
+      build_args=(--build-arg BASE_IMAGE=dlrm-pipeline/base:bookworm --build-arg TORCH_CPU_INDEX=)
+    fi
+    run docker build --network host -f docker/Dockerfile --build-arg "VARIANT=$VARIANT" "${build_args[@]}" \
+      -t "${PIPELINE_IMAGE:-dlrm-pipeline:latest}" "$@" . ;;
   submit)
     if [[ $# -lt 1 || "$1" == -* ]]; then
       echo "usage: ./launch.sh submit <scheduler> [--dryrun|--wait|--log|-cfg K=V,...] [-j NxM] [dist.ddp options] [script] [overrides]" \

@@ -66,7 +66,20 @@ def torchrun_argv(args: list[str], nproc: int, nnodes: int, run_id: str) -> list
     """torchrun's arguments for a training job of ``nnodes`` x ``nproc`` ranks running ``pipeline/train.py``."""
     restarts = ["--max-restarts", os.environ["MAX_RESTARTS"]] if os.environ.get("MAX_RESTARTS") else []
     if nnodes == 1:
-        return ["--standalone", "--nnodes", "1", "--nproc_per_node", str(nproc), *restarts, str(TRAIN_SCRIPT), *args]
+        # The ranks reach the local store at 127.0.0.1, not at this host's name (unresolvable in a container
+        # without a network, or on a host missing from its own /etc/hosts).
+        return [
+            "--standalone",
+            "--local-addr",
+            "127.0.0.1",
+            "--nnodes",
+            "1",
+            "--nproc_per_node",
+            str(nproc),
+            *restarts,
+            str(TRAIN_SCRIPT),
+            *args,
+        ]
     endpoint = os.environ["RDZV_ENDPOINT"]
     return [
         "--nnodes",
@@ -127,11 +140,8 @@ def _torchrun(argv: list[str], run_id: str) -> int:
             return PREEMPTED
         if codes == {INTERRUPTED} or codes <= {-2, INTERRUPTED, -15}:
             return INTERRUPTED
-        failure = e.get_first_failure()[1]
-        _say(
-            f"rank {failure.global_rank} failed (exit code {failure.exitcode}); its log: "
-            f"{failure.error_file or 'rank' + str(failure.global_rank) + '.log in the run folder'}"
-        )
+        rank, failure = e.get_first_failure()
+        _say(f"rank {rank} failed (exit code {failure.exitcode}); its log: rank{rank}.log in the run folder")
         return 1
     except SignalException as e:  # the ranks got the same signal from the agent and saved their step
         return PREEMPTED if e.sigval == signal.SIGTERM else INTERRUPTED

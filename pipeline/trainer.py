@@ -33,6 +33,7 @@ from pipeline.metrics.keys import eval_key, eval_metrics
 from pipeline.metrics.loggers import RunWriter, process_memory_mib
 from pipeline.model.dlrm import build_model
 from pipeline.optim.schedule import lr_scheduler, resolve_schedule
+from pipeline.tools.health import Heartbeat
 
 logger = logging.getLogger(__name__)
 
@@ -164,6 +165,7 @@ class Trainer:
         self._stop_signal = 0
         self._stop_vote: tuple | None = None  # the all-reduce of the stop flags in flight
         self.num_threads = set_num_threads(cfg.trainer.num_threads, self.env)
+        self.heartbeat = Heartbeat.from_env(self.env.local_rank)  # the container's HEALTHCHECK reads it
         self.writer = RunWriter(self.run_dir, self.env.is_rank_zero, cfg.logger)
         logger.info(
             "rank %d/%d (pid %d) on %s, backend %s, %d threads%s, run folder %s",
@@ -379,6 +381,7 @@ class Trainer:
             with self._autocast():
                 _, (_, logits, labels) = self.model(eb.batch.to(self.device))
             gatherer.update(logits.float(), labels, eb.weights, eb.rows if save_predictions else None)
+            self.heartbeat.beat()
         self.model.train()
         metrics = gatherer.compute()
         if save_predictions and self.env.is_rank_zero:
@@ -650,6 +653,7 @@ class Trainer:
                 if profiler is not None:
                     profiler.step()
                 bar.update(gbs)
+                self.heartbeat.beat()
                 if self.step % log_every == 0 or self.step == self.total_steps:
                     self._log_train(bar, wall0)
                 stop = self._stop_requested()
