@@ -4,6 +4,7 @@ DCP's own types, tensors only. Training's resume and export both load through he
 
 from __future__ import annotations
 
+import enum
 import io
 import pickle
 import warnings
@@ -37,12 +38,21 @@ _SAFE_GLOBALS = {
 }
 
 
+def _enum_member(cls: Any, name: str) -> enum.Enum:
+    """``getattr`` as some Python releases (3.11.2, for one) pickle an enum member: members of enums only."""
+    if isinstance(cls, type) and issubclass(cls, enum.Enum) and name in cls.__members__:
+        return cls[name]
+    raise CheckpointError(f"checkpoint metadata asks for {cls!r}.{name}, which is not an enum member: refusing it")
+
+
 class MetadataUnpickler(pickle.Unpickler):
     """Unpickles DCP's ``.metadata`` and refuses any class outside DCP's own metadata types."""
 
     def find_class(self, module: str, name: str) -> Any:
         if module in _SAFE_MODULES or (module, name) in _SAFE_GLOBALS:
             return super().find_class(module, name)
+        if (module, name) == ("builtins", "getattr"):
+            return _enum_member
         if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
             return getattr(torch, name)
         raise CheckpointError(

@@ -284,3 +284,25 @@ def test_loading_never_unpickles_foreign_objects(tmp_path, reference) -> None:
     ck = reference[1] / "checkpoints"
     path = ck / (ck / "latest").read_text().strip() / ".metadata"
     assert MetadataUnpickler(io.BytesIO(path.read_bytes())).load().state_dict_metadata
+
+
+def test_enum_members_pickled_through_getattr_load_and_nothing_else_does() -> None:
+    """Python 3.11.2 (Debian bookworm's, the image's) pickles enum members as getattr(cls, name): those load,
+    any other getattr is refused."""
+    from torch.distributed.checkpoint.metadata import Metadata
+    from torch.distributed.checkpoint.planner import WriteItemType
+
+    from pipeline.checkpoint import CheckpointError
+    from pipeline.checkpoint.safe_load import MetadataUnpickler
+
+    class Member:
+        def __init__(self, cls, name):
+            self.cls, self.name = cls, name
+
+        def __reduce__(self):
+            return (getattr, (self.cls, self.name))
+
+    stream = pickle.dumps([Member(WriteItemType, "TENSOR")])
+    assert MetadataUnpickler(io.BytesIO(stream)).load() == [WriteItemType.TENSOR]
+    with pytest.raises(CheckpointError, match="not an enum member"):
+        MetadataUnpickler(io.BytesIO(pickle.dumps(Member(Metadata, "__init__")))).load()

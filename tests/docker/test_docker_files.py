@@ -111,8 +111,8 @@ def test_compose_file_matches_the_compose_spec(tmp_path) -> None:
 def test_compose_nodes_run_one_two_node_torchrun_job(train_args: str) -> None:
     doc = _compose_doc()
     host_env = {"PIPELINE_TRAIN_ARGS": train_args, "PIPELINE_RUN_ID": "job-42"}
-    services = doc["services"]
-    assert set(services) == {"node0", "node1"}
+    services = {name: s for name, s in doc["services"].items() if name.startswith("node")}
+    assert set(doc["services"]) == {"node0", "node1", "tensorboard"}
     commands = []
     for service in services.values():
         assert service["build"] == {
@@ -157,8 +157,23 @@ def test_compose_nodes_run_one_two_node_torchrun_job(train_args: str) -> None:
 
 def test_compose_default_run_id_is_shared_without_launch_sh() -> None:
     services = _compose_doc()["services"]
-    ids = {_service_env(s, {})["PIPELINE_RUN_ID"] for s in services.values()}
+    ids = {_service_env(services[n], {})["PIPELINE_RUN_ID"] for n in ("node0", "node1")}
     assert ids == {"compose"}
+
+
+def test_compose_publishes_tensorboard_on_loopback_only_and_gives_preemption_its_grace() -> None:
+    doc = _compose_doc()
+    assert "name" not in doc, "docker-compose 1.29 rejects a top-level name: (launch.sh passes -p)"
+    nodes = [doc["services"][n] for n in ("node0", "node1")]
+    assert all("ports" not in node for node in nodes), "the rendezvous port is never published"
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        grace = compose("train").trainer.preempt_grace_s
+    for node in nodes:
+        assert int(node["stop_grace_period"].rstrip("s")) > grace, "docker stop waits for the preemption save"
+    board = doc["services"]["tensorboard"]
+    assert board["profiles"] == ["tensorboard"], "not started by a plain up (which would never end)"
+    assert [_interpolate(p, {}) for p in board["ports"]] == ["127.0.0.1:6006:6006"]
+    assert board["volumes"] == ["outputs:/app/outputs:ro"]
 
 
 # -- Dockerfile -----------------------------------------------------------------------------------
@@ -198,8 +213,9 @@ def test_dockerfile_cmd_is_the_main_job_and_its_inputs_exist() -> None:
 
 
 # -- launch.sh compose ----------------------------------------------------------------------------
-def _fake_docker(tmp_path: Path, compose_ok: bool, engine_ok: bool) -> dict[str, str]:
-    """A `docker` on PATH that records its arguments; `compose version` / `info` succeed as told."""
+def _fake_docker(tmp_path: Path, compose_ok: bool, engine_ok: bool, compose_v1: bool = False) -> dict[str, str]:
+    """A `docker` on PATH that records its arguments; `compose version` / `info` succeed as told; with
+    ``compose_v1`` a recording `docker-compose` too."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     log = tmp_path / "docker.log"
@@ -213,8 +229,24 @@ esac
 exit 0
 """)
     script.chmod(0o755)
-    path = ":".join(p for p in os.environ["PATH"].split(":") if not (Path(p) / "docker-compose").exists())
-    return {"PATH": f"{bin_dir}:{path}", "LOG": str(log)}
+    # The real docker and docker-compose hidden: folders holding them are replaced by links to the rest.
+    path = []
+    for i, folder in enumerate(os.environ["PATH"].split(":")):
+        if (Path(folder) / "docker-compose").exists() or (Path(folder) / "docker").exists():
+            shadow = tmp_path / f"path{i}"
+            shadow.mkdir()
+            for f in Path(folder).iterdir():
+                if f.name not in ("docker", "docker-compose") and not (shadow / f.name).exists():
+                    (shadow / f.name).symlink_to(f)
+            folder = str(shadow)
+        path.append(folder)
+    if compose_v1:
+        v1 = bin_dir / "docker-compose"
+        v1.write_text(
+            f'#!/usr/bin/env bash\necho "docker-compose $* PIPELINE_RUN_ID=${{PIPELINE_RUN_ID:-}}" >> {log}\n'
+        )
+        v1.chmod(0o755)
+    return {"PATH": ":".join([str(bin_dir), *path]), "LOG": str(log)}
 
 
 def _launch(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
@@ -228,7 +260,15 @@ def test_launch_compose_wraps_docker_compose(tmp_path) -> None:
     out = _launch(["compose", "up", "--build"], {**env, "PIPELINE_RUN_ID": "job-7"})
     assert out.returncode == 0, out.stderr
     calls = Path(env["LOG"]).read_text().splitlines()
-    assert calls[-1] == "compose -f docker/docker-compose.yml up --build PIPELINE_RUN_ID=job-7"
+    assert calls[-1] == "compose -p dlrm-pipeline -f docker/docker-compose.yml up --build PIPELINE_RUN_ID=job-7"
+
+
+def test_launch_compose_falls_back_to_docker_compose_1_29(tmp_path) -> None:
+    env = _fake_docker(tmp_path, compose_ok=False, engine_ok=True, compose_v1=True)
+    out = _launch(["compose", "up"], {**env, "PIPELINE_RUN_ID": "job-8", "PIPELINE_COMPOSE_PROJECT": "p2"})
+    assert out.returncode == 0, out.stderr
+    calls = Path(env["LOG"]).read_text().splitlines()
+    assert calls[-1] == "docker-compose -p p2 -f docker/docker-compose.yml up PIPELINE_RUN_ID=job-8"
 
 
 def test_launch_compose_without_engine_says_so(tmp_path) -> None:

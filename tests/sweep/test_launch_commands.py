@@ -50,7 +50,9 @@ def test_sweep_runs_in_one_process_not_under_torchrun(args: list[str]) -> None:
 def test_train_is_one_standalone_torchrun_node_by_default() -> None:
     argv = _argv("train", "model=tiny", NPROC="3")
     assert argv[0].endswith("/torchrun")
-    assert argv[1:] == ["--standalone", "--nnodes", "1", "--nproc_per_node", "3", SCRIPT, "model=tiny"]
+    # The ranks reach the local store by 127.0.0.1 (a container without a network cannot resolve its name).
+    local = ["--standalone", "--local-addr", "127.0.0.1", "--nnodes", "1"]
+    assert argv[1:] == [*local, "--nproc_per_node", "3", SCRIPT, "model=tiny"]
 
 
 def test_train_on_several_nodes_uses_c10d_rendezvous_with_the_run_id() -> None:
@@ -102,6 +104,8 @@ def test_max_restarts_reaches_torchrun() -> None:
     argv = _argv("train", "model=tiny", NPROC="2", MAX_RESTARTS="3")
     assert argv[1:] == [
         "--standalone",
+        "--local-addr",
+        "127.0.0.1",
         "--nnodes",
         "1",
         "--nproc_per_node",
@@ -170,3 +174,19 @@ def test_a_bad_override_stops_before_torchrun_in_a_few_lines(tmp_path) -> None:
     assert len(lines) <= 5 and "Traceback" not in out.stderr, lines
     assert "unknown key trainer.max_step (did you mean trainer.max_steps?)" in out.stderr
     assert not (tmp_path / "outputs").exists()
+
+
+def test_a_rank_that_crashes_is_named_with_its_log(monkeypatch, capsys) -> None:
+    """A rank dying of something other than a user error: one line naming the rank and its log."""
+    import torch.distributed.run
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
+
+    from pipeline import cli
+
+    def crash(args) -> None:
+        failure = ProcessFailure(local_rank=0, pid=1, exitcode=-11, error_file="<N/A>")
+        raise ChildFailedError("train.py", {1: failure})
+
+    monkeypatch.setattr(torch.distributed.run, "run", crash)
+    assert cli._torchrun(["--standalone", SCRIPT], "r") == 1
+    assert "rank 1 failed (exit code -11); its log: rank1.log in the run folder" in capsys.readouterr().err
