@@ -364,3 +364,28 @@ def test_kubernetes_defaults_come_from_torchxconfig(torchx_env) -> None:
     dry = _torchx(torchx_env, "run", "-s", "kubernetes", "--dryrun", "dist.ddp", "-j", "2x1", "pipeline/train.py")
     assert dry.returncode == 0, dry.stderr[-3000:]
     assert "queue: default" in dry.stdout and "image: dlrm-pipeline:latest" in dry.stdout
+
+
+def test_kubernetes_pod_templates_are_valid_against_the_kubernetes_schema() -> None:
+    """Every task's pod template in the Volcano Job (what `torchx run -s kubernetes --dryrun` prints) validates
+    strictly (no unknown fields) against the Kubernetes 1.33 schema; a misspelled field would not."""
+    pytest.importorskip(
+        "kubernetes", reason="the kubernetes package renders TorchX's pod specs (pip install kubernetes 'urllib3<1.27')"
+    )
+    kubernetes_validate = pytest.importorskip("kubernetes_validate", reason="requirements/dev.txt pins it")
+    from kubernetes.client import ApiClient
+
+    info = _dryrun(
+        "kubernetes",
+        ["-j", "2x8", "--gpu", "8", "--image", "registry.example/dlrm-pipeline:1", "pipeline/train.py", "model=tiny"],
+        cfg={"queue": "default"},
+    )
+    job = ApiClient().sanitize_for_serialization(info.request.resource)
+    assert (job["apiVersion"], job["kind"]) == ("batch.volcano.sh/v1alpha1", "Job")
+    for task in job["spec"]["tasks"]:
+        pod = {"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": task["name"]}}
+        pod["template"] = task["template"]
+        kubernetes_validate.validate(pod, "1.33", strict=True)
+    pod["template"]["spec"]["containers"][0]["imagePullPolicyy"] = "Always"
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(pod, "1.33", strict=True)
