@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import socket
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -168,11 +169,12 @@ class Trainer:
         self.heartbeat = Heartbeat.from_env(self.env.local_rank)  # the container's HEALTHCHECK reads it
         self.writer = RunWriter(self.run_dir, self.env.is_rank_zero, cfg.logger)
         logger.info(
-            "rank %d/%d (pid %d) on %s, backend %s, %d threads%s, run folder %s",
+            "rank %d/%d (pid %d) on %s, host %s, backend %s, %d threads%s, run folder %s",
             self.env.rank,
             self.env.world_size,
             os.getpid(),
             self.device,
+            socket.gethostname(),
             self.backend,
             self.num_threads,
             ", freed memory kept for reuse" if self.malloc_tuned else "",

@@ -62,40 +62,147 @@ def _slurm_conf(state: Path) -> str:
 
 
 @pytest.fixture(scope="session")
-def slurm_cluster(tmp_path_factory):
-    """SLURM_CONF of a running one-node cluster (its own config and state folder); munged is started when
-    none runs. Everything started here is stopped at the end."""
+def munge():
+    """A running munged (Slurm's authentication): started when none runs, and then stopped at the end."""
     _need(SLURM_BINARIES, "apt-get install -y slurmd slurmctld slurm-client munge")
+    started = subprocess.run(["pgrep", "-x", "munged"], capture_output=True).returncode != 0
+    if started:  # none ran: every munged at the end is the one started here (it forks as it starts)
+        Path("/run/munge").mkdir(parents=True, exist_ok=True)
+        shutil.chown("/run/munge", "munge", "munge")
+        subprocess.run(["su", "-s", "/bin/sh", "munge", "-c", "/usr/sbin/munged"], check=True)
+    yield
+    if started:
+        subprocess.run(["pkill", "-x", "munged"])
+
+
+def _slurm_env(conf: Path) -> dict[str, str]:
+    # Jobs inherit the submitting environment (sbatch --export=ALL): not this process's rendezvous variables.
+    rendezvous = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
+    return {**{k: v for k, v in os.environ.items() if k not in rendezvous}, "SLURM_CONF": str(conf)}
+
+
+def _wait_for_nodes(env: dict[str, str], nodes: int, state: Path) -> None:
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        out = subprocess.run(["sinfo", "-h", "-N", "-o", "%t"], env=env, capture_output=True, text=True)
+        if out.stdout.split() == ["idle"] * nodes:
+            return
+        time.sleep(0.5)
+    pytest.fail(f"the Slurm nodes did not come up: sinfo says {out.stdout.split()}; logs in {state}")
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster(tmp_path_factory, munge):
+    """SLURM_CONF of a running one-node cluster (its own config and state folder). Everything started here is
+    stopped at the end."""
     state = tmp_path_factory.mktemp("slurm")
     (state / "ctld").mkdir()
     (state / "d").mkdir()
     conf = state / "slurm.conf"
     conf.write_text(_slurm_conf(state))
-    # Jobs inherit the submitting environment (sbatch --export=ALL): not this process's rendezvous variables.
-    rendezvous = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
-    env = {**{k: v for k, v in os.environ.items() if k not in rendezvous}, "SLURM_CONF": str(conf)}
-    started_munged = subprocess.run(["pgrep", "-x", "munged"], capture_output=True).returncode != 0
-    if started_munged:  # none ran: every munged at the end is the one started here (it forks as it starts)
-        Path("/run/munge").mkdir(parents=True, exist_ok=True)
-        shutil.chown("/run/munge", "munge", "munge")
-        subprocess.run(["su", "-s", "/bin/sh", "munge", "-c", "/usr/sbin/munged"], check=True)
+    env = _slurm_env(conf)
     for daemon in ("slurmctld", "slurmd"):
         subprocess.run([daemon], env=env, check=True)
-    deadline = time.time() + 60
-    while time.time() < deadline:
-        out = subprocess.run(["sinfo", "-h", "-o", "%t"], env=env, capture_output=True, text=True)
-        if out.stdout.strip() == "idle":
-            break
-        time.sleep(0.5)
-    else:
-        pytest.fail(f"the Slurm node did not come up: sinfo says {out.stdout.strip()!r}; logs in {state}")
+    _wait_for_nodes(env, 1, state)
     yield env
     for daemon in ("slurmd", "slurmctld"):
         pid = state / f"{daemon}.pid"
         if pid.exists():
             subprocess.run(["kill", pid.read_text().strip()])
-    if started_munged:
-        subprocess.run(["pkill", "-x", "munged"])
+
+
+# Two Slurm nodes on this machine: each slurmd in its own network namespace (and host name), on a bridge
+# with slurmctld in the root namespace. Addresses from RFC 2544's benchmarking range, never routed.
+TWO_NODE_NET = "198.18.1"
+TWO_NODE_NAMES = ("sn0", "sn1")
+
+
+def _ip(*args: str) -> None:
+    subprocess.run(["ip", *args], check=True, capture_output=True, timeout=30)
+
+
+def _two_node_conf(state: Path) -> str:
+    nodes = [
+        f"NodeName={name} NodeAddr={TWO_NODE_NET}.1{i} CPUs={os.cpu_count()} RealMemory=8000 State=UNKNOWN"
+        for i, name in enumerate(TWO_NODE_NAMES)
+    ]
+    return "\n".join(
+        [
+            "ClusterName=pipeline-two",
+            f"SlurmctldHost={socket.gethostname()}({TWO_NODE_NET}.1)",
+            "SlurmctldPort=6827",  # beside a one-node cluster's slurmctld (6817) in the root namespace
+            "SlurmdPort=6828",
+            "SlurmUser=root",
+            "SlurmdUser=root",
+            "AuthType=auth/munge",
+            f"StateSaveLocation={state}/ctld",
+            f"SlurmdSpoolDir={state}/d-%n",
+            f"SlurmctldPidFile={state}/slurmctld.pid",
+            f"SlurmdPidFile={state}/slurmd-%n.pid",
+            f"SlurmctldLogFile={state}/slurmctld.log",
+            f"SlurmdLogFile={state}/slurmd-%n.log",
+            "ProctrackType=proctrack/linuxproc",
+            "TaskPlugin=task/none",
+            "SelectType=select/cons_tres",
+            "SelectTypeParameters=CR_Core",
+            "ReturnToService=2",
+            "MpiDefault=none",
+            "MinJobAge=3600",
+            *nodes,
+            f"PartitionName=two Nodes={','.join(TWO_NODE_NAMES)} Default=YES MaxTime=INFINITE State=UP",
+            "",
+        ]
+    )
+
+
+@pytest.fixture(scope="session")
+def slurm_two_nodes(tmp_path_factory, munge):
+    """SLURM_CONF of a running two-node cluster: nodes sn0 and sn1, each a slurmd in its own network namespace
+    with its own host name and /etc/hosts (names of both nodes and the controller). Removed at the end."""
+    if shutil.which("ip") is None or shutil.which("nsenter") is None:
+        _unavailable("needs iproute2's ip and util-linux's nsenter")
+    tag = f"sl{os.getpid()}"
+    bridge, namespaces = f"{tag}b", [f"{tag}n{i}" for i in range(2)]
+    state = tmp_path_factory.mktemp("slurm2")
+    (state / "ctld").mkdir()
+    conf = state / "slurm.conf"
+    conf.write_text(_two_node_conf(state))
+    env = _slurm_env(conf)
+    hosts = "127.0.0.1 localhost\n" + f"{TWO_NODE_NET}.1 {socket.gethostname()}\n"
+    hosts += "".join(f"{TWO_NODE_NET}.1{i} {name}\n" for i, name in enumerate(TWO_NODE_NAMES))
+    try:
+        try:
+            _ip("link", "add", bridge, "type", "bridge")
+        except subprocess.CalledProcessError as e:
+            _unavailable(f"cannot create network devices here: {e.stderr.strip()}")
+        _ip("addr", "add", f"{TWO_NODE_NET}.1/24", "dev", bridge)
+        _ip("link", "set", bridge, "up")
+        for i, ns in enumerate(namespaces):
+            _ip("netns", "add", ns)
+            _ip("link", "add", f"{tag}v{i}", "type", "veth", "peer", "name", "eth0", "netns", ns)
+            _ip("link", "set", f"{tag}v{i}", "master", bridge, "up")
+            _ip("-n", ns, "addr", "add", f"{TWO_NODE_NET}.1{i}/24", "dev", "eth0")
+            _ip("-n", ns, "link", "set", "eth0", "up")
+            _ip("-n", ns, "link", "set", "lo", "up")
+            (state / f"hosts-{ns}").write_text(hosts)
+        subprocess.run(["slurmctld"], env=env, check=True)
+        for ns, name in zip(namespaces, TWO_NODE_NAMES, strict=True):
+            # Its own network, host name and /etc/hosts; /sys (and its cgroup mount, which slurmd reads) kept.
+            inside = f"mount --bind {state}/hosts-{ns} /etc/hosts && hostname {name} && exec slurmd"
+            subprocess.run(
+                ["nsenter", f"--net=/run/netns/{ns}", "unshare", "--uts", "--mount", "sh", "-c", inside],
+                env=env,
+                check=True,
+            )
+        _wait_for_nodes(env, 2, state)
+        yield env
+    finally:
+        for pid in [state / "slurmctld.pid", *(state / f"slurmd-{n}.pid" for n in TWO_NODE_NAMES)]:
+            if pid.exists():
+                subprocess.run(["kill", pid.read_text().strip()])
+        for ns in namespaces:
+            subprocess.run(["ip", "netns", "delete", ns], capture_output=True)
+        subprocess.run(["ip", "link", "delete", bridge], capture_output=True)
 
 
 DOCKER_BINARIES = ("dockerd", "docker", "debootstrap")

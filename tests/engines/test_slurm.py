@@ -175,3 +175,42 @@ def test_a_sweep_through_slurm_runs_each_point_as_a_job_and_prints_the_results(
         summary = json.loads((sweep_dir / str(num) / "summary.json").read_text())
         assert summary["world_size"] == 1 and summary["steps"] == 20
     assert (sweep_dir / "results.csv").is_file()
+
+
+def test_two_node_torchx_job_runs_one_rank_on_each_node_like_a_local_two_rank_job(
+    slurm_two_nodes, tmp_path, tiny_data_overrides
+) -> None:
+    """A 2x1 job on two Slurm nodes (two network namespaces): one rank on each node, joined by torchrun's c10d
+    rendezvous on the first node, with the final metrics of a 2-rank torchrun job on this machine."""
+    overrides = [*tiny_data_overrides, "trainer.max_steps=50", "trainer.num_threads=1", "logger.progress_bar=false"]
+    run_dir = tmp_path / "two_nodes"
+    job = subprocess.run(
+        [
+            "./launch.sh",
+            "submit",
+            "slurm",
+            "--wait",
+            "-j",
+            "2x1",
+            "pipeline/train.py",
+            *overrides,
+            f"hydra.run.dir={run_dir}",
+        ],
+        cwd=ROOT,
+        env=slurm_two_nodes,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    job_id = _job_id(job)
+    try:
+        assert job.returncode == 0, (job.stdout + job.stderr)[-3000:]
+        assert "Job finished: SUCCEEDED" in job.stderr + job.stdout
+    finally:
+        _remove_job_files([job_id])
+    hosts = {rank: (run_dir / f"rank{rank}.log").read_text().split(", host ")[1].split(",")[0] for rank in (0, 1)}
+    assert sorted(hosts.values()) == ["sn0", "sn1"], hosts
+    summary = json.loads((run_dir / "summary.json").read_text())
+    reference = run_training(tmp_path / "local", overrides, nproc=2)
+    assert reference.returncode == 0, reference.output[-3000:]
+    assert summary["final"] == reference.summary["final"]
