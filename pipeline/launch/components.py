@@ -143,6 +143,10 @@ def ddp(
         str(tee),
         "--role",
         "",
+        # SIGUSR1 too (Slurm's --signal, scancel -s USR1): forwarded to the ranks, which save the step they
+        # reached and exit 143; without it torchrun would die of it and leave the ranks behind.
+        "--signals-to-handle",
+        "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1",
     ]
     if rdzv_backend == "static":
         cmd += ["--node_rank", macros.replica_id]

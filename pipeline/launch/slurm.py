@@ -18,7 +18,7 @@ from typing import Any
 from torchx.schedulers.api import DescribeAppResponse
 from torchx.schedulers.slurm_scheduler import SLURM_STATES
 from torchx.schedulers.slurm_scheduler import SlurmScheduler as TorchXSlurmScheduler
-from torchx.specs import AppDef, AppState, ReplicaStatus, Role, RoleStatus
+from torchx.specs import AppDef, AppState, ReplicaStatus, Role, RoleStatus, runopts
 
 logger = logging.getLogger(__name__)
 
@@ -101,12 +101,26 @@ def fit_to_partition(app: AppDef, size: tuple[int, int]) -> list[str]:
 class SlurmScheduler(TorchXSlurmScheduler):
     _accounting: bool | None = None
 
+    def _run_opts(self) -> runopts:
+        opts = super()._run_opts()
+        opts.add(
+            "signal",
+            type_=str,
+            default=None,
+            help="sbatch --signal, e.g. USR1@120: Slurm signals the ranks that long before the time limit and"
+            " they save the step they reached (with max_retries, TorchX requeues the job and it resumes)",
+        )
+        return opts
+
     def _submit_dryrun(self, app: AppDef, cfg: Any):
         size = partition_node_size(cfg.get("partition"))
         if size is not None:
             for line in fit_to_partition(app, size):
                 logger.warning("fitted to the partition: %s", line)
-        return super()._submit_dryrun(app, cfg)
+        info = super()._submit_dryrun(app, cfg)
+        if cfg.get("signal"):
+            info.request.cmd.append(f"--signal={cfg['signal']}")
+        return info
 
     def describe(self, app_id: str) -> DescribeAppResponse | None:
         if self._accounting is None:

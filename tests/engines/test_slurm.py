@@ -214,3 +214,50 @@ def test_two_node_torchx_job_runs_one_rank_on_each_node_like_a_local_two_rank_jo
     reference = run_training(tmp_path / "local", overrides, nproc=2)
     assert reference.returncode == 0, reference.output[-3000:]
     assert summary["final"] == reference.summary["final"]
+
+
+def test_sigusr1_before_the_time_limit_checkpoints_and_torchx_requeues_the_job_which_resumes(
+    slurm_cluster, tmp_path, tiny_data_overrides
+) -> None:
+    """SIGUSR1 to the job's ranks (what sbatch --signal=USR1@T sends T seconds before the time limit; here
+    scancel -s USR1): every rank saves the step reached, TorchX's batch script requeues the job (max_retries),
+    and the same job id resumes from that step and ends with every step's loss of an uninterrupted run."""
+    overrides = [
+        *tiny_data_overrides,
+        "trainer.max_steps=400",
+        "trainer.num_threads=1",
+        "logger.progress_bar=false",
+        "logger.log_every_steps=1",
+        "trainer.eval_every_steps=0",
+        "checkpoint.every_steps=1000",
+    ]
+    run_dir = tmp_path / "requeued"
+    submit = ["./launch.sh", "submit", "slurm", "-cfg", "signal=USR1@30", "-j", "1x2", "--max_retries", "1"]
+    submit += ["--cpu", "2", "--memMB", "4000", "pipeline/train.py", *overrides, f"hydra.run.dir={run_dir}"]
+    first = subprocess.run(submit, cwd=ROOT, env=slurm_cluster, capture_output=True, text=True, timeout=120)
+    job_id = _job_id(first)
+    assert job_id, first.stdout + first.stderr
+    try:
+        deadline = time.time() + 120
+        while max(_steps(run_dir), default=0) < 30 and time.time() < deadline:
+            time.sleep(0.05)
+        assert max(_steps(run_dir), default=0) >= 30, "the job did not start training within 120 s"
+        subprocess.run(["scancel", "-s", "USR1", job_id], env=slurm_cluster, check=True)
+        deadline = time.time() + 400
+        while not (run_dir / "summary.json").exists() and time.time() < deadline:
+            time.sleep(0.5)
+        log = (run_dir / "rank0.log").read_text()
+        assert (run_dir / "summary.json").exists(), log[-3000:]
+        events = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        (stop,) = [e for e in events if e["event"] == "preempted"]
+        assert stop["signal"] == "SIGUSR1" and 30 <= stop["step"] < 400
+        saved = run_dir / "checkpoints" / f"step_{stop['step']:08d}"
+        assert f"resumed from {saved}" in log
+        job = subprocess.run(["scontrol", "show", "job", job_id], env=slurm_cluster, capture_output=True, text=True)
+        assert "Restarts=1" in job.stdout, job.stdout
+        reference = run_training(tmp_path / "reference", overrides, nproc=2)
+        assert reference.returncode == 0, reference.output[-3000:]
+        assert _steps(run_dir) == _steps(reference.run_dir), "every step's loss equals the uninterrupted run's"
+    finally:
+        subprocess.run(["scancel", job_id], env=slurm_cluster)
+        _remove_job_files([job_id])
