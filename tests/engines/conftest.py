@@ -236,6 +236,9 @@ def docker_engine(tmp_path_factory):
                 "--bridge=none",
                 "--default-address-pool",
                 "base=198.19.0.0/16,size=24",
+                # Its own pid file: a stale /var/run/docker.pid (a daemon killed with its session) stops nothing.
+                "--pidfile",
+                str(state / "dockerd.pid"),
             ],
             stdout=log,
             stderr=subprocess.STDOUT,
