@@ -26,6 +26,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from benchmarks._machine import describe  # noqa: E402
 
 
 def main() -> int:
@@ -35,6 +36,7 @@ def main() -> int:
     parser.add_argument("--nproc", type=int, default=1, help="training ranks")
     parser.add_argument("--workdir", default=None)
     args = parser.parse_args()
+    print(f"machine: {describe()}", flush=True)
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench_int8_"))
     run_dir = work / "run"
     train = [

@@ -30,7 +30,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-
+from benchmarks._machine import describe  # noqa: E402
 from pipeline.model import dlrm  # noqa: E402
 
 
@@ -40,6 +40,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     p.add_argument("--repeats", type=int, default=30)
     a = p.parse_args()
+    print(f"machine: {describe()}", flush=True)
     from torchrec.models.dlrm import InteractionArch
 
     torch.set_num_threads(a.threads)

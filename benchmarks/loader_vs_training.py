@@ -24,6 +24,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from benchmarks._machine import describe  # noqa: E402
 
 
 def main() -> None:
@@ -34,6 +35,7 @@ def main() -> None:
     parser.add_argument("--loader-batches", type=int, default=100, help="loader batches to time")
     parser.add_argument("--workdir", default=None)
     args = parser.parse_args()
+    print(f"machine: {describe()}", flush=True)
     logging.basicConfig(level=logging.WARNING)
     os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count()))
     import torch

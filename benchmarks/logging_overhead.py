@@ -31,6 +31,9 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from benchmarks._machine import describe  # noqa: E402
+
 SETTINGS = {
     "quiet": ["logger.log_every_steps=1000000000", "logger.backends=[jsonl]", "logger.progress_bar=false"],
     "default": [],
@@ -46,6 +49,7 @@ def main() -> int:
     parser.add_argument("--nproc", type=int, default=1)
     parser.add_argument("--workdir", default=None)
     args = parser.parse_args()
+    print(f"machine: {describe()}", flush=True)
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench_logging_"))
     base = [
         "model=dlrm_criteo",

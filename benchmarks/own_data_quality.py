@@ -19,7 +19,6 @@ import argparse
 import gzip
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -29,6 +28,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from benchmarks._machine import cpu_model, describe  # noqa: E402
 from pipeline.metrics.keys import of_split  # noqa: E402
 
 BEFORE = [
@@ -39,16 +39,6 @@ BEFORE = [
     "trainer.restore_best=false",
     "trainer.eval_every_steps=200",
 ]
-
-
-def _cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip() + f", {os.cpu_count()} vCPUs"
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def train(name: str, args: argparse.Namespace, overrides: list[str], nproc: int) -> dict:
@@ -147,6 +137,7 @@ def main() -> int:
     p.add_argument("--seeds", default="0", help="comma-separated trainer.seed values for (a) at 1 rank")
     p.add_argument("--workdir", default="/tmp/own_data_quality")
     a = p.parse_args()
+    print(f"machine: {describe()}", flush=True)
     Path(a.workdir).mkdir(parents=True, exist_ok=True)
     rows: list[tuple[str, dict]] = []
     for seed in [int(s) for s in a.seeds.split(",")]:
@@ -163,7 +154,8 @@ def main() -> int:
     rate = float(y.mean())
     constant = float(-(vy * np.log(rate) + (1 - vy) * np.log(1 - rate)).mean())
     print(
-        f"{_cpu()}; {time.strftime('%Y-%m-%d')}; train {a.train} ({len(y):,} rows, click rate {rate:.3f}), "
+        f"{cpu_model()}, {os.cpu_count()} vCPUs; {time.strftime('%Y-%m-%d')}; "
+        f"train {a.train} ({len(y):,} rows, click rate {rate:.3f}), "
         f"val {a.val} ({len(vy):,} rows)"
     )
     print(f"constant-rate val logloss {constant:.4f}")

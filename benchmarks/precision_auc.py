@@ -26,6 +26,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from benchmarks._machine import describe  # noqa: E402
+
 SETTINGS = {
     "fp32": [],
     "fp16_tables": ["sharding.embedding_dtype=fp16"],
@@ -42,6 +45,7 @@ def main() -> int:
     parser.add_argument("--settings", default=",".join(SETTINGS), help=f"comma-separated, from {list(SETTINGS)}")
     parser.add_argument("--workdir", default=None)
     args = parser.parse_args()
+    print(f"machine: {describe()}", flush=True)
     settings = args.settings.split(",")
     unknown = [s for s in settings if s not in SETTINGS]
     if unknown:

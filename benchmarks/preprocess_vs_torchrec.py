@@ -28,7 +28,7 @@ import warnings
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
+from benchmarks._machine import describe  # noqa: E402
 from pipeline.config import DataConfig, IdMode, SplitMode, SyntheticConfig  # noqa: E402
 from pipeline.data.generators import synthetic  # noqa: E402
 from pipeline.data.preprocess import preprocess  # noqa: E402
@@ -70,6 +70,7 @@ def main() -> None:
     parser.add_argument("--workdir", default=None, help="where to write (default: a temporary folder)")
     parser.add_argument("--one", nargs=2, metavar=("CONTENDER", "SRC"), help=argparse.SUPPRESS)  # a child run
     args = parser.parse_args()
+    print(f"machine: {describe()}", flush=True)
     logging.basicConfig(level=logging.WARNING)
     warnings.filterwarnings("ignore", message="Local function is not supported by pickle")
     if args.one:

@@ -33,10 +33,12 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from benchmarks._machine import describe, gemm_rate  # noqa: E402
+
 PY = sys.executable
 _WRAP = (
     "import resource, subprocess, sys; rc = subprocess.run(sys.argv[1:]).returncode; "
@@ -71,23 +73,6 @@ def flops_per_sample(dim: int, bottom: list[int], top: list[int], tables: int = 
     macs += n * n * dim  # the batched Gram matrix
     fwd = 2.0 * macs
     return 3.0 * fwd, fwd
-
-
-def gemm_rate() -> float:
-    """fp32 GEMM FLOP/s on this machine with all its cores (best of a few 2048x512x512 products)."""
-    import torch
-
-    torch.set_num_threads(os.cpu_count() or 1)
-    a, b = torch.randn(2048, 512), torch.randn(512, 512)
-    for _ in range(5):
-        a @ b
-    best = 0.0
-    for _ in range(20):
-        t = time.perf_counter()
-        for _ in range(10):
-            a @ b
-        best = max(best, 10 * 2 * 2048 * 512 * 512 / (time.perf_counter() - t))
-    return best
 
 
 def prepare_data(work: Path, rows: int, train_rows: int, eval_rows: int) -> list[str]:
@@ -223,6 +208,7 @@ def main() -> None:
     print(f"preparing {train_rows:,} training rows hashed into 26 x {a.rows:,} tables in {work} ...", flush=True)
     data = prepare_data(work, a.rows, train_rows, max(batches) * a.eval_batches)
     rate = gemm_rate()
+    print(f"machine: {describe(rate)}", flush=True)
     train_flops, infer_flops = flops_per_sample(128, [512, 256, 128], [512, 256, 1])
     print(
         f"GEMM {rate / 1e9:.0f} GFLOP/s fp32 on {os.cpu_count()} cores; "
