@@ -40,7 +40,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException as DCPCheckpointException
 from torch.distributed.checkpoint.stateful import Stateful
 
-from pipeline.checkpoint.safe_load import flatten, load_tensors, plain_state
+from pipeline.checkpoint.safe_load import flatten, load_tensor_file, load_tensors, plain_state
 from pipeline.errors import CheckpointError
 
 logger = logging.getLogger(__name__)
@@ -372,5 +372,5 @@ def load(path: Path, state: dict[str, Any], rank: int, load_optimizer: bool = Tr
     load_tensors(path, state if load_optimizer else {"model": state["model"]})
     rng = Path(path) / f"rng_rank{rank}.pt"
     if restore_rng and rng.is_file() and meta["world_size"] > rank:
-        _set_rng_state(torch.load(rng, weights_only=True))
+        _set_rng_state(load_tensor_file(rng))
     return meta

@@ -77,6 +77,18 @@ class SafeFileSystemReader(FileSystemReader):
         return metadata
 
 
+def load_tensor_file(path: str | Path, error: type[Exception] = CheckpointError, **kwargs: Any) -> Any:
+    """``torch.load(path, weights_only=True)``: tensors and plain containers only; anything else (a crafted
+    pickle, an arbitrary object) is refused with ``error`` naming the file, and nothing in it runs."""
+    try:
+        return torch.load(path, weights_only=True, **kwargs)
+    except pickle.UnpicklingError as e:
+        # torch's message: advice to load with weights_only=False (never right here), then the reason.
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        reason = next((ln for ln in lines if "GLOBAL" in ln or "Unsupported" in ln), lines[-1] if lines else "")
+        raise error(f"{path} is not a plain tensor file; refusing to unpickle it ({reason})") from None
+
+
 def plain_state(state: dict[str, Any]) -> dict[str, Any]:
     """``state`` with each DCP ``Stateful`` value replaced by its ``state_dict()``."""
     return {k: v.state_dict() if isinstance(v, Stateful) else v for k, v in state.items()}

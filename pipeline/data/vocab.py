@@ -84,8 +84,13 @@ def vocab_rows(counts: np.ndarray, min_frequency: int) -> int:
 def load_vocab(processed_dir: str | Path, num_sparse: int, min_frequency: int = 1) -> list[np.ndarray]:
     """Per column, the raw values that own a table row under ``min_frequency`` (id ``2 + position``)."""
     path = Path(processed_dir) / "vocab.npz"
-    with np.load(path) as z:
-        keys = [z[f"C{j + 1}"] for j in range(num_sparse)]
+    try:
+        with np.load(path) as z:  # allow_pickle=False: an object array is refused, nothing in it runs
+            keys = [z[f"C{j + 1}"] for j in range(num_sparse)]
+    except ValueError as e:
+        raise DataError(
+            f"{path}: {e}; the vocabulary holds numbers only (rebuild it with ./launch.sh preprocess)"
+        ) from None
     if min_frequency <= 1:
         return keys
     counts = vocab_counts(processed_dir, num_sparse)

@@ -563,7 +563,9 @@ def _load_tensors(path: Path, fmt: str) -> dict[str, torch.Tensor]:
             ) from None
         return load_file(str(path))
     # Memory-mapped: pages are read as rows are looked up, and the parameters use them in place (assign=True).
-    return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    from pipeline.checkpoint.safe_load import load_tensor_file
+
+    return load_tensor_file(path, ExportError, map_location="cpu", mmap=True)
 
 
 def load_exported(export_dir: str | Path) -> ExportedModel:

@@ -8,6 +8,7 @@ import io
 import json
 import os
 import pickle
+import shutil
 import signal
 import subprocess
 import sys
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from tests.conftest import ROOT, kill_job, rank_pids, run_training, start_training, wait_for_step
 
@@ -306,3 +308,24 @@ def test_enum_members_pickled_through_getattr_load_and_nothing_else_does() -> No
     assert MetadataUnpickler(io.BytesIO(stream)).load() == [WriteItemType.TENSOR]
     with pytest.raises(CheckpointError, match="not an enum member"):
         MetadataUnpickler(io.BytesIO(pickle.dumps(Member(Metadata, "__init__")))).load()
+
+
+def test_resuming_from_a_checkpoint_with_a_crafted_rng_file_fails_cleanly_without_running_it(
+    tmp_path, reference, tiny_data_overrides
+) -> None:
+    """A checkpoint folder from an untrusted place: its per-rank RNG file is a pickle that would run a command.
+    The resume stops with the checkpoint error naming the file and the refused global; the command never runs."""
+    ck = reference[1] / "checkpoints"
+    step = tmp_path / "untrusted" / (ck / "latest").read_text().strip()
+    shutil.copytree(ck / step.name, step)
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    torch.save({"torch": Payload()}, step / "rng_rank0.pt")
+    run = run_training(tmp_path / "resumed", [*_overrides(tiny_data_overrides), f"trainer.resume={step}"], nproc=1)
+    assert run.returncode != 0 and not marker.exists()
+    said = f"cannot resume: {step / 'rng_rank0.pt'} is not a plain tensor file; refusing to unpickle it"
+    assert said + " (Trying to load unsupported GLOBAL posix.system" in run.output, run.output[-3000:]

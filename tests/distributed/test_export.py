@@ -7,6 +7,8 @@ the self-interaction, and the torch.export program of the dense part."""
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -268,3 +270,31 @@ def test_int8_export_scores_close_to_float_and_is_smaller(tmp_path, vocab_run, v
 
     with pytest.raises(Exception, match="quantize='int4'"):
         export(vocab_run, tmp_path / "int4", quantize="int4")
+
+
+class _Payload:
+    """A pickle that would run a command when loaded."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_an_export_whose_weights_are_a_crafted_pickle_is_refused_without_running_it(tmp_path, vocab_export) -> None:
+    from pipeline.errors import ExportError
+    from pipeline.serving.export import WEIGHTS_TORCH, load_exported
+
+    export_dir = tmp_path / "export"
+    shutil.copytree(vocab_export, export_dir)
+    weights = next(export_dir.glob("model.*"))
+    weights.unlink()
+    marker = tmp_path / "pwned"
+    torch.save({"bottom": _Payload(marker)}, export_dir / WEIGHTS_TORCH)
+    spec = json.loads((export_dir / "export.json").read_text())
+    spec["weights"].update(file=WEIGHTS_TORCH, format="torch")  # whoever made the folder wrote export.json too
+    (export_dir / "export.json").write_text(json.dumps(spec))
+    with pytest.raises(ExportError, match="not a plain tensor file; refusing to unpickle it"):
+        load_exported(export_dir)
+    assert not marker.exists()

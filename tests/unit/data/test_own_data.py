@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -165,3 +166,22 @@ def test_hash_caps_follow_the_distinct_training_values(raw, tmp_path) -> None:
     assert all(2 * n <= c - 1 < 4 * n + 2 for n, c in zip(distinct, manifest.num_embeddings_per_feature, strict=True))
     ids = BinarySplit(cfg.processed_dir, "train", manifest).column("sparse")
     assert (ids < np.array(manifest.num_embeddings_per_feature)).all()
+
+
+def test_a_vocabulary_holding_pickled_objects_is_refused_without_running_them(tmp_path) -> None:
+    """vocab.npz from an untrusted place with an object array (a pickle inside): a data error naming the file;
+    nothing in it is unpickled."""
+    from pipeline.data.vocab import load_vocab
+
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    objects = np.empty(1, dtype=object)
+    objects[0] = Payload()
+    np.savez(tmp_path / "vocab.npz", C1=objects)
+    with pytest.raises(DataError, match=r"vocab.npz: Object arrays cannot be loaded"):
+        load_vocab(tmp_path, num_sparse=1)
+    assert not marker.exists()
