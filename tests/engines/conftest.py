@@ -5,6 +5,7 @@ tests skip saying what to install, and fail instead under CI (CI=true)."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -32,21 +33,24 @@ def _unavailable(reason: str) -> None:
     pytest.skip(reason)
 
 
-def _slurm_conf(state: Path) -> str:
-    host = socket.gethostname()
+def _slurm_conf(state: Path, controller: str, nodes: dict[str, str], memory_mb: int, port: int = 6817) -> str:
+    """slurm.conf of a test cluster: slurmctld on this host at ``controller``, one slurmd per ``nodes`` entry
+    (name -> address), each node's spool, pid and log files named after it in ``state``."""
     return "\n".join(
         [
             "ClusterName=pipeline-test",
-            f"SlurmctldHost={host}(127.0.0.1)",
+            f"SlurmctldHost={socket.gethostname()}({controller})",
+            f"SlurmctldPort={port}",
+            f"SlurmdPort={port + 1}",
             "SlurmUser=root",
             "SlurmdUser=root",
             "AuthType=auth/munge",
             f"StateSaveLocation={state}/ctld",
-            f"SlurmdSpoolDir={state}/d",
+            f"SlurmdSpoolDir={state}/d-%n",
             f"SlurmctldPidFile={state}/slurmctld.pid",
-            f"SlurmdPidFile={state}/slurmd.pid",
+            f"SlurmdPidFile={state}/slurmd-%n.pid",
             f"SlurmctldLogFile={state}/slurmctld.log",
-            f"SlurmdLogFile={state}/slurmd.log",
+            f"SlurmdLogFile={state}/slurmd-%n.log",
             "ProctrackType=proctrack/linuxproc",
             "TaskPlugin=task/none",
             "SelectType=select/cons_tres",
@@ -54,11 +58,20 @@ def _slurm_conf(state: Path) -> str:
             "ReturnToService=2",
             "MpiDefault=none",
             "MinJobAge=3600",
-            f"NodeName={host} NodeAddr=127.0.0.1 CPUs={os.cpu_count()} RealMemory=16000 State=UNKNOWN",
-            f"PartitionName=debug Nodes={host} Default=YES MaxTime=INFINITE State=UP",
+            *(
+                f"NodeName={name} NodeAddr={addr} CPUs={os.cpu_count()} RealMemory={memory_mb} State=UNKNOWN"
+                for name, addr in nodes.items()
+            ),
+            f"PartitionName=debug Nodes={','.join(nodes)} Default=YES MaxTime=INFINITE State=UP",
             "",
         ]
     )
+
+
+def _stop_slurm(state: Path, nodes: dict[str, str]) -> None:
+    for pid in [state / "slurmctld.pid", *(state / f"slurmd-{n}.pid" for n in nodes)]:
+        if pid.exists():
+            subprocess.run(["kill", pid.read_text().strip()])
 
 
 @pytest.fixture(scope="session")
@@ -97,18 +110,15 @@ def slurm_cluster(tmp_path_factory, munge):
     stopped at the end."""
     state = tmp_path_factory.mktemp("slurm")
     (state / "ctld").mkdir()
-    (state / "d").mkdir()
     conf = state / "slurm.conf"
-    conf.write_text(_slurm_conf(state))
+    nodes = {socket.gethostname(): "127.0.0.1"}
+    conf.write_text(_slurm_conf(state, "127.0.0.1", nodes, memory_mb=16000))
     env = _slurm_env(conf)
     for daemon in ("slurmctld", "slurmd"):
         subprocess.run([daemon], env=env, check=True)
     _wait_for_nodes(env, 1, state)
     yield env
-    for daemon in ("slurmd", "slurmctld"):
-        pid = state / f"{daemon}.pid"
-        if pid.exists():
-            subprocess.run(["kill", pid.read_text().strip()])
+    _stop_slurm(state, nodes)
 
 
 # Two Slurm nodes on this machine: each slurmd in its own network namespace (and host name), on a bridge
@@ -119,40 +129,6 @@ TWO_NODE_NAMES = ("sn0", "sn1")
 
 def _ip(*args: str) -> None:
     subprocess.run(["ip", *args], check=True, capture_output=True, timeout=30)
-
-
-def _two_node_conf(state: Path) -> str:
-    nodes = [
-        f"NodeName={name} NodeAddr={TWO_NODE_NET}.1{i} CPUs={os.cpu_count()} RealMemory=8000 State=UNKNOWN"
-        for i, name in enumerate(TWO_NODE_NAMES)
-    ]
-    return "\n".join(
-        [
-            "ClusterName=pipeline-two",
-            f"SlurmctldHost={socket.gethostname()}({TWO_NODE_NET}.1)",
-            "SlurmctldPort=6827",  # beside a one-node cluster's slurmctld (6817) in the root namespace
-            "SlurmdPort=6828",
-            "SlurmUser=root",
-            "SlurmdUser=root",
-            "AuthType=auth/munge",
-            f"StateSaveLocation={state}/ctld",
-            f"SlurmdSpoolDir={state}/d-%n",
-            f"SlurmctldPidFile={state}/slurmctld.pid",
-            f"SlurmdPidFile={state}/slurmd-%n.pid",
-            f"SlurmctldLogFile={state}/slurmctld.log",
-            f"SlurmdLogFile={state}/slurmd-%n.log",
-            "ProctrackType=proctrack/linuxproc",
-            "TaskPlugin=task/none",
-            "SelectType=select/cons_tres",
-            "SelectTypeParameters=CR_Core",
-            "ReturnToService=2",
-            "MpiDefault=none",
-            "MinJobAge=3600",
-            *nodes,
-            f"PartitionName=two Nodes={','.join(TWO_NODE_NAMES)} Default=YES MaxTime=INFINITE State=UP",
-            "",
-        ]
-    )
 
 
 @pytest.fixture(scope="session")
@@ -166,10 +142,12 @@ def slurm_two_nodes(tmp_path_factory, munge):
     state = tmp_path_factory.mktemp("slurm2")
     (state / "ctld").mkdir()
     conf = state / "slurm.conf"
-    conf.write_text(_two_node_conf(state))
+    nodes = {name: f"{TWO_NODE_NET}.1{i}" for i, name in enumerate(TWO_NODE_NAMES)}
+    # Ports beside a one-node cluster's slurmctld (6817) in the root namespace.
+    conf.write_text(_slurm_conf(state, f"{TWO_NODE_NET}.1", nodes, memory_mb=8000, port=6827))
     env = _slurm_env(conf)
     hosts = "127.0.0.1 localhost\n" + f"{TWO_NODE_NET}.1 {socket.gethostname()}\n"
-    hosts += "".join(f"{TWO_NODE_NET}.1{i} {name}\n" for i, name in enumerate(TWO_NODE_NAMES))
+    hosts += "".join(f"{addr} {name}\n" for name, addr in nodes.items())
     try:
         try:
             _ip("link", "add", bridge, "type", "bridge")
@@ -197,9 +175,7 @@ def slurm_two_nodes(tmp_path_factory, munge):
         _wait_for_nodes(env, 2, state)
         yield env
     finally:
-        for pid in [state / "slurmctld.pid", *(state / f"slurmd-{n}.pid" for n in TWO_NODE_NAMES)]:
-            if pid.exists():
-                subprocess.run(["kill", pid.read_text().strip()])
+        _stop_slurm(state, nodes)
         for ns in namespaces:
             subprocess.run(["ip", "netns", "delete", ns], capture_output=True)
         subprocess.run(["ip", "link", "delete", bridge], capture_output=True)
@@ -267,3 +243,38 @@ def docker_engine(tmp_path_factory):
                 daemon.wait(60)
             except subprocess.TimeoutExpired:
                 daemon.kill()
+
+
+# A job long enough (on 2 cores) to be stopped in the middle: 400 steps, a loss logged at every step.
+PREEMPTIBLE = [
+    "trainer.max_steps=400",
+    "trainer.num_threads=1",
+    "logger.progress_bar=false",
+    "logger.log_every_steps=1",
+    "trainer.eval_every_steps=0",
+    "checkpoint.every_steps=1000",
+]
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    """Each logged step's training loss (none before the run folder has any)."""
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return {}
+    events = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return {e["step"]: e["train/loss"] for e in events if e["event"] == "train"}
+
+
+def wait_for_training(run_dir: Path, step: int = 30, timeout: float = 300) -> None:
+    deadline = time.time() + timeout
+    while max(losses(run_dir), default=0) < step and time.time() < deadline:
+        time.sleep(0.05)
+    assert max(losses(run_dir), default=0) >= step, f"the job did not reach step {step} within {timeout:.0f} s"
+
+
+def preempted_step(run_dir: Path, signal: str) -> int:
+    """The step the run's single preemption (by ``signal``) saved, checked to lie inside the job."""
+    events = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    (stop,) = [e for e in events if e["event"] == "preempted"]
+    assert stop["signal"] == signal and 30 <= stop["step"] < 400, stop
+    return stop["step"]

@@ -13,21 +13,11 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import ROOT, run_training
-from tests.engines.conftest import TEST_IMAGE
+from tests.engines.conftest import PREEMPTIBLE, TEST_IMAGE, losses, preempted_step, wait_for_training
 
 pytestmark = pytest.mark.docker_engine
 
-# Long enough (on 2 cores) to stop it in the middle; the same settings as the Slurm preemption test.
-OVERRIDES = [
-    "model=tiny",
-    "data=tiny",
-    "trainer.max_steps=400",
-    "trainer.num_threads=1",
-    "logger.progress_bar=false",
-    "logger.log_every_steps=1",
-    "trainer.eval_every_steps=0",
-    "checkpoint.every_steps=1000",
-]
+OVERRIDES = ["model=tiny", "data=tiny", *PREEMPTIBLE]
 
 
 def _docker(*args: str, env: dict, timeout: float = 300, check: bool = True) -> subprocess.CompletedProcess:
@@ -44,13 +34,6 @@ def _compose(*args: str, env: dict, timeout: float = 600, check: bool = True) ->
     if check:
         assert out.returncode == 0, f"compose {' '.join(args)}:\n{(out.stdout + out.stderr)[-3000:]}"
     return out
-
-
-def _losses(metrics: Path) -> dict[int, float]:
-    if not metrics.exists():
-        return {}
-    events = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
-    return {e["step"]: e["train/loss"] for e in events if e["event"] == "train"}
 
 
 def test_the_image_trains_as_uid_1000_into_its_run_folder_and_reports_health(docker_engine, tmp_path) -> None:
@@ -95,28 +78,23 @@ def test_compose_two_nodes_stop_and_resume_equal_a_two_rank_local_run(
             _docker("volume", "inspect", "-f", "{{.Mountpoint}}", f"{project}_outputs", env=env).stdout.strip()
         )
         run_dir = outputs / "preempt"
-        deadline = time.time() + 300
-        while max(_losses(run_dir / "metrics.jsonl"), default=0) < 30 and time.time() < deadline:
-            time.sleep(0.1)
-        assert max(_losses(run_dir / "metrics.jsonl"), default=0) >= 30, "no training within 300 s"
+        wait_for_training(run_dir)
         for node in ("node0", "node1"):
             cid = _compose("ps", "-q", node, env=env).stdout.strip()
             ports = json.loads(_docker("inspect", "-f", "{{json .NetworkSettings.Ports}}", cid, env=env).stdout)
             assert not any(ports.values()), f"{node} publishes {ports}"
         _compose("stop", env=env, timeout=300)
-        events = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-        (stop,) = [e for e in events if e["event"] == "preempted"]
-        assert stop["signal"] == "SIGTERM" and 30 <= stop["step"] < 400
+        step = preempted_step(run_dir, "SIGTERM")
         for node in ("node0", "node1"):
             cid = _compose("ps", "-a", "-q", node, env=env).stdout.strip()
             assert _docker("inspect", "-f", "{{.State.ExitCode}}", cid, env=env).stdout.strip() == "143", node
         _compose("up", env=env, timeout=600)
-        saved = f"/app/checkpoints/preempt/step_{stop['step']:08d}"
+        saved = f"/app/checkpoints/preempt/step_{step:08d}"
         assert f"resumed from {saved}" in (run_dir / "rank0.log").read_text()
         summary = json.loads((run_dir / "summary.json").read_text())
-        reference = run_training(tmp_path / "local", [*tiny_data_overrides, *OVERRIDES[2:]], nproc=2)
+        reference = run_training(tmp_path / "local", [*tiny_data_overrides, *PREEMPTIBLE], nproc=2)
         assert reference.returncode == 0, reference.output[-3000:]
-        assert _losses(run_dir / "metrics.jsonl") == _losses(reference.run_dir / "metrics.jsonl")
+        assert losses(run_dir) == losses(reference.run_dir)
         assert summary["final"] == reference.summary["final"]
     finally:
         _compose("down", "-v", env=env, check=False)

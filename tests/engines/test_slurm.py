@@ -1,4 +1,5 @@
-"""Jobs submitted to a real (one-node) Slurm cluster through ./launch.sh submit slurm (TorchX)."""
+"""Jobs submitted to real Slurm clusters (one node; two nodes in network namespaces) through ./launch.sh submit
+slurm (TorchX) and hydra/launcher=slurm."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import ROOT, run_training
+from tests.engines.conftest import PREEMPTIBLE, losses, preempted_step, wait_for_training
 
 pytestmark = pytest.mark.slurm
 
@@ -27,6 +29,18 @@ def _remove_job_files(job_ids: list[str | None]) -> None:
             f.unlink()
 
 
+def _submit(env: dict, j: str, args: list[str], run_dir: Path, *options: str, timeout: float = 600):
+    """./launch.sh submit slurm <options> -j <j> pipeline/train.py <args> into ``run_dir``."""
+    return subprocess.run(
+        ["./launch.sh", "submit", "slurm", *options, "-j", j, "pipeline/train.py", *args, f"hydra.run.dir={run_dir}"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
 def test_torchx_job_on_slurm_runs_to_the_end_like_a_local_torchrun_job(
     slurm_cluster, tmp_path, tiny_data_overrides
 ) -> None:
@@ -35,24 +49,7 @@ def test_torchx_job_on_slurm_runs_to_the_end_like_a_local_torchrun_job(
     under local torchrun."""
     overrides = [*tiny_data_overrides, "trainer.max_steps=50", "trainer.num_threads=1", "logger.progress_bar=false"]
     run_dir = tmp_path / "on_slurm"
-    job = subprocess.run(
-        [
-            "./launch.sh",
-            "submit",
-            "slurm",
-            "--wait",
-            "-j",
-            "1x2",
-            "pipeline/train.py",
-            *overrides,
-            f"hydra.run.dir={run_dir}",
-        ],
-        cwd=ROOT,
-        env=slurm_cluster,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    job = _submit(slurm_cluster, "1x2", overrides, run_dir, "--wait")
     job_id = _job_id(job)
     try:
         assert job.returncode == 0, (job.stdout + job.stderr)[-3000:]
@@ -68,74 +65,33 @@ def test_torchx_job_on_slurm_runs_to_the_end_like_a_local_torchrun_job(
         _remove_job_files([job_id])
 
 
-def _steps(run_dir: Path) -> dict[int, float]:
-    path = run_dir / "metrics.jsonl"
-    if not path.exists():
-        return {}
-    events = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return {e["step"]: e["train/loss"] for e in events if e["event"] == "train"}
-
-
 def test_scancel_checkpoints_the_step_and_a_resubmitted_job_resumes_it(
     slurm_cluster, tmp_path, tiny_data_overrides
 ) -> None:
     """scancel sends the job SIGTERM: the ranks save the step they reached and stop; the same job submitted
     again (same run folder) resumes from it, and every step's loss equals an uninterrupted run's."""
-    overrides = [
-        *tiny_data_overrides,
-        "trainer.max_steps=400",
-        "trainer.num_threads=1",
-        "logger.progress_bar=false",
-        "logger.log_every_steps=1",
-        "trainer.eval_every_steps=0",
-        "checkpoint.every_steps=1000",
-    ]
+    overrides = [*tiny_data_overrides, *PREEMPTIBLE]
     run_dir = tmp_path / "on_slurm"
-    submit = [
-        "./launch.sh",
-        "submit",
-        "slurm",
-        "-j",
-        "1x2",
-        "--cpu",
-        "2",
-        "--memMB",
-        "4000",
-        "pipeline/train.py",
-        *overrides,
-        f"hydra.run.dir={run_dir}",
-    ]
+    resources = ("--cpu", "2", "--memMB", "4000")
     job_ids = []
     try:
-        first = subprocess.run(submit, cwd=ROOT, env=slurm_cluster, capture_output=True, text=True, timeout=120)
+        first = _submit(slurm_cluster, "1x2", overrides, run_dir, *resources, timeout=120)
         job_ids.append(_job_id(first))
         assert job_ids[0], first.stdout + first.stderr
-        deadline = time.time() + 120
-        while max(_steps(run_dir), default=0) < 30 and time.time() < deadline:
-            time.sleep(0.05)
-        assert max(_steps(run_dir), default=0) >= 30, "the job did not start training within 120 s"
+        wait_for_training(run_dir, timeout=120)
         subprocess.run(["scancel", job_ids[0]], env=slurm_cluster, check=True)
         deadline = time.time() + 120
         while "preempted" not in (run_dir / "metrics.jsonl").read_text() and time.time() < deadline:
             time.sleep(0.2)
-        events = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-        (stop,) = [e for e in events if e["event"] == "preempted"]
-        assert stop["signal"] == "SIGTERM" and 30 <= stop["step"] < 400
-        second = subprocess.run(
-            [*submit[:3], "--wait", *submit[3:]],
-            cwd=ROOT,
-            env=slurm_cluster,
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
+        step = preempted_step(run_dir, "SIGTERM")
+        second = _submit(slurm_cluster, "1x2", overrides, run_dir, "--wait", *resources)
         job_ids.append(_job_id(second))
         assert second.returncode == 0, (second.stdout + second.stderr)[-3000:]
-        saved = run_dir / "checkpoints" / f"step_{stop['step']:08d}"
+        saved = run_dir / "checkpoints" / f"step_{step:08d}"
         assert f"resumed from {saved}" in (run_dir / "rank0.log").read_text()
         reference = run_training(tmp_path / "reference", overrides, nproc=2)
         assert reference.returncode == 0, reference.output[-3000:]
-        assert _steps(run_dir) == _steps(reference.run_dir), "every step's loss equals the uninterrupted run's"
+        assert losses(run_dir) == losses(reference.run_dir), "every step's loss equals the uninterrupted run's"
     finally:
         _remove_job_files(job_ids)
 
@@ -184,24 +140,7 @@ def test_two_node_torchx_job_runs_one_rank_on_each_node_like_a_local_two_rank_jo
     rendezvous on the first node, with the final metrics of a 2-rank torchrun job on this machine."""
     overrides = [*tiny_data_overrides, "trainer.max_steps=50", "trainer.num_threads=1", "logger.progress_bar=false"]
     run_dir = tmp_path / "two_nodes"
-    job = subprocess.run(
-        [
-            "./launch.sh",
-            "submit",
-            "slurm",
-            "--wait",
-            "-j",
-            "2x1",
-            "pipeline/train.py",
-            *overrides,
-            f"hydra.run.dir={run_dir}",
-        ],
-        cwd=ROOT,
-        env=slurm_two_nodes,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    job = _submit(slurm_two_nodes, "2x1", overrides, run_dir, "--wait")
     job_id = _job_id(job)
     try:
         assert job.returncode == 0, (job.stdout + job.stderr)[-3000:]
@@ -222,42 +161,27 @@ def test_sigusr1_before_the_time_limit_checkpoints_and_torchx_requeues_the_job_w
     """SIGUSR1 to the job's ranks (what sbatch --signal=USR1@T sends T seconds before the time limit; here
     scancel -s USR1): every rank saves the step reached, TorchX's batch script requeues the job (max_retries),
     and the same job id resumes from that step and ends with every step's loss of an uninterrupted run."""
-    overrides = [
-        *tiny_data_overrides,
-        "trainer.max_steps=400",
-        "trainer.num_threads=1",
-        "logger.progress_bar=false",
-        "logger.log_every_steps=1",
-        "trainer.eval_every_steps=0",
-        "checkpoint.every_steps=1000",
-    ]
+    overrides = [*tiny_data_overrides, *PREEMPTIBLE]
     run_dir = tmp_path / "requeued"
-    submit = ["./launch.sh", "submit", "slurm", "-cfg", "signal=USR1@30", "-j", "1x2", "--max_retries", "1"]
-    submit += ["--cpu", "2", "--memMB", "4000", "pipeline/train.py", *overrides, f"hydra.run.dir={run_dir}"]
-    first = subprocess.run(submit, cwd=ROOT, env=slurm_cluster, capture_output=True, text=True, timeout=120)
+    options = ("-cfg", "signal=USR1@30", "--max_retries", "1", "--cpu", "2", "--memMB", "4000")
+    first = _submit(slurm_cluster, "1x2", overrides, run_dir, *options, timeout=120)
     job_id = _job_id(first)
     assert job_id, first.stdout + first.stderr
     try:
-        deadline = time.time() + 120
-        while max(_steps(run_dir), default=0) < 30 and time.time() < deadline:
-            time.sleep(0.05)
-        assert max(_steps(run_dir), default=0) >= 30, "the job did not start training within 120 s"
+        wait_for_training(run_dir, timeout=120)
         subprocess.run(["scancel", "-s", "USR1", job_id], env=slurm_cluster, check=True)
         deadline = time.time() + 400
         while not (run_dir / "summary.json").exists() and time.time() < deadline:
             time.sleep(0.5)
         log = (run_dir / "rank0.log").read_text()
         assert (run_dir / "summary.json").exists(), log[-3000:]
-        events = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-        (stop,) = [e for e in events if e["event"] == "preempted"]
-        assert stop["signal"] == "SIGUSR1" and 30 <= stop["step"] < 400
-        saved = run_dir / "checkpoints" / f"step_{stop['step']:08d}"
-        assert f"resumed from {saved}" in log
+        step = preempted_step(run_dir, "SIGUSR1")
+        assert f"resumed from {run_dir / 'checkpoints' / f'step_{step:08d}'}" in log
         job = subprocess.run(["scontrol", "show", "job", job_id], env=slurm_cluster, capture_output=True, text=True)
         assert "Restarts=1" in job.stdout, job.stdout
         reference = run_training(tmp_path / "reference", overrides, nproc=2)
         assert reference.returncode == 0, reference.output[-3000:]
-        assert _steps(run_dir) == _steps(reference.run_dir), "every step's loss equals the uninterrupted run's"
+        assert losses(run_dir) == losses(reference.run_dir), "every step's loss equals the uninterrupted run's"
     finally:
         subprocess.run(["scancel", job_id], env=slurm_cluster)
         _remove_job_files([job_id])
