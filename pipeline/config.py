@@ -84,6 +84,19 @@ class CategoricalFormat(str, enum.Enum):
     int = "int"  # a decimal non-negative integer id below 2^63 (user ids, item ids, ...)
 
 
+class Pooling(str, enum.Enum):
+    """How a table's bag of embeddings (a multi-hot feature's ids) becomes one vector."""
+
+    sum = "sum"  # the sum (weighted by the ids' weights where the data has them)
+    mean = "mean"  # the mean over the bag's ids (an empty bag pools to zeros)
+
+
+class MultiHotDistribution(str, enum.Enum):
+    """How MLPerf's materialisation draws the extra ids of a bag."""
+
+    uniform = "uniform"  # uniform over the table's rows (MLPerf DLRM-DCNv2's setting)
+
+
 class SplitMode(str, enum.Enum):
     files = "files"  # one raw file per split: train/val/test (the synthetic generator's layout)
     kaggle = "kaggle"  # Criteo Kaggle train.txt: 7 days in order, days 0-5 train, day 6 halved val/test
@@ -153,6 +166,8 @@ class ModelConfig:
     dcn_low_rank_dim: int = 512  # dcn: rank of each cross layer's weight (W = U V^T)
     projection_branch1_layer_sizes: list[int] = field(default_factory=lambda: [512, 1024])  # projection: F1 = last / D
     projection_branch2_layer_sizes: list[int] = field(default_factory=lambda: [512, 1024])  # projection: F2 = last / D
+    pooling: Pooling = Pooling.sum  # every table's bag pooling: sum | mean (weighted where the data has weights)
+    table_pooling: dict[str, Pooling] = field(default_factory=dict)  # per feature name, overrides pooling
     user_feature: str = "user_id"  # mf: the sparse feature of the user table
     item_feature: str = "item_id"  # mf: the sparse feature of the item table
 
@@ -245,6 +260,13 @@ class DataConfig:
         default_factory=lambda: list(SPARSE_FEATURE_NAMES)
     )
     categorical_format: CategoricalFormat = CategoricalFormat.hex  # hex (8 hex digits) | int (decimal ids >= 0)
+    # Multi-hot (list) columns: categorical columns whose field holds several ids, e.g. "a1,b2,c3".
+    multi_hot_columns: dict[str, int] = field(
+        default_factory=dict
+    )  # column -> most ids kept per row (the last ones: sequences are oldest first); 0 = all
+    list_separator: str = ","  # between the ids of a multi-hot field
+    weighted_columns: list[str] = field(default_factory=list)  # multi-hot columns written id:weight (float weight)
+    materialize: MaterializeConfig | None = None  # set: processed_dir = MLPerf's multi-hot bags of source_dir
 
     def __post_init__(self) -> None:
         check_data(self)
@@ -661,6 +683,35 @@ def _validate_columns(d: DataConfig) -> None:
                 f"{key}: {dupes} appear more than once (the label column is called 'label')"
                 if "label" in dupes
                 else f"{key}: {dupes} appear more than once"
+            )
+    unknown = sorted(set(d.multi_hot_columns) - set(d.sparse_columns))
+    if unknown:
+        raise ConfigError(
+            f"data.multi_hot_columns names {unknown}, which are not in data.sparse_columns {list(d.sparse_columns)}"
+        )
+    negative = {k: v for k, v in d.multi_hot_columns.items() if v < 0}
+    if negative:
+        raise ConfigError(f"data.multi_hot_columns: caps {negative} must be >= 0 (0 = keep every id)")
+    stray = sorted(set(d.weighted_columns) - set(d.multi_hot_columns))
+    if stray:
+        raise ConfigError(
+            f"data.weighted_columns {stray} are not multi-hot: add them to data.multi_hot_columns (column: cap)"
+        )
+    if len(d.list_separator) != 1 or d.list_separator in "\t\n\r:" or d.list_separator.isalnum():
+        raise ConfigError(
+            f"data.list_separator={d.list_separator!r} must be one character other than a tab, newline, ':', "
+            "letter or digit"
+        )
+    if d.materialize is not None:
+        m = d.materialize
+        if len(m.sizes) != len(d.sparse_columns) or min(m.sizes, default=1) < 1:
+            raise ConfigError(
+                f"data.materialize.sizes has {len(m.sizes)} entries (min {min(m.sizes, default=0)}): give one bag "
+                f"size >= 1 per categorical column ({len(d.sparse_columns)} in data.sparse_columns)"
+            )
+        if d.multi_hot_columns:
+            raise ConfigError(
+                "data.materialize makes every column multi-hot from one-hot data: data.multi_hot_columns must be {}"
             )
     if d.synthetic is not None and d.movielens is not None:
         raise ConfigError(

@@ -19,6 +19,7 @@ from pipeline.config import (
     DenseTransform,
     IdMode,
 )
+from pipeline.data.jagged import Lists, feature_major
 from pipeline.data.manifest import Manifest
 from pipeline.data.schema import Schema
 from pipeline.data.tsv import BadRows, RawBlock, compiled, read_blocks
@@ -96,11 +97,11 @@ def _fill_table(keys, ids, bits, table_keys, table_ids):  # pragma: no cover - c
 
 
 @compiled
-def _lookup_ids(sparse, missing, table_keys, table_ids, offsets, bits, rare, out):  # pragma: no cover
-    """``out[i, j]``: the id of ``sparse[i, j]`` in column ``j``'s table, ``rare`` if it has none, 0 if missing."""
+def _lookup_ids(sparse, missing, tables, table_keys, table_ids, offsets, bits, rare, out):  # pragma: no cover
+    """``out[i, j]``: the id of ``sparse[i, j]`` in table ``tables[j]``, ``rare`` if it has none, 0 if missing."""
     for j in range(sparse.shape[1]):
-        off = offsets[j]
-        b = bits[j]
+        off = offsets[tables[j]]
+        b = bits[tables[j]]
         mask = (1 << b) - 1
         for i in range(sparse.shape[0]):
             if missing[i, j]:
@@ -119,6 +120,26 @@ def _lookup_ids(sparse, missing, table_keys, table_ids, offsets, bits, rare, out
                 s = (s + 1) & mask
 
 
+@compiled
+def _lookup_values(keys, tables, table_keys, table_ids, offsets, bits, rare, out):  # pragma: no cover
+    """``out[i]``: the id of ``keys[i]`` in table ``tables[i]``, ``rare`` if it has none."""
+    for i in range(keys.shape[0]):
+        off = offsets[tables[i]]
+        b = bits[tables[i]]
+        mask = (1 << b) - 1
+        k = keys[i]
+        s = np.int64((np.uint64(k) * _FIB) >> np.uint64(64 - b))
+        while True:
+            v = table_ids[off + s]
+            if v == 0:
+                out[i] = rare
+                break
+            if table_keys[off + s] == k:
+                out[i] = v
+                break
+            s = (s + 1) & mask
+
+
 class IdMapper:
     """Raw hashes -> table row ids, in vocab or hash mode.
 
@@ -128,11 +149,16 @@ class IdMapper:
     hex hashes and int32 ids; a 10M-entry column: 256 MiB at most).
     """
 
-    def __init__(self, mode: IdMode, caps: list[int], vocab: list[np.ndarray] | None = None):
+    def __init__(
+        self, mode: IdMode, caps: list[int], vocab: list[np.ndarray] | None = None, multi_index: list[int] = ()
+    ):
         """``caps``: rows per table (hash mode's modulus + 1; in vocab mode only a bound, see ``NO_CAP``);
-        ``vocab``: vocab mode's values per column, most frequent first (id ``2 + position``)."""
+        ``vocab``: vocab mode's values per column, most frequent first (id ``2 + position``);
+        ``multi_index``: the list columns' tables (the others' ids are ``RawBlock.sparse``'s columns)."""
         self.mode = IdMode(mode)
         self.caps = list(caps)
+        self.multi_index = np.asarray(multi_index, dtype=np.int64)
+        self.one_hot_index = np.asarray([j for j in range(len(caps)) if j not in set(multi_index)], dtype=np.int64)
         self.num_embeddings = [len(v) + 2 for v in vocab] if vocab is not None else list(self.caps)
         self.dtype = np.int32 if max(self.num_embeddings) < 2**31 else np.int64
         if vocab is not None:
@@ -149,11 +175,13 @@ class IdMapper:
                 _fill_table(v.astype(key_dtype), ids, self.bits[j], self.table_keys[span], self.table_ids[span])
 
     def __call__(self, block: RawBlock) -> np.ndarray:
+        """The one-hot columns' ids [n, num_one_hot]."""
+        caps = [self.caps[j] for j in self.one_hot_index]
         if self.mode == IdMode.hash:
             # All columns at once, in the hashes' own width (uint32 division is several times int64's).
             h = block.sparse
-            wide = h.dtype != np.uint32 or max(self.caps) - 1 > np.iinfo(np.uint32).max
-            ids = h % np.asarray([c - 1 for c in self.caps], dtype=h.dtype if not wide else np.int64)
+            wide = h.dtype != np.uint32 or max(caps, default=2) - 1 > np.iinfo(np.uint32).max
+            ids = h % np.asarray([c - 1 for c in caps], dtype=h.dtype if not wide else np.int64)
             # A missing value's hash is 0: adding "present" (1 or 0) gives 1 + hash % (cap - 1), or MISSING_ID.
             np.add(ids, ~block.sparse_missing, out=ids, casting="unsafe")
             return ids.astype(self.dtype, order="C")  # rows are written whole
@@ -161,6 +189,7 @@ class IdMapper:
         _lookup_ids(
             block.sparse.astype(self.table_keys.dtype, copy=False),
             block.sparse_missing,
+            self.one_hot_index,
             self.table_keys,
             self.table_ids,
             self.offsets,
@@ -169,6 +198,26 @@ class IdMapper:
             out,
         )
         return out
+
+    def map_lists(self, lists: Lists) -> Lists:
+        """The list columns' raw ids -> table row ids (an id is never missing: an empty list has none)."""
+        tables = self.multi_index[lists.columns()]
+        if self.mode == IdMode.hash:
+            caps = np.asarray(self.caps, dtype=np.int64)[tables] - 1
+            ids = lists.values.astype(np.int64) % caps + 1
+            return lists.with_values(ids.astype(self.dtype))
+        out = np.empty(len(lists.values), dtype=self.dtype)
+        _lookup_values(
+            lists.values.astype(self.table_keys.dtype, copy=False),
+            tables,
+            self.table_keys,
+            self.table_ids,
+            self.offsets,
+            self.bits,
+            RARE_ID,
+            out,
+        )
+        return lists.with_values(out)
 
 
 def table_sizes(manifest: Manifest, processed_dir: str | Path, min_frequency: int) -> list[int]:
@@ -233,39 +282,88 @@ class FeatureTransform:
         return transform_dense(block, self.dense_transform, file_min)
 
     def map_ids(self, block: RawBlock) -> np.ndarray:
-        """The block's raw categorical values -> table row ids [n, num_sparse]."""
+        """The block's raw one-hot categorical values -> table row ids [n, num_one_hot]."""
         if self.ids is None:
             raise ValueError("this transform reads stored ids: it has no id mapping")
         return self.fold(self.ids(block))
 
+    def map_lists(self, block: RawBlock) -> Lists | None:
+        """The block's raw list columns -> table row ids (row-major), or None without list columns."""
+        if block.lists is None:
+            return None
+        if self.ids is None:
+            raise ValueError("this transform reads stored ids: it has no id mapping")
+        lists = self.ids.map_lists(block.lists)
+        if not self._fold:
+            return lists
+        limits = self._limits[self.schema.multi_index][lists.columns()]
+        return lists.with_values(np.where(lists.values >= limits, RARE_ID, lists.values).astype(lists.values.dtype))
+
     def fold(self, ids: np.ndarray) -> np.ndarray:
-        """Ids at or above their table's size (values below the frequency threshold) -> the rare-or-unseen id."""
+        """One-hot ids at or above their table's size (values below the frequency threshold) -> the
+        rare-or-unseen id."""
         if not self._fold:
             return ids
-        return np.where(ids >= self._limits, RARE_ID, ids)
+        return np.where(ids >= self._limits[self.schema.one_hot_index], RARE_ID, ids)
 
-    def kjt(self, ids: np.ndarray | torch.Tensor):
-        """A ``KeyedJaggedTensor`` of one id per feature per row (values feature-major, as TorchRec wants)."""
+    def fold_feature_major(self, values: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+        """:meth:`fold` for list ids laid out feature-major (``lengths`` [M, b])."""
+        if not self._fold:
+            return values
+        limits = np.repeat(self._limits[self.schema.multi_index], lengths.sum(axis=1))
+        return np.where(values >= limits, RARE_ID, values)
+
+    def kjt(self, ids: np.ndarray | torch.Tensor, lists: Lists | tuple | None = None):
+        """A ``KeyedJaggedTensor`` (values feature-major, as TorchRec wants): one id per row for one-hot
+        features, the row's ids for list features (``lists``: row-major :class:`Lists`, or feature-major
+        ``(values, lengths [M, b], weights)`` as :func:`feature_major` gives them), weights when the
+        schema has weighted columns (1.0 for every other id)."""
         import torch
         from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
         ids = np.asarray(ids)
         b = ids.shape[0]
-        values = torch.from_numpy(np.ascontiguousarray(ids.T).reshape(-1).astype(np.int64))
+        names = list(self.schema.feature_names)
+        if not self.schema.multi_hot:
+            values = torch.from_numpy(np.ascontiguousarray(ids.T).reshape(-1).astype(np.int64))
+            return KeyedJaggedTensor(
+                keys=names, values=values, lengths=torch.ones(len(names) * b, dtype=torch.int32), stride=b
+            )
+        if isinstance(lists, Lists):
+            lists = feature_major(lists.values, lists.weights, lists.lengths, lists.starts(), np.arange(len(lists)))
+        list_values, list_lengths, list_weights = lists
+        bounds = np.concatenate([[0], np.cumsum(list_lengths.sum(axis=1, dtype=np.int64))])
+        kind = {j: ("one", k) for k, j in enumerate(self.schema.one_hot_index)}
+        kind |= {j: ("list", m) for m, j in enumerate(self.schema.multi_index)}
+        lengths = np.ones((len(names), b), np.int32)
+        values, weights = [], []
+        weighted = bool(self.schema.weighted)
+        for j in range(len(names)):
+            what, k = kind[j]
+            if what == "one":
+                values.append(ids[:, k].astype(np.int64))
+                if weighted:
+                    weights.append(np.ones(b, np.float32))
+            else:
+                lengths[j] = list_lengths[k]
+                values.append(list_values[bounds[k] : bounds[k + 1]].astype(np.int64, copy=False))
+                if weighted:
+                    weights.append(list_weights[bounds[k] : bounds[k + 1]])
         return KeyedJaggedTensor(
-            keys=list(self.schema.feature_names),
-            values=values,
-            lengths=torch.ones(len(self.schema.feature_names) * b, dtype=torch.int32),
+            keys=names,
+            values=torch.from_numpy(np.concatenate(values)),
+            lengths=torch.from_numpy(lengths.reshape(-1)),
+            weights=torch.from_numpy(np.concatenate(weights)) if weighted else None,
             stride=b,
         )
 
-    def batch(self, dense: np.ndarray, ids: np.ndarray, labels: np.ndarray):
+    def batch(self, dense: np.ndarray, ids: np.ndarray, labels: np.ndarray, lists: Lists | tuple | None = None):
         """A TorchRec ``Batch``: dense [b, num_dense] float32, the KJT, labels [b] float32."""
         import torch
         from torchrec.datasets.utils import Batch
 
         return Batch(
             dense_features=torch.from_numpy(np.ascontiguousarray(dense, dtype=np.float32)),
-            sparse_features=self.kjt(ids),
+            sparse_features=self.kjt(ids, lists),
             labels=torch.from_numpy(np.asarray(labels, dtype=np.float32)),
         )

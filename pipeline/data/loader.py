@@ -18,6 +18,7 @@ import torch
 from torchrec.datasets.utils import Batch
 
 from pipeline.data.features import FeatureTransform
+from pipeline.data.jagged import concat, feature_major, take_rows
 from pipeline.data.manifest import Manifest
 
 logger = logging.getLogger(__name__)
@@ -94,13 +95,42 @@ class BinarySplit:
         return self.gather(key, np.arange(self.num_rows))
 
     def ids(self, rows: np.ndarray) -> np.ndarray:
-        """Table row ids [len(rows), num_sparse] of ``rows``; values below data.min_id_frequency read as the
-        shared rare-or-unseen id."""
+        """One-hot table row ids [len(rows), num_one_hot] of ``rows``; values below data.min_id_frequency read
+        as the shared rare-or-unseen id."""
         return self.features.fold(self.gather("sparse", rows))
 
+    def lists(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None] | None:
+        """The list columns of ``rows``, feature-major as the KJT wants them: (ids, lengths [M, b], weights);
+        None without list columns. One compiled pass over the memory-mapped part(s)."""
+        if not self.manifest.schema.multi_hot:
+            return None
+        part = np.searchsorted(self.starts, rows, side="right") - 1
+        if len(self.parts) == 1 or (part == part[0]).all():
+            p = self.parts[int(part[0]) if len(rows) else 0]
+            local = rows - self.starts[int(part[0]) if len(rows) else 0]
+            values, lengths, weights = feature_major(p["values"], p.get("weights"), p["lengths"], p["offsets"], local)
+        else:  # rows from several parts: each part's rows cut out row-major, then laid out in the given order
+            pieces, where = [], np.empty(len(rows), np.int64)
+            done = 0
+            for q in np.unique(part):
+                sel = np.flatnonzero(part == q)
+                p = self.parts[q]
+                pieces.append(
+                    take_rows(p["values"], p.get("weights"), p["lengths"], p["offsets"], rows[sel] - self.starts[q])
+                )
+                where[sel] = done + np.arange(len(sel))
+                done += len(sel)
+            joined = concat(pieces)
+            values, lengths, weights = feature_major(
+                joined.values, joined.weights, joined.lengths, joined.starts(), where
+            )
+        return self.features.fold_feature_major(values, lengths), lengths, weights
+
     def make_batch(self, rows: np.ndarray) -> Batch:
-        """Gather ``rows`` into a Batch: dense [b, num_dense], KJT of the manifest's one-id features, labels [b]."""
-        return self.features.batch(self.gather("dense", rows), self.ids(rows), self.gather("labels", rows))
+        """Gather ``rows`` into a Batch: dense [b, num_dense], the KJT of every feature, labels [b]."""
+        return self.features.batch(
+            self.gather("dense", rows), self.ids(rows), self.gather("labels", rows), self.lists(rows)
+        )
 
 
 def num_train_batches(num_rows: int, global_batch_size: int) -> int:

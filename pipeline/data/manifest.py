@@ -47,6 +47,8 @@ class Manifest:
     dense_transform: str = ""  # the formula, in words
     bad_rows: dict = field(default_factory=dict)  # {"total", "by_kind", "examples"}
     optimum: dict | None = None  # the generator's Bayes-optimal metrics per split, when known
+    pooling_factors: list[float] | None = None  # per table: mean ids per training row (None: one-hot, all 1)
+    max_lengths: list[int] | None = None  # per table: the most ids in a training row (None: one-hot, all 1)
     seconds: float = 0.0
     version: int = MANIFEST_VERSION
 
@@ -61,6 +63,10 @@ class Manifest:
     @property
     def num_sparse(self) -> int:
         return self.schema.num_sparse
+
+    def table_pooling_factors(self) -> list[float]:
+        """Mean ids per row of each table (1.0 for one-hot features)."""
+        return list(self.pooling_factors) if self.pooling_factors is not None else [1.0] * self.num_sparse
 
     def rows(self, split: str) -> int:
         return self.splits[split].num_rows if split in self.splits else 0
@@ -82,6 +88,8 @@ class Manifest:
             "optimum": self.optimum,
             "seconds": self.seconds,
         }
+        if self.pooling_factors is not None:
+            d |= {"pooling_factors": self.pooling_factors, "max_lengths": self.max_lengths}
         return d
 
     @classmethod
@@ -97,6 +105,8 @@ class Manifest:
             dense_transform=d.get("dense_transform", ""),
             bad_rows=d.get("bad_rows", {}),
             optimum=d.get("optimum"),
+            pooling_factors=d.get("pooling_factors"),
+            max_lengths=d.get("max_lengths"),
             seconds=d.get("seconds", 0.0),
             version=d.get("version", 0),
         )

@@ -1,9 +1,10 @@
 """Preprocessing's output on disk, one part per input file: the split writers, sha256 checks, atomic JSON
 records, and the fingerprints that tell whether a finished part can be reused.
 
-``parts/<NNN>/<split>/{dense,sparse,labels}.bin`` hold the rows; ``parts/<NNN>/done.json`` is written
-(atomically, after its files are synced) only when the part is complete, so a killed run resumes at
-the file it was on.
+``parts/<NNN>/<split>/{dense,sparse,labels}.bin`` hold the rows (with list columns also
+``{lengths,offsets,values}.bin`` and ``weights.bin``, see :mod:`pipeline.data.jagged`);
+``parts/<NNN>/done.json`` is written (atomically, after its files are synced) only when the part is
+complete, so a killed run resumes at the file it was on.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.data.jagged import Lists
 from pipeline.data.schema import Schema
 from pipeline.data.splits import Unit
 
@@ -44,9 +46,22 @@ class SplitWriter:
     def __init__(self, root: Path, rel_dir: str, sparse_dtype: np.dtype, schema: Schema):
         self.root = root
         self.rel_dir = rel_dir
-        self.widths = {"dense": [schema.num_dense], "sparse": [schema.num_sparse], "labels": []}
+        self.widths = {"dense": [schema.num_dense], "sparse": [schema.num_one_hot], "labels": []}
         (root / rel_dir).mkdir(parents=True, exist_ok=True)
         self.dtypes = {"dense": np.dtype(np.float32), "sparse": np.dtype(sparse_dtype), "labels": np.dtype(np.uint8)}
+        self.num_lists = len(schema.multi_hot)
+        if schema.multi_hot:  # row-major jagged lists: per row, its ids' count per list column and where they start
+            self.widths |= {"lengths": [self.num_lists], "offsets": []}
+            self.dtypes |= {
+                "lengths": np.dtype(np.int32),
+                "offsets": np.dtype(np.int64),
+                "values": np.dtype(sparse_dtype),
+            }
+            if schema.weighted:
+                self.dtypes["weights"] = np.dtype(np.float32)
+        self.num_values = 0
+        self.list_sums = np.zeros(self.num_lists, np.int64)
+        self.list_max = np.zeros(self.num_lists, np.int64)
         self.files = {k: open(root / rel_dir / f"{k}.bin", "wb") for k in self.dtypes}
         self.hashes = {k: hashlib.sha256() for k in self.dtypes}
         self.num_rows = 0
@@ -55,8 +70,21 @@ class SplitWriter:
         self.syncing: Future | None = None  # the latest background sync
         self.final: Future | None = None  # the final fsync, once closing has started
 
-    def write(self, dense: np.ndarray, sparse: np.ndarray, labels: np.ndarray) -> None:
-        for key, arr in (("dense", dense), ("sparse", sparse), ("labels", labels)):
+    def write(self, dense: np.ndarray, sparse: np.ndarray, labels: np.ndarray, lists: Lists | None = None) -> None:
+        arrays = [("dense", dense), ("sparse", sparse), ("labels", labels)]
+        if self.num_lists:
+            arrays += [
+                ("lengths", lists.lengths),
+                ("offsets", lists.starts() + self.num_values),
+                ("values", lists.values),
+            ]
+            if "weights" in self.dtypes:
+                arrays.append(("weights", lists.weights))
+            self.num_values += len(lists.values)
+            if len(lists):
+                self.list_sums += lists.lengths.sum(axis=0, dtype=np.int64)
+                self.list_max = np.maximum(self.list_max, lists.lengths.max(axis=0))
+        for key, arr in arrays:
             buf = memoryview(np.ascontiguousarray(arr, dtype=self.dtypes[key]).reshape(-1)).cast("B")  # [n, 0] too
             self.files[key].write(buf)
             self.hashes[key].update(buf)
@@ -98,18 +126,21 @@ class SplitWriter:
             self.final.result()
         finally:
             self.abort()
-        return {
+        record = {
             "num_rows": self.num_rows,
             "files": {
                 k: {
                     "path": f"{self.rel_dir}/{k}.bin",
                     "dtype": self.dtypes[k].name,
-                    "shape": [self.num_rows, *self.widths[k]],
+                    "shape": [self.num_values] if k in ("values", "weights") else [self.num_rows, *self.widths[k]],
                     "sha256": self.hashes[k].hexdigest(),
                 }
                 for k in self.dtypes
             },
         }
+        if self.num_lists:  # per list column: ids over all rows, and the longest list (the planner's inputs)
+            record["list_lengths"] = {"sum": self.list_sums.tolist(), "max": self.list_max.tolist()}
+        return record
 
 
 def sha256_file(path: Path) -> str:

@@ -139,7 +139,7 @@ def is_current(cfg: DataConfig) -> bool:
 
 def _count_ids(cfg: DataConfig, units: list[Unit]) -> IdCounter:
     """A first pass over the training rows: every categorical value and how often it occurs."""
-    counter = IdCounter(len(cfg.sparse_columns))
+    counter = IdCounter(len(cfg.sparse_columns), Schema.from_config(cfg).multi_index)
     ignored = BadRows()  # the main pass counts bad rows; this pass sees the same ones
     for unit in units:
         if "train" in unit.splits:
@@ -216,19 +216,20 @@ def _process_unit(unit: Unit, cfg: DataConfig, out: Path, features: FeatureTrans
         """In the reader's threads: each split's rows, transformed and mapped, ready to write."""
         # The whole block is transformed and mapped, then its (narrower) outputs split: rows are independent.
         dense, ids, labels = features.dense(block, file_min), features.map_ids(block), block.labels
+        lists = features.map_lists(block)
         rows = {}
         for split in writers:
             keep = assigned == SPLITS.index(split)
             if keep.all():
-                rows[split] = dense, ids, labels
+                rows[split] = dense, ids, labels, lists
             elif keep.any():
-                rows[split] = dense[keep], ids[keep], labels[keep]
+                rows[split] = dense[keep], ids[keep], labels[keep], None if lists is None else lists.take(keep)
         return rows
 
     try:
         for _, _, rows in assigned_blocks(unit, cfg, counter, then=outputs):
-            for split, (dense, ids, labels) in rows.items():
-                writers[split].write(dense, ids, labels)
+            for split, (dense, ids, labels, lists) in rows.items():
+                writers[split].write(dense, ids, labels, lists)
         for writer in writers.values():
             writer.start_close()  # the splits' final fsyncs run side by side
         closed = {s: w.close() for s, w in writers.items()}
@@ -297,8 +298,8 @@ def preprocess(cfg: DataConfig) -> Manifest:
     elif caps is None:
         caps = _load_or_count_hash_caps(cfg, units, out, settings, sources)
         id_key = json.dumps(caps)
-    mapper = IdMapper(cfg.id_mode, caps, vocab)
     schema = Schema.from_config(cfg)
+    mapper = IdMapper(cfg.id_mode, caps, vocab, schema.multi_index)
     features = FeatureTransform(schema, cfg.dense_transform, mapper.num_embeddings, mapper)  # no threshold: all ids
     records = []
     for unit in units:
@@ -326,6 +327,7 @@ def preprocess(cfg: DataConfig) -> Manifest:
         dense_transform=DENSE_TRANSFORMS[cfg.dense_transform],
         bad_rows=bad.to_dict(),
         optimum=_optimum(cfg),
+        **list_lengths(schema, splits["train"]),
         seconds=round(time.perf_counter() - t0, 2),
     )
     manifest.save(out)
@@ -338,6 +340,24 @@ def preprocess(cfg: DataConfig) -> Manifest:
         f"; skipped {bad.total} bad rows {bad.counts}" if bad.total else "",
     )
     return manifest
+
+
+def list_lengths(schema: Schema, train: SplitInfo) -> dict:
+    """The manifest's ``pooling_factors`` and ``max_lengths`` per table from the training parts' list lengths
+    (empty for one-hot data)."""
+    if not schema.multi_hot:
+        return {}
+    sums = np.zeros(len(schema.multi_hot), np.int64)
+    longest = np.zeros(len(schema.multi_hot), np.int64)
+    for part in train.parts:
+        if "list_lengths" in part:
+            sums += np.asarray(part["list_lengths"]["sum"], np.int64)
+            longest = np.maximum(longest, part["list_lengths"]["max"])
+    factors, maxes = [1.0] * schema.num_sparse, [1] * schema.num_sparse
+    for m, j in enumerate(schema.multi_index):
+        factors[j] = round(float(sums[m]) / max(train.num_rows, 1), 4)
+        maxes[j] = int(longest[m])
+    return {"pooling_factors": factors, "max_lengths": maxes}
 
 
 def _check_splits(cfg: DataConfig, units: list[Unit], splits: dict[str, SplitInfo]) -> None:

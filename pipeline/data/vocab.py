@@ -22,16 +22,23 @@ logger = logging.getLogger(__name__)
 class IdCounter:
     """Per column, the training hashes and how often each occurs; merged as it grows to bound memory."""
 
-    def __init__(self, num_sparse: int) -> None:
+    def __init__(self, num_sparse: int, multi_index: list[int] = ()) -> None:
+        """``multi_index``: the list columns (their values come from ``RawBlock.lists``, the others from
+        ``RawBlock.sparse``'s columns in order)."""
         self.num_sparse = num_sparse
+        self.multi_index = list(multi_index)
+        self.one_hot_index = [j for j in range(num_sparse) if j not in set(multi_index)]
         self.keys = [np.zeros(0, np.uint32) for _ in range(num_sparse)]
         self.counts = [np.zeros(0, np.int64) for _ in range(num_sparse)]
         self.pending: list[list[np.ndarray]] = [[] for _ in range(num_sparse)]
         self.pending_len = [0] * num_sparse
 
     def add(self, block: RawBlock) -> None:
-        for j in range(self.num_sparse):
-            values = block.sparse[~block.sparse_missing[:, j], j]
+        columns = [(j, block.sparse[~block.sparse_missing[:, k], k]) for k, j in enumerate(self.one_hot_index)]
+        if self.multi_index:
+            which = block.lists.columns()
+            columns += [(j, block.lists.values[which == m]) for m, j in enumerate(self.multi_index)]
+        for j, values in columns:
             self.pending[j].append(values)
             self.pending_len[j] += len(values)
             if self.pending_len[j] > max(4 * len(self.keys[j]), 1 << 22):

@@ -12,8 +12,10 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
 from pipeline.config import CategoricalFormat
+from pipeline.data.jagged import Lists, interleave
 from pipeline.data.schema import CRITEO, LABEL, Schema
 from pipeline.data.tsv.block import NO_LABEL, RawBlock
+from pipeline.data.tsv.lists import parse_column
 from pipeline.data.tsv.scanner import NIBBLE
 
 _ARROW_BLOCK = 4 << 20  # pyarrow parses each chunk in 4 MiB blocks, in parallel
@@ -31,10 +33,11 @@ def parse(data: bytes | memoryview, labelled: bool = True, schema: Schema = CRIT
     """
     # Decimal ids are read as text: pyarrow's integer parser also takes " 7" and "0x1f", which are not ids.
     cat_type = pa.binary(8) if schema.categorical_format == CategoricalFormat.hex else pa.string()
+    lists = set(schema.multi_hot_columns)
     types = {
         **({LABEL: pa.int8()} if labelled else {}),
         **{c: pa.int64() for c in schema.dense_columns},
-        **{c: cat_type for c in schema.sparse_columns},
+        **{c: pa.binary() if c in lists else cat_type for c in schema.sparse_columns},
     }
     return pacsv.read_csv(
         pa.py_buffer(data),
@@ -100,11 +103,11 @@ def _hex8_columns(table: pa.Table, schema: Schema = CRITEO) -> tuple[np.ndarray,
     """
     n = table.num_rows
     # Column-major: each column is written (and later hashed) as one contiguous run, not 26-strided.
-    sparse = np.zeros((n, schema.num_sparse), dtype=np.uint32, order="F")
-    missing = np.zeros((n, schema.num_sparse), dtype=bool, order="F")
+    sparse = np.zeros((n, schema.num_one_hot), dtype=np.uint32, order="F")
+    missing = np.zeros((n, schema.num_one_hot), dtype=bool, order="F")
     if n == 0:
         return sparse, missing
-    for j, name in enumerate(schema.sparse_columns):
+    for j, name in enumerate(schema.sparse_columns[k] for k in schema.one_hot_index):
         arr = _one_chunk(table.column(name))
         x = np.frombuffer(arr.buffers()[1], dtype="<u8", count=n, offset=arr.offset * 8)
         valid = _validity(arr)
@@ -124,9 +127,9 @@ _DECIMAL_ID = r"^[0-9]{1,19}$"  # the cast below rejects 19 digits >= 2^63
 def _decimal_id_columns(table: pa.Table, schema: Schema) -> tuple[np.ndarray, np.ndarray]:
     """The decimal-id text columns -> (int64 [n, F], missing [n, F]); raises SlowPath on a bad id."""
     n = table.num_rows
-    sparse = np.zeros((n, schema.num_sparse), dtype=np.int64)
-    missing = np.zeros((n, schema.num_sparse), dtype=bool)
-    for j, name in enumerate(schema.sparse_columns):
+    sparse = np.zeros((n, schema.num_one_hot), dtype=np.int64)
+    missing = np.zeros((n, schema.num_one_hot), dtype=bool)
+    for j, name in enumerate(schema.sparse_columns[k] for k in schema.one_hot_index):
         col = _one_chunk(table.column(name))
         if n == 0:
             break
@@ -174,4 +177,32 @@ def convert(table: pa.Table, chunk_lines: np.ndarray, labelled: bool = True, sch
         sparse, sparse_missing = _hex8_columns(table, schema)
     else:
         sparse, sparse_missing = _decimal_id_columns(table, schema)
-    return RawBlock(labels, dense, dense_missing, sparse, sparse_missing, chunk_lines)
+    return RawBlock(labels, dense, dense_missing, sparse, sparse_missing, chunk_lines, _list_columns(table, schema))
+
+
+def _list_columns(table: pa.Table, schema: Schema) -> Lists | None:
+    """The multi-hot columns -> row-major :class:`Lists`; raises SlowPath on a malformed list."""
+    if not schema.multi_hot:
+        return None
+    hex_ids = schema.categorical_format == CategoricalFormat.hex
+    sep = schema.list_separator.encode()
+    n = table.num_rows
+    columns = []
+    for (name, cap), weighted in zip(schema.multi_hot, schema.weighted_mask, strict=True):
+        arr = _one_chunk(table.column(name)) if n else pa.array([], pa.binary())
+        offsets = (
+            np.frombuffer(arr.buffers()[1], dtype=np.int32, count=n + 1, offset=arr.offset * 4)
+            if n
+            else np.zeros(1, np.int32)
+        )
+        data = (
+            np.frombuffer(arr.buffers()[2], dtype=np.uint8)
+            if n and arr.buffers()[2] is not None
+            else np.zeros(0, np.uint8)
+        )
+        valid = _validity(arr)
+        parsed = parse_column(data, offsets, np.ones(n, bool) if valid is None else valid, hex_ids, sep, weighted, cap)
+        if isinstance(parsed, int):
+            raise SlowPath
+        columns.append(parsed)
+    return interleave(columns, bool(schema.weighted))

@@ -13,6 +13,7 @@ from pathlib import Path
 from pipeline.config import CategoricalFormat
 from pipeline.data.schema import CRITEO, LABEL, Schema
 from pipeline.data.tsv.block import Chunk
+from pipeline.data.tsv.lists import parse_list_field
 from pipeline.errors import DataError
 
 # Kinds of malformed rows, as counted in the manifest.
@@ -77,8 +78,21 @@ def check_line(line: bytes, labelled: bool = True, schema: Schema = CRITEO) -> t
         if v and (not _INT_RE.fullmatch(v) or not -(2**63) <= int(v) < 2**63):
             return "bad_dense", f"field {name} is {v[:20]!r}, expected an integer or empty"
     hex_ids = schema.categorical_format == CategoricalFormat.hex
+    lists = dict(schema.multi_hot)
+    sep = schema.list_separator.encode()
     for name, v in zip(schema.sparse_columns, fields[1 + num_dense :], strict=True):
         if not v:
+            continue
+        if name in lists:
+            weighted = name in schema.weighted
+            try:
+                parse_list_field(v, hex_ids, sep, weighted)
+            except ValueError as e:
+                ids = "8 hex digits" if hex_ids else "decimal ids"
+                return "bad_categorical", (
+                    f"field {name} is {v[:40]!r}: {e}; expected {ids} separated by {schema.list_separator!r}"
+                    f"{', each as id:weight' if weighted else ''}, or empty"
+                )
             continue
         if hex_ids and (len(v) != 8 or not _HEX_CHARS.issuperset(v)):
             return "bad_categorical", f"field {name} is {v[:20]!r}, expected 8 hex digits or empty"

@@ -7,28 +7,16 @@ anything else returns None and the chunk goes through pyarrow and the line check
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
-import numba
 import numpy as np
 
 from pipeline.config import NUM_DENSE_FEATURES, NUM_SPARSE_FEATURES, CategoricalFormat
+from pipeline.data.compiled import compiled
 from pipeline.data.schema import CRITEO, Schema
 from pipeline.data.tsv.block import NO_LABEL, Chunk, RawBlock
 
 NIBBLE = np.full(256, 0xFF, dtype=np.uint8)  # hex character -> its value; 0xFF if not a hex digit
 NIBBLE[np.frombuffer(b"0123456789abcdef", np.uint8)] = np.arange(16)
 NIBBLE[np.frombuffer(b"ABCDEF", np.uint8)] = np.arange(10, 16)
-
-
-def compiled(fn: Callable) -> Callable:
-    """``fn`` compiled by numba without the GIL, its machine code cached in ``__pycache__`` (or the
-    user's cache folder) so only the first run after an install compiles (about 0.6 s; loading the
-    cache costs about 0.15 s); compiled in every process where no cache folder is writable."""
-    try:
-        return numba.njit(nogil=True, cache=True, boundscheck=False)(fn)
-    except RuntimeError:  # "cannot cache function ...: no locator available"
-        return numba.njit(nogil=True, boundscheck=False)(fn)
 
 
 @compiled
@@ -110,7 +98,12 @@ def scan_chunk(chunk: Chunk, labelled: bool, schema: Schema) -> RawBlock | None:
     """A chunk of the hex layout through the compiled scanner; None when it has a row the scanner does
     not accept, or an unterminated last line (the caller then parses it with pyarrow and, if need
     be, checks it line by line)."""
-    if schema.categorical_format != CategoricalFormat.hex or not schema.num_sparse or chunk.unterminated:
+    if (
+        schema.categorical_format != CategoricalFormat.hex
+        or not schema.num_sparse
+        or schema.multi_hot
+        or chunk.unterminated
+    ):
         return None
     buf = np.frombuffer(chunk.data, dtype=np.uint8)
     n = chunk.num_lines
