@@ -18,6 +18,12 @@ sharded by DMP) followed by a dense part, :meth:`forward_pooled` ``(dense [B, I]
   table applied to its pooled embedding before the interaction (:class:`FeatureMLPs`).
 - ``model.name=mf``: matrix factorisation, the special case DLRM generalises: a user table and an item
   table, logit = <u, v> + bias, no MLPs (:class:`MatrixFactorization`).
+
+A table pools its feature's bag of ids (one id for a one-hot feature, any number for a multi-hot one)
+into one vector: ``model.pooling`` (sum | mean), per feature ``model.table_pooling``. With weights in the
+data (``is_weighted``) each row is scaled by its id's weight first; mean pooling then divides by the
+number of ids, not by the sum of the weights (what FBGEMM's kernels do). An empty bag pools to zeros
+under either pooling.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torchrec.models.dlrm import DLRM as TorchRecDLRM
 from torchrec.models.dlrm import (
@@ -36,11 +43,19 @@ from torchrec.models.dlrm import (
     SparseArch,
 )
 from torchrec.modules.crossnet import LowRankCrossNet
-from torchrec.modules.embedding_configs import EmbeddingBagConfig
+from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
-from pipeline.config import NUM_DENSE_FEATURES, SPARSE_FEATURE_NAMES, Interaction, ModelConfig, ModelName
+from pipeline.config import (
+    NUM_DENSE_FEATURES,
+    SPARSE_FEATURE_NAMES,
+    ConfigError,
+    Interaction,
+    ModelConfig,
+    ModelName,
+    Pooling,
+)
 
 
 def _stack_vectors(dense: torch.Tensor, sparse: torch.Tensor, padded: int) -> torch.Tensor:
@@ -345,27 +360,101 @@ class MatrixFactorization(nn.Module):
         return []
 
 
+_POOLING_TYPES = {Pooling.sum: PoolingType.SUM, Pooling.mean: PoolingType.MEAN}
+
+
+class WeightedMeanEmbeddingBag(nn.EmbeddingBag):
+    """``nn.EmbeddingBag(mode="mean")`` that also takes per-id weights, as FBGEMM's kernels do: the weighted
+    sum over the bag divided by its number of ids (zeros for an empty bag). PyTorch's own bag refuses
+    weights under mean pooling, so without this a weighted collection with a mean table would train
+    sharded (FBGEMM) but fail unsharded (export, predict). Same parameters and state dict as the bag it
+    replaces."""
+
+    def forward(
+        self, input: torch.Tensor, offsets: torch.Tensor | None = None, per_sample_weights: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        if per_sample_weights is None:
+            return super().forward(input, offsets)
+        summed = F.embedding_bag(
+            input,
+            self.weight,
+            offsets,
+            mode="sum",
+            per_sample_weights=per_sample_weights,
+            include_last_offset=self.include_last_offset,
+            padding_idx=self.padding_idx,
+        )
+        ends = offsets if self.include_last_offset else torch.cat([offsets, offsets.new_tensor([input.numel()])])
+        counts = (ends[1:] - ends[:-1]).clamp(min=1).unsqueeze(1)
+        return summed / counts.to(summed.dtype)
+
+
+def feature_pooling(cfg: ModelConfig, feature_names: list[str]) -> dict[str, Pooling]:
+    """Each feature's pooling: ``model.pooling``, overridden per feature by ``model.table_pooling``.
+
+    Raises:
+        ConfigError: ``model.table_pooling`` names a feature the data does not have.
+    """
+    unknown = sorted(set(cfg.table_pooling) - set(feature_names))
+    if unknown:
+        raise ConfigError(
+            f"model.table_pooling names {unknown}, which are not among the data's sparse features {list(feature_names)}"
+        )
+    return {f: Pooling(cfg.table_pooling.get(f, cfg.pooling)) for f in feature_names}
+
+
 def table_configs(
     cfg: ModelConfig, num_embeddings_per_feature: list[int], feature_names: list[str] = SPARSE_FEATURE_NAMES
 ) -> list[EmbeddingBagConfig]:
-    """One table per categorical feature, sized from the dataset's manifest (for ``mf``, the user's
-    and the item's only)."""
+    """One table per categorical feature, sized from the dataset's manifest and pooled as configured
+    (:func:`feature_pooling`); for ``mf``, the user's and the item's only.
+
+    Raises:
+        ConfigError: ``model.user_feature`` / ``item_feature`` / ``table_pooling`` name a feature the data
+            does not have.
+    """
     if len(num_embeddings_per_feature) != len(feature_names):
         raise ValueError(f"expected {len(feature_names)} table sizes, got {len(num_embeddings_per_feature)}")
     sizes = dict(zip(feature_names, num_embeddings_per_feature, strict=True))
+    pooling = feature_pooling(cfg, list(feature_names))
     if cfg.name == ModelName.mf:
         for key in ("user_feature", "item_feature"):
             if getattr(cfg, key) not in sizes:
-                raise ValueError(
+                raise ConfigError(
                     f"model.{key}={getattr(cfg, key)!r} is not one of the data's sparse features {feature_names}"
                 )
         feature_names = [cfg.user_feature, cfg.item_feature]
     return [
         EmbeddingBagConfig(
-            name=f"t_{feature}", embedding_dim=cfg.embedding_dim, num_embeddings=sizes[feature], feature_names=[feature]
+            name=f"t_{feature}",
+            embedding_dim=cfg.embedding_dim,
+            num_embeddings=sizes[feature],
+            feature_names=[feature],
+            pooling=_POOLING_TYPES[pooling[feature]],
         )
         for feature in feature_names
     ]
+
+
+def embedding_bag_collection(
+    tables: list[EmbeddingBagConfig], weighted: bool, device: torch.device
+) -> EmbeddingBagCollection:
+    """TorchRec's collection of ``tables``; a weighted one's mean tables pool as FBGEMM's kernels do
+    (:class:`WeightedMeanEmbeddingBag`), so the unsharded model computes what the sharded one trained."""
+    ebc = EmbeddingBagCollection(tables=tables, is_weighted=weighted, device=device)
+    if weighted:
+        for t in tables:
+            if t.pooling == PoolingType.MEAN:
+                bag = ebc.embedding_bags[t.name]
+                ebc.embedding_bags[t.name] = WeightedMeanEmbeddingBag(
+                    t.num_embeddings,
+                    t.embedding_dim,
+                    mode="mean",
+                    include_last_offset=True,
+                    device=bag.weight.device,
+                    dtype=bag.weight.dtype,
+                )
+    return ebc
 
 
 def build_model(
@@ -373,11 +462,12 @@ def build_model(
     num_embeddings_per_feature: list[int],
     feature_names: list[str] = SPARSE_FEATURE_NAMES,
     num_dense_features: int = NUM_DENSE_FEATURES,
+    weighted: bool = False,
 ) -> DLRMTrain:
     """The configured model + BCE loss; tables on the meta device (placed and sharded later by DMP),
-    the dense part on CPU."""
-    ebc = EmbeddingBagCollection(
-        tables=table_configs(cfg, num_embeddings_per_feature, list(feature_names)), device=torch.device("meta")
+    the dense part on CPU. ``weighted``: the batches carry a weight per id (``bool(schema.weighted)``)."""
+    ebc = embedding_bag_collection(
+        table_configs(cfg, num_embeddings_per_feature, list(feature_names)), weighted, torch.device("meta")
     )
     if cfg.name == ModelName.mf:
         return DLRMTrain(MatrixFactorization(ebc))

@@ -30,46 +30,53 @@ def quantize_tables(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 class Int8EmbeddingBagCollection(torch.nn.Module):
-    """An ``EmbeddingBagCollection``'s lookups (sum pooling) from int8 row-wise tables, with PyTorch's
-    quantized CPU kernel ``embedding_bag_byte_rowwise_offsets``: the same KeyedTensor out, a quarter of
-    the table memory. State dict keys: ``embedding_bags.<table>.weight_int8_rowwise``."""
+    """An ``EmbeddingBagCollection``'s lookups from int8 row-wise tables, with PyTorch's quantized CPU
+    kernel ``embedding_bag_byte_rowwise_offsets``: the same KeyedTensor out, a quarter of the table
+    memory. Pooled as the float collection: sum, or mean (the weighted sum over the number of ids, as
+    FBGEMM's kernels; zeros for an empty bag), with the ids' weights when it is weighted. State dict
+    keys: ``embedding_bags.<table>.weight_int8_rowwise``."""
 
     def __init__(self, ebc: torch.nn.Module) -> None:
+        from torchrec.modules.embedding_configs import PoolingType
+
         super().__init__()
         self.embedding_bags = torch.nn.ModuleDict()
-        self.lookups: list[tuple[str, str, int]] = []  # (feature, table, dim)
+        self.weighted = bool(ebc.is_weighted())
+        self.lookups: list[tuple[str, str, int, bool]] = []  # (feature, table, dim, mean pooling)
         for cfg in ebc.embedding_bag_configs():
             if len(cfg.feature_names) != 1:
                 raise ExportError(f"int8 tables support one feature per table; {cfg.name} has {cfg.feature_names}")
             table = torch.nn.Module()
             table.register_buffer(INT8_KEY, torch.empty(cfg.num_embeddings, cfg.embedding_dim + 8, dtype=torch.uint8))
             self.embedding_bags[cfg.name] = table
-            self.lookups.append((cfg.feature_names[0], cfg.name, cfg.embedding_dim))
+            self.lookups.append((cfg.feature_names[0], cfg.name, cfg.embedding_dim, cfg.pooling == PoolingType.MEAN))
 
     def forward(self, features):
         from torchrec.sparse.jagged_tensor import KeyedTensor
 
         per_feature = features.to_dict()
         pooled = []
-        for feature, table, _ in self.lookups:
+        for feature, table, _, mean in self.lookups:
             jt = per_feature[feature]
             indices = jt.values()
-            pooled.append(
-                torch.ops.quantized.embedding_bag_byte_rowwise_offsets(
-                    getattr(self.embedding_bags[table], INT8_KEY),
-                    indices,
-                    jt.offsets().to(indices.dtype),
-                    False,
-                    0,
-                    False,
-                    jt.weights_or_none(),
-                    None,
-                    True,
-                )
-            )  # sum pooling; offsets end with the total
+            offsets = jt.offsets().to(indices.dtype)
+            bags = torch.ops.quantized.embedding_bag_byte_rowwise_offsets(
+                getattr(self.embedding_bags[table], INT8_KEY),
+                indices,
+                offsets,
+                False,
+                0,  # sum pooling: the mean divides below, by the number of ids (not the weights' sum)
+                False,
+                jt.weights_or_none() if self.weighted else None,
+                None,
+                True,  # offsets end with the total
+            )
+            if mean:
+                bags = bags / (offsets[1:] - offsets[:-1]).clamp(min=1).unsqueeze(1).to(bags.dtype)
+            pooled.append(bags)
         return KeyedTensor(
-            keys=[f for f, _, _ in self.lookups],
-            length_per_key=[d for _, _, d in self.lookups],
+            keys=[f for f, *_ in self.lookups],
+            length_per_key=[d for _, _, d, _ in self.lookups],
             values=torch.cat(pooled, dim=1),
         )
 
