@@ -216,6 +216,7 @@ class Trainer:
             features.table_sizes,
             feature_names=list(schema.feature_names),
             num_dense_features=schema.num_dense,
+            weighted=bool(schema.weighted),  # the batches carry a weight per id (1.0 where the data has none)
         )
         self.local_batch_size = cfg.data.global_batch_size // self.env.world_size
         self.model, self.optimizer = shard_model(

@@ -73,12 +73,15 @@ def build_dlrm(
     num_embeddings_per_feature: list[int],
     feature_names: list[str] | None = None,
     num_dense_features: int | None = None,
+    weighted: bool = False,
 ) -> torch.nn.Module:
     """The training architecture (``pipeline.model.dlrm.build_model``) as a plain CPU module, without
     the loss wrapper; table weights are allocated but not initialised (a checkpoint fills them).
 
     ``feature_names`` (one per entry of ``num_embeddings_per_feature``) and ``num_dense_features`` are
-    the data's (manifest or export.json); None = Criteo's."""
+    the data's (manifest or export.json); None = Criteo's. The pooling (``model.pooling``,
+    ``model.table_pooling``) comes with ``model_cfg``; ``weighted``: the data has weighted columns
+    (``bool(schema.weighted)``), so the tables take a weight per id as in training."""
     from pipeline.model.dlrm import build_model
 
     cfg = model_cfg if isinstance(model_cfg, ModelConfig) else ModelConfig(**model_cfg)
@@ -87,6 +90,7 @@ def build_dlrm(
         list(num_embeddings_per_feature),  # tables on the meta device, MLPs on CPU
         feature_names=list(feature_names if feature_names is not None else CRITEO.feature_names),
         num_dense_features=CRITEO.num_dense if num_dense_features is None else num_dense_features,
+        weighted=weighted,
     ).model
     ebc = dlrm.sparse_arch.embedding_bag_collection
     ebc.to_empty(device=torch.device("cpu"))  # no random init of tables about to be overwritten
@@ -415,7 +419,7 @@ def export(
 
     processed = Path(processed_dir) if processed_dir else _resolve_dir(cfg["data"]["processed_dir"])
     spec_input, sizes = input_spec(cfg["data"], processed, table_sizes)
-    dlrm = build_dlrm(cfg["model"], sizes, list(schema.feature_names), schema.num_dense)
+    dlrm = build_dlrm(cfg["model"], sizes, list(schema.feature_names), schema.num_dense, bool(schema.weighted))
     read_weights(path, meta, dlrm)
 
     fmt = _weights_format(weights_format)
@@ -584,7 +588,13 @@ def load_exported(export_dir: str | Path) -> ExportedModel:
     w = spec["weights"]
     tensors = _load_tensors(d / w["file"], w["format"])
     schema = Schema.from_dict(spec.get("schema"))
-    dlrm = build_dlrm(spec["model"], spec["num_embeddings_per_feature"], list(schema.feature_names), schema.num_dense)
+    dlrm = build_dlrm(
+        spec["model"],
+        spec["num_embeddings_per_feature"],
+        list(schema.feature_names),
+        schema.num_dense,
+        bool(schema.weighted),
+    )
     table_format = w.get("table_format", "float32")
     if table_format not in TABLE_FORMATS:
         raise ExportError(f"{path}: weights.table_format {table_format!r} is not one of {TABLE_FORMATS}")
