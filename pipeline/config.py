@@ -186,6 +186,25 @@ class SyntheticConfig:
     zipf_alpha: float = 1.2  # id popularity exponent (P(rank k) ~ k^-alpha)
     target_ctr: float = 0.25  # mean click probability the bias is solved for
     seed: int = 0  # everything the generator draws comes from this seed
+    # Multi-hot (list) columns after C26 (pipeline/conf/data/synthetic_multihot.yaml); with none (the defaults)
+    # the layout is Criteo's and the output the bytes it always was.
+    num_list_columns: int = 0  # list columns L1..Ln: bags of ids whose effects add up (0 = none)
+    weighted_column: bool = False  # one more list column W1 written id:weight, the weight scaling each id's effect
+    max_bag_size: int = 10  # most ids in an L1..Ln or W1 bag (sizes uniform in 0..max_bag_size, empty included)
+    sequence_length: int = 0  # > 0: one more list column S1, up to this many ids oldest first (0 = none)
+    sequence_window: int = 10  # S1: only the newest this many ids move the click (declare it as S1's cap)
+    sequence_decay: float = 1.0  # S1: an id k places before the newest counts decay^k (1 = all of the window alike)
+    list_cardinality: int = 500  # distinct ids per list column (Zipf with zipf_alpha)
+
+    def __post_init__(self) -> None:
+        for key in ("num_list_columns", "sequence_length"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"data.synthetic.{key}={getattr(self, key)} must be >= 0 (0 = none)")
+        for key in ("max_bag_size", "sequence_window", "list_cardinality"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"data.synthetic.{key}={getattr(self, key)} must be >= 1")
+        if not 0 < self.sequence_decay <= 1:
+            raise ConfigError(f"data.synthetic.sequence_decay={self.sequence_decay} must be in (0, 1]")
 
 
 @dataclass
@@ -204,6 +223,12 @@ class MovieLensConfig:
     zipf_alpha: float = 1.0  # item popularity and user activity exponent (P(rank k) ~ k^-alpha)
     target_ctr: float = 0.4  # mean like probability the global bias is solved for
     seed: int = 0  # everything the generator draws comes from this seed
+    num_recent_items: int = 0  # > 0: a column recent_items, the user's last this many items, oldest first (0 = none)
+    recent_items_scale: float = 1.0  # std of the recent-items affinity (logit scale) at a full history
+
+    def __post_init__(self) -> None:
+        if self.num_recent_items < 0:
+            raise ConfigError(f"data.movielens.num_recent_items={self.num_recent_items} must be >= 0 (0 = none)")
 
 
 @dataclass

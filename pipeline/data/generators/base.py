@@ -1,6 +1,7 @@
 """What every generator shares: writing the splits in chunks, the Bayes-optimal metrics, ``optimum.json``.
 
-A generator supplies its ground truth and ``chunk_table(truth, rng, n) -> (table, probabilities, labels)``;
+A generator supplies its ground truth and ``chunk_table(truth, rng, n) -> Chunk`` (the rows, their true
+probabilities and drawn labels, optionally the Bayes-optimal probabilities of a model denied some columns);
 :func:`generate` writes ``train.tsv``, ``val.tsv`` and ``test.tsv`` (each split's chunks drawn from
 their own seeded generator, so a split does not depend on the chunk size of another), then
 ``optimum.json`` last, which marks the folder complete.
@@ -13,7 +14,7 @@ import logging
 import os
 import time
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +29,19 @@ SPLITS = ("train", "val", "test")
 CHUNK_ROWS = 200_000
 _EPS = 1e-7
 
-ChunkTable = Callable[[Any, np.random.Generator, int], tuple[pa.Table, np.ndarray, np.ndarray]]
+
+@dataclass
+class Chunk:
+    """One chunk of generated rows."""
+
+    table: pa.Table  # the columns to write, label first
+    prob: np.ndarray  # [n] the true click probability each label was drawn from
+    labels: np.ndarray  # [n] int8 0/1
+    # name -> [n] the best probability without the columns ``name`` (optimum.json's optimum_without.<name>)
+    without: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+ChunkTable = Callable[[Any, np.random.Generator, int], Chunk]
 
 
 def sigmoid(x: np.ndarray) -> np.ndarray:
@@ -72,28 +85,31 @@ def optimal_metrics(prob: np.ndarray, labels: np.ndarray) -> dict[str, float]:
     }
 
 
-def write_split(
-    chunk_table: ChunkTable, truth: Any, seed: int, split_index: int, path: Path, num_rows: int
-) -> tuple[np.ndarray, np.ndarray]:
+def write_split(chunk_table: ChunkTable, truth: Any, seed: int, split_index: int, path: Path, num_rows: int) -> Chunk:
     """Write one split's TSV (to a temporary name, renamed when complete); return its true probabilities and
-    drawn labels."""
+    drawn labels (``table`` empty)."""
     options = pacsv.WriteOptions(include_header=False, delimiter="\t", quoting_style="none")
-    probs, labels = [np.zeros(0)], [np.zeros(0, np.int8)]
+    chunks: list[Chunk] = []
     tmp = path.with_suffix(path.suffix + ".tmp")
     with pa.OSFile(str(tmp), "wb") as sink:
         writer = None
-        for chunk, start in enumerate(range(0, num_rows, CHUNK_ROWS)):
+        for index, start in enumerate(range(0, num_rows, CHUNK_ROWS)):
             n = min(CHUNK_ROWS, num_rows - start)
-            table, prob, label = chunk_table(truth, np.random.default_rng([seed, 2, split_index, chunk]), n)
+            chunk = chunk_table(truth, np.random.default_rng([seed, 2, split_index, index]), n)
             if writer is None:
-                writer = pacsv.CSVWriter(sink, table.schema, write_options=options)
-            writer.write_table(table)
-            probs.append(prob)
-            labels.append(label)
+                writer = pacsv.CSVWriter(sink, chunk.table.schema, write_options=options)
+            writer.write_table(chunk.table)
+            chunks.append(Chunk(chunk.table.slice(0, 0), chunk.prob, chunk.labels, chunk.without))
         if writer is not None:
             writer.close()
     os.replace(tmp, path)  # a killed run never leaves a half-written split under the final name
-    return np.concatenate(probs), np.concatenate(labels)
+    names = chunks[0].without if chunks else {}
+    return Chunk(
+        pa.table({}),
+        np.concatenate([np.zeros(0), *(c.prob for c in chunks)]),
+        np.concatenate([np.zeros(0, np.int8), *(c.labels for c in chunks)]),
+        {k: np.concatenate([c.without[k] for c in chunks]) for k in names},
+    )
 
 
 def generate(
@@ -106,10 +122,14 @@ def generate(
     t0 = time.perf_counter()
     sizes = {"train": cfg.num_train_rows, "val": cfg.num_val_rows, "test": cfg.num_test_rows}
     optimum: dict = {}
+    without: dict[str, dict] = {}
     for i, split in enumerate(SPLITS):
-        prob, labels = write_split(chunk_table, truth, cfg.seed, i, out / f"{split}.tsv", sizes[split])
+        written = write_split(chunk_table, truth, cfg.seed, i, out / f"{split}.tsv", sizes[split])
+        labels = written.labels
         if split != "train" and len(labels):
-            optimum[split] = optimal_metrics(prob, labels)
+            optimum[split] = optimal_metrics(written.prob, labels)
+            for name, prob in written.without.items():
+                without.setdefault(name, {})[split] = optimal_metrics(prob, labels)
         logger.info(
             "wrote %s rows to %s (click rate %.4f)",
             f"{sizes[split]:,}",
@@ -121,6 +141,7 @@ def generate(
         "config": asdict(cfg),
         **(extra or {}),
         "optimum": optimum,
+        **({"optimum_without": without} if without else {}),  # one-hot layouts keep the record they had
         "seconds": round(time.perf_counter() - t0, 2),
     }
     (out / OPTIMUM_FILE).write_text(json.dumps(record, indent=2) + "\n")
@@ -133,8 +154,11 @@ def is_complete(generator: str, cfg: Any, out_dir: str | Path) -> bool:
     if not path.exists():
         return False
     record = json.loads(path.read_text())
+    # A record written before a config field existed holds that field's default (new fields leave the output
+    # of the old configs unchanged), so data generated then is still complete.
+    written = {**asdict(type(cfg)()), **(record.get("config") or {})}
     return (
         record.get("generator") == generator
-        and record.get("config") == asdict(cfg)
+        and written == asdict(cfg)
         and all((Path(out_dir) / f"{s}.tsv").exists() for s in SPLITS)
     )

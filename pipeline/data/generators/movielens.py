@@ -22,6 +22,17 @@ genre and a fixed age in days. ``b0`` is solved for ``target_ctr``. Matrix facto
 (``model=mf``) can learn the <u, v> part; DLRM the whole. Everything is drawn from ``seed``, chunk by
 chunk, so the output is reproducible byte for byte.
 
+With ``num_recent_items`` N > 0 (``data=movielens_recent``) a sequence column ``recent_items`` follows:
+the items shown to the same user in the rows before this one (train, then val, then test: the log in time
+order), oldest first, the last N of them, decimal ids separated by ``,`` (empty for a user's first row).
+The logit gains the item's affinity to them,
+
+    + sum_(r in recent_items) <c_item, c_r>
+
+with item vectors c of rank ``latent_dim`` scaled so that the sum has std ``recent_items_scale`` over a full
+history: a sum-pooled embedding bag of the recent items dotted with the item's embedding (DLRM's
+interaction) represents it exactly. :func:`schema` gives the layout.
+
 Run directly: ``python -m pipeline.data.movielens --out data/movielens/raw --train-rows 200000``.
 """
 
@@ -35,6 +46,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from pipeline.config import CategoricalFormat, MovieLensConfig
 from pipeline.data.generators import base
@@ -44,7 +56,8 @@ logger = logging.getLogger(__name__)
 
 DENSE_COLUMNS = ("item_age_days", "user_activity")
 SPARSE_COLUMNS = ("user_id", "item_id", "genre", "user_age_bucket")
-SCHEMA = Schema(DENSE_COLUMNS, SPARSE_COLUMNS, SPARSE_COLUMNS, CategoricalFormat.int)
+SCHEMA = Schema(DENSE_COLUMNS, SPARSE_COLUMNS, SPARSE_COLUMNS, CategoricalFormat.int)  # num_recent_items=0
+RECENT_ITEMS = "recent_items"
 GENERATOR = "pipeline.data.movielens"
 _USER_BIAS = 0.4  # std of the per-user bias (logit scale)
 _ITEM_BIAS = 0.6  # std of the per-item bias
@@ -73,7 +86,68 @@ class _Truth:
     user_activity: np.ndarray  # [users] int, interactions the user has logged
     item_age_z: np.ndarray  # [items] standardised log1p(item_age_days)
     user_activity_z: np.ndarray  # [users] standardised log1p(user_activity)
+    history: _History | None = None  # num_recent_items > 0: each user's last items so far (advances as rows are drawn)
+    item_similarity: np.ndarray | None = None  # [items, k] c: the recent-items affinity is sum_r <c_item, c_r>
     b0: float = 0.0
+
+
+class _History:
+    """Each user's last ``cap`` items, newest last, as the rows are drawn in order."""
+
+    def __init__(self, num_users: int, cap: int) -> None:
+        self.cap = cap
+        self.items = np.zeros((num_users, cap), dtype=np.int64)  # right-aligned: the newest in the last column
+        self.lengths = np.zeros(num_users, dtype=np.int64)
+
+    def advance(self, users: np.ndarray, items: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Each row's history before it (lengths [n], values flat in row order, oldest first); then the rows'
+        items join their users' histories."""
+        n, cap = len(users), self.cap
+        order = np.argsort(users, kind="stable")
+        grouped_users = users[order]
+        starts = np.flatnonzero(np.r_[True, grouped_users[1:] != grouped_users[:-1]])
+        group_users = grouped_users[starts]
+        counts = np.diff(np.r_[starts, n])
+        kept = self.lengths[group_users]
+        # Per user: the kept history, then this chunk's items in row order, in one flat array.
+        sizes = kept + counts
+        group_start = np.r_[0, np.cumsum(sizes)[:-1]]
+        flat = np.empty(int(sizes.sum()), dtype=np.int64)
+        j = np.arange(int(kept.sum())) - np.repeat(np.cumsum(kept) - kept, kept)
+        g = np.repeat(np.arange(len(group_users)), kept)
+        flat[group_start[g] + j] = self.items[group_users[g], cap - kept[g] + j]
+        position = np.arange(n) - np.repeat(starts, counts)  # the row's place among its user's rows here
+        group_of_row = np.repeat(np.arange(len(group_users)), counts)
+        end = group_start[group_of_row] + kept[group_of_row] + position
+        flat[end] = items[order]
+        # A row's history ends just before its own item.
+        length_sorted = np.minimum(cap, kept[group_of_row] + position)
+        lengths = np.empty(n, dtype=np.int64)
+        lengths[order] = length_sorted
+        ends = np.empty(n, dtype=np.int64)
+        ends[order] = end
+        offsets = np.repeat(ends - lengths, lengths)
+        values = flat[offsets + np.arange(int(lengths.sum())) - np.repeat(np.cumsum(lengths) - lengths, lengths)]
+        # The new histories: the last cap of each user's flat run.
+        new = np.minimum(cap, sizes)
+        j = np.arange(int(new.sum())) - np.repeat(np.cumsum(new) - new, new)
+        g = np.repeat(np.arange(len(group_users)), new)
+        self.items[group_users[g], cap - new[g] + j] = flat[group_start[g] + sizes[g] - new[g] + j]
+        self.lengths[group_users] = new
+        return lengths, values
+
+
+def list_lengths(cfg: MovieLensConfig) -> dict[str, int]:
+    """The most ids the generator writes in each list column (a declared cap at least this keeps them all)."""
+    return {RECENT_ITEMS: cfg.num_recent_items} if cfg.num_recent_items > 0 else {}
+
+
+def schema(cfg: MovieLensConfig) -> Schema:
+    """The raw layout the generator writes for ``cfg`` (:data:`SCHEMA`, then ``recent_items`` when configured)."""
+    if cfg.num_recent_items <= 0:
+        return SCHEMA
+    sparse = (*SPARSE_COLUMNS, RECENT_ITEMS)
+    return Schema(DENSE_COLUMNS, sparse, sparse, CategoricalFormat.int, ((RECENT_ITEMS, cfg.num_recent_items),))
 
 
 def _zipf_cdf(n: int, alpha: float) -> np.ndarray:
@@ -120,6 +194,16 @@ def _make_truth(cfg: MovieLensConfig) -> _Truth:
     )
     users, items = _draw_pairs(truth, np.random.default_rng([cfg.seed, 1]), 100_000)
     logits = _logits(truth, users, items)
+    if cfg.num_recent_items > 0:
+        # Its own seed stream: the columns of the layout without recent_items keep their bytes.
+        k, cap = cfg.latent_dim, cfg.num_recent_items
+        # sum of cap products <c, c'> of iid N(0, s^2) coordinates has variance cap k s^4.
+        s = (cfg.recent_items_scale**2 / (cap * k)) ** 0.25
+        truth.item_similarity = np.random.default_rng([cfg.seed, 3]).normal(0.0, s, (cfg.num_items, k))
+        # The bias is solved over calibration rows with histories of their own (a scratch log).
+        truth.history = _History(cfg.num_users, cap)
+        logits = logits + _recent_logit(truth, items, *truth.history.advance(users, items))
+        truth.history = _History(cfg.num_users, cap)
     lo, hi = -20.0, 20.0
     for _ in range(60):  # bisect the global bias for the target like rate
         mid = (lo + hi) / 2
@@ -151,9 +235,20 @@ def _logits(truth: _Truth, users: np.ndarray, items: np.ndarray) -> np.ndarray:
     )
 
 
-def _chunk_table(truth: _Truth, rng: np.random.Generator, n: int) -> tuple[pa.Table, np.ndarray, np.ndarray]:
+def _recent_logit(truth: _Truth, items: np.ndarray, lengths: np.ndarray, recent: np.ndarray) -> np.ndarray:
+    """sum over each row's recent items r of <c_item, c_r>."""
+    c = truth.item_similarity
+    row = np.repeat(np.arange(len(items)), lengths)
+    return np.bincount(row, weights=np.einsum("nk,nk->n", c[items][row], c[recent]), minlength=len(items))
+
+
+def _chunk_table(truth: _Truth, rng: np.random.Generator, n: int) -> base.Chunk:
     users, items = _draw_pairs(truth, rng, n)
-    prob = base.sigmoid(_logits(truth, users, items))
+    logit = _logits(truth, users, items)
+    if truth.history is not None:
+        lengths, recent = truth.history.advance(users, items)
+        logit = logit + _recent_logit(truth, items, lengths, recent)
+    prob = base.sigmoid(logit)
     labels = (rng.random(n) < prob).astype(np.int8)
     columns = {
         "label": labels,
@@ -164,13 +259,18 @@ def _chunk_table(truth: _Truth, rng: np.random.Generator, n: int) -> tuple[pa.Ta
         "genre": truth.item_genre[items],
         "user_age_bucket": truth.user_age_bucket[users],
     }
-    return pa.table({k: pa.array(v) for k, v in columns.items()}), prob, labels
+    table = pa.table({k: pa.array(v) for k, v in columns.items()})
+    if truth.history is not None:
+        tokens = pc.cast(pa.array(recent), pa.string())
+        offsets = pa.array(np.r_[0, np.cumsum(lengths)].astype(np.int32))
+        table = table.append_column(RECENT_ITEMS, pc.binary_join(pa.ListArray.from_arrays(offsets, tokens), ","))
+    return base.Chunk(table, prob, labels)
 
 
 def generate(cfg: MovieLensConfig, out_dir: str | Path) -> dict:
     """Write train/val/test TSV and optimum.json into ``out_dir``; return the optimum record."""
-    truth = _make_truth(cfg)
-    return base.generate(GENERATOR, cfg, out_dir, truth, _chunk_table, {"schema": SCHEMA.to_dict()})
+    truth = _make_truth(cfg)  # a fresh truth: the histories start empty
+    return base.generate(GENERATOR, cfg, out_dir, truth, _chunk_table, {"schema": schema(cfg).to_dict()})
 
 
 def is_complete(cfg: MovieLensConfig, out_dir: str | Path) -> bool:
@@ -188,6 +288,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--users", type=int, default=defaults.num_users)
     p.add_argument("--items", type=int, default=defaults.num_items)
     p.add_argument("--seed", type=int, default=defaults.seed)
+    p.add_argument("--recent-items", type=int, default=defaults.num_recent_items, help="> 0: a recent_items column")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     cfg = MovieLensConfig(
@@ -197,6 +298,7 @@ def main(argv: list[str] | None = None) -> None:
         num_val_rows=a.val_rows,
         num_test_rows=a.test_rows,
         seed=a.seed,
+        num_recent_items=a.recent_items,
     )
     record = generate(cfg, a.out)
     print(json.dumps(record["optimum"], indent=2))

@@ -19,6 +19,20 @@ first-order terms and the rest from the interactions. Ids are Zipf-distributed p
 cardinalities capped at ``max_cardinality``. Everything is drawn from one seed, chunk by chunk, so
 the output is reproducible byte for byte.
 
+Multi-hot (list) columns, when configured (``num_list_columns``, ``weighted_column``, ``sequence_length``),
+follow C26 (:func:`schema` gives the layout; ``data=synthetic_multihot`` declares it), each a bag of ids
+``a1b2c3d4,00ff00ff,...`` from its own Zipf table, and add to the logit
+
+    sum_L sum_(i in bag L) e_L[i]  +  sum_(i in W1) w_i e_W[i]  +  sum_(k < window) decay^k e_S[S1[-1 - k]]
+
+L1..Ln: bags of 0..``max_bag_size`` ids (sizes uniform, so some are empty); W1: such a bag written
+``id:weight``; S1: a sequence of 0..``sequence_length`` ids, oldest first, of which only the newest
+``sequence_window`` matter, the one k places back scaled by ``sequence_decay``^k. Each is a sum over the
+bag, which a sum-pooled (weighted) embedding bag represents exactly, except for a decay below 1.
+The list columns are drawn independently of the others, so ``optimum.json`` also records
+``optimum_without.lists``: the best a model can do that ignores them (the true probability averaged over the
+list columns' draws), which the list columns' share of the signal is read against.
+
 Run directly: ``python -m pipeline.data.synthetic --out data/synthetic/raw --train-rows 1000000``.
 """
 
@@ -32,10 +46,11 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from pipeline.config import NUM_DENSE_FEATURES, NUM_SPARSE_FEATURES, SyntheticConfig
 from pipeline.data.generators import base
-from pipeline.data.schema import CARDINALITIES
+from pipeline.data.schema import CARDINALITIES, CRITEO, Schema
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +68,33 @@ _INTERACTING_MAX_CARDINALITY = 110
 _CAT_DENSE_SCALE = 0.1  # std of each latent coordinate in categorical x dense interactions
 _DENSE_W_SCALE = 0.25  # std of the dense features' weights
 _HEX = np.frombuffer(b"0123456789abcdef", dtype=np.uint8)
+# List columns: the std of a column's summed effect in a bag of the mean size (logit scale).
+_LIST_SCALE = 0.5
+_SEQUENCE_SCALE = 0.7  # std of the sequence's summed effect over a full window (decay 1)
+_WEIGHTS = np.array([0.5, 1.0, 2.0, 3.0])  # W1's weights, written as Python floats ("0.5", "2.0")
+_CALIBRATION_ROWS = 100_000
+# optimum_without.lists is interpolated on this logit grid, the list logit's distribution taken in bins.
+_WITHOUT_GRID = np.linspace(-30.0, 30.0, 6001)
+_WITHOUT_BINS = 1000
+
+
+@dataclass
+class _ListTruth:
+    """Ground truth of the list columns (drawn from their own seed stream: the one-hot part is unchanged)."""
+
+    names: list[str]  # L1..Ln, W1, S1 as configured
+    max_lengths: list[int]  # most ids written per column
+    weighted: list[bool]
+    sequence: list[bool]
+    cdfs: list[np.ndarray]  # Zipf CDF per column
+    rank_to_id: list[np.ndarray]
+    id_hash_mul: np.ndarray
+    id_hash_add: np.ndarray
+    effect: list[np.ndarray]  # per column [card] per-id logit effect
+    window: int
+    decay: float
+    offset: float = 0.0  # mean summed list logit, subtracted: the bias stays the one-hot part's
+    without: np.ndarray | None = None  # on _WITHOUT_GRID: E[sigmoid(x + list logit)] over the list columns' draws
 
 
 @dataclass
@@ -76,7 +118,132 @@ class _Truth:
     cat_dense: list[np.ndarray]  # per column [card, k] latent vectors meeting the dense projection
     dense_proj: np.ndarray  # [13, k]
     pairs: np.ndarray  # [P, 2] interacting categorical columns
+    lists: _ListTruth | None = None
     b0: float = 0.0
+
+
+def schema(cfg: SyntheticConfig) -> Schema:
+    """The raw layout the generator writes for ``cfg``: Criteo's, then the list columns (cap 0 = all ids,
+    S1 capped at the window that matters when the sequence is longer)."""
+    names, caps, weighted = _list_layout(cfg)
+    if not names:
+        return CRITEO
+    sparse = (*CRITEO.sparse_columns, *names)
+    return Schema(
+        CRITEO.dense_columns,
+        sparse,
+        sparse,
+        CRITEO.categorical_format,
+        tuple(zip(names, caps, strict=True)),
+        tuple(n for n, w in zip(names, weighted, strict=True) if w),
+    )
+
+
+def list_lengths(cfg: SyntheticConfig) -> dict[str, int]:
+    """The most ids the generator writes in each list column (a declared cap at least this keeps them all)."""
+    names, _, _ = _list_layout(cfg)
+    return {n: cfg.sequence_length if n == "S1" else cfg.max_bag_size for n in names}
+
+
+def _list_layout(cfg: SyntheticConfig) -> tuple[list[str], list[int], list[bool]]:
+    """Names, caps and weighted flags of the list columns."""
+    names = [f"L{j + 1}" for j in range(cfg.num_list_columns)] + (["W1"] if cfg.weighted_column else [])
+    caps = [0] * len(names)
+    if cfg.sequence_length > 0:
+        names.append("S1")
+        caps.append(cfg.sequence_window if cfg.sequence_window < cfg.sequence_length else 0)
+    return names, caps, [n == "W1" for n in names]
+
+
+def _make_list_truth(cfg: SyntheticConfig) -> _ListTruth | None:
+    names, _, weighted = _list_layout(cfg)
+    if not names:
+        return None
+    rng = np.random.default_rng([cfg.seed, 3])
+    sequence = [n == "S1" for n in names]
+    card = cfg.list_cardinality
+    p = np.arange(1, card + 1, dtype=np.float64) ** -cfg.zipf_alpha
+    cdf = np.cumsum(p / p.sum())
+    cdf[-1] = 1.0
+    window = min(cfg.sequence_window, cfg.sequence_length)
+    effects = []
+    for w, seq in zip(weighted, sequence, strict=True):
+        if seq:  # the window's weights sum(decay^2k) set the per-id std
+            ids_that_count = float(np.sum(cfg.sequence_decay ** (2 * np.arange(window))))
+            std = _SEQUENCE_SCALE / np.sqrt(ids_that_count)
+        else:
+            mean_size = cfg.max_bag_size / 2 * (float(np.mean(_WEIGHTS**2)) if w else 1.0)
+            std = _LIST_SCALE / np.sqrt(max(mean_size, 1.0))
+        effects.append(rng.normal(0.0, std, card))
+    return _ListTruth(
+        names=names,
+        max_lengths=[cfg.sequence_length if seq else cfg.max_bag_size for seq in sequence],
+        weighted=weighted,
+        sequence=sequence,
+        cdfs=[cdf] * len(names),
+        rank_to_id=[rng.permutation(card) for _ in names],
+        id_hash_mul=(rng.integers(0, 2**31, len(names), dtype=np.uint64) * 2 + 1),
+        id_hash_add=rng.integers(0, 2**32, len(names), dtype=np.uint64),
+        effect=effects,
+        window=window,
+        decay=cfg.sequence_decay,
+    )
+
+
+@dataclass
+class _Lists:
+    """One chunk's list columns: per column the bag sizes, the ids and weights (flat), and the summed logit."""
+
+    lengths: list[np.ndarray]  # [n] per column
+    ids: list[np.ndarray]  # [sum lengths] per column, rows in order, each row's ids in order
+    weight_index: list[np.ndarray | None]  # [sum lengths] index into _WEIGHTS per id (W1), else None
+    logit: np.ndarray  # [n] the list columns' contribution to the logit
+
+
+def _draw_lists(lt: _ListTruth, rng: np.random.Generator, n: int) -> _Lists:
+    lengths, ids, weight_index, logit = [], [], [], np.zeros(n)
+    for c in range(len(lt.names)):
+        size = rng.integers(0, lt.max_lengths[c] + 1, n)
+        total = int(size.sum())
+        ranks = np.minimum(np.searchsorted(lt.cdfs[c], rng.random(total), side="right"), len(lt.cdfs[c]) - 1)
+        col_ids = lt.rank_to_id[c][ranks]
+        row = np.repeat(np.arange(n), size)
+        scale = np.ones(total)
+        w = None
+        if lt.weighted[c]:
+            w = rng.integers(0, len(_WEIGHTS), total)
+            scale = _WEIGHTS[w]
+        if lt.sequence[c]:  # k = places before the row's newest id
+            k = np.repeat(np.cumsum(size), size) - 1 - np.arange(total)
+            scale = np.where(k < lt.window, lt.decay ** np.minimum(k, lt.window), 0.0)
+        logit += np.bincount(row, weights=lt.effect[c][col_ids] * scale, minlength=n)
+        lengths.append(size)
+        ids.append(col_ids)
+        weight_index.append(w)
+    return _Lists(lengths, ids, weight_index, logit - lt.offset)
+
+
+def _list_column(lt: _ListTruth, c: int, lists: _Lists) -> pa.Array:
+    """One list column's fields: the ids as hex joined by ",", each ``id:weight`` in a weighted column."""
+    hashed = (lists.ids[c].astype(np.uint64) * lt.id_hash_mul[c] + lt.id_hash_add[c]) & 0xFFFFFFFF
+    tokens = _hex_column(hashed, np.zeros(len(hashed), dtype=bool))
+    if lists.weight_index[c] is not None:
+        weights = pa.array([repr(float(w)) for w in _WEIGHTS]).take(pa.array(lists.weight_index[c]))
+        tokens = pc.binary_join_element_wise(tokens, weights, ":")
+    offsets = np.concatenate([[0], np.cumsum(lists.lengths[c])]).astype(np.int32)
+    return pc.binary_join(pa.ListArray.from_arrays(pa.array(offsets), tokens), ",")
+
+
+def _calibrate_lists(lt: _ListTruth, rng: np.random.Generator) -> np.ndarray:
+    """Centre the list logit on a calibration sample and tabulate E[sigmoid(x + list logit)] for
+    optimum_without.lists; return the centred sample."""
+    sample = _draw_lists(lt, rng, _CALIBRATION_ROWS).logit
+    lt.offset = float(sample.mean())
+    sample = sample - lt.offset
+    counts, edges = np.histogram(sample, bins=_WITHOUT_BINS)
+    centres = (edges[:-1] + edges[1:]) / 2
+    lt.without = base.sigmoid(_WITHOUT_GRID[:, None] + centres[None, :]) @ (counts / counts.sum())
+    return sample
 
 
 def _make_truth(cfg: SyntheticConfig) -> _Truth:
@@ -126,9 +293,12 @@ def _make_truth(cfg: SyntheticConfig) -> _Truth:
         pairs=pairs,
     )
     # Center z and solve the bias for the target click rate on a calibration sample.
-    calib = _draw_features(truth, np.random.default_rng([cfg.seed, 1]), 100_000)
+    calib = _draw_features(truth, np.random.default_rng([cfg.seed, 1]), _CALIBRATION_ROWS)
     truth.dense_center = calib[2].mean(axis=0)
     logits = _logits(truth, *calib)
+    truth.lists = _make_list_truth(cfg)
+    if truth.lists is not None:
+        logits = logits + _calibrate_lists(truth.lists, np.random.default_rng([cfg.seed, 4]))
     lo, hi = -20.0, 20.0
     for _ in range(60):
         mid = (lo + hi) / 2
@@ -180,9 +350,13 @@ def _hex_column(values: np.ndarray, missing: np.ndarray) -> pa.Array:
     return pa.StringArray.from_buffers(n, pa.py_buffer(offsets), pa.py_buffer(data), validity, int(missing.sum()))
 
 
-def _chunk_table(truth: _Truth, rng: np.random.Generator, n: int) -> tuple[pa.Table, np.ndarray, np.ndarray]:
+def _chunk_table(truth: _Truth, rng: np.random.Generator, n: int) -> base.Chunk:
+    # The list columns draw from a child stream, so the one-hot columns are the bytes they were without them.
+    list_rng = rng.spawn(1)[0] if truth.lists is not None else None
     dense, dense_missing, z, ids, cat_missing = _draw_features(truth, rng, n)
-    prob = base.sigmoid(_logits(truth, dense, dense_missing, z, ids, cat_missing))
+    logit = _logits(truth, dense, dense_missing, z, ids, cat_missing)
+    lists = _draw_lists(truth.lists, list_rng, n) if truth.lists is not None else None
+    prob = base.sigmoid(logit + lists.logit if lists is not None else logit)
     labels = (rng.random(n) < prob).astype(np.int8)
     columns = {"label": pa.array(labels)}
     for j in range(NUM_DENSE_FEATURES):
@@ -190,13 +364,21 @@ def _chunk_table(truth: _Truth, rng: np.random.Generator, n: int) -> tuple[pa.Ta
     for c in range(NUM_SPARSE_FEATURES):
         hashed = (ids[:, c].astype(np.uint64) * truth.id_hash_mul[c] + truth.id_hash_add[c]) & 0xFFFFFFFF
         columns[f"C{c + 1}"] = _hex_column(hashed, cat_missing[:, c])
-    return pa.table(columns), prob, labels
+    if lists is None:
+        return base.Chunk(pa.table(columns), prob, labels)
+    for c, name in enumerate(truth.lists.names):
+        columns[name] = _list_column(truth.lists, c, lists)
+    without = np.interp(logit, _WITHOUT_GRID, truth.lists.without)  # the list columns' draws averaged out
+    return base.Chunk(pa.table(columns), prob, labels, {"lists": without})
 
 
 def generate(cfg: SyntheticConfig, out_dir: str | Path) -> dict:
     """Write train/val/test TSV and optimum.json into ``out_dir``; return the optimum record."""
     truth = _make_truth(cfg)
-    return base.generate(GENERATOR, cfg, out_dir, truth, _chunk_table, {"cardinalities": truth.cardinalities.tolist()})
+    extra: dict = {"cardinalities": truth.cardinalities.tolist()}
+    if truth.lists is not None:
+        extra["schema"] = schema(cfg).to_dict()
+    return base.generate(GENERATOR, cfg, out_dir, truth, _chunk_table, extra)
 
 
 def is_complete(cfg: SyntheticConfig, out_dir: str | Path) -> bool:
@@ -215,9 +397,23 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--zipf-alpha", type=float, default=defaults.zipf_alpha)
     p.add_argument("--target-ctr", type=float, default=defaults.target_ctr)
     p.add_argument("--seed", type=int, default=defaults.seed)
+    p.add_argument("--list-columns", type=int, default=defaults.num_list_columns, help="list columns L1..Ln")
+    p.add_argument("--weighted-column", action="store_true", help="a weighted list column W1 (id:weight)")
+    p.add_argument("--sequence-length", type=int, default=defaults.sequence_length, help="> 0: a sequence S1")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    cfg = SyntheticConfig(a.train_rows, a.val_rows, a.test_rows, a.max_cardinality, a.zipf_alpha, a.target_ctr, a.seed)
+    cfg = SyntheticConfig(
+        a.train_rows,
+        a.val_rows,
+        a.test_rows,
+        a.max_cardinality,
+        a.zipf_alpha,
+        a.target_ctr,
+        a.seed,
+        num_list_columns=a.list_columns,
+        weighted_column=a.weighted_column,
+        sequence_length=a.sequence_length,
+    )
     record = generate(cfg, a.out)
     print(json.dumps(record["optimum"], indent=2))
 
