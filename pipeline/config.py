@@ -232,6 +232,17 @@ class MovieLensConfig:
 
 
 @dataclass
+class MaterializeConfig:
+    """MLPerf DLRM-DCNv2's multi-hot materialisation of one-hot data: each id becomes a bag of ``sizes[j]`` ids
+    (the id itself, then ``sizes[j] - 1`` ids drawn uniformly over the table by a seeded hash of the id)."""
+
+    source_dir: str = MISSING  # the one-hot preprocessed folder (made from the raw files first if missing)
+    sizes: list[int] = field(default_factory=list)  # ids per bag, one per categorical column (MLPerf's 26)
+    distribution: MultiHotDistribution = MultiHotDistribution.uniform
+    seed: int = 0  # same input and seed -> same ids
+
+
+@dataclass
 class DataConfig:
     """Where the click log lives, how it is preprocessed, and how batches are cut."""
 
