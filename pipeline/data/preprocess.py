@@ -11,7 +11,12 @@ Output folder (``data.processed_dir``)::
     vocab.npz, vocab.json         id_mode=vocab: per sparse column (arrays C1..CF by position), the raw
                                   hashes or ids that own a table row
     parts/<NNN>/<split>/dense.bin     float32 [rows, num_dense], already transformed
-    parts/<NNN>/<split>/sparse.bin    int32 [rows, num_sparse] table row ids (int64 when a cap exceeds 2^31)
+    parts/<NNN>/<split>/sparse.bin    int32 [rows, num_one_hot] table row ids of the one-id columns (int64
+                                      when a cap exceeds 2^31)
+    parts/<NNN>/<split>/lengths.bin   with list columns (data.multi_hot_columns): int32 [rows, num_lists],
+                    offsets.bin       int64 [rows] where each row's ids start in values.bin,
+                    values.bin        the ids, row after row (a row's lists one after the other),
+                    weights.bin       float32, one per id (data.weighted_columns; 1.0 for other columns)
     parts/<NNN>/<split>/labels.bin    uint8 [rows]
     parts/<NNN>/done.json         input file NNN is finished: its outputs' sha256s, rows, bad rows
 

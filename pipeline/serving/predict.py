@@ -37,6 +37,7 @@ import torch
 
 from pipeline.config import DenseTransform
 from pipeline.data.features import FeatureTransform, file_dense_min
+from pipeline.data.jagged import Lists
 from pipeline.data.schema import CRITEO, Schema
 from pipeline.data.tsv import BadRows, RawDataError, open_raw, read_blocks
 from pipeline.errors import ExportError
@@ -129,10 +130,14 @@ def resolve_dense_min(
         raise PredictError(f"--dense-min {choice!r}: expected train, input or an integer") from None
 
 
-def _score(model: ExportedModel, dense: np.ndarray, ids: np.ndarray, batch_size: int) -> np.ndarray:
+def _score(
+    model: ExportedModel, dense: np.ndarray, ids: np.ndarray, batch_size: int, lists: Lists | None = None
+) -> np.ndarray:
     out = np.empty(len(dense), dtype=np.float32)
     for lo in range(0, len(dense), batch_size):
-        out[lo : lo + batch_size] = model.predict(dense[lo : lo + batch_size], ids[lo : lo + batch_size])
+        rows = slice(lo, lo + batch_size)
+        batch_lists = None if lists is None else lists.take(np.arange(lo, min(lo + batch_size, len(dense))))
+        out[rows] = model.predict(dense[rows], ids[rows], batch_lists)
     return out
 
 
@@ -168,7 +173,7 @@ def predict_raw(
             dense = features.dense(block, dense_min)
         if result is not None and transform == DenseTransform.torchrec:
             result.nonfinite_dense_rows += int((~np.isfinite(dense).all(axis=1)).sum())
-        probs = _score(model, dense, features.map_ids(block), batch_size)
+        probs = _score(model, dense, features.map_ids(block), batch_size, features.map_lists(block))
         end = int(block.line_index[-1]) + 1
         if end - emitted == len(block):  # no skipped line before or inside this block
             yield probs, block.labels
@@ -213,7 +218,7 @@ def predict_split(
     data = BinarySplit(processed_dir, split, manifest, features)
     for lo in range(0, len(data), batch_size):
         rows = np.arange(lo, min(lo + batch_size, len(data)))
-        yield model.predict(data.gather("dense", rows), data.ids(rows)), data.gather("labels", rows)
+        yield model.predict(data.gather("dense", rows), data.ids(rows), data.lists(rows)), data.gather("labels", rows)
 
 
 # -- output ---------------------------------------------------------------------------------------
