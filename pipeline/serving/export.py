@@ -47,6 +47,7 @@ import torch
 
 from pipeline.config import DenseTransform, IdMode, ModelConfig
 from pipeline.data.features import FeatureTransform
+from pipeline.data.jagged import Lists
 from pipeline.data.schema import CRITEO, Schema
 from pipeline.errors import ExportError
 from pipeline.logs import setup_logging
@@ -536,7 +537,7 @@ class ExportedModel:
         inp = self.spec["input"]
         sizes = self.spec["num_embeddings_per_feature"]
         caps = list(inp["caps"]) if inp.get("caps") else [NO_CAP] * len(sizes)
-        mapper = IdMapper(IdMode(inp["id_mode"]), caps, self.vocab)
+        mapper = IdMapper(IdMode(inp["id_mode"]), caps, self.vocab, self.schema.multi_index)
         if mapper.num_embeddings != sizes:
             raise ExportError(
                 f"{self.dir}: the id mapping gives table sizes {mapper.num_embeddings}, the weights hold {sizes}"
@@ -544,16 +545,22 @@ class ExportedModel:
         return FeatureTransform(self.schema, DenseTransform(inp["dense_transform"]), sizes, mapper)
 
     @torch.inference_mode()
-    def logits(self, dense: np.ndarray | torch.Tensor, ids: np.ndarray | torch.Tensor) -> torch.Tensor:
-        """Logits [B] of transformed dense features [B, num_dense] float32 and table row ids [B, num_sparse]."""
+    def logits(
+        self, dense: np.ndarray | torch.Tensor, ids: np.ndarray | torch.Tensor, lists: Lists | tuple | None = None
+    ) -> torch.Tensor:
+        """Logits [B] of transformed dense features [B, num_dense] float32, one-hot table row ids
+        [B, num_one_hot] and the list columns' row ids (:meth:`FeatureTransform.kjt`'s ``lists``)."""
         dense = torch.as_tensor(
             np.ascontiguousarray(dense) if isinstance(dense, np.ndarray) else dense, dtype=torch.float32
         )
-        return self.model(dense_features=dense, sparse_features=self.features.kjt(np.asarray(ids))).flatten()
+        kjt = self.features.kjt(np.asarray(ids), lists)
+        return self.model(dense_features=dense, sparse_features=kjt).flatten()
 
-    def predict(self, dense: np.ndarray | torch.Tensor, ids: np.ndarray | torch.Tensor) -> np.ndarray:
+    def predict(
+        self, dense: np.ndarray | torch.Tensor, ids: np.ndarray | torch.Tensor, lists: Lists | tuple | None = None
+    ) -> np.ndarray:
         """Click probabilities [B] float32 (sigmoid of :meth:`logits`, as the trainer's evaluation)."""
-        return torch.sigmoid(self.logits(dense, ids).float()).numpy()
+        return torch.sigmoid(self.logits(dense, ids, lists).float()).numpy()
 
 
 def _load_tensors(path: Path, fmt: str) -> dict[str, torch.Tensor]:
