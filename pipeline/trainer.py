@@ -219,8 +219,15 @@ class Trainer:
             weighted=bool(schema.weighted),  # the batches carry a weight per id (1.0 where the data has none)
         )
         self.local_batch_size = cfg.data.global_batch_size // self.env.world_size
+        factors = self.manifest.pooling_factors  # mean ids per row per table (None: one-hot data)
         self.model, self.optimizer = shard_model(
-            model, cfg.sharding, cfg.optimizer, self.env, self.device, self.local_batch_size
+            model,
+            cfg.sharding,
+            cfg.optimizer,
+            self.env,
+            self.device,
+            self.local_batch_size,
+            dict(zip(schema.feature_names, factors, strict=True)) if factors else None,
         )
         # Tables re-initialised each epoch need their full rate in every epoch; the MLPs' rate decays each epoch.
         restarts = cfg.trainer.reset_tables_each_epoch and self.total_steps > self.steps_per_epoch

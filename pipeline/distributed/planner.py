@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints
+from torchrec.distributed.planner.constants import POOLING_FACTOR
 from torchrec.distributed.planner.storage_reservations import FixedPercentageStorageReservation
 from torchrec.distributed.planner.types import KernelConfig, PlannerError, TopologyFactory
 from torchrec.distributed.planner.types import TrainerConfig as PlannerTrainerConfig
@@ -99,9 +100,14 @@ def _types_for_kernels(kernels: list[str] | None, device_type: str) -> list[str]
 
 
 def constraints_from_config(
-    cfg: ShardingConfig, tables: list[str], device_type: str = "cpu"
+    cfg: ShardingConfig,
+    tables: list[str],
+    device_type: str = "cpu",
+    pooling_factors: dict[str, float] | None = None,
 ) -> dict[str, ParameterConstraints]:
-    """Planner constraints: the group-wide allowed types/kernels, then per-table overrides.
+    """Planner constraints: the group-wide allowed types/kernels, then per-table overrides; and each table's
+    pooling factor (mean ids per sample, from the data's manifest) where given: the planner's cost
+    estimates scale the lookups and the input all-to-all by it (TorchRec assumes one id per sample).
 
     Raises:
         ValueError: a per-table key names no table of the model.
@@ -124,9 +130,26 @@ def constraints_from_config(
             if cfg.cache_load_factor is not None and (not kernels or "fused_uvm_caching" in kernels)
             else None
         )
-        if sharding_types or kernels or cache:
-            out[name] = ParameterConstraints(sharding_types=sharding_types, compute_kernels=kernels, cache_params=cache)
+        factor = (pooling_factors or {}).get(name)
+        if sharding_types or kernels or cache or factor is not None:
+            out[name] = ParameterConstraints(
+                sharding_types=sharding_types,
+                compute_kernels=kernels,
+                cache_params=cache,
+                pooling_factors=[POOLING_FACTOR if factor is None else float(factor)],  # one feature per table
+            )
     return out
+
+
+def table_pooling_factors(model: nn.Module, per_feature: dict[str, float]) -> dict[str, float]:
+    """Table name -> pooling factor of its feature, for the model's tables (``per_feature``: KJT key -> factor)."""
+    return {
+        t.name: per_feature[t.feature_names[0]]
+        for m in model.modules()
+        if isinstance(m, EmbeddingBagCollection)
+        for t in m.embedding_bag_configs()
+        if len(t.feature_names) == 1 and t.feature_names[0] in per_feature
+    }
 
 
 def _tables(model: nn.Module) -> list[tuple[str, int, int, DataType]]:
@@ -285,9 +308,10 @@ def plan_sharding(
     device: torch.device,
     local_batch_size: int,
     optimizer: str = "row_wise_adagrad",
+    pooling_factors: dict[str, float] | None = None,
 ) -> ShardingPlan:
     """Run TorchRec's planner for this job with the memory each rank really has (rank 0 plans, every rank
-    gets its plan).
+    gets its plan). ``pooling_factors``: feature name -> mean ids per sample (the manifest's; None: one each).
 
     Raises:
         PlanDoesNotFit: the tables do not fit; the message names the sizes and the fix.
@@ -296,6 +320,7 @@ def plan_sharding(
     req = PlanRequest(
         env.world_size, env.local_world_size, device.type, memory, local_batch_size, cfg.storage_reservation, optimizer
     )
-    constraints = constraints_from_config(cfg, [t[0] for t in _tables(model)], device.type)
+    factors = table_pooling_factors(model, pooling_factors) if pooling_factors else None
+    constraints = constraints_from_config(cfg, [t[0] for t in _tables(model)], device.type, factors)
     sharding_plan, _ = plan(model, req, constraints, cfg.compute_kernels or None)
     return sharding_plan

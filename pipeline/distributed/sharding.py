@@ -65,8 +65,10 @@ def shard_model(
     env: DistEnv,
     device: torch.device,
     local_batch_size: int,
+    pooling_factors: dict[str, float] | None = None,
 ) -> tuple[DistributedModelParallel, CombinedOptimizer]:
     """Fuse the table optimizer into backward, plan, wrap in DMP; return the model and its optimizer.
+    ``pooling_factors``: feature name -> mean ids per sample (the manifest's), for the planner's costs.
 
     FBGEMM applies the sparse update inside backward; the dense optimizer must skip those parameters,
     which ``in_backward_optimizer_filter`` does.
@@ -75,7 +77,9 @@ def shard_model(
     embedding_params = [p for n, p in model.named_parameters() if "embedding_bags" in n]
     apply_optimizer_in_backward(opt_cls, embedding_params, opt_kwargs)
     set_embedding_dtype(model, sharding.embedding_dtype)
-    plan = planner.plan_sharding(model, sharding, env, device, local_batch_size, optimizer.embedding.value)
+    plan = planner.plan_sharding(
+        model, sharding, env, device, local_batch_size, optimizer.embedding.value, pooling_factors
+    )
     if sharding.print_plan and env.is_rank_zero:
         logger.info("sharding plan (%d ranks):\n  %s", env.world_size, "\n  ".join(describe_plan(plan)))
     dmp = DistributedModelParallel(module=model, device=device, plan=plan)

@@ -54,3 +54,79 @@ def test_the_same_tables_fit_where_the_memory_is() -> None:
     big = PlanRequest(2, 8, "cpu", Memory(None, 64 * GIB, "given"), 2048, 0.15)
     plan, _ = planner.plan(_tables(10_000_000), big, None, collective=False)
     assert len(plan.plan[""]) == 26
+
+
+# -- pooling factors: multi-hot tables look up several ids per sample -------------------------------------------
+def _four_tables() -> EmbeddingBagCollection:
+    ebc = EmbeddingBagCollection(
+        tables=[
+            EmbeddingBagConfig(name=f"t_f{i}", embedding_dim=64, num_embeddings=100_000, feature_names=[f"f{i}"])
+            for i in range(4)
+        ],
+        device=torch.device("meta"),
+    )
+    apply_optimizer_in_backward(trec_optim.RowWiseAdagrad, ebc.parameters(), {"lr": 0.1})
+    return ebc
+
+
+def test_constraints_carry_each_tables_pooling_factor() -> None:
+    from pipeline.config import ShardingConfig
+
+    tables = ["t_f0", "t_f1", "t_f2"]
+    any_kernel = ShardingConfig(compute_kernels=[])
+    out = planner.constraints_from_config(any_kernel, tables, "cpu", {"t_f0": 50.0, "t_f1": 1.0})
+    assert out["t_f0"].pooling_factors == [50.0] and out["t_f1"].pooling_factors == [1.0]
+    assert out["t_f0"].compute_kernels is None and out["t_f0"].sharding_types is None
+    assert "t_f2" not in out  # no factor and no constraint: the planner's default (one id per sample)
+    fused = planner.constraints_from_config(ShardingConfig(), tables, "cpu", {"t_f0": 7.5})
+    assert fused["t_f0"].pooling_factors == [7.5] and fused["t_f0"].compute_kernels == ["fused"]
+    assert fused["t_f2"].pooling_factors == [1.0]
+    # The trainer gives them per feature (the manifest's order); the tables are found by their feature.
+    assert planner.table_pooling_factors(_four_tables(), {"f0": 50.0, "f3": 2.0, "other": 9.0}) == {
+        "t_f0": 50.0,
+        "t_f3": 2.0,
+    }
+
+
+@pytest.mark.parametrize("device_type", ["cpu", "cuda"])
+def test_a_table_with_50_ids_per_sample_costs_more_and_gets_a_rank_to_itself(device_type: str) -> None:
+    """Four equal tables on two ranks: two per rank, until one of them looks up 50 ids per sample."""
+    from pipeline.config import ShardingConfig
+
+    def per_rank(factors: dict[str, float] | None) -> tuple[list[float], list[list[str]]]:
+        memory = Memory(8 * GIB if device_type == "cuda" else None, 8 * GIB, "given")
+        req = PlanRequest(2, 2, device_type, memory, 512, 0.15)
+        sharding = ShardingConfig(sharding_types=["table_wise"])
+        constraints = planner.constraints_from_config(sharding, [f"t_f{i}" for i in range(4)], device_type, factors)
+        _, best = planner.plan(_four_tables(), req, constraints, collective=False)
+        cost, tables = [0.0, 0.0], [[], []]
+        for option in best._best_plan:
+            for shard in option.shards:
+                cost[shard.rank] += shard.perf.total
+                tables[shard.rank].append(option.name)
+        return cost, [sorted(t) for t in tables]
+
+    one_hot_cost, one_hot_tables = per_rank(None)
+    assert one_hot_cost[0] == pytest.approx(one_hot_cost[1]) and sorted(map(len, one_hot_tables)) == [2, 2]
+    assert per_rank({f"t_f{i}": 1.0 for i in range(4)})[0] == pytest.approx(one_hot_cost)  # 1.0 = the default
+    cost, tables = per_rank({"t_f0": 50.0})
+    heavy = next(r for r in (0, 1) if "t_f0" in tables[r])
+    assert tables[heavy] == ["t_f0"] and sorted(tables[1 - heavy]) == ["t_f1", "t_f2", "t_f3"]
+    assert cost[heavy] > 5 * max(one_hot_cost) and cost[heavy] > cost[1 - heavy]
+
+
+def test_plan_sharding_passes_the_manifests_factors_to_the_planner(monkeypatch) -> None:
+    from pipeline.config import ShardingConfig
+    from pipeline.distributed.env import DistEnv
+
+    seen = {}
+
+    def spy(model, req, constraints, kernels=None, collective=True):
+        seen.update(constraints or {})
+        return real(model, req, constraints, kernels, collective)
+
+    real = planner.plan
+    monkeypatch.setattr(planner, "plan", spy)
+    env = DistEnv(rank=0, world_size=1, local_rank=0, local_world_size=1)
+    planner.plan_sharding(_four_tables(), ShardingConfig(), env, torch.device("cpu"), 512, pooling_factors={"f2": 12.5})
+    assert seen["t_f2"].pooling_factors == [12.5] and seen["t_f0"].pooling_factors == [1.0]
