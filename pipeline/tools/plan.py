@@ -7,6 +7,12 @@ Builds the model on the meta device (no memory), runs ``EmbeddingShardingPlanner
 ``Topology`` of ``nodes x devices`` (HBM and host memory per device as given), and prints each table's
 sharding and the memory per rank (HBM and host). A plan that cannot fit is refused: the message says
 how much memory is missing and which tables are the largest, instead of the planner's raw error.
+
+Multi-hot tables look up several ids per sample: each table's pooling factor (mean ids per sample: a
+processed folder's manifest, or ``--pooling-factors``; 1 for one-hot) goes to the planner, which
+scales its cost of the lookups and of the ids' all-to-all by it. The table lists it beside the plan
+(with the most ids in a row when the manifest has it), and each rank's estimated embedding time per
+step (the planner's cost model: forward and backward lookups and communication, in ms).
 """
 
 from __future__ import annotations
@@ -33,6 +39,32 @@ def table_sizes(data: str, cap: int | None) -> list[int]:
     return [min(s, cap) for s in sizes] if cap else list(sizes)
 
 
+def table_lengths(data: str) -> tuple[list[float] | None, list[int] | None]:
+    """Mean and most ids per sample of each table: ``processed:<dir>``'s manifest (None when the data is
+    one-hot or a known dataset, whose features are)."""
+    if not data.startswith("processed:"):
+        return None, None
+    from pipeline.data.manifest import Manifest
+
+    manifest = Manifest.load(data.split(":", 1)[1])
+    return manifest.pooling_factors, manifest.max_lengths
+
+
+def parse_pooling_factors(text: str, num_tables: int) -> list[float]:
+    """``--pooling-factors``: one value per table, comma-separated, or one value for every table."""
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        raise SystemExit(f"--pooling-factors {text}: expected numbers, e.g. 1 or 3,2,1,...") from None
+    if len(values) == 1:
+        values *= num_tables
+    if len(values) != num_tables or min(values) < 0:
+        raise SystemExit(
+            f"--pooling-factors {text}: give one value >= 0 for every table ({num_tables}), or one for all"
+        )
+    return values
+
+
 DTYPE_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
 DEFAULT_HBM_GB = 80  # --device cuda on a machine without a GPU: an H100's
 
@@ -52,10 +84,14 @@ def plan(
     kernels: list[str] | None = None,
     dtype: str = "fp32",
     cache_load_factor: float | None = None,
+    pooling_factors: list[float] | None = None,
+    max_lengths: list[int] | None = None,
 ) -> dict:
     """Run the planner the training job runs (``pipeline.distributed.planner``) for another topology; return
-    the per-table plan and per-rank memory. ``hbm_gb`` / ``ddr_gb`` None: this machine's (its GPU; its host
-    memory available, shared by ``devices_per_node`` ranks).
+    the per-table plan, per-rank memory and estimated embedding time. ``hbm_gb`` / ``ddr_gb`` None: this
+    machine's (its GPU; its host memory available, shared by ``devices_per_node`` ranks).
+    ``pooling_factors``: mean ids per sample per table (None: one each); ``max_lengths``: the most ids in
+    a sample per table, only reported.
 
     Raises:
         PlanDoesNotFit: naming the shortfall, the largest tables and the fixes.
@@ -108,7 +144,8 @@ def plan(
         compute_kernels=list(kernels or []),
         cache_load_factor=cache_load_factor,
     )
-    constraints = planner.constraints_from_config(sharding, [t.name for t in tables], device)
+    factors = {t.name: f for t, f in zip(tables, pooling_factors, strict=True)} if pooling_factors else None
+    constraints = planner.constraints_from_config(sharding, [t.name for t in tables], device, factors)
     req = planner.PlanRequest(
         world,
         devices_per_node,
@@ -124,17 +161,22 @@ def plan(
     sharding_plan, best = planner.plan(ebc, req, constraints, kernels, collective=False)
     hbm_used = [0.0] * world
     ddr_used = [0.0] * world
-    for option in best._best_plan or []:  # the chosen ShardingOptions, with each shard's storage
+    perf_ms = [0.0] * world
+    for option in best._best_plan or []:  # the chosen ShardingOptions, with each shard's storage and cost
         for shard in option.shards:
             hbm_used[shard.rank] += shard.storage.hbm
             ddr_used[shard.rank] += shard.storage.ddr
+            perf_ms[shard.rank] += shard.perf.total if shard.perf else 0.0
     rows = []
     for module_plan in sharding_plan.plan.values():
         for table, ps in module_plan.items():  # type: ignore[union-attr]
+            j = int(table.rsplit("_", 1)[1])
             rows.append(
                 {
                     "table": table,
-                    "rows": sizes[int(table.rsplit("_", 1)[1])],
+                    "rows": sizes[j],
+                    "pooling_factor": pooling_factors[j] if pooling_factors else 1.0,
+                    "max_length": max_lengths[j] if max_lengths else None,
                     "sharding": ps.sharding_type,
                     "kernel": ps.compute_kernel,
                     "ranks": sorted(set(ps.ranks or [])),
@@ -145,24 +187,36 @@ def plan(
         "tables": rows,
         "hbm_gib": [h / GIB for h in hbm_used],
         "ddr_gib": [d / GIB for d in ddr_used],
+        "perf_ms": perf_ms,
         "capacity_gib": {"hbm": hbm / GIB if hbm else 0.0, "ddr": ddr / GIB},
         "memory": memory.source,
     }
 
 
 def format_plan(result: dict) -> str:
-    lines = [f"{'table':10s} {'rows':>12s}  {'sharding':18s} {'kernel':18s} ranks"]
-    for r in sorted(result["tables"], key=lambda r: int(r["table"].rsplit("_", 1)[1])):
+    """The per-table plan (ids per sample: mean, and the most when known) and the per-rank memory and cost."""
+    tables = sorted(result["tables"], key=lambda r: int(r["table"].rsplit("_", 1)[1]))
+    with_max = any(r.get("max_length") is not None for r in tables)
+    ids_head = f"{'ids/sample':>10s}" + (f" {'max':>6s}" if with_max else "")
+    lines = [f"{'table':10s} {'rows':>12s} {ids_head}  {'sharding':18s} {'kernel':18s} ranks"]
+    for r in tables:
         ranks = r["ranks"]
         shown = f"{ranks[0]}-{ranks[-1]}" if len(ranks) > 3 and ranks == list(range(ranks[0], ranks[-1] + 1)) else ranks
-        lines.append(f"{r['table']:10s} {r['rows']:>12,d}  {r['sharding']:18s} {r['kernel']:18s} {shown}")
+        ids = f"{r.get('pooling_factor', 1.0):>10.4g}"
+        if with_max:
+            ids += f" {r['max_length'] if r.get('max_length') is not None else '-':>6}"
+        lines.append(f"{r['table']:10s} {r['rows']:>12,d} {ids}  {r['sharding']:18s} {r['kernel']:18s} {shown}")
     lines.append("")
     lines.append(
-        f"{'rank':>4s} {'HBM GiB':>9s} {'host GiB':>9s}   (capacity: HBM {result['capacity_gib']['hbm']:g}, "
-        f"host {result['capacity_gib']['ddr']:g} per rank)"
+        f"{'rank':>4s} {'HBM GiB':>9s} {'host GiB':>9s} {'est. ms':>8s}   (capacity: HBM "
+        f"{result['capacity_gib']['hbm']:g}, host {result['capacity_gib']['ddr']:g} per rank)"
     )
-    for rank, (h, d) in enumerate(zip(result["hbm_gib"], result["ddr_gib"], strict=True)):
-        lines.append(f"{rank:>4d} {h:>9.2f} {d:>9.2f}")
+    perf = result.get("perf_ms") or [0.0] * len(result["hbm_gib"])
+    for rank, (h, d, t) in enumerate(zip(result["hbm_gib"], result["ddr_gib"], perf, strict=True)):
+        lines.append(f"{rank:>4d} {h:>9.2f} {d:>9.2f} {t:>8.3g}")
+    lines.append(
+        "est. ms: the planner's estimate of a step's embedding lookups and their all-to-alls, forward and backward"
+    )
     return "\n".join(lines)
 
 
@@ -204,6 +258,12 @@ def main(argv: list[str] | None = None) -> int:
         help="fused_uvm_caching: share of a table's rows cached in HBM (TorchRec's default 0.2)",
     )
     p.add_argument("--embedding-dtype", choices=sorted(DTYPE_BYTES), default="fp32", help="stored table precision")
+    p.add_argument(
+        "--pooling-factors",
+        default=None,
+        help="mean ids per sample of each table (comma-separated, or one value for all), e.g. for multi-hot "
+        "data you don't have; default: a processed folder's manifest, else 1 (one-hot)",
+    )
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     a = p.parse_args(argv)
     import logging
@@ -214,6 +274,9 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError:
         p.error(f"-j {a.j}: expected NODESxDEVICES, e.g. 2x8")
     sizes = table_sizes(a.data, a.cap)
+    factors, max_lengths = table_lengths(a.data)
+    if a.pooling_factors is not None:
+        factors, max_lengths = parse_pooling_factors(a.pooling_factors, len(sizes)), None
     try:
         result = plan(
             nodes,
@@ -230,6 +293,8 @@ def main(argv: list[str] | None = None) -> int:
             a.kernels.split(",") if a.kernels else None,
             a.embedding_dtype,
             a.cache_load_factor,
+            factors,
+            max_lengths,
         )
     except PlanDoesNotFit as e:
         print(f"plan refused: {e}", file=sys.stderr)
@@ -242,7 +307,9 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"{nodes}x{devices} {a.device} ({hbm_text}{cap_gib['ddr']:.3g} GiB host per rank: {result['memory']}), "
             f"{a.data}"
-            f"{f' capped at {a.cap:,}' if a.cap else ''}, dim {a.embedding_dim} {a.embedding_dtype}, {a.optimizer}, "
+            f"{f' capped at {a.cap:,}' if a.cap else ''}"
+            f"{f', {sum(factors):.4g} ids per sample' if factors else ''}, dim {a.embedding_dim} {a.embedding_dtype}, "
+            f"{a.optimizer}, "
             f"batch {a.batch_size}/rank\n"
         )
         print(format_plan(result))

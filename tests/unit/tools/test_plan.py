@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from pipeline.tools.plan import CARDINALITIES, PlanDoesNotFit, plan, table_sizes
@@ -64,3 +66,61 @@ def test_fp16_tables_halve_the_planned_memory() -> None:
     fp16 = plan(2, 8, "cuda", 80, 128, sizes, 128, 2048, "sgd", 0.15, None, kernels=["fused"], dtype="fp16")
     table_bytes = sum(sizes) * 128 * 4 / 1024**3
     assert sum(fp32["hbm_gib"]) - sum(fp16["hbm_gib"]) == pytest.approx(table_bytes / 2, rel=0.02)
+
+
+def _multi_hot_manifest(folder) -> None:
+    """A processed folder's manifest: three tables, the second a list column of 12.5 ids per row (at most 40)."""
+    from pipeline.data.manifest import Manifest, SplitInfo
+    from pipeline.data.schema import Schema
+
+    schema = Schema(("i1",), ("a", "b", "c"), ("a", "b", "c"), multi_hot=(("b", 0),))
+    Manifest(
+        settings={},
+        sources=[],
+        splits={"train": SplitInfo(100)},
+        schema=schema,
+        num_embeddings_per_feature=[100, 5_000, 50],
+        pooling_factors=[1.0, 12.5, 1.0],
+        max_lengths=[1, 40, 1],
+    ).save(folder)
+
+
+def test_the_plan_shows_each_tables_ids_per_sample_from_the_manifest(tmp_path, capsys) -> None:
+    from pipeline.tools.plan import main
+
+    _multi_hot_manifest(tmp_path)
+    args = ["-j", "1x2", "--device", "cpu", "--ddr-gb", "4", "--data", f"processed:{tmp_path}", "--embedding-dim", "16"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "14.5 ids per sample" in out
+    header = next(line for line in out.splitlines() if line.startswith("table"))
+    assert header.split()[:4] == ["table", "rows", "ids/sample", "max"]
+    row = next(line for line in out.splitlines() if line.startswith("t_cat_1 "))
+    assert row.split()[:4] == ["t_cat_1", "5,000", "12.5", "40"]
+    assert next(line for line in out.splitlines() if line.startswith("t_cat_2 ")).split()[:4] == [
+        "t_cat_2",
+        "50",
+        "1",
+        "1",
+    ]
+    assert "est. ms" in out
+    assert main([*args, "--json"]) == 0
+    tables = {t["table"]: t for t in json.loads(capsys.readouterr().out)["tables"]}
+    assert tables["t_cat_1"]["pooling_factor"] == 12.5 and tables["t_cat_1"]["max_length"] == 40
+
+
+def test_pooling_factors_given_for_data_not_here_raise_the_planned_cost(capsys) -> None:
+    from pipeline.tools.plan import main
+
+    sizes = table_sizes("criteo_kaggle", 1000)
+    one_hot = plan(1, 2, "cpu", None, 4, sizes, 16, 2048, "sgd", 0.15, None)
+    bags = plan(1, 2, "cpu", None, 4, sizes, 16, 2048, "sgd", 0.15, None, pooling_factors=[20.0] * 26)
+    assert all(t["pooling_factor"] == 1.0 and t["max_length"] is None for t in one_hot["tables"])
+    assert sum(bags["perf_ms"]) > 5 * sum(one_hot["perf_ms"]) > 0
+    args = ["-j", "1x2", "--device", "cpu", "--ddr-gb", "4", "--data", "criteo_kaggle", "--cap", "1000"]
+    assert main([*args, "--pooling-factors", "20"]) == 0
+    out = capsys.readouterr().out
+    assert "520 ids per sample" in out and " max " not in out  # no longest list without a manifest
+    assert next(line for line in out.splitlines() if line.startswith("t_cat_7 ")).split()[2] == "20"
+    with pytest.raises(SystemExit, match="one value >= 0 for every table"):
+        main([*args, "--pooling-factors", "1,2"])
