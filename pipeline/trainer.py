@@ -326,10 +326,16 @@ class Trainer:
             self.step = ts.step
             self.timer.train_seconds = ts.train_seconds
             self.best = BestTracker.from_dict(meta.get("early_stop"), self.cfg.trainer.best_metric)
+            # The step count only: the per-group lists follow this rank's param groups, whose number can differ
+            # between ranks and plans (FBGEMM groups a rank's tables by pooling and weighting).
+            scalars = {k: v for k, v in meta["scheduler"].items() if not isinstance(v, list)}
             self.scheduler.load_state_dict(
-                {**meta["scheduler"], "lr_lambdas": [None] * len(self.optimizer.param_groups)}
+                {**self.scheduler.state_dict(), **scalars, "lr_lambdas": [None] * len(self.optimizer.param_groups)}
             )
-            for group, lr in zip(self.optimizer.param_groups, self.scheduler.get_last_lr(), strict=True):
+            s = self.scheduler
+            lrs = [base * fn(s.last_epoch) for base, fn in zip(s.base_lrs, s.lr_lambdas, strict=True)]
+            s._last_lr = lrs  # noqa: SLF001 - what LambdaLR.step would have set
+            for group, lr in zip(self.optimizer.param_groups, lrs, strict=True):
                 group["lr"] = lr
         logger.info(
             "resumed from %s (saved by %d rank(s)) at step %d in %.2fs",
