@@ -40,7 +40,8 @@ def _overrides(data: list[str], *extra: str) -> list[str]:
         "trainer.eval_every_steps=0",
         "checkpoint.every_steps=10",
         "sharding=table_wise",
-        "+model.table_pooling.S1=mean",  # the sequence mean-pooled, the bags summed (W1 weighted)
+        "+model.table_pooling.S1=mean",  # the sequence mean-pooled, L1 and L2 summed,
+        "+model.table_pooling.W1=mean",  # the weighted bag's weighted sum over its count (FBGEMM's weighted mean)
         *extra,
     ]
 
@@ -89,6 +90,7 @@ def test_multihot_run_killed_resumes_bit_for_bit_and_reshards(tmp_path, multihot
             "trainer.eval_every_steps=0",
             "checkpoint.save_at_end=false",
             "+model.table_pooling.S1=mean",
+            "+model.table_pooling.W1=mean",
             f"trainer.resume={reference / 'checkpoints'}",
         ],
         nproc=1,
