@@ -645,6 +645,12 @@ def check_train(cfg: TrainConfig) -> None:
 
 
 def _check_cpu(cfg: TrainConfig) -> None:
+    features = list(cfg.data.feature_names or cfg.data.sparse_columns)
+    unknown = sorted(set(cfg.model.table_pooling) - set(features))
+    if unknown:
+        raise ConfigError(
+            f"model.table_pooling names {unknown}, which are not features of the data: one of {features}"
+        )
     """What TorchRec / FBGEMM 1.8 cannot do on a CPU, each with the CPU's alternative."""
     cuda_only = {"row_wise", "table_row_wise", "grid_shard"}
     asked = [("sharding.sharding_types", cfg.sharding.sharding_types)]

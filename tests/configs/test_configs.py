@@ -7,7 +7,7 @@ from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
-from pipeline.config import GROUP_SCHEMAS, ConfigError, TrainConfig, register_configs, validate
+from pipeline.config import GROUP_SCHEMAS, ConfigError, Pooling, TrainConfig, register_configs, validate
 from pipeline.resolvers import register_resolvers
 from tests.conftest import CONF_DIR
 
@@ -89,6 +89,13 @@ def test_bottom_mlp_follows_embedding_dim_unless_set_apart() -> None:
 def test_unknown_sharding_type_is_rejected() -> None:
     with pytest.raises(ConfigError, match="sharding.sharding_types has unknown value"):
         _compose(["sharding.sharding_types=[table_wize]"])
+
+
+def test_table_pooling_names_a_feature_of_the_data() -> None:
+    cfg = _compose(["data=synthetic_multihot", "+model.table_pooling.S1=mean"])
+    assert cfg.model.table_pooling == {"S1": Pooling.mean}
+    with pytest.raises(ConfigError, match=r"model.table_pooling names \['S9'\], which are not features"):
+        _compose(["data=synthetic_multihot", "+model.table_pooling.S9=mean"])
 
 
 def test_random_split_needs_one_file() -> None:
