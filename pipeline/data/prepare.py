@@ -7,7 +7,7 @@ import logging
 import torch.distributed as dist
 
 from pipeline.config import ConfigError, DataConfig
-from pipeline.data import preprocess
+from pipeline.data import materialize, preprocess
 from pipeline.data.generators import movielens, synthetic
 from pipeline.data.manifest import Manifest
 from pipeline.data.schema import Schema
@@ -62,7 +62,10 @@ def _kept(multi_hot: tuple[tuple[str, int], ...], longest: dict[str, int]) -> di
 
 
 def prepare_data(cfg: DataConfig) -> Manifest:
-    """Generate the synthetic raw files if configured and missing, preprocess if stale; return the manifest."""
+    """Generate the synthetic raw files if configured and missing, preprocess if stale (with ``data.materialize``:
+    the one-hot source, then its multi-hot bags); return the manifest."""
+    if cfg.materialize is not None:
+        return materialize.prepare(cfg, prepare_data(materialize.source_config(cfg)))
     check_generator_layout(cfg)
     if cfg.synthetic is not None and not synthetic.is_complete(cfg.synthetic, cfg.raw_dir):
         logger.info("generating synthetic Criteo-format data into %s", cfg.raw_dir)
