@@ -7,6 +7,11 @@
 
 Both train on random batches of the same shapes as the pipeline's (ids uniform over the tables) and
 print one JSON line: per-step samples/s after warm-up, inference samples/s, peak RSS.
+
+``--bag-sizes 3,2,...`` (one per table) makes the batches multi-hot: each row's bag of table j holds that
+many ids (``--bag-lengths variable``: uniform in 1..that many), as the KJT (torchrec) or EmbeddingBag
+offsets (plain) carry them; ``--interaction dcn`` makes torchrec's model TorchRec's ``DLRM_DCN`` (DCNv2
+low-rank cross layers, ``--dcn-layers``, ``--dcn-rank``) instead of ``DLRM``.
 """
 
 from __future__ import annotations
@@ -37,6 +42,23 @@ def random_batches(n: int, batch: int, rows: int, seed: int) -> list[tuple[torch
         )
         for _ in range(n)
     ]
+
+
+def random_bag_batches(
+    n: int, batch: int, rows: int, seed: int, sizes: list[int], variable: bool
+) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Multi-hot batches: (dense [b, 13], lengths int32 [tables, b], ids int64 feature-major [lengths.sum()],
+    labels [b]); table j's bags hold ``sizes[j]`` ids each (``variable``: uniform in 1..sizes[j])."""
+    g = torch.Generator().manual_seed(seed)
+    top = torch.tensor(sizes, dtype=torch.int64).unsqueeze(1).expand(len(sizes), batch)
+    out = []
+    for _ in range(n):
+        dense = torch.rand(batch, DENSE_IN, generator=g)
+        lengths = (1 + (torch.rand(top.shape, generator=g) * top).long()) if variable else top
+        lengths = lengths.to(torch.int32).contiguous()
+        ids = torch.randint(0, rows, (int(lengths.sum()),), generator=g)
+        out.append((dense, lengths, ids, torch.randint(0, 2, (batch,), generator=g).float()))
+    return out
 
 
 def summarize(step_s: list[float], batch: int, warmup: int) -> dict:
@@ -84,10 +106,14 @@ class PlainDLRM(nn.Module):
                 layers.append(nn.ReLU())
         return nn.Sequential(*layers)
 
-    def forward(self, dense: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, dense: torch.Tensor, ids: torch.Tensor | list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        """``ids``: [tables, b] (one id per table), or per table (ids, offsets) of its bags."""
         x = self.bot(dense)
-        offsets = torch.arange(ids.shape[1])
-        ly = [e(ids[k], offsets) for k, e in enumerate(self.emb)]
+        if isinstance(ids, torch.Tensor):
+            offsets = torch.arange(ids.shape[1])
+            ly = [e(ids[k], offsets) for k, e in enumerate(self.emb)]
+        else:
+            ly = [e(i, o) for (i, o), e in zip(ids, self.emb, strict=True)]
         t = torch.cat([x, *ly], dim=1).view(x.shape[0], -1, x.shape[1])
         z = torch.bmm(t, t.transpose(1, 2))
         return self.top(torch.cat([x, z[:, self.li, self.lj]], dim=1)).squeeze(1)
@@ -98,7 +124,16 @@ def run_plain(a) -> dict:
     model = PlainDLRM(a.rows, a.dim, a.bottom, a.top)
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     loss_fn = nn.BCEWithLogitsLoss()
-    batches = random_batches(a.warmup + a.steps, a.batch, a.rows, 0)
+    if a.bag_sizes:
+        batches = []
+        for dense, lengths, ids, labels in random_bag_batches(
+            a.warmup + a.steps, a.batch, a.rows, 0, a.bag_sizes, a.bag_lengths == "variable"
+        ):
+            per_table = torch.split(ids, lengths.sum(dim=1).tolist())
+            starts = [torch.cumsum(ln, 0, dtype=torch.int64) - ln for ln in lengths]
+            batches.append((dense, list(zip(per_table, starts, strict=True)), labels))
+    else:
+        batches = random_batches(a.warmup + a.steps, a.batch, a.rows, 0)
     times = []
 
     def step(dense, ids, labels) -> None:
@@ -135,7 +170,7 @@ def run_torchrec(a) -> dict:
     from torchrec.datasets.utils import Batch
     from torchrec.distributed import DistributedModelParallel
     from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
-    from torchrec.models.dlrm import DLRM, DLRMTrain
+    from torchrec.models.dlrm import DLRM, DLRM_DCN, DLRMTrain
     from torchrec.modules.embedding_configs import EmbeddingBagConfig
     from torchrec.modules.embedding_modules import EmbeddingBagCollection
     from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
@@ -151,9 +186,11 @@ def run_torchrec(a) -> dict:
     tables = [
         EmbeddingBagConfig(name=f"t_{n}", embedding_dim=a.dim, num_embeddings=a.rows, feature_names=[n]) for n in names
     ]
-    model = DLRMTrain(
-        DLRM(EmbeddingBagCollection(tables=tables, device=torch.device("meta")), DENSE_IN, a.bottom, a.top)
-    )
+    ebc = EmbeddingBagCollection(tables=tables, device=torch.device("meta"))
+    if a.interaction == "dcn":
+        model = DLRMTrain(DLRM_DCN(ebc, DENSE_IN, a.bottom, a.top, a.dcn_layers, a.dcn_rank))
+    else:
+        model = DLRMTrain(DLRM(ebc, DENSE_IN, a.bottom, a.top))
     apply_optimizer_in_backward(trec_optim.SGD, model.model.sparse_arch.parameters(), {"lr": 0.01})
     dmp = DistributedModelParallel(model, device=torch.device("cpu"))
     dense_opt = KeyedOptimizerWrapper(
@@ -168,7 +205,17 @@ def run_torchrec(a) -> dict:
         )
         return Batch(dense_features=dense, sparse_features=kjt, labels=labels)
 
-    batches = [to_batch(*b) for b in random_batches(a.warmup + a.steps + 2, local, a.rows, rank)]
+    def to_bag_batch(dense, lengths, ids, labels) -> Batch:
+        kjt = KeyedJaggedTensor(keys=names, values=ids, lengths=lengths.reshape(-1), stride=local)
+        return Batch(dense_features=dense, sparse_features=kjt, labels=labels)
+
+    def make(n: int, seed: int) -> list[Batch]:
+        if a.bag_sizes:
+            bags = random_bag_batches(n, local, a.rows, seed, a.bag_sizes, a.bag_lengths == "variable")
+            return [to_bag_batch(*b) for b in bags]
+        return [to_batch(*b) for b in random_batches(n, local, a.rows, seed)]
+
+    batches = make(a.warmup + a.steps + 2, rank)
     pipeline = TrainPipelineSparseDist(dmp, opt, torch.device("cpu"), execute_all_batches=True)
     it = iter(batches)
     times = []
@@ -177,7 +224,7 @@ def run_torchrec(a) -> dict:
         pipeline.progress(it)
         times.append(time.perf_counter() - t)
     if a.profile:
-        more = iter([to_batch(*b) for b in random_batches(a.profile_steps + 2, local, a.rows, rank + 1)])
+        more = iter(make(a.profile_steps + 2, rank + 1))
         profile(a, lambda i: pipeline.progress(more), f"torchrec_rank{rank}")
     pipeline.detach()
     dmp.eval()
@@ -211,6 +258,16 @@ def main() -> None:
     p.add_argument("--dim", type=int, default=128)
     p.add_argument("--bottom", type=lambda s: [int(x) for x in s.split(",")], default=[512, 256, 128])
     p.add_argument("--top", type=lambda s: [int(x) for x in s.split(",")], default=[512, 256, 1])
+    p.add_argument(
+        "--bag-sizes",
+        type=lambda s: [int(x) for x in s.split(",")],
+        default=None,
+        help="ids per bag, one per table (multi-hot); default one id per table",
+    )
+    p.add_argument("--bag-lengths", choices=["fixed", "variable"], default="fixed")
+    p.add_argument("--interaction", choices=["dot", "dcn"], default="dot", help="torchrec: DLRM or DLRM_DCN")
+    p.add_argument("--dcn-layers", type=int, default=3)
+    p.add_argument("--dcn-rank", type=int, default=512)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--infer-steps", type=int, default=30)
@@ -218,6 +275,10 @@ def main() -> None:
     p.add_argument("--profile", type=Path, default=None, help="also profile --profile-steps steps into this folder")
     p.add_argument("--profile-steps", type=int, default=10)
     a = p.parse_args()
+    if a.bag_sizes and len(a.bag_sizes) != NUM_TABLES:
+        p.error(f"--bag-sizes needs {NUM_TABLES} sizes, got {len(a.bag_sizes)}")
+    if a.contender == "plain" and a.interaction != "dot":
+        p.error("plain has the dot interaction only")
     result = run_plain(a) if a.contender == "plain" else run_torchrec(a)
     if result:
         a.out.write_text(json.dumps(result))

@@ -22,6 +22,16 @@ fraction of it is printed.
     .venv/bin/python benchmarks/train_throughput.py --batch-sizes 2048 --ranks 1 --rounds 2
     .venv/bin/python benchmarks/train_throughput.py --batch-sizes 2048 --ranks 1 --profile 10 --workdir /tmp/b
     .venv/bin/python benchmarks/train_throughput.py --batch-sizes 2048,8192 --ranks 1 --bf16
+    .venv/bin/python benchmarks/train_throughput.py --mlperf                 # multi-hot: batch 2048, 1 rank
+
+``--mlperf``: MLPerf-shaped multi-hot data and model, (a) against (b) only. The raw rows are written by
+benchmarks/_mlperf_data.py (every categorical field a bag of MLPerf DLRM-DCNv2's sizes 3,2,1,...,100,...,
+214 ids a row; ``--lengths variable``: uniform in 1..those sizes), preprocessed with every column in
+``data.multi_hot_columns`` and hashed into 26 tables of --rows rows; (b) trains on random KJTs of the same
+bags. The model is DCNv2 for both (``model=dcn_criteo``; TorchRec's ``DLRM_DCN``): 3 low-rank cross layers,
+sum-pooled bags, at dimensions a 2-core CPU trains in minutes (--dim 64, --dcn-rank 128, bottom
+512-256-dim, top 512-256-1); MLPerf's own are ``--dim 128 --dcn-rank 512 --top 1024,1024,512,256,1``.
+(c) is left out: its model has the dot interaction only.
 """
 
 from __future__ import annotations
@@ -38,6 +48,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from benchmarks._machine import describe, gemm_rate  # noqa: E402
+from benchmarks._mlperf_data import LENGTHS, MLPERF_BAG_SIZES, mean_ids_per_row, multi_hot_override, write_raw  # noqa: E402
 
 PY = sys.executable
 _WRAP = (
@@ -61,16 +72,23 @@ def torchrun(nproc: int) -> list[str]:
     return [PY, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1", "--nproc_per_node", str(nproc)]
 
 
-def flops_per_sample(dim: int, bottom: list[int], top: list[int], tables: int = 26) -> tuple[float, float]:
-    """(training, inference) FLOPs per sample of the MLPs and the dot interaction."""
+def flops_per_sample(
+    dim: int, bottom: list[int], top: list[int], tables: int = 26, dcn: tuple[int, int] | None = None
+) -> tuple[float, float]:
+    """(training, inference) FLOPs per sample of the MLPs and the interaction: the dot interaction, or with
+    ``dcn=(layers, rank)`` DCNv2's low-rank cross layers over the 27 concatenated vectors."""
     macs = 0
     for a, b in zip([13, *bottom[:-1]], bottom, strict=True):
         macs += a * b
     n = tables + 1
-    top_in = dim + n * (n - 1) // 2
+    top_in = n * dim if dcn else dim + n * (n - 1) // 2
     for a, b in zip([top_in, *top[:-1]], top, strict=True):
         macs += a * b
-    macs += n * n * dim  # the batched Gram matrix
+    if dcn:
+        layers, rank = dcn
+        macs += layers * 2 * top_in * rank  # x0 * (U (V^T x) + b) + x per layer
+    else:
+        macs += n * n * dim  # the batched Gram matrix
     fwd = 2.0 * macs
     return 3.0 * fwd, fwd
 
@@ -93,6 +111,28 @@ def prepare_data(work: Path, rows: int, train_rows: int, eval_rows: int) -> list
     return over
 
 
+def prepare_mlperf_data(work: Path, rows: int, train_rows: int, eval_rows: int, lengths: str) -> list[str]:
+    """MLPerf-shaped multi-hot raw files (benchmarks/_mlperf_data.py) preprocessed with every column a list and
+    hashed into tables of ``rows`` rows; returns the data overrides."""
+    raw = work / "raw"
+    files = {
+        split: write_raw(raw / f"{split}.tsv", n, seed=seed, lengths=lengths)
+        for split, n, seed in (("train", train_rows, 0), ("val", eval_rows, 1), ("test", eval_rows, 2))
+    }
+    over = [
+        "data=files",
+        f"data.raw_dir={raw}",
+        f"data.processed_dir={work}/processed",
+        *(f"data.{split}_files=[{path}]" for split, path in files.items()),
+        "data.id_mode=hash",
+        f"data.max_ids_per_feature={rows}",
+        multi_hot_override(),
+    ]
+    cmd = [PY, "-m", "pipeline.preprocess", *over, f"hydra.run.dir={work}/prep"]
+    subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True)
+    return over
+
+
 def run_ours(
     work: Path,
     tag: str,
@@ -104,6 +144,7 @@ def run_ours(
     profile_steps: int = 0,
     name: str = "ours",
     extra: tuple[str, ...] = (),
+    model: tuple[str, ...] = ("model=dlrm_criteo",),
 ) -> dict:
     run_dir = work / f"{name}_{tag}"
     # Profiled steps (if any) come after the measured ones and are not counted.
@@ -117,7 +158,7 @@ def run_ours(
         "pipeline/train.py",
         f"hydra.run.dir={run_dir}",
         *data,
-        "model=dlrm_criteo",
+        *model,
         "optimizer=sgd",
         "optimizer.lr=0.01",
         "optimizer.warmup_steps=0",
@@ -147,7 +188,16 @@ def run_ours(
 
 
 def run_baseline(
-    work: Path, tag: str, who: str, batch: int, nproc: int, rows: int, warmup: int, steps: int, profile_steps: int = 0
+    work: Path,
+    tag: str,
+    who: str,
+    batch: int,
+    nproc: int,
+    rows: int,
+    warmup: int,
+    steps: int,
+    profile_steps: int = 0,
+    model: tuple[str, ...] = (),
 ) -> dict:
     out = work / f"{who}_{tag}.json"
     script = [
@@ -158,6 +208,7 @@ def run_baseline(
         f"--warmup={warmup}",
         f"--steps={steps}",
         f"--out={out}",
+        *model,
     ]
     if profile_steps:
         script += [f"--profile={work / f'profile_{tag}'}", f"--profile-steps={profile_steps}"]
@@ -173,9 +224,18 @@ def run_baseline(
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--batch-sizes", default="512,2048,8192")
-    p.add_argument("--ranks", default="1,2")
+    p.add_argument("--batch-sizes", default=None, help="default 512,2048,8192 (2048 with --mlperf)")
+    p.add_argument("--ranks", default=None, help="default 1,2 (1 with --mlperf)")
     p.add_argument("--rows", type=int, default=100_000, help="rows per table (26 tables, dim 128)")
+    p.add_argument(
+        "--mlperf",
+        action="store_true",
+        help="MLPerf-shaped multi-hot bags and DCNv2 (ours vs torchrec); see the module docstring",
+    )
+    p.add_argument("--lengths", choices=LENGTHS, default="fixed", help="--mlperf: the bags' lengths")
+    p.add_argument("--dim", type=int, default=64, help="--mlperf: embedding dimension (bottom MLP's last)")
+    p.add_argument("--dcn-rank", type=int, default=128, help="--mlperf: rank of each of the 3 cross layers")
+    p.add_argument("--top", default="512,256,1", help="--mlperf: top MLP")
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--steps", type=int, default=30)
     p.add_argument(
@@ -200,16 +260,49 @@ def main() -> None:
         help="also run ours with trainer.precision=bf16 (contender ours_bf16; the baselines stay fp32)",
     )
     a = p.parse_args()
-    batches = [int(x) for x in a.batch_sizes.split(",")]
-    ranks = [int(x) for x in a.ranks.split(",")]
+    batches = [int(x) for x in (a.batch_sizes or ("2048" if a.mlperf else "512,2048,8192")).split(",")]
+    ranks = [int(x) for x in (a.ranks or ("1" if a.mlperf else "1,2")).split(",")]
     work = Path(a.workdir or tempfile.mkdtemp(prefix="bench_train_"))
     work.mkdir(parents=True, exist_ok=True)
-    train_rows = max(batches) * (a.warmup + a.steps + 2)
+    # One epoch holds every step run, profiled ones too: an epoch's end re-initialises the tables (ours).
+    train_rows = max(batches) * (a.warmup + a.steps + 2 + (a.profile + 1 if a.profile else 0))
     print(f"preparing {train_rows:,} training rows hashed into 26 x {a.rows:,} tables in {work} ...", flush=True)
-    data = prepare_data(work, a.rows, train_rows, max(batches) * a.eval_batches)
+    if a.mlperf:
+        dim, bottom, top = a.dim, [512, 256, a.dim], [int(x) for x in a.top.split(",")]
+        data = prepare_mlperf_data(work, a.rows, train_rows, max(batches) * a.eval_batches, a.lengths)
+        ours_model: tuple[str, ...] = (
+            "model=dcn_criteo",
+            f"model.embedding_dim={dim}",
+            f"model.over_arch_layer_sizes=[{a.top}]",
+            "model.dcn_num_layers=3",
+            f"model.dcn_low_rank_dim={a.dcn_rank}",
+        )
+        baseline_model: tuple[str, ...] = (
+            f"--dim={dim}",
+            f"--bottom={','.join(map(str, bottom))}",
+            f"--top={a.top}",
+            "--interaction=dcn",
+            "--dcn-layers=3",
+            f"--dcn-rank={a.dcn_rank}",
+            f"--bag-sizes={','.join(map(str, MLPERF_BAG_SIZES))}",
+            f"--bag-lengths={a.lengths}",
+        )
+        flops = flops_per_sample(dim, bottom, top, dcn=(3, a.dcn_rank))
+    else:
+        data = prepare_data(work, a.rows, train_rows, max(batches) * a.eval_batches)
+        ours_model, baseline_model = ("model=dlrm_criteo",), ()
+        flops = flops_per_sample(128, [512, 256, 128], [512, 256, 1])
     rate = gemm_rate()
     print(f"machine: {describe(rate)}", flush=True)
-    train_flops, infer_flops = flops_per_sample(128, [512, 256, 128], [512, 256, 1])
+    if a.mlperf:
+        print(
+            f"MLPerf-shaped: 26 multi-hot tables of {a.rows:,} rows, bags of {a.lengths} lengths "
+            f"({mean_ids_per_row(a.lengths):.0f} ids a sample), DCNv2 dim {dim}, 3 cross layers of rank "
+            f"{a.dcn_rank}, bottom {'-'.join(map(str, [13, *bottom]))}, "
+            f"top {'-'.join(map(str, [27 * dim, *top]))}, fused SGD, sum pooling",
+            flush=True,
+        )
+    train_flops, infer_flops = flops
     print(
         f"GEMM {rate / 1e9:.0f} GFLOP/s fp32 on {os.cpu_count()} cores; "
         f"the model needs {train_flops / 1e6:.2f} MFLOP per "
@@ -228,7 +321,9 @@ def main() -> None:
             }
             for r in range(a.rounds):
                 tag = f"b{batch}_r{nproc}_{r}"
-                results["ours"].append(run_ours(work, tag, data, batch, nproc, a.warmup, a.steps, a.profile))
+                results["ours"].append(
+                    run_ours(work, tag, data, batch, nproc, a.warmup, a.steps, a.profile, model=ours_model)
+                )
                 if a.bf16:
                     results["ours_bf16"].append(
                         run_ours(
@@ -242,12 +337,15 @@ def main() -> None:
                             a.profile,
                             "ours_bf16",
                             ("trainer.precision=bf16",),
+                            ours_model,
                         )
                     )
                 results["torchrec"].append(
-                    run_baseline(work, tag, "torchrec", batch, nproc, a.rows, a.warmup, a.steps, a.profile)
+                    run_baseline(
+                        work, tag, "torchrec", batch, nproc, a.rows, a.warmup, a.steps, a.profile, baseline_model
+                    )
                 )
-                if nproc == 1:
+                if nproc == 1 and not a.mlperf:
                     results["plain"].append(
                         run_baseline(work, tag, "plain", batch, nproc, a.rows, a.warmup, a.steps, a.profile)
                     )
