@@ -195,6 +195,7 @@ class SyntheticConfig:
     sequence_window: int = 10  # S1: only the newest this many ids move the click (declare it as S1's cap)
     sequence_decay: float = 1.0  # S1: an id k places before the newest counts decay^k (1 = all of the window alike)
     list_cardinality: int = 500  # distinct ids per list column (Zipf with zipf_alpha)
+    one_hot_scale: float = 1.0  # multiplies the one-hot part's logit terms (< 1: fewer rows learn it, lists weigh more)
 
     def __post_init__(self) -> None:
         for key in ("num_list_columns", "sequence_length"):
@@ -205,6 +206,8 @@ class SyntheticConfig:
                 raise ConfigError(f"data.synthetic.{key}={getattr(self, key)} must be >= 1")
         if not 0 < self.sequence_decay <= 1:
             raise ConfigError(f"data.synthetic.sequence_decay={self.sequence_decay} must be in (0, 1]")
+        if self.one_hot_scale < 0:
+            raise ConfigError(f"data.synthetic.one_hot_scale={self.one_hot_scale} must be >= 0")
 
 
 @dataclass

@@ -69,8 +69,8 @@ _CAT_DENSE_SCALE = 0.1  # std of each latent coordinate in categorical x dense i
 _DENSE_W_SCALE = 0.25  # std of the dense features' weights
 _HEX = np.frombuffer(b"0123456789abcdef", dtype=np.uint8)
 # List columns: the std of a column's summed effect in a bag of the mean size (logit scale).
-_LIST_SCALE = 0.5
-_SEQUENCE_SCALE = 0.7  # std of the sequence's summed effect over a full window (decay 1)
+_LIST_SCALE = 0.8
+_SEQUENCE_SCALE = 1.0  # std of the sequence's summed effect over a full window (decay 1)
 _WEIGHTS = np.array([0.5, 1.0, 2.0, 3.0])  # W1's weights, written as Python floats ("0.5", "2.0")
 _CALIBRATION_ROWS = 100_000
 # optimum_without.lists is interpolated on this logit grid, the list logit's distribution taken in bins.
@@ -91,6 +91,7 @@ class _ListTruth:
     id_hash_mul: np.ndarray
     id_hash_add: np.ndarray
     effect: list[np.ndarray]  # per column [card] per-id logit effect
+    tokens: list[pa.Array]  # per column, what an id (an id:weight) is written as (_list_tokens)
     window: int
     decay: float
     offset: float = 0.0  # mean summed list logit, subtracted: the bias stays the one-hot part's
@@ -175,7 +176,7 @@ def _make_list_truth(cfg: SyntheticConfig) -> _ListTruth | None:
             mean_size = cfg.max_bag_size / 2 * (float(np.mean(_WEIGHTS**2)) if w else 1.0)
             std = _LIST_SCALE / np.sqrt(max(mean_size, 1.0))
         effects.append(rng.normal(0.0, std, card))
-    return _ListTruth(
+    lt = _ListTruth(
         names=names,
         max_lengths=[cfg.sequence_length if seq else cfg.max_bag_size for seq in sequence],
         weighted=weighted,
@@ -185,9 +186,12 @@ def _make_list_truth(cfg: SyntheticConfig) -> _ListTruth | None:
         id_hash_mul=(rng.integers(0, 2**31, len(names), dtype=np.uint64) * 2 + 1),
         id_hash_add=rng.integers(0, 2**32, len(names), dtype=np.uint64),
         effect=effects,
+        tokens=[],
         window=window,
         decay=cfg.sequence_decay,
     )
+    lt.tokens = [_list_tokens(lt, c) for c in range(len(names))]
+    return lt
 
 
 @dataclass
@@ -223,15 +227,27 @@ def _draw_lists(lt: _ListTruth, rng: np.random.Generator, n: int) -> _Lists:
     return _Lists(lengths, ids, weight_index, logit - lt.offset)
 
 
+def _list_tokens(lt: _ListTruth, c: int) -> pa.Array:
+    """Every token column ``c`` can write: the ids' hex hashes, or in a weighted column every ``id:weight``
+    (at ``id * len(_WEIGHTS) + weight index``)."""
+    card = len(lt.effect[c])
+    hashed = (np.arange(card, dtype=np.uint64) * lt.id_hash_mul[c] + lt.id_hash_add[c]) & 0xFFFFFFFF
+    tokens = _hex_column(hashed, np.zeros(card, dtype=bool))
+    if not lt.weighted[c]:
+        return tokens
+    weights = pa.array([repr(float(w)) for w in _WEIGHTS])
+    return pc.binary_join_element_wise(
+        tokens.take(np.repeat(np.arange(card), len(_WEIGHTS))),
+        weights.take(np.tile(np.arange(len(_WEIGHTS)), card)),
+        ":",
+    )
+
+
 def _list_column(lt: _ListTruth, c: int, lists: _Lists) -> pa.Array:
-    """One list column's fields: the ids as hex joined by ",", each ``id:weight`` in a weighted column."""
-    hashed = (lists.ids[c].astype(np.uint64) * lt.id_hash_mul[c] + lt.id_hash_add[c]) & 0xFFFFFFFF
-    tokens = _hex_column(hashed, np.zeros(len(hashed), dtype=bool))
-    if lists.weight_index[c] is not None:
-        weights = pa.array([repr(float(w)) for w in _WEIGHTS]).take(pa.array(lists.weight_index[c]))
-        tokens = pc.binary_join_element_wise(tokens, weights, ":")
+    """One list column's fields: the tokens of its ids joined by ","."""
+    index = lists.ids[c] if lists.weight_index[c] is None else lists.ids[c] * len(_WEIGHTS) + lists.weight_index[c]
     offsets = np.concatenate([[0], np.cumsum(lists.lengths[c])]).astype(np.int32)
-    return pc.binary_join(pa.ListArray.from_arrays(pa.array(offsets), tokens), ",")
+    return pc.binary_join(pa.ListArray.from_arrays(pa.array(offsets), lt.tokens[c].take(index)), ",")
 
 
 def _calibrate_lists(lt: _ListTruth, rng: np.random.Generator) -> np.ndarray:
@@ -292,6 +308,8 @@ def _make_truth(cfg: SyntheticConfig) -> _Truth:
         dense_proj=rng.normal(0.0, 0.15, (NUM_DENSE_FEATURES, _LATENT_DIM)),
         pairs=pairs,
     )
+    if cfg.one_hot_scale != 1.0:  # skipped at 1: the default truth stays the very same floats
+        _scale_one_hot(truth, cfg.one_hot_scale)
     # Center z and solve the bias for the target click rate on a calibration sample.
     calib = _draw_features(truth, np.random.default_rng([cfg.seed, 1]), _CALIBRATION_ROWS)
     truth.dense_center = calib[2].mean(axis=0)
@@ -308,6 +326,14 @@ def _make_truth(cfg: SyntheticConfig) -> _Truth:
             hi = mid
     truth.b0 = (lo + hi) / 2
     return truth
+
+
+def _scale_one_hot(truth: _Truth, scale: float) -> None:
+    """Multiply every term of the one-hot part's logit by ``scale`` (pairs are products of two latents)."""
+    truth.dense_w = truth.dense_w * scale
+    truth.cat_bias = [b * scale for b in truth.cat_bias]
+    truth.cat_latent = [v * np.sqrt(scale) for v in truth.cat_latent]
+    truth.cat_dense = [v * scale for v in truth.cat_dense]
 
 
 def _draw_features(truth: _Truth, rng: np.random.Generator, n: int):
