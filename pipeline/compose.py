@@ -48,15 +48,40 @@ def compose_config(overrides: list[str], world_size: int | None = None, device_t
     try:
         if owned:
             with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
-                dict_cfg = compose("train", overrides=task_overrides(overrides))
+                dict_cfg = _compose(task_overrides(overrides))
         else:
-            dict_cfg = compose("train", overrides=task_overrides(overrides))
+            dict_cfg = _compose(task_overrides(overrides))
         cfg = OmegaConf.to_object(dict_cfg)
     except (ConfigCompositionException, OverrideParseException, OmegaConfBaseException) as e:
         raise ConfigError(explain(e)) from None
     if world_size is not None:
         validate(cfg, world_size, device_type)
     return cfg
+
+
+def _compose(overrides: list[str]):
+    """``compose("train", overrides)``; setting a key below a node that is null in the config (``data.synthetic.seed=1``
+    where ``data.synthetic`` is null) fails inside OmegaConf with an AssertionError: that becomes a ConfigError
+    naming the override."""
+    try:
+        return compose("train", overrides=overrides)
+    except (AssertionError, AttributeError) as e:
+        for i, override in enumerate(overrides):
+            try:
+                compose("train", overrides=overrides[: i + 1])
+            except (AssertionError, AttributeError):
+                key, _, value = override.lstrip("+~").partition("=")
+                if value.lstrip().startswith("{"):
+                    node, how = key, " and cannot be given as a dict on the command line"
+                else:
+                    node, how = key.rsplit(".", 1)[0], ", so its keys cannot be set one by one from the command line"
+                raise ConfigError(
+                    f"{override}: {node} is null in this config{how}; set {node} in a config file (an "
+                    "experiment, or configs/<group>/<name>.yaml) and override its keys after that"
+                ) from None
+            except Exception:  # noqa: BLE001, S112 - another problem with an earlier override: reported below
+                break
+        raise ConfigError(f"{type(e).__name__} while composing the config: {e}") from None
 
 
 def _fields(schema: type, prefix: str) -> list[str]:

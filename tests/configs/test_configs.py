@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
@@ -96,6 +98,21 @@ def test_table_pooling_names_a_feature_of_the_data() -> None:
     assert cfg.model.table_pooling == {"S1": Pooling.mean}
     with pytest.raises(ConfigError, match=r"model.table_pooling names \['S9'\], which are not features"):
         _compose(["data=synthetic_multihot", "+model.table_pooling.S9=mean"])
+
+
+@pytest.mark.parametrize(
+    ("override", "said"),
+    [
+        ("data.synthetic.seed=3", "data.synthetic is null in this config, so its keys cannot be set one by one"),
+        ("data.materialize.seed=1", "data.materialize is null in this config, so its keys cannot be set one by one"),
+        ("data.materialize={seed: 1}", "data.materialize is null in this config and cannot be given as a dict"),
+    ],
+)
+def test_a_key_below_a_null_group_is_named_not_a_traceback(override: str, said: str) -> None:
+    from pipeline.compose import compose_config
+
+    with pytest.raises(ConfigError, match=rf"^{re.escape(override)}: {said}.*set .* in a config file"):
+        compose_config(["data=files", "model.embedding_dim=64", "model.dense_arch_layer_sizes=[64]", override])
 
 
 def test_random_split_needs_one_file() -> None:
