@@ -28,6 +28,8 @@ from pipeline.data.vocab import vocab_counts, vocab_rows
 if TYPE_CHECKING:
     import torch
 
+    from pipeline.data.materialize import BagRule
+
 DENSE_TRANSFORMS = {
     DenseTransform.log1p: "log(1 + max(x, 0)), missing -> 0 (the DLRM reference)",
     DenseTransform.torchrec: "log(x - min + 2) in float32 with min over the whole input file, missing -> 0 "
@@ -256,12 +258,19 @@ class FeatureTransform:
         dense_transform: the integer features' transform.
         table_sizes: rows of each feature's table; an id at or above it reads as the rare-or-unseen id.
         ids: maps raw values to ids (None where the ids are stored already: the loader's batches).
+        bags: one-hot raw rows become these bags (a model trained on ``data.materialize`` data).
     """
 
     def __init__(
-        self, schema: Schema, dense_transform: DenseTransform, table_sizes: list[int], ids: IdMapper | None = None
+        self,
+        schema: Schema,
+        dense_transform: DenseTransform,
+        table_sizes: list[int],
+        ids: IdMapper | None = None,
+        bags: BagRule | None = None,
     ) -> None:
         self.schema = schema
+        self.bags = bags
         self.dense_transform = DenseTransform(dense_transform)
         self.table_sizes = list(table_sizes)
         self.ids = ids
@@ -285,15 +294,20 @@ class FeatureTransform:
         """The block's raw one-hot categorical values -> table row ids [n, num_one_hot]."""
         if self.ids is None:
             raise ValueError("this transform reads stored ids: it has no id mapping")
+        if self.bags is not None:  # every column is a bag (see map_lists)
+            return np.zeros((len(block), 0), dtype=self.ids.dtype)
         return self.fold(self.ids(block))
 
     def map_lists(self, block: RawBlock) -> Lists | None:
         """The block's raw list columns -> table row ids (row-major), or None without list columns."""
-        if block.lists is None:
-            return None
-        if self.ids is None:
+        if self.ids is None and (block.lists is not None or self.bags is not None):
             raise ValueError("this transform reads stored ids: it has no id mapping")
-        lists = self.ids.map_lists(block.lists)
+        if self.bags is not None:  # one-hot rows made into bags as data.materialize made the training data's
+            lists = self.bags.bags(self.ids(block))
+        elif block.lists is None:
+            return None
+        else:
+            lists = self.ids.map_lists(block.lists)
         if not self._fold:
             return lists
         limits = self._limits[self.schema.multi_index][lists.columns()]

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import functools
 import hashlib
 import json
@@ -202,6 +203,11 @@ def _differ(sizes: list[int], table_sizes: dict[str, int], feature_names: tuple[
     )
 
 
+def bag_schema(schema: Schema, sizes: list[int]) -> Schema:
+    """The layout of materialised data: every column of the one-hot ``schema`` a bag of its size."""
+    return dataclasses.replace(schema, multi_hot=tuple(zip(schema.sparse_columns, sizes, strict=True)), weighted=())
+
+
 def input_spec(data: dict, processed: Path | None, table_sizes: dict[str, int]) -> tuple[dict, list[int]]:
     """How a raw row becomes model input, as preprocessing did it (export copies the vocab.npz it names).
 
@@ -229,8 +235,16 @@ def input_spec(data: dict, processed: Path | None, table_sizes: dict[str, int]) 
     manifest = Manifest.read(processed) if processed is not None else None
     have_data = manifest is not None
     manifest_sizes = None
+    bags = data.get("materialize")
+    if bags:  # the data's bags were made from one-hot rows (data.materialize): raw rows are one-hot
+        if not have_data:
+            raise ExportError(
+                f"data.materialize needs the data's manifest (looked in {processed}): pass --processed-dir "
+                "<the data.processed_dir the model was trained on>"
+            )
     if have_data:
-        if manifest.schema != schema:
+        expected = bag_schema(schema, bags["sizes"]) if bags else schema
+        if manifest.schema != expected:
             raise ExportError(
                 f"{processed / 'manifest.json'} records the columns {manifest.schema.to_dict()}, "
                 f"the checkpoint's config declares {schema.to_dict()}: the data was preprocessed again "
@@ -259,7 +273,16 @@ def input_spec(data: dict, processed: Path | None, table_sizes: dict[str, int]) 
         "hash_formula": "1 + hash % (cap - 1)" if id_mode == IdMode.hash else None,
         "vocab": None,
         "dense_min": None,
+        "materialize": None,
     }
+    if bags:
+        spec["materialize"] = {
+            "sizes": list(bags["sizes"]),
+            "seed": bags["seed"],
+            "distribution": bags["distribution"],
+            "num_embeddings": list(manifest.num_embeddings_per_feature),  # what the bags were drawn over
+            "rule": manifest.settings["materialize"]["rule"],
+        }
     if transform == DenseTransform.torchrec:
         parts = _dense_mins(processed) if have_data else []
         train = [p["dense_min"] for p in parts if "train" in p["splits"] and p["dense_min"] is not None]
@@ -279,6 +302,8 @@ def input_spec(data: dict, processed: Path | None, table_sizes: dict[str, int]) 
                 "the model was trained on>"
             )
         spec["caps"] = caps
+        if bags:
+            return spec, list(manifest_sizes)
         if _differ(spec["caps"], table_sizes, schema.feature_names):
             raise ExportError(f"id_mode=hash caps {spec['caps']} differ from the checkpoint's table sizes {held}")
         return spec, list(spec["caps"])
@@ -292,16 +317,20 @@ def input_spec(data: dict, processed: Path | None, table_sizes: dict[str, int]) 
     digest = _sha256(src)
     if marker.is_file() and json.loads(marker.read_text()).get("sha256") != digest:
         raise ExportError(f"{src} does not match the sha256 in {marker}: the vocabulary is damaged")
-    vocab = load_vocab(processed, schema.num_sparse, min_frequency)
+    # With bags, every value's own id: the bags are drawn from it, then folded by the tables' sizes.
+    vocab_min = 1 if bags else min_frequency
+    vocab = load_vocab(processed, schema.num_sparse, vocab_min)
     vocab_sizes = [len(v) + 2 for v in vocab]
-    if _differ(vocab_sizes, table_sizes, schema.feature_names):
+    if bags:  # the whole vocabulary (the bags' source ids); the tables' sizes fold the rare ones
+        vocab_sizes = list(manifest_sizes)
+    elif _differ(vocab_sizes, table_sizes, schema.feature_names):
         raise ExportError(f"{src} gives table sizes {vocab_sizes}, the checkpoint holds {held}")
     # The export's copy holds the values that own a row under data.min_id_frequency (the rest read as rare).
     spec["vocab"] = {
         "file": VOCAB,
         "source": str(src),
         "source_sha256": digest,
-        "min_id_frequency": min_frequency,
+        "min_id_frequency": vocab_min,
         "arrays": vocab,
     }
     return spec, vocab_sizes
@@ -538,11 +567,23 @@ class ExportedModel:
         sizes = self.spec["num_embeddings_per_feature"]
         caps = list(inp["caps"]) if inp.get("caps") else [NO_CAP] * len(sizes)
         mapper = IdMapper(IdMode(inp["id_mode"]), caps, self.vocab, self.schema.multi_index)
+        transform = DenseTransform(inp["dense_transform"])
+        bags = inp.get("materialize")
+        if bags:  # one-hot raw rows, each id made into its bag as the training data's were
+            from pipeline.data.materialize import BagRule
+
+            if mapper.num_embeddings != bags["num_embeddings"]:
+                raise ExportError(
+                    f"{self.dir}: the id mapping gives {mapper.num_embeddings} ids per table, the bags were drawn "
+                    f"over {bags['num_embeddings']}"
+                )
+            rule = BagRule(tuple(bags["sizes"]), tuple(bags["num_embeddings"]), bags["seed"])
+            return FeatureTransform(bag_schema(self.schema, bags["sizes"]), transform, sizes, mapper, rule)
         if mapper.num_embeddings != sizes:
             raise ExportError(
                 f"{self.dir}: the id mapping gives table sizes {mapper.num_embeddings}, the weights hold {sizes}"
             )
-        return FeatureTransform(self.schema, DenseTransform(inp["dense_transform"]), sizes, mapper)
+        return FeatureTransform(self.schema, transform, sizes, mapper)
 
     @torch.inference_mode()
     def logits(

@@ -205,8 +205,8 @@ def predict_split(
     inp = model.spec["input"]
     ours = {"id_mode": inp["id_mode"], "dense_transform": inp["dense_transform"]}
     differ = {k: (manifest.settings.get(k), v) for k, v in ours.items() if manifest.settings.get(k) != v}
-    if manifest.schema != model.schema:
-        differ["columns"] = (manifest.schema.to_dict(), model.schema.to_dict())
+    if manifest.schema != model.features.schema:
+        differ["columns"] = (manifest.schema.to_dict(), model.features.schema.to_dict())
     features = FeatureTransform.from_manifest(manifest, processed_dir, inp.get("min_id_frequency", 1))
     if features.table_sizes != model.spec["num_embeddings_per_feature"]:
         differ["table sizes"] = (features.table_sizes, model.spec["num_embeddings_per_feature"])

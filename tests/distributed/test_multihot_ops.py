@@ -122,3 +122,36 @@ def test_export_scores_raw_rows_with_lists_like_the_sharded_model(tmp_path, mult
     q = run(load_exported(tmp_path / "int8"), str(tmp_path / "q.npy"), input_path=str(raw / "val.tsv"))
     assert np.abs(np.load(tmp_path / "q.npy") - want).max() < 0.02
     assert abs(q.metrics["auc"] - res.metrics["auc"]) < 0.005
+
+
+def test_model_on_materialised_bags_scores_raw_one_hot_rows(tmp_path, tiny_data_overrides) -> None:
+    """experiment=mlperf_dlrmv2_small (data=tiny made into MLPerf's bags) with rare values folded: the export
+    reads one-hot raw rows, draws each id's bag as the materialisation did, and scores as the trained model."""
+    from pipeline.serving.export import export, load_exported
+    from pipeline.serving.predict import run
+
+    raw = next(o.split("=", 1)[1] for o in tiny_data_overrides if o.startswith("data.raw_dir="))
+    onehot = next(o.split("=", 1)[1] for o in tiny_data_overrides if o.startswith("data.processed_dir="))
+    trained = run_training(
+        tmp_path / "run",
+        [
+            "experiment=mlperf_dlrmv2_small",
+            "model=tiny",
+            f"data.raw_dir={raw}",
+            f"data.materialize.source_dir={onehot}",
+            f"data.processed_dir={tmp_path}/bags",
+            "data.min_id_frequency=3",
+            "trainer.max_steps=15",
+            "trainer.save_predictions=true",
+            "trainer.eval_every_steps=0",
+        ],
+        nproc=1,
+    )
+    assert trained.returncode == 0, trained.output[-3000:]
+    spec = export(trained.run_dir, tmp_path / "export")
+    assert spec["input"]["materialize"]["sizes"][20] == 100 and spec["input"]["vocab"]["min_id_frequency"] == 1
+    res = run(load_exported(tmp_path / "export"), str(tmp_path / "val.npy"), input_path=f"{raw}/val.tsv")
+    assert res.scored == 4000
+    np.testing.assert_allclose(
+        np.load(tmp_path / "val.npy"), np.load(trained.run_dir / "predictions_val.npy"), rtol=1e-5, atol=1e-7
+    )
