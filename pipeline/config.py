@@ -645,15 +645,15 @@ def check_train(cfg: TrainConfig) -> None:
         raise ConfigError("launcher.backend=nccl needs CUDA but trainer.device=cpu: use launcher.backend=gloo")
     if cfg.trainer.device == Device.cpu:
         _check_cpu(cfg)
-
-
-def _check_cpu(cfg: TrainConfig) -> None:
     features = list(cfg.data.feature_names or cfg.data.sparse_columns)
     unknown = sorted(set(cfg.model.table_pooling) - set(features))
     if unknown:
         raise ConfigError(
             f"model.table_pooling names {unknown}, which are not features of the data: one of {features}"
         )
+
+
+def _check_cpu(cfg: TrainConfig) -> None:
     """What TorchRec / FBGEMM 1.8 cannot do on a CPU, each with the CPU's alternative."""
     cuda_only = {"row_wise", "table_row_wise", "grid_shard"}
     asked = [("sharding.sharding_types", cfg.sharding.sharding_types)]
