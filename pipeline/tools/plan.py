@@ -2,6 +2,13 @@
 
     ./launch.sh plan -j 2x8 --device cuda --hbm-gb 80 --data criteo_1tb --cap 40000000
     ./launch.sh plan -j 1x2 --device cpu --data processed:data/synthetic/processed
+    ./launch.sh plan experiment=mlperf_dlrmv2 -j 1x8 --device cuda --hbm-gb 80
+
+Config overrides (``experiment=...``, ``data=...``, ``model.embedding_dim=64``, ...) plan the tables of that
+training config: its table sizes (``data.num_embeddings_per_feature`` or ``data.max_ids_per_feature``, else
+its processed data's manifest), pooling factors (the manifest, else ``data.materialize.sizes``), embedding
+dimension and dtype, table optimizer, sharding constraints and per-rank batch (the global batch over the
+ranks); a flag given as well wins.
 
 Builds the model on the meta device (no memory), runs ``EmbeddingShardingPlanner.plan`` for a
 ``Topology`` of ``nodes x devices`` (HBM and host memory per device as given), and prints each table's
@@ -22,6 +29,7 @@ import json
 import sys
 from pathlib import Path
 
+from pipeline.config import ConfigError
 from pipeline.data.schema import CARDINALITIES
 from pipeline.distributed.planner import GIB, PlanDoesNotFit
 
@@ -48,6 +56,49 @@ def table_lengths(data: str) -> tuple[list[float] | None, list[int] | None]:
 
     manifest = Manifest.load(data.split(":", 1)[1])
     return manifest.pooling_factors, manifest.max_lengths
+
+
+def from_config(a: argparse.Namespace, p: argparse.ArgumentParser, world: int):
+    """Tables, pooling factors and the unset flags from the training config ``a.overrides`` compose to; returns
+    (sizes, pooling factors, max lengths or None, a description of the source).
+
+    Raises:
+        ConfigError: the overrides do not compose, or the config leaves the table sizes to data that is not here.
+    """
+    from pipeline.compose import compose_config
+    from pipeline.data.manifest import Manifest
+    from pipeline.data.materialize import pooling_factors
+
+    cfg = compose_config(a.overrides)
+    d = cfg.data
+    manifest = Manifest.read(d.processed_dir)
+    if d.num_embeddings_per_feature:
+        sizes = list(d.num_embeddings_per_feature)
+    elif d.max_ids_per_feature is not None:
+        sizes = [d.max_ids_per_feature] * len(d.sparse_columns)
+    elif manifest is not None:
+        sizes = list(manifest.num_embeddings_per_feature)
+    else:
+        raise ConfigError(
+            f"data={d.name} leaves the table sizes to its data, and {d.processed_dir} has no manifest: set "
+            "data.num_embeddings_per_feature or data.max_ids_per_feature, or preprocess first"
+        )
+    if a.cap:
+        sizes = [min(n, a.cap) for n in sizes]
+    a.embedding_dim = a.embedding_dim or cfg.model.embedding_dim
+    a.optimizer = a.optimizer or cfg.optimizer.embedding.value
+    a.embedding_dtype = a.embedding_dtype or cfg.sharding.embedding_dtype.value
+    if a.batch_size is None:
+        batch = d.global_batch_size or 2048 * world
+        a.batch_size = max(1, batch // world)
+    if a.sharding_types is None and cfg.sharding.sharding_types:
+        a.sharding_types = ",".join(cfg.sharding.sharding_types)
+    if a.kernels is None and cfg.sharding.compute_kernels != ["fused"]:
+        a.kernels = ",".join(cfg.sharding.compute_kernels)
+    max_lengths = manifest.max_lengths if manifest is not None else None
+    if max_lengths is None and d.materialize is not None:
+        max_lengths = list(d.materialize.sizes)
+    return sizes, pooling_factors(d), max_lengths, " ".join(a.overrides)
 
 
 def parse_pooling_factors(text: str, num_tables: int) -> list[float]:
@@ -238,11 +289,16 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="host memory per rank; default the host memory available here / devices per node",
     )
-    p.add_argument("--data", default="criteo_1tb", help="criteo_1tb, criteo_kaggle, or processed:<folder>")
+    p.add_argument("--data", default=None, help="criteo_1tb (default), criteo_kaggle, or processed:<folder>")
     p.add_argument("--cap", type=int, default=None, help="cap on rows per table (e.g. 40000000)")
-    p.add_argument("--embedding-dim", type=int, default=128)
-    p.add_argument("--batch-size", type=int, default=2048, help="per-rank batch size")
-    p.add_argument("--optimizer", default="row_wise_adagrad", choices=["sgd", "row_wise_adagrad", "adagrad", "adam"])
+    p.add_argument("--embedding-dim", type=int, default=None, help="default 128")
+    p.add_argument("--batch-size", type=int, default=None, help="per-rank batch size (default 2048)")
+    p.add_argument(
+        "--optimizer",
+        default=None,
+        choices=["sgd", "row_wise_adagrad", "adagrad", "adam"],
+        help="default row_wise_adagrad",
+    )
     p.add_argument("--storage-reservation", type=float, default=0.15)
     p.add_argument("--sharding-types", default=None, help="comma-separated allowed types, e.g. table_wise")
     p.add_argument(
@@ -257,7 +313,7 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="fused_uvm_caching: share of a table's rows cached in HBM (TorchRec's default 0.2)",
     )
-    p.add_argument("--embedding-dtype", choices=sorted(DTYPE_BYTES), default="fp32", help="stored table precision")
+    p.add_argument("--embedding-dtype", choices=sorted(DTYPE_BYTES), default=None, help="stored table precision (fp32)")
     p.add_argument(
         "--pooling-factors",
         default=None,
@@ -265,6 +321,7 @@ def main(argv: list[str] | None = None) -> int:
         "data you don't have; default: a processed folder's manifest, else 1 (one-hot)",
     )
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("overrides", nargs="*", help="training config overrides, e.g. experiment=mlperf_dlrmv2")
     a = p.parse_args(argv)
     import logging
 
@@ -273,8 +330,23 @@ def main(argv: list[str] | None = None) -> int:
         nodes, devices = (int(x) for x in a.j.lower().split("x"))
     except ValueError:
         p.error(f"-j {a.j}: expected NODESxDEVICES, e.g. 2x8")
-    sizes = table_sizes(a.data, a.cap)
-    factors, max_lengths = table_lengths(a.data)
+    defaults = {"embedding_dim": 128, "batch_size": 2048, "optimizer": "row_wise_adagrad", "embedding_dtype": "fp32"}
+    bad = [o for o in a.overrides if "=" not in o]
+    if bad:
+        p.error(f"{bad}: expected config overrides key=value, e.g. experiment=mlperf_dlrmv2")
+    if a.overrides:
+        try:
+            sizes, factors, max_lengths, source = from_config(a, p, nodes * devices)
+        except ConfigError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        a.data = source
+    else:
+        a.data = a.data or "criteo_1tb"
+        for key, value in defaults.items():
+            setattr(a, key, value if getattr(a, key) is None else getattr(a, key))
+        sizes = table_sizes(a.data, a.cap)
+        factors, max_lengths = table_lengths(a.data)
     if a.pooling_factors is not None:
         factors, max_lengths = parse_pooling_factors(a.pooling_factors, len(sizes)), None
     try:

@@ -124,3 +124,20 @@ def test_pooling_factors_given_for_data_not_here_raise_the_planned_cost(capsys) 
     assert next(line for line in out.splitlines() if line.startswith("t_cat_7 ")).split()[2] == "20"
     with pytest.raises(SystemExit, match="one value >= 0 for every table"):
         main([*args, "--pooling-factors", "1,2"])
+
+
+def test_a_training_config_is_planned_from_its_overrides(capsys) -> None:
+    """experiment=mlperf_dlrmv2 for 8 GPUs of 80 GB: MLPerf's table sizes and bag sizes from the config, its
+    dimension, Adagrad and global batch 65536 over the 8 ranks; memory per rank within the card."""
+    from pipeline.tools.plan import main
+
+    assert main(["experiment=mlperf_dlrmv2", "-j", "1x8", "--device", "cuda", "--hbm-gb", "80", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    tables = {t["table"]: t for t in result["tables"]}
+    assert tables["t_cat_0"]["rows"] == 40_000_000 and tables["t_cat_20"]["pooling_factor"] == 100
+    assert len(result["hbm_gib"]) == 8 and 0 < max(result["hbm_gib"]) <= 80
+    assert main(["experiment=mlperf_dlrmv2", "-j", "1x8", "--hbm-gb", "80"]) == 0
+    out = capsys.readouterr().out
+    assert "214 ids per sample, dim 128 fp32, adagrad, batch 8192/rank" in out
+    assert main(["experiment=mlperf_dlrmv2", "model.embeding_dim=64", "-j", "1x8"]) == 2
+    assert "did you mean model.embedding_dim" in capsys.readouterr().err
