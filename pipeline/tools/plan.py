@@ -326,6 +326,7 @@ def main(argv: list[str] | None = None) -> int:
     import logging
 
     logging.basicConfig(level=logging.ERROR)  # the planner warns per data-parallel table on the root logger
+    logging.getLogger().setLevel(logging.ERROR)  # also where an import configured the root logger first
     try:
         nodes, devices = (int(x) for x in a.j.lower().split("x"))
     except ValueError:
