@@ -230,7 +230,8 @@ def main() -> None:
         for name in contenders:
             times[name].append(run(name, i))
             print(
-                f"  run {i + 1} {name:10s} {times[name][-1]:7.2f}s  {num_rows[name] / times[name][-1]:>12,.0f} rows/s"
+                f"  run {i + 1} {name.removesuffix('_lists'):9s} {times[name][-1]:7.2f}s  "
+                f"{num_rows[name] / times[name][-1]:>12,.0f} rows/s"
                 f"  ({num_rows[name]:,} rows)",
                 flush=True,
             )
