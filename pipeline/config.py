@@ -415,6 +415,7 @@ class CheckpointConfig:
     keep_last: int = 2  # complete checkpoints kept (older ones are deleted after a successful save)
     save_at_end: bool = True  # save after the last training step
     load_optimizer: bool = True  # on resume, also restore optimizer state (false: weights only, e.g. fine-tuning)
+    async_save: bool = False  # copy the state in memory and write it in a background thread while training goes on
 
     def __post_init__(self) -> None:
         check_checkpoint(self)

@@ -256,6 +256,7 @@ class Trainer:
             c.every_steps,
             c.every_minutes,
             c.keep_last,
+            c.async_save,
         )
         resume = ckpt.resolve_resume(cfg.trainer.resume, self.checkpointer.root)
         if resume is not None:
@@ -305,7 +306,8 @@ class Trainer:
             },
             best=best,
         )
-        self.writer.event({"event": "checkpoint", "step": self.step, "path": str(path), "best": best})
+        event = {"event": "checkpoint", "step": self.step, "path": str(path), "best": best}
+        self.writer.event({**event, "in_background": True} if self.checkpointer.async_save else event)
         self._last_saved_step = self.step
         return path
 
@@ -614,6 +616,7 @@ class Trainer:
     def _stop_for_preemption(self, signum: int) -> None:
         """Save the step reached (unless just saved) and stop with :class:`Preempted`."""
         name, t0 = signal.Signals(signum).name, time.perf_counter()
+        self.checkpointer.drain()  # the save in flight first; this one is synchronous
         path = (
             self.save_checkpoint()
             if self._last_saved_step != self.step
@@ -693,6 +696,7 @@ class Trainer:
         if profiler is not None:
             profiler.stop()  # writes the profile if the run ended inside the profiled steps
         pipeline.detach()
+        self.checkpointer.drain()  # the save in flight finishes; the final ones are synchronous
         self._check_loss_finite()
         final = self._final_evaluation()
         return self._finish(final, time.perf_counter() - wall0)
@@ -801,6 +805,7 @@ class Trainer:
         return summary
 
     def close(self) -> None:
+        self.checkpointer.close()
         self.writer.close()
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -15,6 +15,11 @@ A checkpoint is written into ``step_<N>.tmp/`` and renamed when every rank has f
 is replaced atomically after that. A save that is killed or fails midway leaves the previous
 checkpoint as ``latest``, intact.
 
+With ``checkpoint.async_save`` training pauses only to copy the state into host buffers kept between saves;
+a background thread writes the copy (DCP, fsynced files), has every rank agree it succeeded, then renames
+the folder, moves ``latest`` and prunes, exactly as a synchronous save does. One save is in flight at a
+time: the next save, the end of training and a stop signal wait for it first.
+
 Loading reads tensors only (:mod:`.safe_load`); DCP reshards on load, so a checkpoint from N ranks (or
 another sharding plan) loads into M ranks.
 """
@@ -29,6 +34,7 @@ import random
 import shutil
 import time
 import warnings
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -37,8 +43,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed._shard.sharded_tensor import Shard, ShardedTensor
 from torch.distributed.checkpoint.api import CheckpointException as DCPCheckpointException
 from torch.distributed.checkpoint.stateful import Stateful
+from torch.distributed.tensor import DTensor
 
 from pipeline.checkpoint.safe_load import flatten, load_tensor_file, load_tensors, plain_state
 from pipeline.errors import CheckpointError
@@ -168,8 +176,17 @@ def resolve_resume(resume: str, root: Path) -> Path | None:
 
 
 # -- save -----------------------------------------------------------------------------------------
+@dataclass
+class _InFlight:
+    """A save whose writing runs in the background thread."""
+
+    path: Path
+    future: Future
+
+
 class Checkpointer:
-    """Saves every N steps and/or minutes, keeps the last K, loads with resharding."""
+    """Saves every N steps and/or minutes (in the background with ``async_save``), keeps the last K, loads
+    with resharding."""
 
     def __init__(
         self,
@@ -179,6 +196,7 @@ class Checkpointer:
         every_steps: int = 0,
         every_minutes: float = 0.0,
         keep_last: int = 2,
+        async_save: bool = False,
     ):
         self.root = Path(root)
         self.rank = rank
@@ -186,7 +204,14 @@ class Checkpointer:
         self.every_steps = every_steps
         self.every_minutes = every_minutes
         self.keep_last = keep_last
+        self.async_save = async_save
         self._last_save = time.monotonic()
+        self._in_flight: _InFlight | None = None
+        self._writer: ThreadPoolExecutor | None = None
+        self._buffers: dict[str, torch.Tensor] = {}  # the host copies of the state, reused by every async save
+        # The background thread's collectives (DCP's plan and gather, the agreement) run on a gloo group of their
+        # own: on the training's group they could pair up with the training thread's all-reduces.
+        self._group = dist.new_group(backend="gloo") if async_save and dist.is_initialized() else None
 
     def due(self, step: int) -> bool:
         """Whether a save is due after ``step`` (the time rule is decided on rank 0 and shared)."""
@@ -201,12 +226,15 @@ class Checkpointer:
     def save(self, state: dict[str, Any], train_state: TrainState, extra_meta: dict, best: bool = False) -> Path:
         """Write a checkpoint of ``state`` (:func:`app_state`; collective: every rank calls it). Returns its folder.
 
-        ``best``: it also becomes the ``best`` checkpoint, which pruning keeps beside the last K.
+        ``best``: it also becomes the ``best`` checkpoint, which pruning keeps beside the last K. With
+        ``async_save`` this returns once the state is copied; the folder (and ``latest``) appear when the
+        background write has finished on every rank (:meth:`wait`).
 
         Raises:
-            CheckpointError: the folder cannot be written (permissions, full disk); the previous
-                checkpoint is left as it was.
+            CheckpointError: the folder cannot be written (permissions, full disk), by this save or by the one
+                still in flight; the previous checkpoint is left as it was.
         """
+        self.wait()  # one save in flight at a time
         name = f"{PREFIX}{train_state.step:08d}"
         final, tmp = self.root / name, self.root / f"{name}.tmp"
         t0 = time.perf_counter()
@@ -220,35 +248,67 @@ class Checkpointer:
         except OSError as e:
             error = e
         self._agree(error, f"create {tmp}")
+        # Serialised in memory, then written as plain bytes: a full disk then raises OSError (ENOSPC,
+        # "No space left on device") instead of torch.save's zip-writer "unexpected pos" error.
+        rng = io.BytesIO()
+        torch.save(_rng_state(), rng)
+        meta = {
+            "train_state": asdict(train_state),
+            "world_size": self.world_size,
+            "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            **extra_meta,
+        }
+        self._last_save = time.monotonic()
+        if not self.async_save:
+            self._write(state, name, rng.getvalue(), meta, best, None, t0)
+            return final
+        staged = self._stage(state)
+        if self._writer is None:
+            self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-writer")
+        future = self._writer.submit(self._write, staged, name, rng.getvalue(), meta, best, self._group, t0)
+        self._in_flight = _InFlight(final, future)
+        logger.info("checkpoint %s: state copied in %.2fs, writing in the background", final, time.perf_counter() - t0)
+        return final
+
+    def _stage(self, state: dict[str, Any]) -> dict[str, Any]:
+        """``state``'s tensors copied into host buffers kept between saves: the background write reads the copy
+        while training changes the originals."""
+        plain = {k: v.state_dict() if isinstance(v, Stateful) else v for k, v in state.items()}
+        with torch.no_grad():
+            return _copy_tree(plain, "", self._buffers)
+
+    def _write(
+        self,
+        state: dict[str, Any],
+        name: str,
+        rng: bytes,
+        meta: dict,
+        best: bool,
+        group: dist.ProcessGroup | None,
+        t0: float,
+    ) -> None:
+        """Write, agree, then publish: rename the folder, move ``latest`` (and ``best``), prune. Collectives on
+        ``group`` (None: the default group)."""
+        final, tmp = self.root / name, self.root / f"{name}.tmp"
+        error = None
         try:
-            dcp.save(state, checkpoint_id=tmp)
-            # Serialised in memory, then written as plain bytes: a full disk then raises OSError (ENOSPC,
-            # "No space left on device") instead of torch.save's zip-writer "unexpected pos" error.
-            buf = io.BytesIO()
-            torch.save(_rng_state(), buf)
+            dcp.save(state, checkpoint_id=tmp, process_group=group)  # FileSystemWriter fsyncs every file
             with open(tmp / f"rng_rank{self.rank}.pt", "wb") as f:
-                f.write(buf.getbuffer())
+                f.write(rng)
                 f.flush()
                 os.fsync(f.fileno())
         except (Exception, DCPCheckpointException) as e:  # noqa: BLE001 - any failure of any rank fails the save
             error = _root_cause(e)
-        self._agree(error, f"write {tmp}")
+        self._agree(error, f"write {tmp}", group)  # past here every rank's files are on disk
         # Each rank holds the optimizer state of its own tables only: record the union of shapes.
         shapes = _shapes(state)
         if dist.is_initialized() and self.world_size > 1:
             everyone: list[dict] = [{} for _ in range(self.world_size)]
-            dist.all_gather_object(everyone, shapes)
+            dist.all_gather_object(everyone, shapes, group=group)
             shapes = {k: v for d in everyone for k, v in d.items()}
         try:
             if self.rank == 0:
-                meta = {
-                    "train_state": asdict(train_state),
-                    "world_size": self.world_size,
-                    "shapes": dict(sorted(shapes.items())),
-                    "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                    **extra_meta,
-                }
-                _write_atomic(tmp / META, json.dumps(meta, indent=2) + "\n")
+                _write_atomic(tmp / META, json.dumps({**meta, "shapes": dict(sorted(shapes.items()))}, indent=2) + "\n")
                 _fsync_dir(tmp)
                 if final.exists():
                     shutil.rmtree(final)
@@ -260,16 +320,48 @@ class Checkpointer:
                 self._prune(keep=name)
         except OSError as e:
             error = e
-        self._agree(error, f"finish {final}")
-        self._last_save = time.monotonic()
+        self._agree(error, f"finish {final}", group)
         logger.info("checkpoint %s saved in %.2fs", final, time.perf_counter() - t0)
-        return final
 
-    def _agree(self, error: BaseException | None, what: str) -> None:
+    def wait(self) -> Path | None:
+        """Block until the save in flight, if any, is complete on every rank (``latest`` names it); return its
+        folder.
+
+        Raises:
+            CheckpointError: that save failed (on every rank alike); the checkpoint before it is ``latest``.
+        """
+        in_flight, self._in_flight = self._in_flight, None
+        if in_flight is None:
+            return None
+        t0 = time.perf_counter()
+        in_flight.future.result()
+        if time.perf_counter() - t0 > 0.01:
+            logger.info("waited %.2fs for checkpoint %s to be written", time.perf_counter() - t0, in_flight.path)
+        return in_flight.path
+
+    def drain(self) -> None:
+        """Finish the save in flight and save synchronously from now on (the end of training, a stop signal:
+        what follows needs the checkpoints on disk)."""
+        self.wait()
+        self.async_save = False
+        self._buffers.clear()
+
+    def close(self) -> None:
+        """Finish the save in flight (a run failing elsewhere still publishes it; its own error is logged)."""
+        try:
+            self.wait()
+        except CheckpointError as e:
+            logger.error("%s", e)
+        finally:
+            if self._writer is not None:
+                self._writer.shutdown(wait=True)
+                self._writer = None
+
+    def _agree(self, error: BaseException | None, what: str, group: dist.ProcessGroup | None = None) -> None:
         """Fail on every rank if any rank failed (so no rank waits alone in the next collective)."""
         failed = torch.tensor([int(error is not None)])
         if dist.is_initialized() and self.world_size > 1:
-            dist.all_reduce(failed)
+            dist.all_reduce(failed, group=group)
         if failed.item():
             latest = self.root / LATEST
             prev = latest.read_text().strip() if latest.is_file() else "none"
@@ -282,12 +374,14 @@ class Checkpointer:
 
     def mark_best(self, path: Path) -> None:
         """Point ``best`` at an existing checkpoint (rank 0 writes; every rank calls)."""
+        self.wait()
         if self.rank == 0:
             _write_atomic(self.root / BEST, path.name + "\n")
             _fsync_dir(self.root)
 
     def _prune(self, keep: str) -> None:
-        """Keep the last ``keep_last`` complete checkpoints and the best one; drop the rest and stale tmp folders."""
+        """Keep the last ``keep_last`` complete checkpoints and the best one; drop the rest and stale tmp folders
+        (runs after ``latest`` names ``keep``, and no other save is in flight then)."""
         best = (self.root / BEST).read_text().strip() if (self.root / BEST).is_file() else None
         done = sorted(p for p in self.root.glob(f"{PREFIX}*") if p.is_dir() and not p.name.endswith(".tmp"))
         for old in done[: max(0, len(done) - self.keep_last)]:
@@ -295,6 +389,36 @@ class Checkpointer:
                 shutil.rmtree(old, ignore_errors=True)
         for stale in self.root.glob(f"{PREFIX}*.tmp"):
             shutil.rmtree(stale, ignore_errors=True)
+
+
+def _copy_tree(obj: Any, key: str, buffers: dict[str, torch.Tensor]) -> Any:
+    """A copy of a state dict whose tensors live in ``buffers`` (by entry; reallocated when a shape changes)."""
+    if isinstance(obj, dict):
+        return {k: _copy_tree(v, f"{key}.{k}", buffers) for k, v in obj.items()}
+    if isinstance(obj, ShardedTensor):  # torchrec's tables and their fused optimizer state: copy the local shards
+        shards = [
+            Shard(_copy_into(s.tensor, f"{key}#{i}", buffers), s.metadata) for i, s in enumerate(obj.local_shards())
+        ]
+        return ShardedTensor._init_from_local_shards_and_global_metadata(  # noqa: SLF001 - no collective, unlike the public one
+            shards,
+            obj.metadata(),
+            process_group=obj._process_group,  # noqa: SLF001
+        )
+    if isinstance(obj, DTensor):
+        local = _copy_into(obj.to_local(), key, buffers)
+        return DTensor.from_local(
+            local, obj.device_mesh, obj.placements, run_check=False, shape=obj.shape, stride=obj.stride()
+        )
+    if isinstance(obj, torch.Tensor):
+        return _copy_into(obj, key, buffers)
+    raise CheckpointError(f"state entry {key} is a {type(obj).__name__}, not a tensor")
+
+
+def _copy_into(tensor: torch.Tensor, key: str, buffers: dict[str, torch.Tensor]) -> torch.Tensor:
+    buf = buffers.get(key)
+    if buf is None or buf.shape != tensor.shape or buf.dtype != tensor.dtype:
+        buf = buffers[key] = torch.empty(tensor.shape, dtype=tensor.dtype, device="cpu")
+    return buf.copy_(tensor.detach())
 
 
 def _space_note(root: Path) -> str:
