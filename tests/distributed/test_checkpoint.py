@@ -1,5 +1,5 @@
-"""Checkpoints: exact resume after SIGKILL, resharding across world sizes and plans, automatic
-restart after a rank dies, and the guard rails (NaN loss, unwritable or full folder, wrong shapes,
+"""Checkpoints: exact resume after SIGKILL (also while an async save is in flight), resharding across world sizes
+and plans, automatic restart after a rank dies, and the guard rails (NaN loss, unwritable or full folder, wrong shapes,
 no unpickling)."""
 
 from __future__ import annotations
@@ -79,6 +79,114 @@ def test_sigkilled_run_resumes_bit_for_bit(tmp_path, tiny_data_overrides, refere
     assert _losses(run_dir) == _losses(ref), "every step's loss equals the uninterrupted run's, bit for bit"
     final = json.loads((run_dir / "summary.json").read_text())["final"]
     assert final == json.loads((ref / "summary.json").read_text())["final"]
+
+
+# Loaded by every process of a job through PYTHONPATH (tests only): the DCP write of the checkpoint named by
+# DLRM_TEST_SLOW_SAVE finishes its files, leaves a marker beside the run and then sleeps, so the test finds a save in
+# flight: folder written, not yet agreed, renamed or pointed at.
+SLOW_SAVE_HOOK = """
+import os
+if os.environ.get("DLRM_TEST_SLOW_SAVE"):
+    import pathlib, time
+    from torch.distributed.checkpoint import filesystem
+
+    _write_data = filesystem._FileSystemWriter.write_data
+
+    def write_data(self, plan, planner):
+        future = _write_data(self, plan, planner)
+        if pathlib.Path(str(self.path)).name == os.environ["DLRM_TEST_SLOW_SAVE"] + ".tmp":
+            future.wait()
+            pathlib.Path(os.environ["DLRM_TEST_SLOW_SAVE_MARKER"] + os.environ["RANK"]).touch()
+            time.sleep(float(os.environ["DLRM_TEST_SLOW_SAVE_S"]))
+        return future
+
+    filesystem._FileSystemWriter.write_data = write_data
+"""
+
+
+def _slow_save(monkeypatch, tmp_path: Path, checkpoint: str, seconds: float) -> Path:
+    """Make the job's write of ``checkpoint`` (e.g. step_00000020) last ``seconds`` more; returns the marker's
+    prefix (``<prefix><rank>`` appears when that rank's files are written and the wait begins)."""
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(SLOW_SAVE_HOOK)
+    marker = tmp_path / "slow_save_rank"
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(hook), os.environ.get("PYTHONPATH")])))
+    monkeypatch.setenv("DLRM_TEST_SLOW_SAVE", checkpoint)
+    monkeypatch.setenv("DLRM_TEST_SLOW_SAVE_MARKER", str(marker))
+    monkeypatch.setenv("DLRM_TEST_SLOW_SAVE_S", str(seconds))
+    return marker
+
+
+def test_async_saves_write_what_synchronous_ones_do(tmp_path, tiny_data_overrides, reference) -> None:
+    """checkpoint.async_save=true on 2 ranks: every step's loss, the final metrics, the bytes of a checkpoint's
+    tensors written in the background and its torch RNG state equal the synchronous run's."""
+    run = run_training(tmp_path / "async", [*_overrides(tiny_data_overrides), "checkpoint.async_save=true"], nproc=2)
+    assert run.returncode == 0, run.output[-3000:]
+    assert "step_00000050: state copied in" in (run.run_dir / "rank0.log").read_text()
+    assert _losses(run.run_dir) == _losses(reference[2])
+    final = json.loads((run.run_dir / "summary.json").read_text())["final"]
+    assert final == json.loads((reference[2] / "summary.json").read_text())["final"]
+    ours, theirs = run.run_dir / "checkpoints" / "step_00000050", reference[2] / "checkpoints" / "step_00000050"
+    for name in ("__0_0.distcp", "__1_0.distcp"):
+        assert (ours / name).read_bytes() == (theirs / name).read_bytes(), name
+    for r in range(2):  # numpy's and Python's generators are never seeded: only torch's is the run's
+        assert torch.equal(*(torch.load(p / f"rng_rank{r}.pt")["torch"] for p in (ours, theirs)))
+    assert (run.run_dir / "checkpoints" / "latest").read_text().strip() == "step_00000060"
+
+
+def test_a_job_killed_while_an_async_save_is_in_flight_resumes_from_the_one_before_bit_for_bit(
+    tmp_path, tiny_data_overrides, reference, monkeypatch
+) -> None:
+    """SIGKILL while step 20 is being written in the background (its files on disk, not yet published) and training
+    has gone on past it: latest still names step 10, complete; the resumed job's every step equals the
+    uninterrupted run's."""
+    marker = _slow_save(monkeypatch, tmp_path, "step_00000020", 120)
+    run_dir = tmp_path / "killed"
+    overrides = _overrides(tiny_data_overrides, "checkpoint.async_save=true")
+    proc = start_training(run_dir, overrides, nproc=2)
+    wait_for_step(run_dir, 23, proc)  # training goes on while step 20 is written
+    ck = run_dir / "checkpoints"
+    assert all(Path(f"{marker}{r}").exists() for r in range(2)), "step 20 is being written"
+    kill_job(proc, run_dir, 2)
+    assert (ck / "latest").read_text().strip() == "step_00000010"
+    assert (ck / "step_00000020.tmp").is_dir() and not (ck / "step_00000020").exists()
+
+    monkeypatch.delenv("DLRM_TEST_SLOW_SAVE")
+    resumed = run_training(run_dir, overrides, nproc=2)
+    assert resumed.returncode == 0, resumed.output[-3000:]
+    assert f"resumed from {ck / 'step_00000010'}" in resumed.output
+    assert _losses(run_dir) == _losses(reference[2]), "every step's loss equals the uninterrupted run's, bit for bit"
+    final = json.loads((run_dir / "summary.json").read_text())["final"]
+    assert final == json.loads((reference[2] / "summary.json").read_text())["final"]
+    assert not list(ck.glob("*.tmp")), "the half-written folder was cleared by a later save"
+
+
+def test_a_stop_signal_during_an_async_save_finishes_it_then_saves_the_step_reached(
+    tmp_path, tiny_data_overrides, reference, monkeypatch
+) -> None:
+    """SIGTERM while step 20 is written in the background: the job waits for that write, saves the step it
+    stopped at synchronously (latest names it) and the resumed job's every step equals the uninterrupted run's."""
+    marker = _slow_save(monkeypatch, tmp_path, "step_00000020", 3)
+    run_dir = tmp_path / "stopped"
+    overrides = _overrides(tiny_data_overrides, "checkpoint.async_save=true")
+    proc = start_training(run_dir, overrides, nproc=2)
+    wait_for_step(run_dir, 22, proc)
+    assert Path(f"{marker}0").exists() and not (run_dir / "checkpoints" / "step_00000020").exists()
+    os.kill(proc.pid, signal.SIGTERM)
+    out = proc.communicate(timeout=120)[0]
+    assert proc.returncode != 0, out[-3000:]
+    events = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    (stop,) = [e for e in events if e["event"] == "preempted"]
+    ck = run_dir / "checkpoints"
+    assert 22 <= stop["step"] < STEPS and stop["checkpoint"] == str(ck / f"step_{stop['step']:08d}")
+    assert (ck / "latest").read_text().strip() == f"step_{stop['step']:08d}"
+    assert f"checkpoint {ck / 'step_00000020'} saved in" in (run_dir / "rank0.log").read_text(), "finished first"
+
+    monkeypatch.delenv("DLRM_TEST_SLOW_SAVE")
+    resumed = run_training(run_dir, overrides, nproc=2)
+    assert resumed.returncode == 0, resumed.output[-3000:]
+    assert _losses(run_dir) == _losses(reference[2])
 
 
 def test_checkpoint_reshards_across_world_sizes_and_plans(tmp_path, tiny_data_overrides, reference) -> None:
