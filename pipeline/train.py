@@ -22,8 +22,9 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline.config import TrainConfig, register_configs
+from pipeline.config import LoggerBackend, TrainConfig, register_configs
 from pipeline.errors import CheckpointError, ConfigError, Preempted, UserError
+from pipeline.redact import redact_files
 from pipeline.resolvers import register_resolvers
 
 # configs/ (the user's config folder, on the search path) is optional: no warning where it does not exist.
@@ -64,6 +65,8 @@ def _report(cfg: TrainConfig, run_dir: Path) -> None:
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(dict_cfg: DictConfig) -> None:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
+    if _rank() == 0:  # Hydra wrote .hydra/ (the overrides, the composed config) before this runs
+        redact_files(sorted((run_dir / ".hydra").glob("*.yaml")))
     try:
         cfg: TrainConfig = OmegaConf.to_object(dict_cfg)
     except ConfigError as e:

@@ -34,6 +34,7 @@ from pipeline.metrics.keys import eval_key, eval_metrics
 from pipeline.metrics.loggers import RunWriter, process_memory_mib
 from pipeline.model.dlrm import build_model
 from pipeline.optim.schedule import lr_scheduler, resolve_schedule
+from pipeline.redact import redact_config
 from pipeline.tools.health import Heartbeat
 
 logger = logging.getLogger(__name__)
@@ -263,10 +264,11 @@ class Trainer:
             self.restore(resume, load_optimizer=c.load_optimizer)
 
     def _write_resolved_config(self) -> None:
-        """config.yaml with the values chosen from the data filled in (what this run really used)."""
+        """config.yaml with the values chosen from the data filled in (what this run really used), credentials
+        masked; MLflow's params."""
         from omegaconf import OmegaConf
 
-        (self.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(self.cfg)))
+        self.writer.config(OmegaConf.to_container(OmegaConf.structured(self.cfg), enum_to_str=True))
 
     def _num_table_groups(self) -> int:
         """How many of the combined optimizer's param groups are the fused table optimizer's (they come first)."""
@@ -302,7 +304,7 @@ class Trainer:
                 "scheduler": sched,
                 "global_batch_size": self.cfg.data.global_batch_size,
                 "early_stop": self.best.to_dict(),
-                "config": OmegaConf.to_container(OmegaConf.structured(self.cfg), enum_to_str=True),
+                "config": redact_config(OmegaConf.to_container(OmegaConf.structured(self.cfg), enum_to_str=True)),
             },
             best=best,
         )

@@ -35,6 +35,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Protocol
 
+from pipeline.redact import redact_config
+
 logger = logging.getLogger(__name__)
 
 EVENT_FILE_GLOB = "events.out.tfevents.*"
@@ -168,8 +170,8 @@ def process_memory_mib(device=None) -> dict[str, float]:
 
 
 class RunWriter:
-    """Rank 0's files in the run folder: metrics.jsonl (one event per line), summary.json and the other
-    ``logger.backends`` (TensorBoard event files)."""
+    """Rank 0's files in the run folder: config.yaml, metrics.jsonl (one event per line), summary.json and the
+    other ``logger.backends`` (TensorBoard event files, MLflow)."""
 
     def __init__(self, run_dir: Path, enabled: bool, logger_cfg=None):
         self.run_dir = run_dir
@@ -180,6 +182,19 @@ class RunWriter:
             if enabled and logger_cfg is not None
             else []
         )
+
+    def config(self, config: dict) -> None:
+        """config.yaml (the resolved config as a container), credentials masked; the backends that record a
+        run's config (MLflow's params) get the same."""
+        if not self.enabled:
+            return
+        from omegaconf import OmegaConf
+
+        clean = redact_config(config)
+        (self.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(clean)))
+        for backend in self._backends:
+            if hasattr(backend, "log_config"):
+                backend.log_config(clean)
 
     def event(self, record: dict) -> None:
         if self._metrics is not None:
