@@ -199,12 +199,35 @@ COMMANDS = {
     "sweep": lambda a: train(a, sweep=True),
     "tune": lambda a: train(["tune=default", *a], sweep=True),
     "preprocess": lambda a: _preprocess(a),
-    "export": lambda a: _tool("pipeline.serving.export", a),
+    "export": lambda a: _export(a),
     "predict": lambda a: _tool("pipeline.serving.predict", a),
     "plan": lambda a: _tool("pipeline.tools.plan", a),
     "report": lambda a: _tool("pipeline.tools.report", a),
     "doctor": lambda a: _tool("pipeline.tools.doctor", a),
 }
+
+
+def _export(args: list[str]) -> int:
+    """``export``; a run tracked with MLflow (its folder has mlflow_run.json) also gets the export as artifacts."""
+    code = _tool("pipeline.serving.export", args)
+    if code == 0:
+        import argparse
+
+        parser = argparse.ArgumentParser(add_help=False)
+        parser.add_argument("checkpoint", nargs="?")
+        parser.add_argument("--out")
+        for option in ("--checkpoint", "--processed-dir", "--format", "--quantize"):  # export's options with a value
+            parser.add_argument(option)
+        known, _ = parser.parse_known_args(args)
+        if known.checkpoint and known.out:
+            from pipeline.metrics.tracking import RUN_FILE, log_export
+
+            source = Path(known.checkpoint).absolute()
+            # A run folder, its checkpoints folder or one step_<N>: the run folder is the nearest with the run file.
+            run_dir = next((d for d in (source, *source.parents[:2]) if (d / RUN_FILE).is_file()), None)
+            if run_dir is not None:
+                log_export(run_dir, known.out)
+    return code
 
 
 def _preprocess(args: list[str]) -> int:

@@ -10,6 +10,7 @@ need the world size are checked by :func:`validate`, whose messages name the fix
 from __future__ import annotations
 
 import enum
+import importlib.util
 from dataclasses import dataclass, field
 
 from hydra.core.config_store import ConfigStore
@@ -123,6 +124,7 @@ class LoggerBackend(str, enum.Enum):
 
     jsonl = "jsonl"  # metrics.jsonl in the run folder: required (the report, sweeps and resume read it)
     tensorboard = "tensorboard"  # TensorBoard event files beside it (tensorboardX)
+    mlflow = "mlflow"  # an MLflow tracking server or store (pipeline/metrics/tracking.py; mlflow-skinny)
 
 
 class TensorBoardStep(str, enum.Enum):
@@ -443,6 +445,11 @@ class LoggerConfig:
     )
     tensorboard_step: TensorBoardStep = TensorBoardStep.step  # TensorBoard's x axis: steps or samples seen
     report: bool = True  # rank 0 writes report.png + report.md (pipeline/tools/report.py) after summary.json
+    # MLflow (logger.backends=[jsonl,tensorboard,mlflow]): server or store URI (http://host:5000,
+    # sqlite:///mlflow.db); null = MLFLOW_TRACKING_URI, else MLflow's default. Credentials: MLFLOW_TRACKING_USERNAME
+    # / MLFLOW_TRACKING_PASSWORD or MLFLOW_TRACKING_TOKEN (never written to the run folder or logs).
+    mlflow_tracking_uri: str | None = None
+    mlflow_experiment: str | None = None  # MLflow experiment name; null = the data's name (data.name)
 
     def __post_init__(self) -> None:
         check_logger(self)
@@ -637,6 +644,11 @@ def check_logger(g: LoggerConfig) -> None:
         raise ConfigError(
             f"logger.backends={[b.value for b in g.backends]} must include jsonl: metrics.jsonl is the "
             "run's record (the report, sweep results and resume read it). Without TensorBoard: logger.backends=[jsonl]"
+        )
+    if LoggerBackend.mlflow in g.backends and importlib.util.find_spec("mlflow") is None:
+        raise ConfigError(
+            "logger.backends includes mlflow but mlflow is not installed: run ./launch.sh setup (or pip install "
+            "-r requirements/cpu.txt, which pins mlflow-skinny), or leave it out: logger.backends=[jsonl,tensorboard]"
         )
 
 

@@ -62,6 +62,14 @@ def _report(cfg: TrainConfig, run_dir: Path) -> None:
         logger.warning("run report not written: %s: %s", type(e).__name__, e)
 
 
+def _end_tracking(cfg: TrainConfig, run_dir: Path, status: str) -> None:
+    """Upload the report and end the run's MLflow run with ``status`` (rank 0, logger.backends with mlflow)."""
+    if _rank() == 0 and LoggerBackend.mlflow in cfg.logger.backends:
+        from pipeline.metrics.tracking import end_run
+
+        end_run(cfg.logger, run_dir, status)
+
+
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(dict_cfg: DictConfig) -> None:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
@@ -78,6 +86,7 @@ def main(dict_cfg: DictConfig) -> None:
     from pipeline.trainer import Trainer  # heavy imports (torchrec) after the config is known good
 
     trainer = None
+    status = "FAILED"  # of the MLflow run, when tracked
     try:
         if cfg.trainer.run_doctor and _rank() == 0:
             from pipeline.tools.doctor import check_environment
@@ -85,6 +94,7 @@ def main(dict_cfg: DictConfig) -> None:
             check_environment()
         trainer = Trainer(cfg, run_dir)
         trainer.train()
+        status = "FINISHED"
     except UserError as e:  # a message that names the problem and the fix: once, no traceback
         prefix = {ConfigError: "invalid config: ", CheckpointError: "cannot resume: "}.get(type(e), "")
         (logger.error if _rank() == 0 else logger.info)("%s%s", prefix, e)
@@ -92,10 +102,12 @@ def main(dict_cfg: DictConfig) -> None:
             _discard_if_new(run_dir)
         raise SystemExit(e.exit_code) from None
     except Preempted as e:
+        status = "KILLED"
         if _rank() == 0:
             logger.warning("preempted by %s; the same command with PIPELINE_RUN_ID=%s resumes from it", e, run_dir.name)
         raise SystemExit(e.exit_code) from None
     except KeyboardInterrupt:
+        status = "KILLED"
         if _rank() == 0:
             step = trainer.step if trainer is not None else 0
             logger.warning(
@@ -108,7 +120,10 @@ def main(dict_cfg: DictConfig) -> None:
     finally:
         if trainer is not None:
             trainer.close()
+        if status != "FINISHED":
+            _end_tracking(cfg, run_dir, status)
     _report(cfg, run_dir)
+    _end_tracking(cfg, run_dir, status)  # after the report: it is one of the run's artifacts
 
 
 if __name__ == "__main__":

@@ -131,7 +131,9 @@ class TensorBoardBackend:
             self._writer = None
 
 
-def make_backends(names: Iterable, run_dir: str | Path, tensorboard_step: str = "step") -> list[MetricBackend]:
+def make_backends(
+    names: Iterable, run_dir: str | Path, tensorboard_step: str = "step", logger_cfg=None
+) -> list[MetricBackend]:
     """Backends for ``logger.backends`` other than jsonl (which RunWriter always writes itself)."""
     backends: list[MetricBackend] = []
     for name in names:
@@ -140,8 +142,12 @@ def make_backends(names: Iterable, run_dir: str | Path, tensorboard_step: str = 
             continue
         if name == "tensorboard":
             backends.append(TensorBoardBackend(run_dir, getattr(tensorboard_step, "value", tensorboard_step)))
+        elif name == "mlflow":
+            from pipeline.metrics.tracking import MlflowBackend  # imports mlflow: only where selected
+
+            backends.append(MlflowBackend(run_dir, logger_cfg))
         else:
-            raise ValueError(f"unknown logger backend {name!r}; known: jsonl, tensorboard")
+            raise ValueError(f"unknown logger backend {name!r}; known: jsonl, tensorboard, mlflow")
     return backends
 
 
@@ -178,7 +184,7 @@ class RunWriter:
         self.enabled = enabled
         self._metrics = open(run_dir / "metrics.jsonl", "a") if enabled else None
         self._backends = (
-            make_backends(logger_cfg.backends, run_dir, logger_cfg.tensorboard_step)
+            make_backends(logger_cfg.backends, run_dir, logger_cfg.tensorboard_step, logger_cfg)
             if enabled and logger_cfg is not None
             else []
         )
