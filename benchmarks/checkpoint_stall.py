@@ -1,0 +1,155 @@
+"""How long training stalls per checkpoint: synchronous saves against ``checkpoint.async_save=true``.
+
+In one run: generates a synthetic dataset hashed into 26 tables of ``--table-rows`` rows, then trains the paper's
+model with ``model.embedding_dim=--dim`` on ``--nproc`` ranks as users run it, alternating, ``--repeats`` times:
+
+- ``none``: no checkpoint during training (the baseline);
+- ``sync``: a checkpoint every ``--every`` steps, written before training goes on;
+- ``async``: the same with ``checkpoint.async_save=true`` (the state copied in memory, written in the background).
+
+Per save it prints the stall, the wall time a run took beyond the baseline's divided by its saves (median over
+repeats; it includes what the background write takes from training on shared cores), and the time rank 0's
+training thread was blocked in the save (from its log: the whole save, or the copy plus any wait for the save
+before), then the async/sync ratio of both. The target is an async stall at most 20% of the sync one.
+
+    .venv/bin/python benchmarks/checkpoint_stall.py
+    .venv/bin/python benchmarks/checkpoint_stall.py --table-rows 500000 --dim 128 --steps 200 --every 50
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from benchmarks._machine import describe  # noqa: E402
+
+PY = sys.executable
+SETTINGS = {
+    "none": ["checkpoint.every_steps=0"],
+    "sync": ["checkpoint.async_save=false"],
+    "async": ["checkpoint.async_save=true"],
+}
+
+
+def blocked_seconds(log: str) -> tuple[float, int]:
+    """Rank 0's time blocked in saves (whole synchronous saves; async copies and waits) and the number of saves."""
+    copied = [float(s) for s in re.findall(r"state copied in ([\d.]+)s", log)]
+    waited = [float(s) for s in re.findall(r"waited ([\d.]+)s for checkpoint", log)]
+    if copied:
+        return sum(copied) + sum(waited), len(copied)
+    saved = [float(s) for s in re.findall(r"checkpoint \S+ saved in ([\d.]+)s", log)]
+    return sum(saved), len(saved)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--table-rows", type=int, default=200_000, help="rows of each of the 26 tables")
+    parser.add_argument("--dim", type=int, default=64, help="embedding dimension")
+    parser.add_argument("--steps", type=int, default=160, help="training steps per run (batch 2048)")
+    parser.add_argument("--every", type=int, default=40, help="steps between checkpoints")
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--nproc", type=int, default=2)
+    parser.add_argument("--workdir", default=None, help="data and runs (default: a temporary folder)")
+    args = parser.parse_args()
+    print(f"machine: {describe()}", flush=True)
+    print(f"load average at start: {' '.join(f'{x:.2f}' for x in os.getloadavg())}", flush=True)
+    gb = 26 * args.table_rows * args.dim * 4 / 1e9
+    num_saves = (args.steps - 1) // args.every
+    print(
+        f"26 tables x {args.table_rows:,} rows x dim {args.dim}, fp32: {gb:.2f} GB of weights plus RowWiseAdagrad's "
+        f"state, on {args.nproc} rank(s); {args.steps} steps of batch 2048, a save every {args.every} "
+        f"({num_saves} per run)",
+        flush=True,
+    )
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="bench_ckpt_"))
+    data = [
+        "data=synthetic",
+        f"data.raw_dir={work}/raw",
+        f"data.processed_dir={work}/processed",
+        "data.id_mode=hash",
+        f"data.max_ids_per_feature={args.table_rows}",
+        f"data.synthetic.num_train_rows={args.steps * 2048 + 4096}",
+        "data.synthetic.num_val_rows=8192",
+        "data.synthetic.num_test_rows=4096",
+        "data.synthetic.max_cardinality=1000000",
+    ]
+    t0 = time.perf_counter()
+    cmd = [PY, "-m", "pipeline.preprocess", *data, f"hydra.run.dir={work}/prep"]
+    subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True)
+    print(f"data ready in {time.perf_counter() - t0:.0f}s", flush=True)
+    base = [
+        *data,
+        "model=dlrm_criteo",
+        f"model.embedding_dim={args.dim}",
+        "data.global_batch_size=2048",
+        f"trainer.max_steps={args.steps}",
+        "trainer.eval_every_steps=0",
+        "trainer.restore_best=false",
+        "trainer.run_doctor=false",
+        f"checkpoint.every_steps={args.every}",
+        "checkpoint.save_at_end=false",
+        "logger.progress_bar=false",
+        "logger.report=false",
+        "logger.log_every_steps=1000000",
+    ]
+    walls: dict[str, list[float]] = {k: [] for k in SETTINGS}
+    blocked: dict[str, list[float]] = {k: [] for k in SETTINGS}
+    for rep in range(args.repeats):
+        for name, extra in SETTINGS.items():
+            run_dir = work / f"{name}_{rep}"
+            cmd = [
+                PY,
+                "-m",
+                "torch.distributed.run",
+                "--standalone",
+                "--nproc_per_node",
+                str(args.nproc),
+                str(ROOT / "pipeline" / "train.py"),
+                f"hydra.run.dir={run_dir}",
+                *base,
+                *extra,
+            ]
+            env = {**os.environ, "PIPELINE_RUN_ID": run_dir.name}
+            proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+            if proc.returncode != 0:
+                print(proc.stdout[-3000:], proc.stderr[-3000:], file=sys.stderr)
+                return 1
+            wall = json.loads((run_dir / "summary.json").read_text())["wall_seconds"]
+            seconds, saves = blocked_seconds((run_dir / "rank0.log").read_text())
+            walls[name].append(wall)
+            if name != "none":
+                assert saves == num_saves, f"{name}: {saves} saves, expected {num_saves}"
+                blocked[name].append(seconds / saves)
+            print(
+                f"  {name:<5} repeat {rep}: training loop {wall:.1f}s"
+                + (f", blocked {seconds / saves:.2f}s per save" if name != "none" else ""),
+                flush=True,
+            )
+            shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+    base_wall = statistics.median(walls["none"])
+    stall = {k: (statistics.median(walls[k]) - base_wall) / num_saves for k in ("sync", "async")}
+    block = {k: statistics.median(blocked[k]) for k in ("sync", "async")}
+    print(f"load average at end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    print(f"\n{'':<6} {'stall per save':>15} {'blocked per save':>17}   (median of {args.repeats})")
+    for k in ("sync", "async"):
+        print(f"{k:<6} {stall[k]:>14.2f}s {block[k]:>16.2f}s")
+    ratio = stall["async"] / stall["sync"] if stall["sync"] > 0 else float("nan")
+    print(f"async / sync: stall {ratio:.1%}, blocked {block['async'] / block['sync']:.1%} (target: stall <= 20%)")
+    if args.workdir is None:
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
