@@ -397,10 +397,14 @@ class Trainer:
             self.env.world_size,
             max_batches,
         )
+        # Logits from the unwrapped model: DMP's DDP wrapper and DLRMTrain's loss serve training only (no
+        # gradients to sync, a loss nobody reads); the sharded tables inside look up and exchange as in training.
+        net = self.model.module.model
         for eb in batches:
+            batch = eb.batch.to(self.device)
             with self._autocast():
-                _, (_, logits, labels) = self.model(eb.batch.to(self.device))
-            gatherer.update(logits.float(), labels, eb.weights, eb.rows if save_predictions else None)
+                logits = net(batch.dense_features, batch.sparse_features)
+            gatherer.update(logits.float(), batch.labels, eb.weights, eb.rows if save_predictions else None)
             self.heartbeat.beat()
         self.model.train()
         metrics = gatherer.compute()
