@@ -27,8 +27,9 @@ MASK = "***"
 
 _SECRET_WORDS = r"pass(?:word|wd)?|token|secret|api[_-]?key|apikey|access[_-]?key|credentials?|private[_-]?key|auth"
 _SECRET_NAME = re.compile(rf"(?:^|[_.\-])(?:{_SECRET_WORDS})(?:$|[_.\-])", re.IGNORECASE)
-# scheme://userinfo@ : everything between :// and the last @ before the host's end.
-_URL_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.\-]*://)(?P<userinfo>[^/\s@'\"]+)@")
+# scheme://userinfo@ : everything between :// and the @ before the host. Hydra escapes a sweep override's
+# colons (http\://user\:pw@host), and JSON doubles those backslashes: escaped forms too.
+_URL_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.\-]*\\*://)(?P<userinfo>[^/\s@'\"]+)@")
 # key=value (query strings, overrides, command lines) and key: value (YAML, logs); masked when the key names a
 # secret (one of its _ . - separated parts is a secret word: num_passes is not, db_password is).
 _KEY_VALUE = re.compile(r"(?P<key>[A-Za-z][A-Za-z0-9_.\-]*)(?P<sep>=|:[ \t]+)(?P<value>[^\s?&'\",;}\]]+)")

@@ -246,6 +246,7 @@ class ResumableOptunaSweeper(Sweeper):
         if not complete:
             raise SystemExit(f"no trial finished: see the logs under {sweep_dir}")
         best = study.best_trial
+        path = OBJECTIVES[self.objective][0]
         name = self.tuned_name or sweep_dir.name
         arguments = [a for a in arguments if not a.startswith("tune=")]
         text = tuned_config(best.params, self.objective, best.value, best.number, sweep_dir, arguments, name)
@@ -269,13 +270,38 @@ class ResumableOptunaSweeper(Sweeper):
             )
             + "\n"
         )
+        _redact_files([sweep_dir / "tuned.yaml", self.tuned_dir / f"{name}.yaml", sweep_dir / "best.json"])
+        tracking = getattr(self.launcher, "tracking", None)  # the sweep's MLflow run (the project's launcher)
+        if tracking is not None:
+            tracking.update(
+                [sweep_dir / "best.json", sweep_dir / "tuned.yaml"], {f"best/{path[-1]}": best.value}, status="FINISHED"
+            )
         print(
-            f"best of {len(complete)} trials: #{best.number} {self.objective} {best.value:.5f}\n"
-            f"  overrides: {' '.join(self._overrides(best.params, {}))}\n"
-            f"  written to {self.tuned_dir / (name + '.yaml')}: train with it: ./launch.sh train +tuned={name} "
-            f"{' '.join(a for a in arguments if '=' in a and not _is_sweep(a))}".rstrip(),
+            _redact(
+                f"best of {len(complete)} trials: #{best.number} {self.objective} {best.value:.5f}\n"
+                f"  overrides: {' '.join(self._overrides(best.params, {}))}\n"
+                f"  written to {self.tuned_dir / (name + '.yaml')}: train with it: ./launch.sh train +tuned={name} "
+                f"{' '.join(a for a in arguments if '=' in a and not _is_sweep(a))}".rstrip()
+            ),
             flush=True,
         )
+
+
+def _redact(text: str) -> str:
+    """Credentials (a tracking URI's user:password@, tokens) masked (pipeline/redact.py)."""
+    try:
+        from pipeline.redact import redact_text
+    except ImportError:  # not the pipeline's project
+        return text
+    return redact_text(text)
+
+
+def _redact_files(paths: List[Path]) -> None:
+    try:
+        from pipeline.redact import redact_files
+    except ImportError:
+        return
+    redact_files(paths)
 
 
 def _is_sweep(override: str) -> bool:

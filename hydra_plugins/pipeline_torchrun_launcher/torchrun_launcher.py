@@ -152,6 +152,7 @@ class TorchrunLauncher(Launcher):
         self.hydra_context: HydraContext | None = None
         self.task_function: TaskFunction | None = None
         self.points: list[SweepPoint] = []  # every point so far, over all of the sweeper's batches
+        self.tracking: Any = None  # the sweep's parent MLflow run (logger.backends with mlflow), else None
         self._procs: dict[int, subprocess.Popen] = {}
         self._print_lock = threading.Lock()
 
@@ -171,6 +172,8 @@ class TorchrunLauncher(Launcher):
             )
         sweep_dir = Path(str(self.config.hydra.sweep.dir)).absolute()
         sweep_dir.mkdir(parents=True, exist_ok=True)
+        _redact_file(sweep_dir / "multirun.yaml")  # Hydra's sweeper wrote the overrides there, credentials included
+        self._start_tracking(sweep_dir)
         batch: list[tuple[SweepPoint, DictConfig]] = []
         for i, overrides in enumerate(job_overrides):
             num = initial_job_idx + i
@@ -189,7 +192,7 @@ class TorchrunLauncher(Launcher):
             "Sweep of %d points, each a torchrun job of %d rank(s), into %s", len(batch), self.nproc_per_node, sweep_dir
         )
         for point, _ in batch:
-            log.info("\t#%d : %s", point.num, " ".join(point.overrides))
+            log.info("\t#%d : %s", point.num, _redact(" ".join(point.overrides)))
         points = [p for p, _ in batch]
         # Side by side, the sweep's first point runs alone: it generates/preprocesses the data once, so
         # parallel points do not all prepare the same folder at the same time.
@@ -216,6 +219,7 @@ class TorchrunLauncher(Launcher):
         table = write_results(sweep_dir, self.points, self._swept_keys(), self.results_name)
         print(table, flush=True)
         failed = [p for p in self.points if not p.ok]
+        self._update_tracking(sweep_dir, failed)
         if failed:
             log.error(
                 "%d of %d sweep points failed: %s",
@@ -250,8 +254,38 @@ class TorchrunLauncher(Launcher):
         # One run id per point (pipeline/resolvers.py): equal on its ranks, distinct between points.
         env["PIPELINE_RUN_ID"] = f"{sweep_dir.name}_{point.run_dir.name}"
         env.setdefault("OMP_NUM_THREADS", "1")  # as launch.sh; each rank sets its own thread count
+        if self.tracking is not None:  # the point's MLflow run nests under the sweep's
+            env.update(self.tracking.environment())
         env.update(self.env)
         return env
+
+    # -- tracking -------------------------------------------------------------------------------
+    def _start_tracking(self, sweep_dir: Path) -> None:
+        """The sweep's parent MLflow run, opened at the first batch (kept in the sweep folder across restarts)."""
+        if self.tracking is None and "logger" in self.config:
+            try:
+                from pipeline.metrics.tracking import SweepTracking
+            except ImportError:  # not the pipeline's config
+                return
+            self.tracking = SweepTracking.start(self.config, sweep_dir)
+        elif self.tracking is not None:
+            self.tracking.update([], status="RUNNING")
+
+    def _update_tracking(self, sweep_dir: Path, failed: list[SweepPoint]) -> None:
+        """The results table and the best validation AUC so far on the sweep's run, which ends with this batch
+        (FAILED when a point failed; a tuner's next batch sets it running again)."""
+        if self.tracking is None:
+            return
+        aucs = [
+            p.summary["final"]["eval/val/auc"]
+            for p in self.points
+            if p.ok and "eval/val/auc" in p.summary.get("final", {})
+        ]
+        self.tracking.update(
+            [sweep_dir / f"{self.results_name}.csv", sweep_dir / f"{self.results_name}.json"],
+            {"best/eval/val/auc": max(aucs)} if aucs else None,
+            status="FAILED" if failed else "FINISHED",
+        )
 
     def _config_problem(self, sweep_config: DictConfig) -> str | None:
         """Why a point's config cannot run (every group's rules and the world size's), checked before its
@@ -280,13 +314,15 @@ class TorchrunLauncher(Launcher):
             return
         point.run_dir.mkdir(parents=True, exist_ok=True)
         cmd = self._command(point)
-        log.info("#%d starting: torchrun ... %s (log %s)", point.num, " ".join(point.overrides), point.log_file)
+        log.info(
+            "#%d starting: torchrun ... %s (log %s)", point.num, _redact(" ".join(point.overrides)), point.log_file
+        )
         tail: deque[str] = deque(maxlen=_TAIL_LINES)
         errors: deque[str] = deque(maxlen=_TAIL_LINES)
         t0 = time.perf_counter()
         timed_out = threading.Event()
         with open(point.log_file, "w") as log_file:
-            log_file.write("$ " + " ".join(cmd) + "\n")
+            log_file.write("$ " + _redact(" ".join(cmd)) + "\n")
             log_file.flush()
             proc = subprocess.Popen(
                 cmd,
@@ -410,6 +446,23 @@ class TorchrunLauncher(Launcher):
         return ret
 
 
+def _redact(text: str) -> str:
+    """Credentials (a tracking URI's user:password@, tokens) masked for the logs (pipeline/redact.py)."""
+    try:
+        from pipeline.redact import redact_text
+    except ImportError:
+        return text
+    return redact_text(text)
+
+
+def _redact_file(path: Path) -> None:
+    try:
+        from pipeline.redact import redact_files
+    except ImportError:
+        return
+    redact_files([path])
+
+
 def _exit_on_signal(signum: int, frame: Any) -> None:
     raise SystemExit(128 + signum)
 
@@ -475,7 +528,9 @@ def write_results(sweep_dir: Path, points: list[SweepPoint], swept_keys: list[st
         ],
     }
     (sweep_dir / f"{name}.json").write_text(json.dumps(doc, indent=2) + "\n")
-    return format_table(rows, swept_keys, sweep_dir / f"{name}.csv")
+    for path in (sweep_dir / f"{name}.csv", sweep_dir / f"{name}.json"):  # the overrides, credentials masked
+        _redact_file(path)
+    return _redact(format_table(rows, swept_keys, sweep_dir / f"{name}.csv"))
 
 
 def format_table(rows: list[dict[str, Any]], swept_keys: list[str], csv_path: Path) -> str:

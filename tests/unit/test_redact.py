@@ -21,6 +21,8 @@ from pipeline.redact import MASK, RedactingFilter, is_secret_name, redact_config
             "logger.mlflow_tracking_uri=http://***@host:5000/x",
         ),
         ("https://ghp_token@host/repo", "https://***@host/repo"),
+        (r"uri=http\://bob\:hunter2@h\:5000", r"uri=http\://***@h\:5000"),  # escaped by Hydra's sweeper
+        (r'"uri=http\\://bob\\:hunter2@h"', r'"uri=http\\://***@h"'),  # and in JSON
         ("s3://k:s@bucket/a", "s3://***@bucket/a"),
         ("uri: http://host/?api_key=zz&page=2", "uri: http://host/?api_key=***&page=2"),
         ("db_password=x password: y token=YWJj==", "db_password=*** password: *** token=***"),
