@@ -184,3 +184,22 @@ def test_launch_sh_train_without_mlflow_stops_with_one_line(tmp_path) -> None:
     assert out.returncode == 2, out.stdout + out.stderr
     assert "mlflow is not installed" in out.stderr + out.stdout
     assert "Traceback" not in out.stderr + out.stdout
+
+
+def test_export_of_a_tracked_run_uploads_it_to_the_run(tmp_path, monkeypatch) -> None:
+    """./launch.sh export <run folder or one of its checkpoints> --out DIR: the export goes to the run's MLflow run."""
+    from pipeline import cli
+    from pipeline.metrics import tracking
+
+    run_dir = tmp_path / "run-d"
+    (run_dir / "checkpoints" / "step_5").mkdir(parents=True)
+    (run_dir / RUN_FILE).write_text('{"run_id": "abc"}\n')
+    calls = []
+    monkeypatch.setattr(cli, "_tool", lambda module, args: 0)
+    monkeypatch.setattr(tracking, "log_export", lambda run, out: calls.append((run, out)))
+    args = ["--checkpoint", "latest", str(run_dir / "checkpoints" / "step_5"), "--out", str(tmp_path / "e")]
+    assert cli.main(["export", *args]) == 0
+    assert calls == [(run_dir, str(tmp_path / "e"))]
+    calls.clear()
+    (run_dir / RUN_FILE).unlink()  # not tracked: nothing to upload
+    assert cli.main(["export", *args]) == 0 and calls == []
