@@ -44,6 +44,7 @@ EXPERIMENT_ENV = "PIPELINE_MLFLOW_EXPERIMENT_ID"
 ARTIFACTS = ("report.md", "report.png", "summary.json", "config.yaml")
 _BATCH = 100  # params per log_batch call (MLflow's limit)
 _MAX_PARAM_CHARS = 6000  # MLflow's longest param value
+_MAX_PENDING = 256  # queued metric batches before the oldest are waited for (a slow server bounds the backlog)
 
 
 def _value(x: Any) -> str:
@@ -188,6 +189,7 @@ class MlflowBackend:
         self.uri = tracking_uri(logger_cfg)
         self.client = None
         self.run_id: str | None = None
+        self._pending: list = []  # metric batches queued for MLflow's logging thread
 
     def log_config(self, config: dict) -> None:
         """Open (or continue) the MLflow run and log the resolved config as params."""
@@ -242,13 +244,29 @@ class MlflowBackend:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
+        metrics = [Metric(k, v, now, step) for k, v in values.items()]
         try:
-            self.client.log_batch(self.run_id, metrics=[Metric(k, v, now, step) for k, v in values.items()])
+            # Queued and sent by MLflow's logging thread: the training loop does not wait for the server.
+            self._pending.append(self.client.log_batch(self.run_id, metrics=metrics, synchronous=False))
         except Exception as e:  # noqa: BLE001
             _warn(f"logging metrics of step {step}", e)
+        if len(self._pending) > _MAX_PENDING:
+            self._wait(self._pending[: -_MAX_PENDING // 2])
+
+    def _wait(self, operations: list) -> None:
+        """Wait for queued metric batches (and hear about those that failed)."""
+        for op in operations:
+            try:
+                if op is not None:
+                    op.wait()
+            except Exception as e:  # noqa: BLE001
+                _warn("logging metrics", e)
+        self._pending = self._pending[len(operations) :]
 
     def close(self) -> None:
-        """Nothing to do: the run is ended by :func:`end_run` once the report is written (pipeline/train.py)."""
+        """Wait for the queued metrics; the run itself is ended by :func:`end_run` once the report is written
+        (pipeline/train.py)."""
+        self._wait(list(self._pending))
 
 
 def end_run(
