@@ -661,9 +661,7 @@ def check_train(cfg: TrainConfig) -> None:
     features = list(cfg.data.feature_names or cfg.data.sparse_columns)
     unknown = sorted(set(cfg.model.table_pooling) - set(features))
     if unknown:
-        raise ConfigError(
-            f"model.table_pooling names {unknown}, which are not features of the data: one of {features}"
-        )
+        raise ConfigError(f"model.table_pooling names {unknown}, which are not features of the data: one of {features}")
 
 
 def _check_cpu(cfg: TrainConfig) -> None:
