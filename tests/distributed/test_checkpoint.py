@@ -12,6 +12,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -118,6 +119,14 @@ def _slow_save(monkeypatch, tmp_path: Path, checkpoint: str, seconds: float) -> 
     return marker
 
 
+def _wait_for_markers(marker: Path, nproc: int, proc: subprocess.Popen, timeout: float = 120) -> None:
+    """Block until every rank has written the slow save's files and begun its wait."""
+    deadline = time.time() + timeout
+    while not all(Path(f"{marker}{r}").exists() for r in range(nproc)):
+        assert proc.poll() is None and time.time() < deadline, "the slow save never reached its wait"
+        time.sleep(0.01)
+
+
 def test_async_saves_write_what_synchronous_ones_do(tmp_path, tiny_data_overrides, reference) -> None:
     """checkpoint.async_save=true on 2 ranks: every step's loss, the final metrics, the bytes of a checkpoint's
     tensors written in the background and its torch RNG state equal the synchronous run's."""
@@ -145,9 +154,9 @@ def test_a_job_killed_while_an_async_save_is_in_flight_resumes_from_the_one_befo
     run_dir = tmp_path / "killed"
     overrides = _overrides(tiny_data_overrides, "checkpoint.async_save=true")
     proc = start_training(run_dir, overrides, nproc=2)
-    wait_for_step(run_dir, 23, proc)  # training goes on while step 20 is written
+    _wait_for_markers(marker, 2, proc)  # step 20 is being written...
+    wait_for_step(run_dir, 23, proc)  # ...and training goes on
     ck = run_dir / "checkpoints"
-    assert all(Path(f"{marker}{r}").exists() for r in range(2)), "step 20 is being written"
     kill_job(proc, run_dir, 2)
     assert (ck / "latest").read_text().strip() == "step_00000010"
     assert (ck / "step_00000020.tmp").is_dir() and not (ck / "step_00000020").exists()
@@ -167,19 +176,19 @@ def test_a_stop_signal_during_an_async_save_finishes_it_then_saves_the_step_reac
 ) -> None:
     """SIGTERM while step 20 is written in the background: the job waits for that write, saves the step it
     stopped at synchronously (latest names it) and the resumed job's every step equals the uninterrupted run's."""
-    marker = _slow_save(monkeypatch, tmp_path, "step_00000020", 3)
+    marker = _slow_save(monkeypatch, tmp_path, "step_00000020", 5)
     run_dir = tmp_path / "stopped"
     overrides = _overrides(tiny_data_overrides, "checkpoint.async_save=true")
     proc = start_training(run_dir, overrides, nproc=2)
-    wait_for_step(run_dir, 22, proc)
-    assert Path(f"{marker}0").exists() and not (run_dir / "checkpoints" / "step_00000020").exists()
+    _wait_for_markers(marker, 2, proc)
+    assert not (run_dir / "checkpoints" / "step_00000020").exists(), "still in flight"
     os.kill(proc.pid, signal.SIGTERM)
     out = proc.communicate(timeout=120)[0]
     assert proc.returncode != 0, out[-3000:]
     events = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     (stop,) = [e for e in events if e["event"] == "preempted"]
     ck = run_dir / "checkpoints"
-    assert 22 <= stop["step"] < STEPS and stop["checkpoint"] == str(ck / f"step_{stop['step']:08d}")
+    assert 20 <= stop["step"] < STEPS and stop["checkpoint"] == str(ck / f"step_{stop['step']:08d}")
     assert (ck / "latest").read_text().strip() == f"step_{stop['step']:08d}"
     assert f"checkpoint {ck / 'step_00000020'} saved in" in (run_dir / "rank0.log").read_text(), "finished first"
 
