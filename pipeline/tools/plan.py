@@ -325,8 +325,19 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     import logging
 
-    logging.basicConfig(level=logging.ERROR)  # the planner warns per data-parallel table on the root logger
-    logging.getLogger().setLevel(logging.ERROR)  # also where an import configured the root logger first
+    # The planner warns per data-parallel table on the root logger: quiet while planning, as it was after.
+    root = logging.getLogger()
+    level = root.level
+    logging.basicConfig(level=logging.ERROR)
+    root.setLevel(logging.ERROR)
+    try:
+        return _run(a, p)
+    finally:
+        root.setLevel(level)
+
+
+def _run(a: argparse.Namespace, p: argparse.ArgumentParser) -> int:
+    """``main`` after parsing: the plan printed, 0; 1 when it cannot fit; 2 for a bad config."""
     try:
         nodes, devices = (int(x) for x in a.j.lower().split("x"))
     except ValueError:
