@@ -585,6 +585,30 @@ class ExportedModel:
             )
         return FeatureTransform(self.schema, transform, sizes, mapper)
 
+    @functools.cached_property
+    def one_hot_tables(self) -> list[tuple[int, torch.Tensor]] | None:
+        """(id column, float32 table) per feature in the order the model pools them, when every feature is one
+        id of an unweighted float table of one width; else None.
+
+        A bag of one id pools to that id's row under sum and mean alike, so the lookup is then a row gather,
+        written straight into the [B, F, D] the dense part reads: no KJT, no per-bag offsets, and no copy
+        concatenating the tables' outputs (:meth:`logits`)."""
+        from torchrec.modules.embedding_modules import EmbeddingBagCollection
+
+        arch = getattr(self.model, "sparse_arch", None)
+        ebc = getattr(arch, "embedding_bag_collection", None)
+        schema = self.features.schema
+        if type(ebc) is not EmbeddingBagCollection or schema.multi_hot or schema.weighted:
+            return None
+        column = {name: j for j, name in enumerate(schema.feature_names)}
+        tables = {f: ebc.embedding_bags[c.name].weight for c in ebc.embedding_bag_configs() for f in c.feature_names}
+        names = list(arch.sparse_feature_names)
+        if sorted(names) != sorted(tables) or sorted(names) != sorted(column):
+            return None
+        if any(t.dtype != torch.float32 or t.shape[1] != arch.D for t in tables.values()):
+            return None
+        return [(column[name], tables[name]) for name in names]
+
     @torch.inference_mode()
     def logits(
         self, dense: np.ndarray | torch.Tensor, ids: np.ndarray | torch.Tensor, lists: Lists | tuple | None = None
@@ -594,6 +618,15 @@ class ExportedModel:
         dense = torch.as_tensor(
             np.ascontiguousarray(dense) if isinstance(dense, np.ndarray) else dense, dtype=torch.float32
         )
+        tables = self.one_hot_tables
+        if tables is not None and lists is None:
+            # Table-major [F, B, D]: each table's rows gathered into one contiguous slice; the dense part
+            # reads it as [B, F, D] (a view), the layout pooled_values gives.
+            idx = torch.from_numpy(np.ascontiguousarray(np.asarray(ids).T, dtype=np.int64))
+            pooled = dense.new_empty(len(tables), dense.shape[0], self.model.sparse_arch.D)
+            for k, (j, table) in enumerate(tables):
+                torch.index_select(table, 0, idx[j], out=pooled[k])
+            return self.model.forward_pooled(dense, pooled.transpose(0, 1)).flatten()
         kjt = self.features.kjt(np.asarray(ids), lists)
         return self.model(dense_features=dense, sparse_features=kjt).flatten()
 

@@ -132,3 +132,15 @@ def test_text_output_round_trips_the_npy(tmp_path, model) -> None:
     text = (tmp_path / "p.txt").read_text().splitlines()
     assert len(text) == 100
     np.testing.assert_array_equal(np.array(text, dtype=np.float32), np.load(tmp_path / "p.npy"))
+
+
+def test_one_hot_lookup_gives_the_collections_logits(model) -> None:
+    """The row-gather lookup of one-hot float tables scores exactly as the EmbeddingBagCollection forward."""
+    assert model.one_hot_tables is not None
+    rng = np.random.default_rng(1)
+    dense = rng.random((300, 13), dtype=np.float32)
+    ids = rng.integers(0, CAP, (300, 26)).astype(np.int32)
+    with torch.inference_mode():
+        kjt = model.features.kjt(ids)
+        expected = model.model(dense_features=torch.from_numpy(dense), sparse_features=kjt).flatten()
+    torch.testing.assert_close(model.logits(dense, ids), expected, rtol=0, atol=0)
