@@ -7,6 +7,12 @@ In one run: generates a synthetic dataset (``data=synthetic``, a known optimum),
 test split with each export (``pipeline.predict``). Prints each export's test AUC and logloss, their
 difference, the weights file size and the scoring rate, and the largest per-row probability difference.
 
+Then the serving speed at ``--batch`` rows, contenders alternated over ``--rounds``: ``predict`` of each
+export on ready arrays (dense features and table ids: the KJT built, looked up, scored) against a
+plain-PyTorch forward of the same model (``benchmarks/_contenders.py``'s ``PlainDLRM`` holding the export's
+weights, its logits checked against the export's); and end to end from the raw test TSV (``predict_raw``:
+parse, transform, score) beside the same file's preprocessing alone (parse and transform, no model).
+
     .venv/bin/python benchmarks/int8_export_auc.py
     .venv/bin/python benchmarks/int8_export_auc.py --rows 1000000 --nproc 2
 """
@@ -23,6 +29,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -34,7 +41,10 @@ def main() -> int:
     parser.add_argument("--rows", type=int, default=300_000, help="training rows to generate (one epoch is trained)")
     parser.add_argument("--eval-rows", type=int, default=50_000, help="val and test rows each")
     parser.add_argument("--nproc", type=int, default=1, help="training ranks")
+    parser.add_argument("--max-steps", type=int, default=None, help="train at most this many steps (default: the run)")
     parser.add_argument("--workdir", default=None)
+    parser.add_argument("--batch", type=int, default=8192, help="rows per forward in the speed comparison")
+    parser.add_argument("--rounds", type=int, default=5, help="alternated rounds of the speed comparison")
     args = parser.parse_args()
     print(f"machine: {describe()}", flush=True)
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench_int8_"))
@@ -52,6 +62,7 @@ def main() -> int:
         "checkpoint.every_steps=0",
         "trainer.resume=none",
         f"hydra.run.dir={run_dir}",
+        *([f"trainer.max_steps={args.max_steps}"] if args.max_steps else []),
     ]
     env = {**os.environ, "NPROC": str(args.nproc), "PIPELINE_RUN_ID": "int8_bench"}
     proc = subprocess.run(["./launch.sh", "train", *train], cwd=ROOT, env=env, capture_output=True, text=True)
@@ -62,11 +73,11 @@ def main() -> int:
     from pipeline.serving.export import export, load_exported
     from pipeline.serving.predict import run
 
-    results = {}
+    results, models = {}, {}
     for name, quantize in (("float32", "none"), ("int8", "int8")):
         out = work / f"export_{name}"
         spec = export(run_dir, out, quantize=quantize, dense_program=False)
-        model = load_exported(out)
+        model = models[name] = load_exported(out)
         t = time.perf_counter()
         res = run(model, str(work / f"test_{name}.npy"), split="test")
         seconds = time.perf_counter() - t
@@ -79,7 +90,9 @@ def main() -> int:
         }
     optimum = json.loads((work / "raw" / "optimum.json").read_text())["optimum"]["test"]
     print(
-        f"model=dlrm_criteo data=synthetic, {args.rows:,} training rows (1 epoch), {args.eval_rows:,} test rows, "
+        f"model=dlrm_criteo data=synthetic, {args.rows:,} training rows "
+        f"({f'at most {args.max_steps} steps' if args.max_steps else 'the run the rows choose'}), "
+        f"{args.eval_rows:,} test rows, "
         f"{args.nproc} rank(s); data optimum test AUC {optimum['auc']:.4f}"
     )
     print(
@@ -97,7 +110,118 @@ def main() -> int:
         f"per-row |p_int8 - p_float32|: max {diff.max():.4f}, mean {diff.mean():.5f}; weights "
         f"{base['mib'] / results['int8']['mib']:.2f}x smaller"
     )
+    serving_speed(models, work, args.batch, args.rounds)
     return 0
+
+
+def plain_copy(model) -> torch.nn.Module:
+    """``PlainDLRM`` (benchmarks/_contenders.py) holding an exported float32 DLRM's weights: the same model as
+    a plain-PyTorch user writes it (its pairs read from the lower triangle, so the top MLP's first layer
+    takes its interaction columns in that order)."""
+    from benchmarks._contenders import NUM_TABLES, PlainDLRM
+
+    dlrm = model.model
+    ebc = dlrm.sparse_arch.embedding_bag_collection
+    tables = {f: c.name for c in ebc.embedding_bag_configs() for f in c.feature_names}
+    names = list(model.schema.feature_names)
+    assert len(names) == NUM_TABLES, "the plain contender has Criteo's 26 tables"
+    w0 = ebc.embedding_bags[tables[names[0]]].weight
+    bottom = [p._linear for p in dlrm.dense_arch.model._mlp]  # noqa: SLF001
+    top = [*(p._linear for p in dlrm.over_arch.model[0]._mlp), dlrm.over_arch.model[1]]  # noqa: SLF001
+    plain = PlainDLRM(1, w0.shape[1], [m.out_features for m in bottom], [m.out_features for m in top])
+    with torch.no_grad():
+        for k, name in enumerate(names):  # the export's tables, each of its own size
+            weight = ebc.embedding_bags[tables[name]].weight.detach().clone()
+            plain.emb[k] = torch.nn.EmbeddingBag.from_pretrained(weight, freeze=False, mode="sum", sparse=True)
+        plain.bot.append(torch.nn.ReLU())  # TorchRec's DenseArch ends in a ReLU too
+        for src, dst in zip(
+            [*bottom, *top], [m for m in [*plain.bot, *plain.top] if isinstance(m, torch.nn.Linear)], strict=True
+        ):
+            dst.weight.copy_(src.weight)
+            dst.bias.copy_(src.bias)
+        # Ours: pairs (i, j), i < j, row-major (TorchRec's layout); plain: (i, j), i > j, from tril_indices.
+        n, d = NUM_TABLES + 1, w0.shape[1]
+        ours = {(int(i), int(j)): k for k, (i, j) in enumerate(zip(*torch.triu_indices(n, n, 1).tolist(), strict=True))}
+        order = [ours[(int(j), int(i))] for i, j in zip(plain.li.tolist(), plain.lj.tolist(), strict=True)]
+        first = plain.top[0]
+        first.weight.copy_(torch.cat([top[0].weight[:, :d], top[0].weight[:, d:][:, order]], dim=1))
+    return plain.eval()
+
+
+def serving_speed(models: dict, work: Path, batch: int, rounds: int) -> None:
+    """predict (float32, int8) against a plain-PyTorch forward of the same model, rows/s alternated; then raw TSV
+    end to end beside its preprocessing."""
+    import statistics
+
+    from pipeline.data.features import FeatureTransform
+    from pipeline.data.loader import BinarySplit
+    from pipeline.data.manifest import Manifest
+    from pipeline.data.tsv import BadRows, read_blocks
+    from pipeline.serving.predict import predict_raw
+
+    f32 = models["float32"]
+    processed = f32.spec["data"]["processed_dir"]
+    manifest = Manifest.load(processed)
+    features = FeatureTransform.from_manifest(manifest, processed, f32.spec["input"].get("min_id_frequency", 1))
+    split = BinarySplit(processed, "test", manifest, features)  # ids as predict --split reads them
+    rows = np.arange(min(batch, len(split)))
+    dense, ids = split.gather("dense", rows), split.ids(rows)
+    plain = plain_copy(f32)
+    dense_t, ids_t = (
+        torch.from_numpy(np.ascontiguousarray(dense)),
+        torch.from_numpy(np.ascontiguousarray(ids.T).astype(np.int64)),
+    )
+    with torch.inference_mode():
+        gap = (plain(dense_t, ids_t) - f32.logits(dense, ids)).abs().max().item()
+    contenders = {
+        "plain": lambda: torch.sigmoid(plain(dense_t, ids_t)),
+        "float32": lambda: f32.predict(dense, ids),
+        # The same export through TorchRec's EmbeddingBagCollection (a KJT, a bag per id, the outputs concatenated):
+        # what predict ran before its row-gather lookup of one-hot tables.
+        "f32 KJT": lambda: torch.sigmoid(
+            f32.model(dense_features=torch.from_numpy(dense), sparse_features=f32.features.kjt(ids)).flatten()
+        ),
+        "int8": lambda: models["int8"].predict(dense, ids),
+    }
+    seconds: dict[str, list[float]] = {k: [] for k in contenders}
+    with torch.inference_mode():
+        for f in contenders.values():
+            f()  # warm-up
+        for _ in range(rounds):
+            for k, f in contenders.items():
+                t = time.perf_counter()
+                f()
+                seconds[k].append(time.perf_counter() - t)
+    rate = {k: len(rows) / statistics.median(v) for k, v in seconds.items()}
+    print(
+        f"\nserving at batch {len(rows)}, {torch.get_num_threads()} threads, median of {rounds} alternated rounds "
+        f"(plain = the same model in plain PyTorch; max |logit gap| {gap:.2e}):"
+    )
+    for k, r in rate.items():
+        print(f"  {k:8s} {r:>10,.0f} rows/s  {r / rate['plain']:.2f}x plain")
+
+    raw = work / "raw" / "test.tsv"
+    runs: dict[str, list[float]] = {"preprocessing": [], "predict": []}
+    n = 0
+    for _ in range(2):
+        t = time.perf_counter()
+        n = 0
+        for block in read_blocks(raw, 8, "error", BadRows(), True, f32.schema):
+            f32.features.dense(block)
+            f32.features.map_ids(block)
+            f32.features.map_lists(block)
+            n += len(block)
+        runs["preprocessing"].append(time.perf_counter() - t)
+        t = time.perf_counter()
+        scored = sum(len(p) for p, _ in predict_raw(f32, raw, True, batch_size=batch))
+        runs["predict"].append(time.perf_counter() - t)
+        assert scored == n
+    pre, end = n / min(runs["preprocessing"]), n / min(runs["predict"])
+    print(
+        f"raw TSV end to end ({n:,} rows of {raw.name}, best of 2): parse + transform + score {end:,.0f} rows/s "
+        f"(float32); parse + transform alone (preprocessing) {pre:,.0f} rows/s; scoring takes "
+        f"{1 - end / pre:.0%} of the time"
+    )
 
 
 if __name__ == "__main__":
