@@ -133,3 +133,13 @@ def kill_job(proc: subprocess.Popen, run_dir: Path, nproc: int) -> None:
         except ProcessLookupError:
             pass
     proc.wait()
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    """Each logged step's training loss; a step logged twice (before a kill and after resuming) keeps the
+    last; none before the run folder has any."""
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return {}
+    events = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return {e["step"]: e["train/loss"] for e in events if e["event"] == "train"}

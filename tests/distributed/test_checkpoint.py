@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import ROOT, kill_job, rank_pids, run_training, start_training, wait_for_step
+from tests.conftest import ROOT, kill_job, losses, rank_pids, run_training, start_training, wait_for_step
 
 pytestmark = pytest.mark.distributed
 
@@ -37,15 +37,6 @@ def _overrides(data: list[str], *extra: str) -> list[str]:
         "sharding=table_wise",
         *extra,
     ]
-
-
-def _losses(run_dir: Path) -> dict[int, float]:
-    """Each step's training loss; a step logged twice (before a kill and after resuming) keeps the last."""
-    out = {}
-    for e in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()):
-        if e["event"] == "train":
-            out[e["step"]] = e["train/loss"]
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +68,7 @@ def test_sigkilled_run_resumes_bit_for_bit(tmp_path, tiny_data_overrides, refere
     assert resumed.returncode == 0, resumed.output[-3000:]
     assert f"resumed from {run_dir / 'checkpoints' / latest}" in resumed.output
     ref = reference[nproc]
-    assert _losses(run_dir) == _losses(ref), "every step's loss equals the uninterrupted run's, bit for bit"
+    assert losses(run_dir) == losses(ref), "every step's loss equals the uninterrupted run's, bit for bit"
     final = json.loads((run_dir / "summary.json").read_text())["final"]
     assert final == json.loads((ref / "summary.json").read_text())["final"]
 
@@ -133,7 +124,7 @@ def test_async_saves_write_what_synchronous_ones_do(tmp_path, tiny_data_override
     run = run_training(tmp_path / "async", [*_overrides(tiny_data_overrides), "checkpoint.async_save=true"], nproc=2)
     assert run.returncode == 0, run.output[-3000:]
     assert "step_00000050: state copied in" in (run.run_dir / "rank0.log").read_text()
-    assert _losses(run.run_dir) == _losses(reference[2])
+    assert losses(run.run_dir) == losses(reference[2])
     final = json.loads((run.run_dir / "summary.json").read_text())["final"]
     assert final == json.loads((reference[2] / "summary.json").read_text())["final"]
     ours, theirs = run.run_dir / "checkpoints" / "step_00000050", reference[2] / "checkpoints" / "step_00000050"
@@ -165,7 +156,7 @@ def test_a_job_killed_while_an_async_save_is_in_flight_resumes_from_the_one_befo
     resumed = run_training(run_dir, overrides, nproc=2)
     assert resumed.returncode == 0, resumed.output[-3000:]
     assert f"resumed from {ck / 'step_00000010'}" in resumed.output
-    assert _losses(run_dir) == _losses(reference[2]), "every step's loss equals the uninterrupted run's, bit for bit"
+    assert losses(run_dir) == losses(reference[2]), "every step's loss equals the uninterrupted run's, bit for bit"
     final = json.loads((run_dir / "summary.json").read_text())["final"]
     assert final == json.loads((reference[2] / "summary.json").read_text())["final"]
     assert not list(ck.glob("*.tmp")), "the half-written folder was cleared by a later save"
@@ -195,7 +186,7 @@ def test_a_stop_signal_during_an_async_save_finishes_it_then_saves_the_step_reac
     monkeypatch.delenv("DLRM_TEST_SLOW_SAVE")
     resumed = run_training(run_dir, overrides, nproc=2)
     assert resumed.returncode == 0, resumed.output[-3000:]
-    assert _losses(run_dir) == _losses(reference[2])
+    assert losses(run_dir) == losses(reference[2])
 
 
 def test_checkpoint_reshards_across_world_sizes_and_plans(tmp_path, tiny_data_overrides, reference) -> None:
@@ -230,7 +221,7 @@ def test_job_restarts_itself_after_a_rank_dies(tmp_path, tiny_data_overrides, re
     out = proc.communicate(timeout=300)[0]
     assert proc.returncode == 0, out[-3000:]
     assert "resumed from" in (run_dir / "rank0.log").read_text()
-    assert _losses(run_dir) == _losses(reference[2])
+    assert losses(run_dir) == losses(reference[2])
     final = json.loads((run_dir / "summary.json").read_text())["final"]
     assert final == json.loads((reference[2] / "summary.json").read_text())["final"]
 
@@ -268,7 +259,7 @@ def test_a_stop_signal_checkpoints_the_step_reached_and_resumes_bit_for_bit(
     else:  # torchrun restarted both ranks, which resumed from the step saved
         assert proc.returncode == 0, out[-3000:]
         assert f"resumed from {saved}" in (run_dir / "rank0.log").read_text()
-    assert _losses(run_dir) == _losses(reference[2]), "every step's loss equals the uninterrupted run's"
+    assert losses(run_dir) == losses(reference[2]), "every step's loss equals the uninterrupted run's"
     final = json.loads((run_dir / "summary.json").read_text())["final"]
     assert final == json.loads((reference[2] / "summary.json").read_text())["final"]
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import kill_job, run_training, start_training, wait_for_step
+from tests.conftest import kill_job, losses, run_training, start_training, wait_for_step
 
 pytestmark = pytest.mark.distributed
 
@@ -46,14 +46,6 @@ def _overrides(data: list[str], *extra: str) -> list[str]:
     ]
 
 
-def _losses(run_dir: Path) -> dict[int, float]:
-    out = {}
-    for e in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()):
-        if e["event"] == "train":
-            out[e["step"]] = e["train/loss"]
-    return out
-
-
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, multihot_data) -> Path:
     run = run_training(
@@ -78,7 +70,7 @@ def test_multihot_run_killed_resumes_bit_for_bit_and_reshards(tmp_path, multihot
     resumed = run_training(run_dir, _overrides(multihot_data), nproc=2)
     assert resumed.returncode == 0, resumed.output[-3000:]
     assert "resumed from" in resumed.output
-    assert _losses(run_dir) == _losses(reference), "every step's loss equals the uninterrupted run's"
+    assert losses(run_dir) == losses(reference), "every step's loss equals the uninterrupted run's"
 
     # 2 ranks table-wise -> 1 rank: load the final checkpoint and predict val again.
     one = run_training(

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, losses
 
 SLURM_BINARIES = ("slurmctld", "slurmd", "munged", "sbatch", "scontrol", "sinfo")
 
@@ -254,15 +254,6 @@ PREEMPTIBLE = [
     "trainer.eval_every_steps=0",
     "checkpoint.every_steps=1000",
 ]
-
-
-def losses(run_dir: Path) -> dict[int, float]:
-    """Each logged step's training loss (none before the run folder has any)."""
-    path = run_dir / "metrics.jsonl"
-    if not path.exists():
-        return {}
-    events = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return {e["step"]: e["train/loss"] for e in events if e["event"] == "train"}
 
 
 def wait_for_training(run_dir: Path, step: int = 30, timeout: float = 300) -> None:
