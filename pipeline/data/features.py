@@ -99,47 +99,35 @@ def _fill_table(keys, ids, bits, table_keys, table_ids):  # pragma: no cover - c
 
 
 @compiled
+def _probe(k, off, b, table_keys, table_ids, rare):  # pragma: no cover - compiled
+    """The id of key ``k`` in the table of ``2**b`` slots at ``off``; ``rare`` if it has none."""
+    mask = (1 << b) - 1
+    s = np.int64((np.uint64(k) * _FIB) >> np.uint64(64 - b))
+    while True:
+        v = table_ids[off + s]
+        if v == 0:
+            return rare
+        if table_keys[off + s] == k:
+            return v
+        s = (s + 1) & mask
+
+
+@compiled
 def _lookup_ids(sparse, missing, tables, table_keys, table_ids, offsets, bits, rare, out):  # pragma: no cover
     """``out[i, j]``: the id of ``sparse[i, j]`` in table ``tables[j]``, ``rare`` if it has none, 0 if missing."""
     for j in range(sparse.shape[1]):
         off = offsets[tables[j]]
         b = bits[tables[j]]
-        mask = (1 << b) - 1
         for i in range(sparse.shape[0]):
-            if missing[i, j]:
-                out[i, j] = 0
-                continue
-            k = sparse[i, j]
-            s = np.int64((np.uint64(k) * _FIB) >> np.uint64(64 - b))
-            while True:
-                v = table_ids[off + s]
-                if v == 0:
-                    out[i, j] = rare
-                    break
-                if table_keys[off + s] == k:
-                    out[i, j] = v
-                    break
-                s = (s + 1) & mask
+            out[i, j] = 0 if missing[i, j] else _probe(sparse[i, j], off, b, table_keys, table_ids, rare)
 
 
 @compiled
 def _lookup_values(keys, tables, table_keys, table_ids, offsets, bits, rare, out):  # pragma: no cover
     """``out[i]``: the id of ``keys[i]`` in table ``tables[i]``, ``rare`` if it has none."""
     for i in range(keys.shape[0]):
-        off = offsets[tables[i]]
-        b = bits[tables[i]]
-        mask = (1 << b) - 1
-        k = keys[i]
-        s = np.int64((np.uint64(k) * _FIB) >> np.uint64(64 - b))
-        while True:
-            v = table_ids[off + s]
-            if v == 0:
-                out[i] = rare
-                break
-            if table_keys[off + s] == k:
-                out[i] = v
-                break
-            s = (s + 1) & mask
+        t = tables[i]
+        out[i] = _probe(keys[i], offsets[t], bits[t], table_keys, table_ids, rare)
 
 
 class IdMapper:
