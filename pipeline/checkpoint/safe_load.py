@@ -105,8 +105,12 @@ def load_tensors(path: str | Path, target: dict[str, Any], no_dist: bool = False
     """
     reader = SafeFileSystemReader(path)
     metadata = reader.read_metadata()
+    plain = plain_state(target)
+    # A part with no tensors (plain SGD keeps no optimizer state) has nothing to load; DCP would ask the
+    # checkpoint for its empty dict as a key of its own and fail on more than one rank.
+    target = {k: v for k, v in target.items() if not _empty(plain[k])}
     wanted: dict[str, Any] = {}
-    flatten("", plain_state(target), wanted)
+    flatten("", {k: plain[k] for k in target}, wanted)
     for key in wanted:
         entry = metadata.state_dict_metadata.get(key)
         if isinstance(entry, BytesStorageMetadata) or (
@@ -116,6 +120,11 @@ def load_tensors(path: str | Path, target: dict[str, Any], no_dist: bool = False
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process.*")
         dcp.load(target, storage_reader=reader, no_dist=no_dist)
+
+
+def _empty(tree: Any) -> bool:
+    """A (nested) dict without any leaf."""
+    return isinstance(tree, dict) and all(_empty(v) for v in tree.values())
 
 
 def flatten(prefix: str, tree: Any, out: dict[str, Any]) -> None:

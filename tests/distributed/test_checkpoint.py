@@ -213,6 +213,19 @@ def test_checkpoint_reshards_across_world_sizes_and_plans(tmp_path, tiny_data_ov
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
+def test_a_run_without_optimizer_state_resumes_on_two_ranks(tmp_path, tiny_data_overrides) -> None:
+    """Plain SGD keeps no optimizer state: the checkpoint has none to give, and resuming must not ask for it."""
+    sgd = ["optimizer=sgd", "optimizer.warmup_steps=0"]
+    whole = run_training(tmp_path / "whole", [*_overrides(tiny_data_overrides, *sgd), "trainer.max_steps=20"], nproc=2)
+    assert whole.returncode == 0, whole.output[-3000:]
+    first = run_training(tmp_path / "split", [*_overrides(tiny_data_overrides, *sgd), "trainer.max_steps=10"], nproc=2)
+    assert first.returncode == 0, first.output[-3000:]
+    rest = run_training(tmp_path / "split", [*_overrides(tiny_data_overrides, *sgd), "trainer.max_steps=20"], nproc=2)
+    assert rest.returncode == 0, rest.output[-3000:]
+    assert [e["step"] for e in rest.events("resume")] == [10]
+    assert losses(rest.run_dir) == losses(whole.run_dir)
+
+
 def test_job_restarts_itself_after_a_rank_dies(tmp_path, tiny_data_overrides, reference) -> None:
     run_dir = tmp_path / "restart"
     proc = start_training(run_dir, _overrides(tiny_data_overrides), nproc=2, torchrun_args=("--max-restarts", "2"))
