@@ -34,6 +34,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from benchmarks._machine import describe  # noqa: E402
+from benchmarks._runs import fresh_run_dir  # noqa: E402
 
 
 def main() -> int:
@@ -48,7 +49,7 @@ def main() -> int:
     args = parser.parse_args()
     print(f"machine: {describe()}", flush=True)
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench_int8_"))
-    run_dir = work / "run"
+    run_dir = fresh_run_dir(work / "run")
     train = [
         "model=dlrm_criteo",
         "data=synthetic",

@@ -33,6 +33,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from benchmarks._machine import describe  # noqa: E402
+from benchmarks._runs import fresh_run_dir  # noqa: E402
 
 SETTINGS = {
     "quiet": ["logger.log_every_steps=1000000000", "logger.backends=[jsonl]", "logger.progress_bar=false"],
@@ -69,7 +70,7 @@ def main() -> int:
     booked: dict[str, list[float]] = {name: [] for name in SETTINGS}
     for r in range(args.repeats):
         for name, extra in SETTINGS.items():
-            run_dir = work / f"{name}_{r}"
+            run_dir = fresh_run_dir(work / f"{name}_{r}")
             env = {**os.environ, "NPROC": str(args.nproc), "PIPELINE_RUN_ID": run_dir.name}
             proc = subprocess.run(
                 ["./launch.sh", "train", *base, *extra, f"hydra.run.dir={run_dir}"],

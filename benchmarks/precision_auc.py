@@ -28,6 +28,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from benchmarks._machine import describe  # noqa: E402
+from benchmarks._runs import fresh_run_dir  # noqa: E402
 
 SETTINGS = {
     "fp32": [],
@@ -67,7 +68,7 @@ def main() -> int:
     ]
     results = {}
     for name in settings:
-        run_dir = work / name
+        run_dir = fresh_run_dir(work / name)
         env = {**os.environ, "NPROC": str(args.nproc), "PIPELINE_RUN_ID": name}
         t = time.perf_counter()
         proc = subprocess.run(

@@ -49,6 +49,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from benchmarks._machine import describe, gemm_rate  # noqa: E402
 from benchmarks._mlperf_data import LENGTHS, MLPERF_BAG_SIZES, mean_ids_per_row, multi_hot_override, write_raw  # noqa: E402
+from benchmarks._runs import fresh_run_dir  # noqa: E402
 
 PY = sys.executable
 _WRAP = (
@@ -146,7 +147,7 @@ def run_ours(
     extra: tuple[str, ...] = (),
     model: tuple[str, ...] = ("model=dlrm_criteo",),
 ) -> dict:
-    run_dir = work / f"{name}_{tag}"
+    run_dir = fresh_run_dir(work / f"{name}_{tag}")
     # Profiled steps (if any) come after the measured ones and are not counted.
     profile = (
         [f"trainer.profile_steps={profile_steps}", f"trainer.profile_wait_steps={warmup + steps}"]
