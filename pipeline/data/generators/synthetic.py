@@ -35,6 +35,12 @@ list columns' draws), which the list columns' share of the signal is read agains
 multiplies every term of the one-hot part: fewer rows then learn it (data=synthetic_multihot takes a quarter,
 so a one-epoch run on 500k rows ends within 0.01 AUC of the optimum).
 
+Days (``day``, ``new_id_share``): the ground truth is the same every day; day d > 0 draws its own rows, and with
+``new_id_share`` > 0 each column's ids live in a pool twice its cardinality: each day that share of a column's
+popularity ranks, drawn at random, go to ids never seen before (with effects of their own), replacing the ids
+that held them. A model trained on day d knows most of day d+1's ids but not its new ones: what daily
+retraining with a growing vocabulary is for.
+
 Run directly: ``python -m pipeline.data.synthetic --out data/synthetic/raw --train-rows 1000000``.
 """
 
@@ -123,6 +129,7 @@ class _Truth:
     pairs: np.ndarray  # [P, 2] interacting categorical columns
     lists: _ListTruth | None = None
     b0: float = 0.0
+    day: int = 0  # rows of day > 0 come from a stream of their own
 
 
 def schema(cfg: SyntheticConfig) -> Schema:
@@ -267,19 +274,20 @@ def _calibrate_lists(lt: _ListTruth, rng: np.random.Generator) -> np.ndarray:
 def _make_truth(cfg: SyntheticConfig) -> _Truth:
     rng = np.random.default_rng([cfg.seed, 0])
     cards = np.minimum(np.array(CARDINALITIES["criteo_kaggle"]), cfg.max_cardinality).astype(np.int64)
+    pools = cards * 2 if cfg.new_id_share > 0 else cards  # the ids a column draws from over the days
     cdfs, rank_to_id, bias, latent, cat_dense = [], [], [], [], []
     # Columns differ in how much they say about a click, as real Criteo columns do.
     col_scale = rng.uniform(*_BIAS_SCALE, NUM_SPARSE_FEATURES)
-    for c, card in enumerate(cards):
+    for c, (card, pool) in enumerate(zip(cards, pools, strict=True)):
         p = np.arange(1, card + 1, dtype=np.float64) ** -cfg.zipf_alpha
         cdf = np.cumsum(p / p.sum())
         cdf[-1] = 1.0
         cdfs.append(cdf)
-        rank_to_id.append(rng.permutation(card))
-        bias.append(rng.normal(0.0, col_scale[c], card))
-        latent.append(rng.normal(0.0, _PAIR_SCALE, (card, _LATENT_DIM)))
+        rank_to_id.append(rng.permutation(pool))
+        bias.append(rng.normal(0.0, col_scale[c], pool))
+        latent.append(rng.normal(0.0, _PAIR_SCALE, (pool, _LATENT_DIM)))
         scale = _CAT_DENSE_SCALE if card <= _INTERACTING_MAX_CARDINALITY else 0.0
-        cat_dense.append(rng.normal(0.0, scale, (card, _LATENT_DIM)))
+        cat_dense.append(rng.normal(0.0, scale, (pool, _LATENT_DIM)))
     num_pairs = _NUM_PAIRS
     common = [c for c in range(NUM_SPARSE_FEATURES) if cards[c] <= _INTERACTING_MAX_CARDINALITY]
     all_pairs = np.array([(a, b) for i, a in enumerate(common) for b in common[i + 1 :]])
@@ -327,7 +335,24 @@ def _make_truth(cfg: SyntheticConfig) -> _Truth:
         else:
             hi = mid
     truth.b0 = (lo + hi) / 2
+    _move_to_day(truth, cfg)  # after the bias: the click model is the same every day, only the ids drift
     return truth
+
+
+def _move_to_day(truth: _Truth, cfg: SyntheticConfig) -> None:
+    """Day ``cfg.day``'s popularity ranks: each day ``new_id_share`` of a column's ranks, drawn at random, go to
+    ids of its pool not used yet (ids of their own effects), in place of the ids that held them."""
+    truth.day = cfg.day
+    pools = truth.rank_to_id
+    truth.rank_to_id = [r[:card].copy() for r, card in zip(pools, truth.cardinalities, strict=True)]
+    if cfg.new_id_share == 0:
+        return
+    for c, card in enumerate(truth.cardinalities):
+        k = max(1, round(cfg.new_id_share * card))
+        for day in range(1, cfg.day + 1):
+            ranks = np.random.default_rng([cfg.seed, 5, c, day]).choice(card, k, replace=False)
+            first = card + (day - 1) * k  # the pool's ids in order, from the first one day 0 does not use
+            truth.rank_to_id[c][ranks] = pools[c][(first + np.arange(k)) % len(pools[c])]
 
 
 def _scale_one_hot(truth: _Truth, scale: float) -> None:
@@ -379,6 +404,8 @@ def _hex_column(values: np.ndarray, missing: np.ndarray) -> pa.Array:
 
 
 def _chunk_table(truth: _Truth, rng: np.random.Generator, n: int) -> base.Chunk:
+    if truth.day:  # another day's rows: a stream of the day's own
+        rng = rng.spawn(truth.day)[-1]
     # The list columns draw from a child stream, so the one-hot columns are the bytes they were without them.
     list_rng = rng.spawn(1)[0] if truth.lists is not None else None
     dense, dense_missing, z, ids, cat_missing = _draw_features(truth, rng, n)
