@@ -219,6 +219,8 @@ def table_sizes(manifest: Manifest, processed_dir: str | Path, min_frequency: in
     manifest's sizes.
     """
     sizes = list(manifest.num_embeddings_per_feature)
+    if manifest.vocab_generations:  # grown: the threshold was applied as it grew (the settings hold it), and
+        return sizes  # every value owns a row
     if manifest.id_mode != IdMode.vocab.value or min_frequency <= 1:
         return sizes
     counts = vocab_counts(processed_dir, len(sizes))

@@ -49,6 +49,10 @@ class Manifest:
     optimum: dict | None = None  # the generator's Bayes-optimal metrics per split, when known
     pooling_factors: list[float] | None = None  # per table: mean ids per training row (None: one-hot, all 1)
     max_lengths: list[int] | None = None  # per table: the most ids in a training row (None: one-hot, all 1)
+    vocab_sha256: str | None = None  # vocab mode: the digest of vocab.npz (a checkpoint records the one it trained on)
+    # A vocabulary grown from earlier ones (data.vocab_from): their line, oldest first, each {"processed_dir",
+    # "vocab_sha256", "rows"}; None for a vocabulary of its own
+    vocab_generations: list[dict] | None = None
     seconds: float = 0.0
     version: int = MANIFEST_VERSION
 
@@ -90,6 +94,10 @@ class Manifest:
         }
         if self.pooling_factors is not None:
             d |= {"pooling_factors": self.pooling_factors, "max_lengths": self.max_lengths}
+        if self.vocab_sha256 is not None:
+            d["vocab_sha256"] = self.vocab_sha256
+        if self.vocab_generations is not None:
+            d["vocab_generations"] = self.vocab_generations
         return d
 
     @classmethod
@@ -107,6 +115,8 @@ class Manifest:
             optimum=d.get("optimum"),
             pooling_factors=d.get("pooling_factors"),
             max_lengths=d.get("max_lengths"),
+            vocab_sha256=d.get("vocab_sha256"),
+            vocab_generations=d.get("vocab_generations"),
             seconds=d.get("seconds", 0.0),
             version=d.get("version", 0),
         )

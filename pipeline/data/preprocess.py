@@ -71,7 +71,7 @@ from pipeline.data.parts import (
 from pipeline.data.schema import CRITEO, Schema
 from pipeline.data.splits import SPLITS, Unit, assigned_blocks, plan_units, raw_files, split_files, unit_blocks
 from pipeline.data.tsv import BadRows, RawBlock, compile_scanner
-from pipeline.data.vocab import IdCounter
+from pipeline.data.vocab import IdCounter, VocabBase, vocab_digest
 from pipeline.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -117,6 +117,17 @@ def _settings(cfg: DataConfig) -> dict:
         "dense_transform": cfg.dense_transform.value,
         "bad_rows": cfg.bad_rows.value,
         **layout,
+        **({"vocab_from": _vocab_from_settings(cfg)} if cfg.vocab_from else {}),
+    }
+
+
+def _vocab_from_settings(cfg: DataConfig) -> dict:
+    """What a grown vocabulary depends on: the folder it grows from, that folder's vocabulary, and the frequency
+    threshold applied as it grows."""
+    return {
+        "processed_dir": str(cfg.vocab_from),
+        "vocab_sha256": vocab_digest(cfg.vocab_from),
+        "min_id_frequency": cfg.min_id_frequency,
     }
 
 
@@ -167,8 +178,18 @@ def _load_or_build_vocab(
             with np.load(npz) as z:
                 return [z[f"C{j + 1}"] for j in range(len(cfg.sparse_columns))], m["sha256"]
     t0 = time.perf_counter()
+    caps = configured_caps(cfg) or [NO_CAP] * len(cfg.sparse_columns)
+    base = VocabBase.load(cfg.vocab_from, len(cfg.sparse_columns), cfg.min_id_frequency) if cfg.vocab_from else None
     counter = _count_ids(cfg, units)
-    vocab, counts = counter.vocab(configured_caps(cfg) or [NO_CAP] * len(cfg.sparse_columns))
+    vocab, counts = base.grow(counter, cfg.min_id_frequency, caps) if base else counter.vocab(caps)
+    if base:
+        old = base.generations[-1]["rows"]
+        logger.info(
+            "grew the vocabulary of %s: %s values kept their ids, %s new ones follow",
+            cfg.vocab_from,
+            f"{sum(r - 2 for r in old):,}",
+            f"{sum(len(v) - (r - 2) for v, r in zip(vocab, old, strict=True)):,}",
+        )
     marker.unlink(missing_ok=True)
     tmp = out / "vocab.tmp.npz"
     np.savez(
@@ -332,6 +353,10 @@ def preprocess(cfg: DataConfig) -> Manifest:
         dense_transform=DENSE_TRANSFORMS[cfg.dense_transform],
         bad_rows=bad.to_dict(),
         optimum=_optimum(cfg),
+        vocab_sha256=id_key if vocab is not None else None,
+        vocab_generations=VocabBase.lineage(cfg.vocab_from, len(cfg.sparse_columns), cfg.min_id_frequency)
+        if vocab is not None and cfg.vocab_from
+        else None,
         **list_lengths(schema, splits["train"]),
         seconds=round(time.perf_counter() - t0, 2),
     )

@@ -4,11 +4,20 @@ A first pass over the training rows counts the values (:class:`IdCounter`, merge
 memory); ``vocab.npz`` keeps per column the values (``C<j>``) and their counts (``count_C<j>``). Ids
 follow the counts, so the values seen at least ``data.min_id_frequency`` times are the first ones: the
 threshold is a prefix, applied when batches are read.
+
+A vocabulary can grow from an earlier one (``data.vocab_from``: yesterday's processed folder), so a model
+trained on it can start the next day's run (``trainer.init_from``): the earlier values that own a row keep
+their ids, in order, and the values new in this data's training rows that pass ``data.min_id_frequency``
+follow, most frequent first, up to the cap. Every value of a grown vocabulary owns a row (the threshold was
+applied as it grew). The manifest records the line of vocabularies it grew from (:class:`VocabBase`), each
+with its digest and table sizes, so a checkpoint's tables can be matched to the rows they fill.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -102,3 +111,73 @@ def load_vocab(processed_dir: str | Path, num_sparse: int, min_frequency: int = 
         return keys
     counts = vocab_counts(processed_dir, num_sparse)
     return [k[: vocab_rows(c, min_frequency)] for k, c in zip(keys, counts, strict=True)]
+
+
+def vocab_digest(processed_dir: str | Path) -> str | None:
+    """The sha256 of ``vocab.npz`` that preprocessing recorded (``vocab.json``), or None without one."""
+    try:
+        return json.loads((Path(processed_dir) / "vocab.json").read_text()).get("sha256")
+    except (OSError, ValueError):
+        return None
+
+
+@dataclass
+class VocabBase:
+    """The vocabulary a new one grows from: per column the values that own a row there, in id order, and the
+    line of vocabularies it came from, itself last (``{"processed_dir", "vocab_sha256", "rows"}``, rows per
+    table with the two reserved ones)."""
+
+    keys: list[np.ndarray]
+    generations: list[dict]
+
+    @classmethod
+    def load(cls, processed_dir: str | Path, num_sparse: int, min_frequency: int) -> VocabBase:
+        """The vocabulary of an earlier preprocessing in vocab mode, as a model trained on it with
+        ``min_frequency`` has its rows (a grown one: every value).
+
+        Raises:
+            DataError: the folder holds no finished vocab-mode preprocessing, or has another column count.
+        """
+        generations = cls.lineage(processed_dir, num_sparse, min_frequency)
+        keys = load_vocab(processed_dir, num_sparse)
+        return cls([k[: r - 2] for k, r in zip(keys, generations[-1]["rows"], strict=True)], generations)
+
+    @staticmethod
+    def lineage(processed_dir: str | Path, num_sparse: int, min_frequency: int) -> list[dict]:
+        """:attr:`generations` of the vocabulary in ``processed_dir``, without reading its values."""
+        from pipeline.data.manifest import Manifest
+
+        manifest = Manifest.load(processed_dir)  # MissingDataError / DataError name the folder
+        if manifest.id_mode != "vocab":
+            raise DataError(
+                f"data.vocab_from={processed_dir}: preprocessed with data.id_mode={manifest.id_mode}, which has no "
+                "vocabulary to grow"
+            )
+        if manifest.num_sparse != num_sparse:
+            raise DataError(
+                f"data.vocab_from={processed_dir}: {manifest.num_sparse} categorical columns there, {num_sparse} here"
+            )
+        rows = list(manifest.num_embeddings_per_feature)
+        if not manifest.vocab_generations:  # the threshold applies when read: a prefix of each column
+            counts = vocab_counts(processed_dir, num_sparse)
+            rows = [min(n, vocab_rows(c, min_frequency) + 2) for n, c in zip(rows, counts, strict=True)]
+        record = {"processed_dir": str(processed_dir), "vocab_sha256": vocab_digest(processed_dir), "rows": rows}
+        return [*(manifest.vocab_generations or []), record]
+
+    def grow(
+        self, counter: IdCounter, min_frequency: int, caps: list[int]
+    ) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """Per column: these values, then the counted ones new to them seen at least ``min_frequency`` times
+        (most frequent first, ties by value), at most ``cap - 2`` in all; and each one's count in ``counter``."""
+        keys, counts = [], []
+        for j, old in enumerate(self.keys):
+            counter._merge(j)  # noqa: SLF001 - the pending values counted
+            seen, seen_counts = counter.keys[j], counter.counts[j]  # sorted by value
+            new = ~np.isin(seen, old) & (seen_counts >= max(1, min_frequency))
+            order = np.argsort(-seen_counts[new], kind="stable")[: max(0, caps[j] - 2 - len(old))]
+            grown = np.concatenate([old, seen[new][order]]).astype(np.result_type(old.dtype, seen.dtype))
+            at = np.clip(np.searchsorted(seen, grown), 0, max(len(seen) - 1, 0))
+            found = (at < len(seen)) & (seen[at] == grown) if len(seen) else np.zeros(len(grown), bool)
+            keys.append(grown)
+            counts.append(np.where(found, seen_counts[at] if len(seen) else 0, 0).astype(np.int64))
+        return keys, counts
