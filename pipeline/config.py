@@ -198,6 +198,11 @@ class SyntheticConfig:
     sequence_decay: float = 1.0  # S1: an id k places before the newest counts decay^k (1 = all of the window alike)
     list_cardinality: int = 500  # distinct ids per list column (Zipf with zipf_alpha)
     one_hot_scale: float = 1.0  # multiplies the one-hot part's logit terms (< 1: fewer rows learn it, lists weigh more)
+    # Days of a drifting log (daily retraining): day d > 0 draws other rows from the same click model, and with
+    # new_id_share > 0 that share of each column's popularity ranks (drawn at random) goes to new ids each day, in
+    # place of the ids that held them (pool ids recur after 1 / new_id_share days). 0 and 0.0: the one log it was.
+    day: int = 0
+    new_id_share: float = 0.0
 
     def __post_init__(self) -> None:
         for key in ("num_list_columns", "sequence_length"):
@@ -210,6 +215,10 @@ class SyntheticConfig:
             raise ConfigError(f"data.synthetic.sequence_decay={self.sequence_decay} must be in (0, 1]")
         if self.one_hot_scale < 0:
             raise ConfigError(f"data.synthetic.one_hot_scale={self.one_hot_scale} must be >= 0")
+        if self.day < 0:
+            raise ConfigError(f"data.synthetic.day={self.day} must be >= 0")
+        if not 0 <= self.new_id_share <= 1:
+            raise ConfigError(f"data.synthetic.new_id_share={self.new_id_share} must be in [0, 1]")
 
 
 @dataclass
@@ -280,6 +289,9 @@ class DataConfig:
     min_id_frequency: int = (
         2  # id_mode=vocab: values seen fewer times in train share the rare-or-unseen row (applied when read)
     )
+    # id_mode=vocab: grow the vocabulary of this earlier processed folder (yesterday's data): its values keep their
+    # ids and rows, values new in this data's training rows get the next ids (for trainer.init_from); null = a new one
+    vocab_from: str | None = None
     dense_transform: DenseTransform = DenseTransform.log1p  # integer features -> float32
     bad_rows: BadRowPolicy = BadRowPolicy.error  # malformed raw rows: stop, or drop and count
     block_size_mb: int = 8  # raw bytes parsed per block while preprocessing (memory is a few times this)
@@ -393,6 +405,11 @@ class TrainerConfig:
     profile_wait_steps: int = 10  # steps (after the first, which warms up) before profiling starts
     run_doctor: bool = True  # check the torch/fbgemm/torchrec pairing before training
     resume: str = "auto"  # auto = latest checkpoint in the run's checkpoint folder if any; none; or a path
+    # Warm start: a new run (step 0, this data) from a trained model's weights: a run folder (its best checkpoint, else
+    # its latest), a checkpoints folder or one step_<N> folder. Tables may have grown (data.vocab_from): old rows keep
+    # their trained values, new rows start as initialised. Ignored when the run resumes its own checkpoint.
+    init_from: str | None = None
+    init_optimizer: bool = False  # with init_from, also start from its optimizer state (the tables' rows and the MLPs')
     restore_best: bool = True  # keep the checkpoint with the best val metric; final metrics (and export) come from it
     best_metric: BestMetric = BestMetric.logloss  # what "best" means: logloss (rewards calibration too) | auc
     early_stop_auc: float | None = None  # stop once a mid-training val AUC reaches this; null = off
@@ -544,6 +561,11 @@ def check_data(d: DataConfig) -> None:
         raise ConfigError("data.split=days needs the day files in data.raw_files (in order, or a glob like data/day_*)")
     if d.max_ids_per_feature is not None and d.max_ids_per_feature < 2:
         raise ConfigError(f"data.max_ids_per_feature={d.max_ids_per_feature} must be at least 2")
+    if d.vocab_from and d.id_mode != IdMode.vocab:
+        raise ConfigError(
+            f"data.vocab_from={d.vocab_from} grows a vocabulary, which data.id_mode={d.id_mode.value} does not have: "
+            "set data.id_mode=vocab, or drop data.vocab_from (hashed ids keep their rows from day to day)"
+        )
     _validate_columns(d)
     if d.num_embeddings_per_feature and (
         len(d.num_embeddings_per_feature) != len(d.sparse_columns) or min(d.num_embeddings_per_feature) < 2

@@ -22,6 +22,10 @@ class CheckpointError(UserError, RuntimeError):
     exit_code = 3
 
 
+class WarmStartError(CheckpointError):
+    """``trainer.init_from``'s checkpoint cannot start this run (not there, or its rows or shapes do not fit)."""
+
+
 class TrainingError(UserError, RuntimeError):
     """Training cannot go on (a non-finite loss, a plan that does not fit); the message says why and what to try."""
 

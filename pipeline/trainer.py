@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from pipeline import checkpoint as ckpt
 from pipeline.autoconfig import adapt_to_data
+from pipeline.checkpoint.warm_start import check_rows_line_up, data_identity, load_grown, resolve_init
 from pipeline.config import BestMetric, Precision, TrainConfig, validate, validate_batch_sizes
 from pipeline.data.features import FeatureTransform
 from pipeline.data.loader import BinarySplit, eval_batches, num_train_batches, train_batches
@@ -184,6 +185,7 @@ class Trainer:
 
         self.manifest = prepare_data_distributed(cfg.data, self.env.is_rank_zero)
         features = FeatureTransform.from_manifest(self.manifest, cfg.data.processed_dir, cfg.data.min_id_frequency)
+        self.table_rows = list(features.table_sizes)
         self.train_split = BinarySplit(cfg.data.processed_dir, "train", self.manifest, features)
         self.eval_splits = {
             s: BinarySplit(cfg.data.processed_dir, s, self.manifest, features)
@@ -260,8 +262,13 @@ class Trainer:
             c.async_save,
         )
         resume = ckpt.resolve_resume(cfg.trainer.resume, self.checkpointer.root)
+        self._init_path: Path | None = None  # trainer.init_from's checkpoint, once the run started from it
         if resume is not None:
             self.restore(resume, load_optimizer=c.load_optimizer)
+            if cfg.trainer.init_from:
+                logger.info("trainer.init_from=%s not used: the run resumes its own checkpoint", cfg.trainer.init_from)
+        elif cfg.trainer.init_from:
+            self.warm_start(resolve_init(cfg.trainer.init_from))
 
     def _write_resolved_config(self) -> None:
         """config.yaml with the values chosen from the data filled in (what this run really used), credentials
@@ -304,6 +311,7 @@ class Trainer:
                 "scheduler": sched,
                 "global_batch_size": self.cfg.data.global_batch_size,
                 "early_stop": self.best.to_dict(),
+                "data": data_identity(self.manifest, self.table_rows),  # what trainer.init_from checks rows against
                 "config": redact_config(OmegaConf.to_container(OmegaConf.structured(self.cfg), enum_to_str=True)),
             },
             best=best,
@@ -355,6 +363,35 @@ class Trainer:
                 "samples": self.step * self.cfg.data.global_batch_size,
                 "path": str(path),
                 "saved_world_size": meta["world_size"],
+            }
+        )
+
+    def warm_start(self, path: Path) -> None:
+        """Start this run (step 0, this data) from checkpoint ``path``'s weights (``trainer.init_from``): tables
+        that grew keep their new rows' initial values; the optimizer state too with ``trainer.init_optimizer``."""
+        t0 = time.perf_counter()
+        meta = ckpt.read_meta(path)
+        check_rows_line_up(path, meta, self.manifest, self.cfg.data.processed_dir, self.table_rows)
+        load_grown(path, self.app_state(), self.cfg.trainer.init_optimizer)
+        self._init_path = path
+        saved = (meta.get("data") or {}).get("table_rows") or self.table_rows
+        new_rows = sum(self.table_rows) - sum(saved)
+        logger.info(
+            "started from %s (step %d of its run%s) in %.2fs; %s new table rows start as initialised",
+            path,
+            meta["train_state"]["step"],
+            ", with its optimizer state" if self.cfg.trainer.init_optimizer else "",
+            time.perf_counter() - t0,
+            f"{new_rows:,}",
+        )
+        self.writer.event(
+            {
+                "event": "init_from",
+                "step": 0,
+                "path": str(path),
+                "its_step": meta["train_state"]["step"],
+                "optimizer": self.cfg.trainer.init_optimizer,
+                "new_table_rows": new_rows,
             }
         )
 
@@ -521,9 +558,12 @@ class Trainer:
         """From the second epoch on, fresh tables (trainer.reset_tables_each_epoch): see the config."""
         if self.cfg.trainer.reset_tables_each_epoch and self.step > 0 and self.step % self.steps_per_epoch == 0:
             reset_tables(self.model)
+            if self._init_path is not None:  # a warm start's fresh tables are the ones it started from
+                load_grown(self._init_path, self.app_state(), load_optimizer=False, tables_only=True)
             logger.info(
-                "epoch %d starts from re-initialised tables (trainer.reset_tables_each_epoch)",
+                "epoch %d starts from %s tables (trainer.reset_tables_each_epoch)",
                 self.step // self.steps_per_epoch,
+                "the trainer.init_from" if self._init_path is not None else "re-initialised",
             )
 
     def _log_train(self, bar: tqdm, wall0: float) -> None:

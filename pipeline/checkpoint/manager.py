@@ -162,6 +162,23 @@ def best_checkpoint(root: str | Path) -> Path | None:
     return latest_checkpoint(root, BEST)
 
 
+def find_checkpoint(path: str | Path, which: str = "best") -> Path | None:
+    """A ``step_<N>`` folder, or the checkpoint a checkpoints folder (or a run folder's) points at: ``best`` (the
+    best validation metric, what the run's final metrics and export came from; its latest when it kept no best)
+    or ``latest``; None when there is none."""
+    path = Path(path)
+    if (path / META).is_file() and (path / ".metadata").is_file():
+        return path
+    pointers = (BEST, LATEST) if which == "best" else (LATEST,)
+    for root in (path, path / "checkpoints"):
+        for pointer in pointers:
+            if (root / pointer).is_file():
+                found = latest_checkpoint(root, pointer)
+                if found is not None:
+                    return found
+    return None
+
+
 def resolve_resume(resume: str, root: Path) -> Path | None:
     """``trainer.resume``: ``auto`` = the latest in the run's checkpoint folder if any, ``none``, or a path."""
     if resume in ("none", "", None):

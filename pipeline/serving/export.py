@@ -102,28 +102,16 @@ def build_dlrm(
 
 # -- finding and reading a checkpoint ---------------------------------------------------------------
 def find_checkpoint(path: str | Path, which: str = "best") -> Path:
-    """A ``step_<N>`` folder, or the checkpoint a checkpoints folder (or a run folder's) points at: ``best`` (the
-    best validation AUC, what the run's final metrics came from; its latest when it kept no best) or ``latest``.
-
-    Raises:
-        ExportError: nothing there is a complete checkpoint (the places looked at are named).
-    """
+    """:func:`pipeline.checkpoint.find_checkpoint`, or ExportError naming the places looked at."""
     from pipeline import checkpoint as ckpt
 
-    path = Path(path)
-    if (path / ckpt.META).is_file() and (path / ".metadata").is_file():
-        return path
-    pointers = (ckpt.BEST, ckpt.LATEST) if which == "best" else (ckpt.LATEST,)
-    for root in (path, path / "checkpoints"):
-        for pointer in pointers:
-            if (root / pointer).is_file():
-                found = ckpt.latest_checkpoint(root, pointer)
-                if found is not None:
-                    return found
-    raise ExportError(
-        f"no checkpoint at {path}: expected a step_<N> folder ({ckpt.META} + .metadata), a checkpoints "
-        f"folder with '{ckpt.LATEST}', or a run folder with checkpoints/{ckpt.LATEST}"
-    )
+    found = ckpt.find_checkpoint(path, which)
+    if found is None:
+        raise ExportError(
+            f"no checkpoint at {path}: expected a step_<N> folder ({ckpt.META} + .metadata), a checkpoints "
+            f"folder with '{ckpt.LATEST}', or a run folder with checkpoints/{ckpt.LATEST}"
+        )
+    return found
 
 
 def read_weights(path: Path, meta: dict, dlrm: torch.nn.Module) -> None:
