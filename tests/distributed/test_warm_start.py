@@ -109,3 +109,28 @@ def test_a_checkpoint_whose_rows_do_not_line_up_is_refused_naming_the_fix(day0) 
     assert (
         missing.returncode != 0 and "trainer.init_from=" in missing.output and "no checkpoint there" in missing.output
     )
+
+
+def test_the_optimizer_state_comes_along_when_asked(day0) -> None:
+    """trainer.init_optimizer=true: the tables' row-wise Adagrad state of the old rows arrives (after one step it
+    has only grown where the step touched a row), the new rows' starts at zero."""
+    root, run0 = day0
+    grown = _data(root, 1, "grown1", f"data.vocab_from={root}/processed0")
+    run = run_training(
+        root / "with_optim",
+        [*grown, "trainer.max_steps=1", "trainer.restore_best=false", "trainer.eval_every_steps=0"]
+        + [f"trainer.init_from={run0}", "trainer.init_optimizer=true"],
+        nproc=2,
+    )
+    assert run.returncode == 0, run.output[-3000:]
+    assert run.events("init_from")[0]["optimizer"] is True
+    key = "optim." + TABLE.format("cat_0")[len("model.") :] + ".t_cat_0.momentum1"
+    before, after = find_checkpoint(run0), find_checkpoint(run.run_dir, "latest")
+    old = {key: torch.empty(read_meta(before)["shapes"][key])}
+    new = {key: torch.empty(read_meta(after)["shapes"][key])}
+    load_tensors(before, old, no_dist=True)
+    load_tensors(after, new, no_dist=True)
+    o, n = old[key], new[key]
+    assert len(n) > len(o) and o.sum() > 0
+    assert (n[: len(o)] >= o).all() and (n[: len(o)] == o).float().mean() > 0.5
+    assert (n[len(o) :] >= 0).all() and (n[len(o) :] == 0).float().mean() > 0.5
