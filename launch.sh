@@ -31,10 +31,11 @@ usage() {
   cat <<'TXT'
 Usage: ./launch.sh <command> [arguments...]
 
-  train       Train with torchrun on NPROC ranks (default 2) on this machine; arguments are Hydra overrides.
+  train       Train with torchrun on NPROC ranks on this machine (default one per GPU, else one per NUMA node);
+              arguments are Hydra overrides.
                 ./launch.sh train                              # main job: synthetic data, paper's DLRM
                 ./launch.sh train model.embedding_dim=64       # any Hydra override
-                NPROC=1 ./launch.sh train model=tiny data=tiny # one rank, tiny preset
+                NPROC=2 ./launch.sh train model=tiny data=tiny # two ranks, tiny preset
                 ./launch.sh train --cfg job                    # print the resolved config, no training
               With -m (--multirun): a sweep. One process expands the sweep and starts every point as its
               own torchrun job of NPROC ranks, one after another, into multirun/<run id>/<num>/, then
@@ -95,9 +96,9 @@ Usage: ./launch.sh <command> [arguments...]
                 ./launch.sh plan -j 2x8 --device cuda --hbm-gb 80 --data criteo_1tb --cap 40000000
                 ./launch.sh plan -j 1x2 --device cpu --data processed:data/synthetic/processed
 
-Environment: NPROC (ranks per node, default 2), NNODES (nodes, default 1) and RDZV_ENDPOINT (first
-node's host:port, when NNODES > 1), PIPELINE_RUN_ID (run folder name, default a timestamp),
-PIPELINE_VENV (virtualenv path, default .venv), PYTHON (interpreter for the venv, default python3.11),
+Environment: NPROC (ranks per node, default one per GPU, else one per NUMA node), NNODES (nodes, default
+1) and RDZV_ENDPOINT (first node's host:port, when NNODES > 1), PIPELINE_RUN_ID (run folder name,
+default a timestamp), PIPELINE_VENV (virtualenv path, default .venv), PYTHON (interpreter for the venv, default python3.11),
 PIPELINE_DRY_RUN=1 (print the command train/sweep/compose/submit would run, and exit), MAX_RESTARTS
 (train: torchrun restarts all ranks up to this many times when one dies; they resume from the last
 checkpoint), PIPELINE_VARIANT (cpu or cuda lock file).

@@ -12,9 +12,10 @@ error of any command (config, data, checkpoint, serving) prints its message in a
 with its kind's code (2 config, 3 checkpoint/training, 4 data, 5 serving); ``PIPELINE_DEBUG=1`` shows
 the traceback. Ctrl-C says where the run stopped and how to resume it.
 
-Environment: NPROC (ranks per node, default 2), NNODES (default 1), RDZV_ENDPOINT (host:port of the first
-node), PIPELINE_RUN_ID (the run folder and rendezvous id; default a timestamp), MAX_RESTARTS (torchrun's
---max-restarts), PIPELINE_DRY_RUN=1 (print the command instead of running it), PIPELINE_DEBUG=1.
+Environment: NPROC (ranks per node; default one per GPU, else one per NUMA node: pipeline/launch/ranks.py),
+NNODES (default 1), RDZV_ENDPOINT (host:port of the first node), PIPELINE_RUN_ID (the run folder and rendezvous
+id; default a timestamp), MAX_RESTARTS (torchrun's --max-restarts), PIPELINE_DRY_RUN=1 (print the command
+instead of running it), PIPELINE_DEBUG=1.
 """
 
 from __future__ import annotations
@@ -152,7 +153,13 @@ def _torchrun(argv: list[str], run_id: str) -> int:
 
 def train(args: list[str], sweep: bool = False) -> int:
     """``train``: check the config, then torchrun (or Hydra in this process for sweeps and inspection)."""
-    nproc = int(os.environ.get("NPROC", "2"))
+    if os.environ.get("NPROC"):
+        nproc = int(os.environ["NPROC"])
+    else:
+        from pipeline.launch.ranks import default_ranks_per_node
+
+        nproc, why = default_ranks_per_node()
+        _say(f"NPROC={nproc}: {why}; set NPROC for another count")
     nnodes = int(os.environ.get("NNODES", "1"))
     if nnodes > 1 and not (os.environ.get("RDZV_ENDPOINT") and os.environ.get("PIPELINE_RUN_ID")):
         raise ConfigError(

@@ -55,6 +55,22 @@ def test_train_is_one_standalone_torchrun_node_by_default() -> None:
     assert argv[1:] == [*local, "--nproc_per_node", "3", SCRIPT, "model=tiny"]
 
 
+def test_without_nproc_a_cpu_node_runs_one_rank_per_numa_node_and_says_so(tmp_path) -> None:
+    from pipeline.launch.ranks import numa_nodes
+
+    out = _launch("train", "model=tiny")
+    assert out.returncode == 0, out.stderr
+    argv = shlex.split(out.stdout)
+    nodes = numa_nodes()
+    assert argv[argv.index("--nproc_per_node") + 1] == str(nodes)
+    assert f"NPROC={nodes}: one per NUMA node on CPUs" in out.stderr
+    for name, cpus in (("node0", "0-3"), ("node1", "4-7"), ("node2", ""), ("possible", "")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "cpulist").write_text(cpus + "\n")
+    assert numa_nodes(tmp_path) == 2, "nodes with CPUs only"
+    assert numa_nodes(tmp_path / "missing") == 1
+
+
 def test_train_on_several_nodes_uses_c10d_rendezvous_with_the_run_id() -> None:
     argv = _argv("train", "model=tiny", NNODES="2", NPROC="1", RDZV_ENDPOINT="node0:29500", PIPELINE_RUN_ID="job1")
     assert argv[1:] == [
