@@ -4,21 +4,23 @@ Every metric but AUC is a sum over rows, all-reduced in float64. The exact AUC (
 counting one half, as :func:`~pipeline.metrics.functional.binary_metrics`) is a distributed
 sort-and-count:
 
-1. each rank sorts its scores and counts positives and negatives per distinct score. A probability's
-   float32 bits, read as an integer, order like the probability (for non-negative floats), so ties are
-   ties of float32 values, as in the gathered computation;
-2. an all-reduced histogram of the scores' high bits (distinct scores per bin, over all ranks) cuts the
-   score range into one run of bins per rank, about equal in size; equal scores share a bin, so they
-   always meet on one rank;
-3. an all-to-all sends each (score, positives, negatives) to the rank owning its bin, which merges them;
-4. each rank adds up ``pos * (2 * negatives below + negatives at the score)`` over its scores, the
+1. each row becomes one int32, ``score * 2 + label``, where the score is the probability's float32 bits:
+   for non-negative floats they order like the float, so ties are ties of float32 values, as in the
+   gathered computation, and a sort puts a score's negatives just before its positives;
+2. each rank sorts its values (in place) and counts the rows per distinct value;
+3. an all-reduced histogram of the values' high bits (distinct values per bin, over all ranks) cuts the
+   score range into one run of bins per rank, about equal in size; a score's rows share a bin, so equal
+   scores always meet on one rank;
+4. an all-to-all sends each (value, count), packed in one int64, to the rank owning its bin, which sorts
+   and merges them;
+5. each rank adds up ``positives * (2 * negatives below + negatives at the score)`` over its scores, the
    negatives below its range coming from the per-rank counts of one all-reduce, and
    AUC = sum / (2 * positives * negatives), in exact integer arithmetic.
 
-A rank holds its own rows, its distinct scores (at most as many) and the distinct scores it receives
-(about 1/world_size of all ranks' distinct scores, plus at most one histogram bin), never all rows.
-Collectives run on the tensors' device (CPU for gloo, the model's GPU for nccl); without a process group,
-or on one rank, there are none.
+A rank holds its own rows, its distinct values (at most as many) and those it receives (about
+1/world_size of all ranks' distinct values, plus at most one histogram bin), never all rows. Collectives
+run on the tensors' device (CPU for gloo, the model's GPU for nccl); without a process group, or on one
+rank, there are none.
 """
 
 from __future__ import annotations
@@ -29,10 +31,11 @@ from torch.distributed import ProcessGroup
 
 from pipeline.metrics.functional import LOGLOSS_CLIP, BinaryMetrics, metrics_from_totals
 
-_ONE_BITS = 0x3F800000  # float32 1.0 as an int32: every probability's key is at most this
-_KEY_SHIFT = 14  # 2**14 consecutive float32 values per histogram bin (512 bins per power of two)
-NUM_SCORE_BINS = (_ONE_BITS >> _KEY_SHIFT) + 1  # 65,025 bins over [0, 1]: 520 KB of int64 counts to all-reduce
-_SUM_CHUNK = 1 << 20  # rows per float64 pass of the sums: bounds their temporaries
+_ONE_BITS = 0x3F800000  # float32 1.0 as an int32: every probability's score is at most this
+_BIN_SHIFT = 15  # 2**14 consecutive float32 scores (2**15 values with the label bit) per histogram bin
+NUM_SCORE_BINS = ((2 * _ONE_BITS + 1) >> _BIN_SHIFT) + 1  # 65,025 bins over [0, 1]: 520 KB of counts to all-reduce
+MAX_ROWS = 2**32 - 1  # over all ranks, on several ranks: a count travels in the low 32 bits of an int64
+_SUM_CHUNK = 1 << 18  # rows per float64 pass of the sums: their temporaries stay under 16 MB
 
 
 def _world_size(group: ProcessGroup | None) -> int:
@@ -61,21 +64,29 @@ def _local_sums(probs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return sums
 
 
-def _run_sums(values: torch.Tensor, run_ends: torch.Tensor) -> torch.Tensor:
-    """int64 sums of ``values`` over consecutive runs ending (inclusive) at ``run_ends``."""
-    at_ends = values.cumsum(0, dtype=torch.int64)[run_ends]
-    return torch.diff(at_ends, prepend=at_ends.new_zeros(1))
+def _sort(values: torch.Tensor) -> torch.Tensor:
+    """``values`` ascending, sorted in place on the CPU (numpy's sort needs no index or scratch arrays, where
+    torch.sort adds 20 bytes a row); on a GPU, a sorted copy."""
+    if values.device.type == "cpu":
+        values.numpy().sort()
+        return values
+    return torch.sort(values).values
 
 
-def _sum_by_score(
-    keys: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Distinct keys in ascending order with their summed positives and negatives (int64)."""
-    sorted_keys, order = torch.sort(keys)
-    distinct, counts = torch.unique_consecutive(sorted_keys, return_counts=True)
-    del sorted_keys
-    run_ends = counts.cumsum(0) - 1
-    return distinct, _run_sums(pos[order], run_ends), _run_sums(neg[order], run_ends)
+def _sorted_values(probs: torch.Tensor, positive: torch.Tensor) -> torch.Tensor:
+    """int32 ``score * 2 + label`` of each row, ascending (probabilities checked to be in [0, 1])."""
+    values = probs.view(torch.int32).clamp_min(0)  # -0.0's bits are negative as an int32: +0.0
+    values.mul_(2).add_(positive)
+    return _sort(values)
+
+
+def _sum_runs(sorted_values: torch.Tensor, counts: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Distinct values of a sorted tensor and the rows (or the summed ``counts``, overwritten) at each, int64."""
+    distinct, run_lengths = torch.unique_consecutive(sorted_values, return_counts=True)
+    if counts is None:
+        return distinct, run_lengths
+    at_ends = counts.cumsum_(0)[run_lengths.cumsum_(0).sub_(1)]
+    return distinct, torch.diff(at_ends, prepend=at_ends.new_zeros(1))
 
 
 def score_bin_owners(bin_counts: torch.Tensor, world_size: int) -> torch.Tensor:
@@ -91,50 +102,65 @@ def score_bin_owners(bin_counts: torch.Tensor, world_size: int) -> torch.Tensor:
     return (before * world_size // total).clamp_(max=world_size - 1)
 
 
-def _exchange(rows: torch.Tensor, dest: torch.Tensor, world_size: int, group: ProcessGroup | None) -> torch.Tensor:
-    """Send each row of ``rows`` (sorted by ``dest``) to rank ``dest``; returns the rows this rank receives."""
-    send_counts = torch.bincount(dest, minlength=world_size)
+def _send_counts(distinct: torch.Tensor, group: ProcessGroup | None) -> torch.Tensor:
+    """How many of this rank's sorted distinct values go to each rank (int64 [world_size])."""
+    world_size = _world_size(group)
+    edges = torch.arange(NUM_SCORE_BINS + 1, dtype=torch.int32, device=distinct.device) << _BIN_SHIFT
+    below_edge = torch.searchsorted(distinct, edges)
+    hist = _all_reduce(torch.diff(below_edge), group)
+    owners = score_bin_owners(hist, world_size)
+    first_bin = torch.searchsorted(owners, torch.arange(world_size + 1, device=owners.device))
+    return torch.diff(below_edge[first_bin])
+
+
+def _exchange(words: torch.Tensor, send_counts: torch.Tensor, group: ProcessGroup | None) -> torch.Tensor:
+    """Send the first ``send_counts[0]`` words to rank 0, the next to rank 1, ...; returns those received."""
     recv_counts = torch.empty_like(send_counts)
     dist.all_to_all_single(recv_counts, send_counts, group=group)
-    received = rows.new_empty((int(recv_counts.sum()), rows.shape[1]))
-    dist.all_to_all_single(received, rows, recv_counts.tolist(), send_counts.tolist(), group=group)
+    received = words.new_empty(int(recv_counts.sum()))
+    dist.all_to_all_single(received, words, recv_counts.tolist(), send_counts.tolist(), group=group)
     return received
 
 
-def _scores_on_owners(
-    probs: torch.Tensor, positive: torch.Tensor, count_dtype: torch.dtype, group: ProcessGroup | None
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """This rank's range of distinct scores (int keys, ascending) with all ranks' positives and negatives at each."""
-    # A non-negative float's bits, as an int32, order like the float; -0.0's bits are negative: clamped to +0.0.
-    keys = probs.view(torch.int32).clamp_min(0)
-    keys, pos, neg = _sum_by_score(keys, positive, ~positive)
-    world_size = _world_size(group)
-    if world_size == 1:
-        return keys, pos, neg
-    bins = (keys >> _KEY_SHIFT).long()
-    hist = _all_reduce(torch.bincount(bins, minlength=NUM_SCORE_BINS), group)
-    dest = score_bin_owners(hist, world_size)[bins]
-    del bins, hist
-    triples = torch.stack([keys.to(count_dtype), pos.to(count_dtype), neg.to(count_dtype)], dim=1)
-    del keys, pos, neg
-    received = _exchange(triples, dest, world_size, group)
-    del triples, dest
-    return _sum_by_score(received[:, 0].contiguous(), received[:, 1], received[:, 2])
+def _values_on_owners(
+    probs: torch.Tensor, positive: torch.Tensor, group: ProcessGroup | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """This rank's range of distinct ``score * 2 + label`` values (ascending) and all ranks' rows at each."""
+    distinct, counts = _sum_runs(_sorted_values(probs, positive))
+    if _world_size(group) == 1:
+        return distinct, counts
+    send_counts = _send_counts(distinct, group)
+    words = distinct.to(torch.int64).bitwise_left_shift_(32).bitwise_or_(counts)
+    del distinct, counts
+    received = _sort(_exchange(words, send_counts, group))
+    del words
+    values = (received >> 32).to(torch.int32)
+    return _sum_runs(values, received.bitwise_and_(0xFFFFFFFF))
 
 
-def _distributed_auc(probs: torch.Tensor, positive: torch.Tensor, num_rows: int, group: ProcessGroup | None) -> float:
+def _area_terms(values: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(positives, negatives, sum over scores of ``positives * (2 * negatives below + negatives at the score)``),
+    int64, for one rank's sorted distinct values; in-place steps keep the temporaries to a few per value."""
+    is_pos = (values & 1).bool()
+    neg = counts.masked_fill(is_pos, 0)
+    # A positive entry's score has negatives only in the entry just before it (value - 1), if that is there.
+    neg_at = torch.zeros_like(neg)
+    neg_at[1:] = neg[:-1]
+    neg_at[1:].masked_fill_(values[1:] - values[:-1] != 1, 0)
+    num_neg = neg.sum()
+    terms = neg.cumsum_(0)  # at a positive entry: the negatives below its score and at it
+    terms.mul_(2).sub_(neg_at).mul_(counts).masked_fill_(~is_pos, 0)
+    return counts.sum() - num_neg, num_neg, terms.sum()
+
+
+def _distributed_auc(probs: torch.Tensor, positive: torch.Tensor, group: ProcessGroup | None) -> float:
     """Exact AUC of all ranks' rows, ties counting one half; NaN with one class only."""
     world_size = _world_size(group)
-    # int32 counts halve the all-to-all; a count above 2**31 - 1 needs that many rows on one rank.
-    count_dtype = torch.int32 if num_rows < 2**31 else torch.int64
-    _, pos, neg = _scores_on_owners(probs, positive, count_dtype, group)
-    neg_below_here = torch.cumsum(neg, 0) - neg  # negatives below each score, from this rank's range
-    # Slots: [positives per rank | negatives per rank | this rank's part of 2 * the area]; one all-reduce.
+    num_pos, num_neg, twice_area = _area_terms(*_values_on_owners(probs, positive, group))
+    # Slots: [positives per rank | negatives per rank | 2 * the area within ranks]; one all-reduce.
     totals = torch.zeros(2 * world_size + 1, dtype=torch.int64, device=probs.device)
     rank = dist.get_rank(group) if world_size > 1 else 0
-    totals[rank] = pos.sum()
-    totals[world_size + rank] = neg.sum()
-    totals[-1] = (pos * (2 * neg_below_here + neg)).sum()
+    totals[rank], totals[world_size + rank], totals[-1] = num_pos, num_neg, twice_area
     totals = _all_reduce(totals, group).cpu()
     pos_per_rank, neg_per_rank = totals[:world_size], totals[world_size:-1]
     num_pos, num_neg = int(pos_per_rank.sum()), int(neg_per_rank.sum())
@@ -157,7 +183,8 @@ def distributed_binary_metrics(
         group: the process group (the default one when initialized; none: this process's rows alone).
 
     Raises:
-        ValueError: no rows on any rank, or a probability outside [0, 1] (NaN) on any rank (raised on all).
+        ValueError: no rows on any rank, a probability outside [0, 1] (NaN) on any rank, or more than
+            ``MAX_ROWS`` rows on several ranks (raised on all ranks).
     """
     probs = probs.detach().float().flatten().contiguous()
     labels = labels.detach().flatten()
@@ -169,7 +196,9 @@ def distributed_binary_metrics(
         raise ValueError("evaluation needs at least one prediction over all ranks, got none")
     if num_invalid:
         raise ValueError(f"{int(num_invalid)} probabilities outside [0, 1] or NaN: the model's outputs are not finite")
-    auc = _distributed_auc(probs, labels == 1, int(num_rows), group)
+    if num_rows > MAX_ROWS and _world_size(group) > 1:
+        raise ValueError(f"{int(num_rows):,} rows: the distributed AUC counts at most {MAX_ROWS:,} (evaluate fewer)")
+    auc = _distributed_auc(probs, labels == 1, group)
     return metrics_from_totals(int(num_rows), num_positive, sum_probs, sum_logloss, num_correct, auc)
 
 
