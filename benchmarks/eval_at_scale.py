@@ -12,8 +12,8 @@ meaningful. For each N the two methods run alternated, ``--repeats`` times:
 
 Per run it prints the seconds of the computation (the slower rank's), each rank's peak RSS during it
 (VmHWM reset after the inputs were made) and the increase over the RSS before it, and the AUC; then the
-AUC difference of the methods. Before running ``gather`` it estimates that run's memory (from the
-largest N measured so far, else 140 bytes per row per rank) and skips it, saying why, when the two ranks
+AUC difference of the methods. Before running ``gather`` it estimates that run's memory (from the last
+``gather`` measured, else 140 bytes per row of N on each rank) and skips it, saying why, when the two ranks
 would need more than ``--max-gib`` or 80% of the memory available.
 
     .venv/bin/python benchmarks/eval_at_scale.py --rows 10000000,50000000

@@ -25,16 +25,21 @@ rank, there are none.
 
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.distributed as dist
 from torch.distributed import ProcessGroup
 
 from pipeline.metrics.functional import LOGLOSS_CLIP, BinaryMetrics, metrics_from_totals
 
+logger = logging.getLogger(__name__)
+
 _ONE_BITS = 0x3F800000  # float32 1.0 as an int32: every probability's score is at most this
 _BIN_SHIFT = 15  # 2**14 consecutive float32 scores (2**15 values with the label bit) per histogram bin
 NUM_SCORE_BINS = ((2 * _ONE_BITS + 1) >> _BIN_SHIFT) + 1  # 65,025 bins over [0, 1]: 520 KB of counts to all-reduce
-MAX_ROWS = 2**32 - 1  # over all ranks, on several ranks: a count travels in the low 32 bits of an int64
+# Over all ranks: a count travels in the low 32 bits of an int64, and 2 * positives * negatives fits an int64.
+MAX_ROWS = 2**32 - 1
 _SUM_CHUNK = 1 << 18  # rows per float64 pass of the sums: their temporaries stay under 16 MB
 
 
@@ -183,8 +188,9 @@ def distributed_binary_metrics(
         group: the process group (the default one when initialized; none: this process's rows alone).
 
     Raises:
-        ValueError: no rows on any rank, a probability outside [0, 1] (NaN) on any rank, or more than
-            ``MAX_ROWS`` rows on several ranks (raised on all ranks).
+        ValueError: no rows on any rank, or more than ``MAX_ROWS`` rows in all (raised on all ranks).
+
+    A NaN probability (or one outside [0, 1]) on any rank makes the AUC NaN on all, as the logloss.
     """
     probs = probs.detach().float().flatten().contiguous()
     labels = labels.detach().flatten()
@@ -194,11 +200,13 @@ def distributed_binary_metrics(
     num_rows, num_positive, sum_probs, sum_logloss, num_correct, num_invalid = totals
     if num_rows == 0:
         raise ValueError("evaluation needs at least one prediction over all ranks, got none")
-    if num_invalid:
-        raise ValueError(f"{int(num_invalid)} probabilities outside [0, 1] or NaN: the model's outputs are not finite")
-    if num_rows > MAX_ROWS and _world_size(group) > 1:
+    if num_rows > MAX_ROWS:
         raise ValueError(f"{int(num_rows):,} rows: the distributed AUC counts at most {MAX_ROWS:,} (evaluate fewer)")
-    auc = _distributed_auc(probs, labels == 1, group)
+    if num_invalid:  # the logloss is NaN too; every rank sees the count, so all skip the AUC's collectives
+        logger.warning("%d predictions are NaN or outside [0, 1]: AUC and logloss are NaN", int(num_invalid))
+        auc = float("nan")
+    else:
+        auc = _distributed_auc(probs, labels == 1, group)
     return metrics_from_totals(int(num_rows), num_positive, sum_probs, sum_logloss, num_correct, auc)
 
 
