@@ -29,7 +29,7 @@ from pipeline.data.prepare import prepare_data_distributed
 from pipeline.distributed.env import DistEnv, init_process_group, keep_freed_memory, select_device, set_num_threads
 from pipeline.distributed.sharding import reset_tables, shard_model
 from pipeline.errors import DataError, Preempted, TrainingError
-from pipeline.metrics.evaluator import PredictionGatherer
+from pipeline.metrics.evaluator import PredictionAccumulator
 from pipeline.metrics.functional import BinaryMetrics
 from pipeline.metrics.keys import eval_key, eval_metrics
 from pipeline.metrics.loggers import RunWriter, process_memory_mib
@@ -422,11 +422,13 @@ class Trainer:
     def evaluate(self, split: str, max_batches: int | None = None, save_predictions: bool = False) -> BinaryMetrics:
         """Exact metrics of the current model on ``split`` over all ranks (same result on each).
 
-        ``save_predictions``: rank 0 writes ``predictions_<split>.npy`` into the run folder, one
-        probability per row of the split in row order (whatever the world size).
+        The metrics are computed distributed: no rank gathers all predictions. ``save_predictions``: rank 0
+        writes ``predictions_<split>.npy`` into the run folder, one probability per row of the split in row
+        order (whatever the world size); for that it gathers every rank's probabilities and row indices
+        (12 bytes a row on rank 0).
         """
         self.model.eval()
-        gatherer = PredictionGatherer()
+        accumulator = PredictionAccumulator()
         batches = eval_batches(
             self.eval_splits[split],
             self.cfg.data.eval_global_batch_size,
@@ -441,12 +443,12 @@ class Trainer:
             batch = eb.batch.to(self.device)
             with self._autocast():
                 logits = net(batch.dense_features, batch.sparse_features)
-            gatherer.update(logits.float(), batch.labels, eb.weights, eb.rows if save_predictions else None)
+            accumulator.update(logits.float(), batch.labels, eb.weights, eb.rows if save_predictions else None)
             self.heartbeat.beat()
         self.model.train()
-        metrics = gatherer.compute()
+        metrics = accumulator.compute()
         if save_predictions and self.env.is_rank_zero:
-            np.save(self.run_dir / f"predictions_{split}.npy", gatherer.predictions.numpy())
+            np.save(self.run_dir / f"predictions_{split}.npy", accumulator.predictions.numpy())
         return metrics
 
     def _timed_eval(

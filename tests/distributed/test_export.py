@@ -117,6 +117,23 @@ def test_exported_model_scores_the_raw_tsv_like_the_sharded_model(tmp_path, voca
     assert metrics["logloss"] == pytest.approx(summary["eval/val/logloss"], rel=1e-5)
 
 
+@pytest.mark.parametrize("split", ["val", "test"])
+def test_distributed_eval_metrics_equal_the_gathered_ones(vocab_run, tiny_data_overrides, split) -> None:
+    """The run's metrics (computed over 2 ranks, no rank holding all predictions) are binary_metrics of all the
+    split's predictions gathered in one place, to 1e-6."""
+    from pipeline.metrics.functional import binary_metrics
+    from pipeline.metrics.keys import of_split
+
+    raw = Path(_option(tiny_data_overrides, "data.raw_dir"))
+    labels = np.array([float(line.split("\t", 1)[0]) for line in (raw / f"{split}.tsv").read_text().splitlines()])
+    probs = np.load(vocab_run / f"predictions_{split}.npy")
+    want = binary_metrics(torch.from_numpy(probs), torch.from_numpy(labels))
+    got = of_split(json.loads((vocab_run / "summary.json").read_text())["final"], split)
+    assert got["num_samples"] == want.num_samples == len(labels)
+    for name in ("auc", "logloss", "normalized_entropy", "accuracy", "calibration", "ctr"):
+        assert got[name] == pytest.approx(getattr(want, name), abs=1e-6), name
+
+
 @pytest.fixture(scope="module")
 def vocab_export(tmp_path_factory, vocab_run) -> Path:
     """The vocab run exported in this (pytest) process, from its checkpoints folder (the latest)."""
