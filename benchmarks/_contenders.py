@@ -164,6 +164,12 @@ def run_plain(a) -> dict:
 
 
 # -- minimal TorchRec ------------------------------------------------------------------------------
+def _sync(device: torch.device) -> None:
+    """Wait for the device's queued work (a GPU step's time is the kernels', not their launch)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def run_torchrec(a) -> dict:
     import torch.distributed as dist
     from torchrec import optim as trec_optim
@@ -178,7 +184,11 @@ def run_torchrec(a) -> dict:
     from torchrec.optim.optimizers import in_backward_optimizer_filter
     from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-    dist.init_process_group("gloo")
+    device = torch.device(a.device)
+    if device.type == "cuda":  # one GPU per rank, nccl between them
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     torch.manual_seed(0)
@@ -192,7 +202,7 @@ def run_torchrec(a) -> dict:
     else:
         model = DLRMTrain(DLRM(ebc, DENSE_IN, a.bottom, a.top))
     apply_optimizer_in_backward(trec_optim.SGD, model.model.sparse_arch.parameters(), {"lr": 0.01})
-    dmp = DistributedModelParallel(model, device=torch.device("cpu"))
+    dmp = DistributedModelParallel(model, device=device)
     dense_opt = KeyedOptimizerWrapper(
         dict(in_backward_optimizer_filter(dmp.named_parameters())), lambda p: torch.optim.SGD(p, lr=0.01)
     )
@@ -216,12 +226,13 @@ def run_torchrec(a) -> dict:
         return [to_batch(*b) for b in random_batches(n, local, a.rows, seed)]
 
     batches = make(a.warmup + a.steps + 2, rank)
-    pipeline = TrainPipelineSparseDist(dmp, opt, torch.device("cpu"), execute_all_batches=True)
+    pipeline = TrainPipelineSparseDist(dmp, opt, device, execute_all_batches=True)  # copies each batch to device
     it = iter(batches)
     times = []
     for _ in range(a.warmup + a.steps):
         t = time.perf_counter()
         pipeline.progress(it)
+        _sync(device)
         times.append(time.perf_counter() - t)
     if a.profile:
         more = iter(make(a.profile_steps + 2, rank + 1))
@@ -231,14 +242,18 @@ def run_torchrec(a) -> dict:
     inf = []
     with torch.no_grad():
         for b in batches[: a.warmup + a.infer_steps]:
+            b = b.to(device)  # ready on the device, as the forward's input
+            _sync(device)
             t = time.perf_counter()
             dmp(b)
+            _sync(device)
             inf.append(time.perf_counter() - t)
     out = {
         "train": summarize(times, a.batch, a.warmup),
         "infer": summarize(inf, a.batch, a.warmup),
         "peak_rss_mib": peak_rss_mib(),
         "world_size": world,
+        **({"peak_gpu_mib": torch.cuda.max_memory_allocated(device) / 2**20} if device.type == "cuda" else {}),
     }
     gathered: list[dict] = [{} for _ in range(world)]
     dist.all_gather_object(gathered, out)
@@ -272,6 +287,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--infer-steps", type=int, default=30)
     p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="torchrec: where the model runs")
     p.add_argument("--profile", type=Path, default=None, help="also profile --profile-steps steps into this folder")
     p.add_argument("--profile-steps", type=int, default=10)
     a = p.parse_args()
@@ -279,6 +295,8 @@ def main() -> None:
         p.error(f"--bag-sizes needs {NUM_TABLES} sizes, got {len(a.bag_sizes)}")
     if a.contender == "plain" and a.interaction != "dot":
         p.error("plain has the dot interaction only")
+    if a.contender == "plain" and a.device != "cpu":
+        p.error("plain runs on the CPU only")
     result = run_plain(a) if a.contender == "plain" else run_torchrec(a)
     if result:
         a.out.write_text(json.dumps(result))

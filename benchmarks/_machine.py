@@ -33,21 +33,40 @@ def isa() -> list[str]:
     return [name for flag, name in ISA_FLAGS.items() if flag in flags]
 
 
-def gemm_rate() -> float:
-    """fp32 GEMM FLOP/s with all cores (best of a few 2048x512x512 products)."""
+def gemm_rate(device: str = "cpu") -> float:
+    """fp32 GEMM FLOP/s with all cores, or on the GPU for ``device="cuda"`` (best of a few 2048x512x512
+    products; 16384 rows on a GPU)."""
     import torch
 
     torch.set_num_threads(os.cpu_count() or 1)
-    a, b = torch.randn(2048, 512), torch.randn(512, 512)
+    rows = 16384 if device == "cuda" else 2048
+    a, b = torch.randn(rows, 512, device=device), torch.randn(512, 512, device=device)
+
+    def sync() -> None:
+        if device == "cuda":
+            torch.cuda.synchronize()
+
     for _ in range(5):
         a @ b
     best = 0.0
     for _ in range(20):
+        sync()
         t = time.perf_counter()
         for _ in range(10):
             a @ b
-        best = max(best, 10 * 2 * 2048 * 512 * 512 / (time.perf_counter() - t))
+        sync()
+        best = max(best, 10 * 2 * rows * 512 * 512 / (time.perf_counter() - t))
     return best
+
+
+def gpu_model() -> str:
+    """The GPU's name and memory, or '' without one."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return ""
+    props = torch.cuda.get_device_properties(0)
+    return f"{props.name}, {props.total_memory / 2**30:.0f} GiB, {torch.cuda.device_count()} GPU(s)"
 
 
 def describe(rate: float | None = None) -> str:

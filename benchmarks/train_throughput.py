@@ -47,7 +47,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from benchmarks._machine import describe, gemm_rate  # noqa: E402
+from benchmarks._machine import describe, gemm_rate, gpu_model  # noqa: E402
 from benchmarks._mlperf_data import LENGTHS, MLPERF_BAG_SIZES, mean_ids_per_row, multi_hot_override, write_raw  # noqa: E402
 from benchmarks._runs import fresh_run_dir  # noqa: E402
 
@@ -146,6 +146,7 @@ def run_ours(
     name: str = "ours",
     extra: tuple[str, ...] = (),
     model: tuple[str, ...] = ("model=dlrm_criteo",),
+    device: str = "cpu",
 ) -> dict:
     run_dir = fresh_run_dir(work / f"{name}_{tag}")
     # Profiled steps (if any) come after the measured ones and are not counted.
@@ -171,6 +172,7 @@ def run_ours(
         "logger.progress_bar=false",
         "checkpoint.every_steps=0",
         "checkpoint.save_at_end=false",
+        f"trainer.device={device}",
         *profile,
         *extra,
     ]
@@ -199,6 +201,7 @@ def run_baseline(
     steps: int,
     profile_steps: int = 0,
     model: tuple[str, ...] = (),
+    device: str = "cpu",
 ) -> dict:
     out = work / f"{who}_{tag}.json"
     script = [
@@ -210,6 +213,7 @@ def run_baseline(
         f"--steps={steps}",
         f"--out={out}",
         *model,
+        *([f"--device={device}"] if device != "cpu" else []),
     ]
     if profile_steps:
         script += [f"--profile={work / f'profile_{tag}'}", f"--profile-steps={profile_steps}"]
@@ -246,6 +250,12 @@ def main() -> None:
         help="validation (and test) split size in batches of the largest batch size: ours' inference pass",
     )
     p.add_argument("--rounds", type=int, default=1, help="repeat each contender, alternating")
+    p.add_argument(
+        "--device",
+        choices=["cpu", "cuda"],
+        default="cpu",
+        help="cuda: (a) and (b) on the GPU (one per rank), fused TBE tables on the card; (c) is left out",
+    )
     p.add_argument("--workdir", default=None)
     p.add_argument(
         "--profile",
@@ -293,8 +303,10 @@ def main() -> None:
         data = prepare_data(work, a.rows, train_rows, max(batches) * a.eval_batches)
         ours_model, baseline_model = ("model=dlrm_criteo",), ()
         flops = flops_per_sample(128, [512, 256, 128], [512, 256, 1])
-    rate = gemm_rate()
-    print(f"machine: {describe(rate)}", flush=True)
+    rate = gemm_rate(a.device)
+    print(f"machine: {describe(gemm_rate() if a.device == 'cuda' else rate)}", flush=True)
+    if a.device == "cuda":
+        print(f"gpu: {gpu_model()} | fp32 GEMM {rate / 1e9:,.0f} GFLOP/s (the bound below is the GPU's)", flush=True)
     if a.mlperf:
         print(
             f"MLPerf-shaped: 26 multi-hot tables of {a.rows:,} rows, bags of {a.lengths} lengths "
@@ -305,7 +317,7 @@ def main() -> None:
         )
     train_flops, infer_flops = flops
     print(
-        f"GEMM {rate / 1e9:.0f} GFLOP/s fp32 on {os.cpu_count()} cores; "
+        f"GEMM {rate / 1e9:.0f} GFLOP/s fp32 on {'the GPU' if a.device == 'cuda' else f'{os.cpu_count()} cores'}; "
         f"the model needs {train_flops / 1e6:.2f} MFLOP per "
         f"training sample, {infer_flops / 1e6:.2f} per inference sample -> compute bound "
         f"{rate / train_flops:,.0f} train / {rate / infer_flops:,.0f} infer samples/s\n",
@@ -323,7 +335,9 @@ def main() -> None:
             for r in range(a.rounds):
                 tag = f"b{batch}_r{nproc}_{r}"
                 results["ours"].append(
-                    run_ours(work, tag, data, batch, nproc, a.warmup, a.steps, a.profile, model=ours_model)
+                    run_ours(
+                        work, tag, data, batch, nproc, a.warmup, a.steps, a.profile, model=ours_model, device=a.device
+                    )
                 )
                 if a.bf16:
                     results["ours_bf16"].append(
@@ -339,14 +353,25 @@ def main() -> None:
                             "ours_bf16",
                             ("trainer.precision=bf16",),
                             ours_model,
+                            a.device,
                         )
                     )
                 results["torchrec"].append(
                     run_baseline(
-                        work, tag, "torchrec", batch, nproc, a.rows, a.warmup, a.steps, a.profile, baseline_model
+                        work,
+                        tag,
+                        "torchrec",
+                        batch,
+                        nproc,
+                        a.rows,
+                        a.warmup,
+                        a.steps,
+                        a.profile,
+                        baseline_model,
+                        a.device,
                     )
                 )
-                if nproc == 1 and not a.mlperf:
+                if nproc == 1 and not a.mlperf and a.device == "cpu":
                     results["plain"].append(
                         run_baseline(work, tag, "plain", batch, nproc, a.rows, a.warmup, a.steps, a.profile)
                     )
