@@ -12,6 +12,9 @@ from pipeline.checkpoint import Checkpointer, CheckpointError, TrainState, lates
 from pipeline.checkpoint.manager import ModelState
 from tests.storage.conftest import ACCESS_KEY, SECRET_KEY
 
+# One process without a process group: DCP says it saves and loads in a single process.
+pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+
 
 def _state(value: float) -> tuple[dict, torch.nn.Linear]:
     model = torch.nn.Linear(4, 3)
@@ -68,25 +71,25 @@ def test_a_step_folder_no_pointer_names_is_ignored_and_cleared_by_the_next_save(
 def test_a_store_failing_a_share_of_requests_is_retried_through(s3, faults) -> None:
     root = s3.bucket() + "/checkpoints"
     ck = Checkpointer(root, rank=0, world_size=1, keep_last=2)
-    faults.set(0.25, status=503)
-    for step in (10, 20, 30):
+    faults.set(0.2, status=503)
+    for step in (10, 20):
         _save(ck, step)
     faults.set(0.2, status=0)  # dropped connections
-    _save(ck, 40)
+    _save(ck, 30)
     assert faults.failed > 0, "the proxy failed some requests"
     faults.set(0.0)
-    assert _names(s3, root) == ["latest", "step_00000030", "step_00000040"]
-    assert _loaded(root) == 40.0
+    assert _names(s3, root) == ["latest", "step_00000020", "step_00000030"]
+    assert _loaded(root) == 30.0
 
 
-@pytest.mark.parametrize("status", [500, 503])
 def test_a_store_failing_every_request_fails_the_save_in_one_line_and_keeps_the_previous_checkpoint(
-    s3, faults, status
+    s3, faults, monkeypatch
 ) -> None:
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "2")  # the retry budget, as botocore reads it: the test fails sooner
     root = s3.bucket() + "/checkpoints"
     ck = Checkpointer(root, rank=0, world_size=1, keep_last=2)
     _save(ck, 10)
-    faults.set(1.0, status=status)
+    faults.set(1.0, status=500)
     with pytest.raises(CheckpointError) as failed:
         _save(ck, 20)
     message = str(failed.value)
@@ -96,6 +99,9 @@ def test_a_store_failing_every_request_fails_the_save_in_one_line_and_keeps_the_
     ), message
     assert "checkpoint.dir is reachable and writable" in message
     assert SECRET_KEY not in message and ACCESS_KEY not in message
+    # A resume asking while the store fails must not take "no latest" for an answer and start over.
+    with pytest.raises(CheckpointError, match=rf"^cannot read {root}/latest \("):
+        latest_checkpoint(root)
     faults.set(0.0)
     assert latest_checkpoint(root) == f"{root}/step_00000010"
     assert _loaded(root) == 10.0

@@ -93,8 +93,12 @@ def test_the_store_keeps_the_last_k_checkpoints_and_latest(s3, resumed) -> None:
     assert step == [".metadata", "__0_0.distcp", "__1_0.distcp", "meta.json", "rng_rank0.pt", "rng_rank1.pt"]
 
 
-def test_a_checkpoint_in_the_store_reshards_from_two_ranks_to_one(tmp_path, resumed, reference, tiny_data_overrides):
+def test_a_checkpoint_in_the_store_reshards_from_two_ranks_to_one(
+    tmp_path, resumed, reference, tiny_data_overrides, faults
+) -> None:
+    """...read while the store fails a fifth of the requests (the retries get through)."""
     _, root, _ = resumed
+    faults.set(0.2, status=503)
     other = run_training(
         tmp_path / "one",
         [
@@ -111,6 +115,7 @@ def test_a_checkpoint_in_the_store_reshards_from_two_ranks_to_one(tmp_path, resu
         nproc=1,
     )
     assert other.returncode == 0, other.output[-3000:]
+    assert faults.failed > 0
     assert f"resumed from {root}/step_00000030 (saved by 2 rank(s)) at step {STEPS}" in other.output
     a, b = np.load(reference / "predictions_val.npy"), np.load(other.run_dir / "predictions_val.npy")
     assert a.shape == b.shape == (4000,)
