@@ -227,7 +227,10 @@ def _export(args: list[str]) -> int:
         for option in ("--checkpoint", "--processed-dir", "--format", "--quantize"):  # export's options with a value
             parser.add_argument(option)
         known, _ = parser.parse_known_args(args)
-        if known.checkpoint and known.out:
+        from pipeline.storage import is_remote
+
+        # A run folder is local; an export in an object store is not copied into the tracking server.
+        if known.checkpoint and known.out and not is_remote(known.checkpoint) and not is_remote(known.out):
             from pipeline.metrics.tracking import RUN_FILE, log_export
 
             source = Path(known.checkpoint).absolute()

@@ -184,7 +184,7 @@ def list_files(loc: Location) -> dict[str, int]:
         found = fs.find(loc, detail=True, withdirs=False)
     except FileNotFoundError:
         return {}
-    _, root = fs._strip_protocol(loc), fs._strip_protocol(loc).rstrip("/") + "/"  # noqa: SLF001 - fsspec's own parser
+    root = fs._strip_protocol(loc).rstrip("/") + "/"  # noqa: SLF001 - how fsspec names the keys it lists
     return {k[len(root) :]: int(v["size"]) for k, v in found.items() if k.startswith(root) and v["type"] == "file"}
 
 

@@ -22,7 +22,7 @@ from pipeline import storage
 from pipeline.config import DataConfig
 from pipeline.data.manifest import MANIFEST, Manifest
 from pipeline.data.parts import sha256_file
-from pipeline.errors import DataError
+from pipeline.errors import DataError, MissingDataError
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +45,10 @@ def local_copy(url: str, cache_dir: str | None = None) -> Path:
         return Path(url)
     local = Path(cache_dir) if cache_dir else storage.cache_path(url)
     if _fetch_manifest(url) is None:
-        Manifest.load(storage.display(url))  # raises MissingDataError naming the URL
+        raise MissingDataError(
+            f"{storage.display(storage.join(url, MANIFEST))} not found: preprocess first (./launch.sh preprocess "
+            f"data=... data.processed_dir={storage.display(url)})"
+        )
     pull(url, local)
     return local
 
