@@ -638,12 +638,17 @@ def load(
     ``load_state_dict``); returns its meta.json.
 
     Raises:
-        CheckpointError: shapes differ (named), or an entry is not a tensor.
+        CheckpointError: shapes differ (named), an entry is not a tensor, or an object store cannot be read.
     """
-    meta = read_meta(path)
-    check_compatible(path, meta, state, load_optimizer)
-    load_tensors(path, state if load_optimizer else {"model": state["model"]})
-    rng = storage.join(storage.location(path), f"rng_rank{rank}.pt")
-    if restore_rng and meta["world_size"] > rank and storage.is_file(rng):
-        _set_rng_state(load_tensor_file(rng))
+    try:
+        meta = read_meta(path)
+        check_compatible(path, meta, state, load_optimizer)
+        load_tensors(path, state if load_optimizer else {"model": state["model"]})
+        rng = storage.join(storage.location(path), f"rng_rank{rank}.pt")
+        if restore_rng and meta["world_size"] > rank and storage.is_file(rng):
+            _set_rng_state(load_tensor_file(rng))
+    except OSError as e:
+        if not storage.is_remote(path):
+            raise
+        raise CheckpointError(f"cannot read checkpoint {storage.display(path)} ({storage.describe_error(e)})") from None
     return meta

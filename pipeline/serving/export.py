@@ -439,7 +439,12 @@ def export(
         raise ExportError(f"quantize={quantize!r}: expected 'none' or 'int8'")
     t0 = time.perf_counter()
     path = find_checkpoint(checkpoint, which)
-    meta = read_meta(path)
+    try:
+        meta = read_meta(path)
+    except OSError as e:
+        if isinstance(path, Path):
+            raise
+        raise ExportError(f"cannot read {storage.display(path)}/meta.json ({storage.describe_error(e)})") from None
     cfg = meta.get("config")
     if not cfg:
         raise ExportError(f"{path}/meta.json holds no config: it was written by an older version of the pipeline")

@@ -102,6 +102,8 @@ def test_a_store_failing_every_request_fails_the_save_in_one_line_and_keeps_the_
     # A resume asking while the store fails must not take "no latest" for an answer and start over.
     with pytest.raises(CheckpointError, match=rf"^cannot read {root}/latest \("):
         latest_checkpoint(root)
+    with pytest.raises(CheckpointError, match=rf"^cannot read checkpoint {root}/step_00000010 \("):
+        load(f"{root}/step_00000010", _state(0.0)[0], rank=0)
     faults.set(0.0)
     assert latest_checkpoint(root) == f"{root}/step_00000010"
     assert _loaded(root) == 10.0
