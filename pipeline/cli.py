@@ -108,12 +108,20 @@ def _run_dir(args: list[str], run_id: str) -> Path:
 
 def _resume_hint(args: list[str], run_id: str) -> str:
     """Where an interrupted run stopped (its latest checkpoint) and the command that resumes it."""
+    from pipeline import storage
+
     run_dir = _run_dir(args, run_id)
-    latest = run_dir / "checkpoints" / "latest"
+    given = [a.split("=", 1)[1] for a in args if a.startswith("checkpoint.dir=")]
+    root = storage.location(given[-1]) if given and given[-1] not in ("", "null") else run_dir / "checkpoints"
     where = "no checkpoint yet, so it starts over"
-    if latest.is_file():
-        name = latest.read_text().strip()
-        where = f"the latest checkpoint is step {int(name.split('_')[-1])} ({run_dir / 'checkpoints' / name})"
+    try:
+        latest = storage.join(root, "latest")
+        name = storage.read_text(latest).strip() if storage.is_file(latest) else None
+    except OSError as e:
+        name, where = None, f"the latest checkpoint could not be read ({storage.describe_error(e)})"
+    if name:
+        path = storage.display(storage.join(root, name))
+        where = f"the latest checkpoint is step {int(name.split('_')[-1])} ({path})"
     command = f"PIPELINE_RUN_ID={run_id} ./launch.sh train {' '.join(shlex.quote(a) for a in args)}".rstrip()
     return f"stopped: {where}; this resumes it:\n  {command}"
 
@@ -226,7 +234,10 @@ def _export(args: list[str]) -> int:
         for option in ("--checkpoint", "--processed-dir", "--format", "--quantize"):  # export's options with a value
             parser.add_argument(option)
         known, _ = parser.parse_known_args(args)
-        if known.checkpoint and known.out:
+        from pipeline.storage import is_remote
+
+        # A run folder is local; an export in an object store is not copied into the tracking server.
+        if known.checkpoint and known.out and not is_remote(known.checkpoint) and not is_remote(known.out):
             from pipeline.metrics.tracking import RUN_FILE, log_export
 
             source = Path(known.checkpoint).absolute()

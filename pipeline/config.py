@@ -17,6 +17,8 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
 from pipeline.errors import ConfigError  # noqa: F401 - re-exported: the config's own error
+from pipeline.redact import redact_text
+from pipeline.storage import is_remote
 
 NUM_DENSE_FEATURES = 13  # Criteo: I1..I13 (the default data.dense_columns)
 NUM_SPARSE_FEATURES = 26  # Criteo: C1..C26 (the default data.sparse_columns)
@@ -264,7 +266,10 @@ class DataConfig:
     raw_dir: str = (
         MISSING  # folder of raw TSV files: label, dense_columns, sparse_columns (relative to the launch folder)
     )
-    processed_dir: str = MISSING  # folder for the binary splits and manifest.json
+    processed_dir: str = MISSING  # folder for the binary splits and manifest.json, or s3://bucket/prefix
+    cache_dir: str | None = (
+        None  # local copy of an s3:// processed_dir; null = <PIPELINE_CACHE_DIR>/s3/<bucket>/<prefix>
+    )
     split: SplitMode = SplitMode.files  # how raw rows are divided into train/val/test
     train_files: list[str] = field(
         default_factory=list
@@ -428,13 +433,15 @@ class TrainerConfig:
 class CheckpointConfig:
     """torch.distributed.checkpoint saves of the whole training state."""
 
-    dir: str | None = None  # null = <run dir>/checkpoints; on several nodes it must be a shared filesystem
+    # null = <run dir>/checkpoints; on several nodes a shared filesystem or an object store (s3://bucket/prefix:
+    # endpoint and credentials from the AWS environment variables, never from here)
+    dir: str | None = None
     every_steps: int = 0  # save every N steps; 0 = off
     every_minutes: float = 0.0  # save when this many minutes passed since the last save; 0 = off
     keep_last: int = 2  # complete checkpoints kept (older ones are deleted after a successful save)
     save_at_end: bool = True  # save after the last training step
     load_optimizer: bool = True  # on resume, also restore optimizer state (false: weights only, e.g. fine-tuning)
-    async_save: bool = False  # copy the state in memory and write it in a background thread while training goes on
+    async_save: bool = False  # copy the state in memory and write it in a background thread (local checkpoint.dir only)
 
     def __post_init__(self) -> None:
         check_checkpoint(self)
@@ -559,6 +566,11 @@ def check_data(d: DataConfig) -> None:
         raise ConfigError(f"data.split={d.split.value} needs exactly one file in data.raw_files, got {d.raw_files}")
     if d.split == SplitMode.days and not d.raw_files:
         raise ConfigError("data.split=days needs the day files in data.raw_files (in order, or a glob like data/day_*)")
+    if d.materialize is not None and (is_remote(d.processed_dir) or is_remote(d.materialize.source_dir)):
+        raise ConfigError(
+            "data.materialize writes and reads local folders: data.processed_dir and data.materialize.source_dir "
+            "must not be object-store URLs"
+        )
     if d.max_ids_per_feature is not None and d.max_ids_per_feature < 2:
         raise ConfigError(f"data.max_ids_per_feature={d.max_ids_per_feature} must be at least 2")
     if d.vocab_from and d.id_mode != IdMode.vocab:
@@ -611,6 +623,11 @@ def check_checkpoint(c: CheckpointConfig) -> None:
         raise ConfigError(
             f"checkpoint.every_steps={c.every_steps} and checkpoint.every_minutes={c.every_minutes} "
             f"must be >= 0 and checkpoint.keep_last={c.keep_last} >= 1"
+        )
+    if c.async_save and c.dir and is_remote(c.dir):
+        raise ConfigError(
+            f"checkpoint.async_save=true writes to a local folder only, and checkpoint.dir={redact_text(c.dir)} is an "
+            "object store: set checkpoint.async_save=false"
         )
 
 

@@ -18,6 +18,7 @@ if __package__ in (None, ""):
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from pipeline import storage
 from pipeline.config import TrainConfig, register_configs
 from pipeline.errors import UserError
 from pipeline.resolvers import register_resolvers
@@ -46,7 +47,7 @@ def main(dict_cfg: DictConfig) -> None:
     rows = {s: v.num_rows for s, v in manifest.splits.items()}
     logger.info(
         "manifest %s: rows %s, table sizes %s",
-        Path(cfg.data.processed_dir) / "manifest.json",
+        storage.display(storage.join(storage.location(cfg.data.processed_dir), "manifest.json")),
         json.dumps(rows),
         manifest.num_embeddings_per_feature,
     )

@@ -97,6 +97,8 @@ def main(dict_cfg: DictConfig) -> None:
         status = "FINISHED"
     except UserError as e:  # a message that names the problem and the fix: once, no traceback
         prefix = {ConfigError: "invalid config: ", CheckpointError: "cannot resume: "}.get(type(e), "")
+        if str(e).startswith("checkpoint save failed"):  # a CheckpointError of saving, not of resuming
+            prefix = ""
         (logger.error if _rank() == 0 else logger.info)("%s%s", prefix, e)
         if isinstance(e, ConfigError):
             _discard_if_new(run_dir)

@@ -20,9 +20,11 @@ from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 from tqdm import tqdm
 
 from pipeline import checkpoint as ckpt
+from pipeline import storage
 from pipeline.autoconfig import adapt_to_data
 from pipeline.checkpoint.warm_start import check_rows_line_up, data_identity, load_grown, resolve_init
 from pipeline.config import BestMetric, Precision, TrainConfig, validate, validate_batch_sizes
+from pipeline.data import mirror
 from pipeline.data.features import FeatureTransform
 from pipeline.data.loader import BinarySplit, eval_batches, num_train_batches, train_batches
 from pipeline.data.prepare import prepare_data_distributed
@@ -183,14 +185,13 @@ class Trainer:
             self.run_dir,
         )
 
-        self.manifest = prepare_data_distributed(cfg.data, self.env.is_rank_zero)
-        features = FeatureTransform.from_manifest(self.manifest, cfg.data.processed_dir, cfg.data.min_id_frequency)
+        self.manifest = prepare_data_distributed(cfg.data, self.env.is_rank_zero, self.env.local_rank == 0)
+        data_dir = mirror.local_dir(cfg.data)  # data.processed_dir, or its local copy when in an object store
+        features = FeatureTransform.from_manifest(self.manifest, data_dir, cfg.data.min_id_frequency)
         self.table_rows = list(features.table_sizes)
-        self.train_split = BinarySplit(cfg.data.processed_dir, "train", self.manifest, features)
+        self.train_split = BinarySplit(data_dir, "train", self.manifest, features)
         self.eval_splits = {
-            s: BinarySplit(cfg.data.processed_dir, s, self.manifest, features)
-            for s in ("val", "test")
-            if self.manifest.rows(s)
+            s: BinarySplit(data_dir, s, self.manifest, features) for s in ("val", "test") if self.manifest.rows(s)
         }
         if "val" not in self.eval_splits:
             raise DataError(
@@ -292,7 +293,7 @@ class Trainer:
             dense.init_state()  # Adam-style state appears at the first step; loading needs it to exist
         return ckpt.app_state(self.model, self.optimizer)
 
-    def save_checkpoint(self, best: bool = False) -> Path:
+    def save_checkpoint(self, best: bool = False) -> storage.Location:
         self._check_loss_finite()  # never save a diverged state over a good one
         train_state = ckpt.TrainState(
             step=self.step,
@@ -321,7 +322,7 @@ class Trainer:
         self._last_saved_step = self.step
         return path
 
-    def restore(self, path: Path, load_optimizer: bool = True) -> None:
+    def restore(self, path: storage.Location, load_optimizer: bool = True) -> None:
         """Load a checkpoint (from any world size or sharding plan) and continue where it stopped."""
         t0 = time.perf_counter()
         meta = self._load_weights(path, load_optimizer)
@@ -395,7 +396,7 @@ class Trainer:
             }
         )
 
-    def _load_weights(self, path: Path, load_optimizer: bool, restore_rng: bool = True) -> dict:
+    def _load_weights(self, path: storage.Location, load_optimizer: bool, restore_rng: bool = True) -> dict:
         return ckpt.load(path, self.app_state(), self.env.rank, load_optimizer, restore_rng)
 
     def _check_loss_finite(self) -> None:
@@ -404,7 +405,7 @@ class Trainer:
         bad = self.loss.first_bad()
         if bad is not None:
             root = self.checkpointer.root
-            latest = ckpt.latest_checkpoint(root) if (root / ckpt.LATEST).exists() else None
+            latest = ckpt.latest_checkpoint(root) if storage.exists(storage.join(root, ckpt.LATEST)) else None
             raise NonFiniteLossError(
                 f"training loss (BCE) is {bad[1]} at step {bad[0]}: stopped. Last good checkpoint: {latest or 'none'} "
                 "(not overwritten). Try a lower optimizer.lr / optimizer.embedding_lr or a longer warm-up "

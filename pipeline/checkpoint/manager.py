@@ -15,6 +15,12 @@ A checkpoint is written into ``step_<N>.tmp/`` and renamed when every rank has f
 is replaced atomically after that. A save that is killed or fails midway leaves the previous
 checkpoint as ``latest``, intact.
 
+``checkpoint.dir`` may be an object-store URL (``s3://bucket/prefix``, :mod:`pipeline.storage`). An object store
+has no folder rename, so a save writes ``step_<N>/`` in place (DCP's fsspec writer) and commits with two small
+PUTs, each atomic: ``meta.json`` once every rank's files are written (a step folder without it is incomplete:
+ignored, and deleted by the next save), then ``latest``. A save that fails (after the store's retries) or is
+killed leaves ``latest`` naming the previous checkpoint.
+
 With ``checkpoint.async_save`` training pauses only to copy the state into host buffers kept between saves;
 a background thread writes the copy (DCP, fsynced files), has every rank agree it succeeded, then renames
 the folder, moves ``latest`` and prunes, exactly as a synchronous save does. One save is in flight at a
@@ -51,8 +57,10 @@ from torch.distributed.checkpoint.api import CheckpointException as DCPCheckpoin
 from torch.distributed.checkpoint.stateful import Stateful
 from torch.distributed.tensor import DTensor
 
+from pipeline import storage
 from pipeline.checkpoint.safe_load import flatten, load_tensor_file, load_tensors, plain_state
 from pipeline.errors import CheckpointError
+from pipeline.storage import Location
 
 logger = logging.getLogger(__name__)
 
@@ -145,52 +153,68 @@ def _set_rng_state(s: dict[str, torch.Tensor]) -> None:
 
 
 # -- finding checkpoints --------------------------------------------------------------------------
-def latest_checkpoint(root: str | Path, pointer_name: str = LATEST) -> Path | None:
-    """The complete checkpoint under ``root`` its ``latest`` (or ``best``) pointer names, or None."""
-    root = Path(root)
-    pointer = root / pointer_name
-    if not pointer.is_file():
-        return None
-    path = root / pointer.read_text().strip()
-    if not (path / META).is_file() or not (path / ".metadata").is_file():
-        raise CheckpointError(f"{pointer} names {path}, which is not a complete checkpoint")
+def latest_checkpoint(root: str | Location, pointer_name: str = LATEST) -> Location | None:
+    """The complete checkpoint under ``root`` (a folder or an object-store URL) its ``latest`` (or ``best``) pointer
+    names, or None."""
+    root = storage.location(root)
+    pointer = storage.join(root, pointer_name)
+    try:
+        if not storage.is_file(pointer):
+            return None
+        path = storage.join(root, storage.read_text(pointer).strip())
+        complete = storage.is_file(storage.join(path, META)) and storage.is_file(storage.join(path, ".metadata"))
+    except OSError as e:
+        if isinstance(root, Path):
+            raise
+        raise CheckpointError(f"cannot read {storage.display(pointer)} ({storage.describe_error(e)})") from None
+    if not complete:
+        raise CheckpointError(
+            f"{storage.display(pointer)} names {storage.display(path)}, which is not a complete checkpoint"
+        )
     return path
 
 
-def best_checkpoint(root: str | Path) -> Path | None:
+def best_checkpoint(root: str | Location) -> Location | None:
     """The checkpoint with the best validation metric under ``root`` (its ``best`` pointer), or None."""
     return latest_checkpoint(root, BEST)
 
 
-def find_checkpoint(path: str | Path, which: str = "best") -> Path | None:
+def find_checkpoint(path: str | Location, which: str = "best") -> Location | None:
     """A ``step_<N>`` folder, or the checkpoint a checkpoints folder (or a run folder's) points at: ``best`` (the
     best validation metric, what the run's final metrics and export came from; its latest when it kept no best)
     or ``latest``; None when there is none."""
-    path = Path(path)
-    if (path / META).is_file() and (path / ".metadata").is_file():
+    path = storage.location(path)
+    if storage.is_file(storage.join(path, META)) and storage.is_file(storage.join(path, ".metadata")):
         return path
     pointers = (BEST, LATEST) if which == "best" else (LATEST,)
-    for root in (path, path / "checkpoints"):
+    for root in (path, storage.join(path, "checkpoints")):
         for pointer in pointers:
-            if (root / pointer).is_file():
+            if storage.is_file(storage.join(root, pointer)):
                 found = latest_checkpoint(root, pointer)
                 if found is not None:
                     return found
     return None
 
 
-def resolve_resume(resume: str, root: Path) -> Path | None:
-    """``trainer.resume``: ``auto`` = the latest in the run's checkpoint folder if any, ``none``, or a path."""
+def resolve_resume(resume: str, root: Location) -> Location | None:
+    """``trainer.resume``: ``auto`` = the latest in the run's checkpoint folder if any, ``none``, or a path or URL."""
     if resume in ("none", "", None):
         return None
     if resume == "auto":
         return latest_checkpoint(root)
-    path = Path(resume)
-    if (path / LATEST).is_file():
-        return latest_checkpoint(path)
-    if not (path / META).is_file():
+    path = storage.location(resume)
+    try:
+        if storage.is_file(storage.join(path, LATEST)):
+            return latest_checkpoint(path)
+        found = storage.is_file(storage.join(path, META))
+    except OSError as e:
+        if isinstance(path, Path):
+            raise
+        raise CheckpointError(f"trainer.resume={storage.display(resume)}: {storage.describe_error(e)}") from None
+    if not found:
         raise CheckpointError(
-            f"trainer.resume={resume}: no checkpoint there (expected {path / META} or {path / LATEST})"
+            f"trainer.resume={storage.display(resume)}: no checkpoint there (expected "
+            f"{storage.display(storage.join(path, META))} or {storage.display(storage.join(path, LATEST))})"
         )
     return path
 
@@ -200,7 +224,7 @@ def resolve_resume(resume: str, root: Path) -> Path | None:
 class _InFlight:
     """A save whose writing runs in the background thread."""
 
-    path: Path
+    path: Location
     future: Future
 
 
@@ -210,7 +234,7 @@ class Checkpointer:
 
     def __init__(
         self,
-        root: str | Path,
+        root: str | Location,
         rank: int,
         world_size: int,
         every_steps: int = 0,
@@ -218,7 +242,10 @@ class Checkpointer:
         keep_last: int = 2,
         async_save: bool = False,
     ):
-        self.root = Path(root)
+        self.root = storage.location(root)  # a Path, or an object-store URL (see the module docstring)
+        self.remote = not isinstance(self.root, Path)
+        if async_save and self.remote:  # the config check says so first; this guards other callers
+            raise CheckpointError(f"async saves need a local checkpoint.dir, not {storage.display(self.root)}")
         self.rank = rank
         self.world_size = world_size
         self.every_steps = every_steps
@@ -243,7 +270,7 @@ class Checkpointer:
             by_time = bool(flag.item())
         return by_steps or by_time
 
-    def save(self, state: dict[str, Any], train_state: TrainState, extra_meta: dict, best: bool = False) -> Path:
+    def save(self, state: dict[str, Any], train_state: TrainState, extra_meta: dict, best: bool = False) -> Location:
         """Write a checkpoint of ``state`` (:func:`app_state`; collective: every rank calls it). Returns its folder.
 
         ``best``: it also becomes the ``best`` checkpoint, which pruning keeps beside the last K. With
@@ -256,8 +283,10 @@ class Checkpointer:
         """
         self.wait()  # one save in flight at a time
         name = f"{PREFIX}{train_state.step:08d}"
-        final, tmp = self.root / name, self.root / f"{name}.tmp"
         t0 = time.perf_counter()
+        if self.remote:
+            return self._save_remote(state, train_state, extra_meta, name, best, t0)
+        final, tmp = self.root / name, self.root / f"{name}.tmp"
         error = None
         try:
             if self.rank == 0:
@@ -268,6 +297,20 @@ class Checkpointer:
         except OSError as e:
             error = e
         self._agree(error, f"create {tmp}")
+        rng, meta = self._rng_and_meta(train_state, extra_meta)
+        if not self.async_save:
+            self._write(state, name, rng, meta, best, None, t0)
+            return final
+        staged = self._stage(state)
+        if self._writer is None:
+            self._writer = ThreadPoolExecutor(1, "checkpoint-writer", initializer=_lower_priority)
+        future = self._writer.submit(self._write, staged, name, rng, meta, best, self._group, t0)
+        self._in_flight = _InFlight(final, future)
+        logger.info("checkpoint %s: state copied in %.2fs, writing in the background", final, time.perf_counter() - t0)
+        return final
+
+    def _rng_and_meta(self, train_state: TrainState, extra_meta: dict) -> tuple[bytes, dict]:
+        """This rank's RNG states as torch.save bytes, and meta.json's content (without the shapes)."""
         # Serialised in memory, then written as plain bytes: a full disk then raises OSError (ENOSPC,
         # "No space left on device") instead of torch.save's zip-writer "unexpected pos" error.
         rng = io.BytesIO()
@@ -279,16 +322,70 @@ class Checkpointer:
             **extra_meta,
         }
         self._last_save = time.monotonic()
-        if not self.async_save:
-            self._write(state, name, rng.getvalue(), meta, best, None, t0)
-            return final
-        staged = self._stage(state)
-        if self._writer is None:
-            self._writer = ThreadPoolExecutor(1, "checkpoint-writer", initializer=_lower_priority)
-        future = self._writer.submit(self._write, staged, name, rng.getvalue(), meta, best, self._group, t0)
-        self._in_flight = _InFlight(final, future)
-        logger.info("checkpoint %s: state copied in %.2fs, writing in the background", final, time.perf_counter() - t0)
+        return rng.getvalue(), meta
+
+    def _save_remote(
+        self, state: dict[str, Any], train_state: TrainState, extra_meta: dict, name: str, best: bool, t0: float
+    ) -> Location:
+        """:meth:`save` into an object store: write ``step_<N>/`` in place, then commit with ``meta.json`` and
+        ``latest`` (see the module docstring)."""
+        final = storage.join(self.root, name)
+        error = None
+        try:
+            # A folder of this name that no pointer names is what a killed or failed save left: start it afresh.
+            # One a pointer names holds this very step (a resumed run saving the step it resumed at): its files
+            # are overwritten with the same state.
+            if self.rank == 0 and name not in self._pointed():
+                storage.remove_tree(final)
+        except OSError as e:
+            error = e
+        self._agree(error, f"clear {storage.display(final)}")
+        rng, meta = self._rng_and_meta(train_state, extra_meta)
+        from torch.distributed.checkpoint._fsspec_filesystem import FsspecWriter  # not re-exported in torch 2.13
+
+        try:
+            # No fsync: a finished PUT is durable (DCP's writer would call os.sync for a stream without a file number).
+            writer = FsspecWriter(final, sync_files=False, **storage.storage_options(final))
+            dcp.save(state, storage_writer=writer)
+            storage.write_bytes(storage.join(final, f"rng_rank{self.rank}.pt"), rng)
+        except (Exception, DCPCheckpointException) as e:  # noqa: BLE001 - any failure of any rank fails the save
+            error = _root_cause(e)
+        self._agree(error, f"write {storage.display(final)}")  # past here every rank's objects are stored
+        shapes = self._all_shapes(state, None)
+        try:
+            if self.rank == 0:
+                text = json.dumps({**meta, "shapes": dict(sorted(shapes.items()))}, indent=2) + "\n"
+                storage.write_bytes(storage.join(final, META), text.encode())  # the step is complete
+                storage.write_bytes(storage.join(self.root, LATEST), (name + "\n").encode())  # the commit
+                if best:
+                    storage.write_bytes(storage.join(self.root, BEST), (name + "\n").encode())
+                self._prune_remote(keep=name)
+        except OSError as e:
+            error = e
+        self._agree(error, f"finish {storage.display(final)}")
+        logger.info("checkpoint %s saved in %.2fs", storage.display(final), time.perf_counter() - t0)
         return final
+
+    def _pointed(self) -> set[str]:
+        """The checkpoint names ``latest`` and ``best`` point at (remote root)."""
+        names = set()
+        for pointer in (LATEST, BEST):
+            loc = storage.join(self.root, pointer)
+            if storage.is_file(loc):
+                names.add(storage.read_text(loc).strip())
+        return names
+
+    def _prune_remote(self, keep: str) -> None:
+        """:meth:`_prune` in an object store: keep the last ``keep_last`` complete checkpoints (``meta.json`` present)
+        and the best one; delete the rest and the incomplete step folders that failed or killed saves left."""
+        best_pointer = storage.join(self.root, BEST)
+        best = storage.read_text(best_pointer).strip() if storage.is_file(best_pointer) else None
+        steps = [d for d in storage.list_dirs(self.root) if d.startswith(PREFIX)]
+        done = [d for d in steps if storage.is_file(storage.join(self.root, d, META))]
+        drop = [d for d in done[: max(0, len(done) - self.keep_last)] if d not in (keep, best)]
+        drop += [d for d in steps if d not in done and d != keep]
+        for old in drop:
+            storage.remove_tree(storage.join(self.root, old))
 
     def _stage(self, state: dict[str, Any]) -> dict[str, Any]:
         """``state``'s tensors copied into host buffers kept between saves: the background write reads the copy
@@ -320,12 +417,7 @@ class Checkpointer:
         except (Exception, DCPCheckpointException) as e:  # noqa: BLE001 - any failure of any rank fails the save
             error = _root_cause(e)
         self._agree(error, f"write {tmp}", group)  # past here every rank's files are on disk
-        # Each rank holds the optimizer state of its own tables only: record the union of shapes.
-        shapes = _shapes(state)
-        if dist.is_initialized() and self.world_size > 1:
-            everyone: list[dict] = [{} for _ in range(self.world_size)]
-            dist.all_gather_object(everyone, shapes, group=group)
-            shapes = {k: v for d in everyone for k, v in d.items()}
+        shapes = self._all_shapes(state, group)
         try:
             if self.rank == 0:
                 _write_atomic(tmp / META, json.dumps({**meta, "shapes": dict(sorted(shapes.items()))}, indent=2) + "\n")
@@ -348,7 +440,16 @@ class Checkpointer:
             time.thread_time() - cpu0,
         )
 
-    def wait(self) -> Path | None:
+    def _all_shapes(self, state: dict[str, Any], group: dist.ProcessGroup | None) -> dict[str, list[int]]:
+        """Every entry's global shape over all ranks: each rank holds the optimizer state of its own tables only."""
+        shapes = _shapes(state)
+        if dist.is_initialized() and self.world_size > 1:
+            everyone: list[dict] = [{} for _ in range(self.world_size)]
+            dist.all_gather_object(everyone, shapes, group=group)
+            shapes = {k: v for d in everyone for k, v in d.items()}
+        return shapes
+
+    def wait(self) -> Location | None:
         """Block until the save in flight, if any, is complete on every rank (``latest`` names it); return its
         folder.
 
@@ -388,6 +489,8 @@ class Checkpointer:
         if dist.is_initialized() and self.world_size > 1:
             dist.all_reduce(failed, group=group)
         if failed.item():
+            if self.remote:
+                self._fail_remote(error, what)
             latest = self.root / LATEST
             prev = latest.read_text().strip() if latest.is_file() else "none"
             reason = f"{type(error).__name__}: {error}" if error is not None else "another rank failed"
@@ -397,10 +500,25 @@ class Checkpointer:
                 "is untouched. Check checkpoint.dir is writable and has space."
             ) from error
 
-    def mark_best(self, path: Path) -> None:
+    def _fail_remote(self, error: BaseException | None, what: str) -> None:
+        """The one-line error of a failed save into an object store (after its retries)."""
+        try:
+            pointed = storage.join(self.root, LATEST)
+            prev = storage.read_text(pointed).strip() if storage.is_file(pointed) else "none"
+        except OSError:
+            prev = "unknown: latest could not be read either"
+        reason = storage.describe_error(error) if error is not None else "another rank failed"
+        raise CheckpointError(
+            f"checkpoint save failed to {what} ({reason}); latest still names the previous checkpoint ({prev}). "
+            "Check that checkpoint.dir is reachable and writable (AWS_ENDPOINT_URL, credentials)."
+        ) from None
+
+    def mark_best(self, path: Location) -> None:
         """Point ``best`` at an existing checkpoint (rank 0 writes; every rank calls)."""
         self.wait()
-        if self.rank == 0:
+        if self.rank == 0 and self.remote:
+            storage.write_bytes(storage.join(self.root, BEST), (storage.name(path) + "\n").encode())
+        elif self.rank == 0:
             _write_atomic(self.root / BEST, path.name + "\n")
             _fsync_dir(self.root)
 
@@ -506,11 +624,12 @@ def _fsync_dir(path: Path) -> None:
 
 
 # -- load -----------------------------------------------------------------------------------------
-def read_meta(path: str | Path) -> dict:
-    return json.loads((Path(path) / META).read_text())
+def read_meta(path: str | Location) -> dict:
+    """A checkpoint's meta.json."""
+    return json.loads(storage.read_text(storage.join(storage.location(path), META)))
 
 
-def check_compatible(path: Path, meta: dict, state: dict[str, Any], load_optimizer: bool) -> None:
+def check_compatible(path: Location, meta: dict, state: dict[str, Any], load_optimizer: bool) -> None:
     """Fail naming the tables/parameters whose shapes differ or that are missing, before loading.
 
     Only global shapes are compared, so another world size or sharding plan is fine.
@@ -529,17 +648,24 @@ def check_compatible(path: Path, meta: dict, state: dict[str, Any], load_optimiz
         )
 
 
-def load(path: Path, state: dict[str, Any], rank: int, load_optimizer: bool = True, restore_rng: bool = True) -> dict:
+def load(
+    path: Location, state: dict[str, Any], rank: int, load_optimizer: bool = True, restore_rng: bool = True
+) -> dict:
     """Load a checkpoint into ``state`` (:func:`app_state`: in place, resharding as needed, then each part's
     ``load_state_dict``); returns its meta.json.
 
     Raises:
-        CheckpointError: shapes differ (named), or an entry is not a tensor.
+        CheckpointError: shapes differ (named), an entry is not a tensor, or an object store cannot be read.
     """
-    meta = read_meta(path)
-    check_compatible(path, meta, state, load_optimizer)
-    load_tensors(path, state if load_optimizer else {"model": state["model"]})
-    rng = Path(path) / f"rng_rank{rank}.pt"
-    if restore_rng and rng.is_file() and meta["world_size"] > rank:
-        _set_rng_state(load_tensor_file(rng))
+    try:
+        meta = read_meta(path)
+        check_compatible(path, meta, state, load_optimizer)
+        load_tensors(path, state if load_optimizer else {"model": state["model"]})
+        rng = storage.join(storage.location(path), f"rng_rank{rank}.pt")
+        if restore_rng and meta["world_size"] > rank and storage.is_file(rng):
+            _set_rng_state(load_tensor_file(rng))
+    except OSError as e:
+        if not storage.is_remote(path):
+            raise
+        raise CheckpointError(f"cannot read checkpoint {storage.display(path)} ({storage.describe_error(e)})") from None
     return meta

@@ -1,5 +1,6 @@
 """Loading a DCP checkpoint without unpickling arbitrary objects: DCP's metadata through an allow-list of
-DCP's own types, tensors only. Training's resume and export both load through here.
+DCP's own types, tensors only. Training's resume and export both load through here, from a folder or an
+object-store URL (DCP's fsspec reader, the same allow-list).
 """
 
 from __future__ import annotations
@@ -14,9 +15,11 @@ from typing import Any
 import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader  # not re-exported by the package in 2.13
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata, TensorStorageMetadata
 from torch.distributed.checkpoint.stateful import Stateful
 
+from pipeline import storage
 from pipeline.errors import CheckpointError
 
 # -- safe loading --------------------------------------------------------------------------------
@@ -60,8 +63,8 @@ class MetadataUnpickler(pickle.Unpickler):
         )
 
 
-class SafeFileSystemReader(FileSystemReader):
-    """DCP's file reader with an allow-listed unpickler for the metadata."""
+class _SafeMetadata:
+    """``read_metadata`` through :class:`MetadataUnpickler` (for DCP's file and fsspec readers)."""
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
         path = self._get_metadata_path(kwargs.get("rank"))
@@ -77,10 +80,29 @@ class SafeFileSystemReader(FileSystemReader):
         return metadata
 
 
+class SafeFileSystemReader(_SafeMetadata, FileSystemReader):
+    """DCP's file reader with an allow-listed unpickler for the metadata."""
+
+
+class SafeFsspecReader(_SafeMetadata, FsspecReader):
+    """DCP's fsspec reader (object stores) with an allow-listed unpickler for the metadata."""
+
+
+def safe_reader(path: str | Path) -> FileSystemReader:
+    """The safe DCP reader of a checkpoint folder or object-store URL."""
+    if storage.is_remote(path):
+        url = str(path)
+        return SafeFsspecReader(url, **storage.storage_options(url))
+    return SafeFileSystemReader(path)
+
+
 def load_tensor_file(path: str | Path, error: type[Exception] = CheckpointError, **kwargs: Any) -> Any:
     """``torch.load(path, weights_only=True)``: tensors and plain containers only; anything else (a crafted
     pickle, an arbitrary object) is refused with ``error`` naming the file, and nothing in it runs."""
     try:
+        if storage.is_remote(path):
+            with storage.open_binary(str(path)) as f:
+                return torch.load(f, weights_only=True, **kwargs)
         return torch.load(path, weights_only=True, **kwargs)
     except pickle.UnpicklingError as e:
         # torch's message: advice to load with weights_only=False (never right here), then the reason.
@@ -103,8 +125,13 @@ def load_tensors(path: str | Path, target: dict[str, Any], no_dist: bool = False
     Raises:
         CheckpointError: an entry is not a tensor (it would be unpickled).
     """
-    reader = SafeFileSystemReader(path)
-    metadata = reader.read_metadata()
+    try:
+        reader = safe_reader(path)
+        metadata = reader.read_metadata()
+    except OSError as e:
+        if not storage.is_remote(path):
+            raise
+        raise CheckpointError(f"cannot read checkpoint {storage.display(path)} ({storage.describe_error(e)})") from None
     plain = plain_state(target)
     # A part with no tensors (plain SGD keeps no optimizer state) has nothing to load; DCP would ask the
     # checkpoint for its empty dict as a key of its own and fail on more than one rank.
@@ -119,7 +146,22 @@ def load_tensors(path: str | Path, target: dict[str, Any], no_dist: bool = False
             raise CheckpointError(f"checkpoint {path}: entry {key} is not a tensor; refusing to unpickle it")
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process.*")
-        dcp.load(target, storage_reader=reader, no_dist=no_dist)
+        try:
+            dcp.load(target, storage_reader=reader, no_dist=no_dist)
+        except (OSError, dcp.CheckpointException) as e:
+            if not storage.is_remote(path):
+                raise
+            raise CheckpointError(f"cannot read checkpoint {storage.display(path)} ({_first_cause(e)})") from None
+
+
+def _first_cause(error: BaseException) -> str:
+    """One line for a failed DCP load: the first rank's cause (DCP wraps them in a CheckpointException)."""
+    if isinstance(error, dcp.CheckpointException):
+        for failure in error.failures.values():
+            cause = failure[0] if isinstance(failure, tuple) else failure
+            if isinstance(cause, BaseException):
+                return storage.describe_error(cause)
+    return storage.describe_error(error)
 
 
 def _empty(tree: Any) -> bool:

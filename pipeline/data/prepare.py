@@ -6,8 +6,9 @@ import logging
 
 import torch.distributed as dist
 
+from pipeline import storage
 from pipeline.config import ConfigError, DataConfig
-from pipeline.data import materialize, preprocess
+from pipeline.data import materialize, mirror, preprocess
 from pipeline.data.generators import movielens, synthetic
 from pipeline.data.manifest import Manifest
 from pipeline.data.schema import Schema
@@ -63,7 +64,10 @@ def _kept(multi_hot: tuple[tuple[str, int], ...], longest: dict[str, int]) -> di
 
 def prepare_data(cfg: DataConfig) -> Manifest:
     """Generate the synthetic raw files if configured and missing, preprocess if stale (with ``data.materialize``:
-    the one-hot source, then its multi-hot bags); return the manifest."""
+    the one-hot source, then its multi-hot bags); return the manifest. An object-store ``data.processed_dir`` is
+    prepared in its local copy and uploaded (:mod:`pipeline.data.mirror`)."""
+    if storage.is_remote(cfg.processed_dir):
+        return mirror.prepare(cfg, prepare_data)
     if cfg.materialize is not None:
         return materialize.prepare(cfg, prepare_data(materialize.source_config(cfg)))
     check_generator_layout(cfg)
@@ -79,10 +83,17 @@ def prepare_data(cfg: DataConfig) -> Manifest:
     return preprocess.preprocess(cfg)
 
 
-def prepare_data_distributed(cfg: DataConfig, is_rank_zero: bool) -> Manifest:
-    """Rank 0 prepares the data while the others wait; then every rank reads the manifest."""
+def prepare_data_distributed(cfg: DataConfig, is_rank_zero: bool, is_local_zero: bool | None = None) -> Manifest:
+    """Rank 0 prepares the data while the others wait; then every rank reads the manifest (of the local copy when
+    ``data.processed_dir`` is in an object store: the first rank of every other node copies it down first)."""
     if is_rank_zero:
         prepare_data(cfg)
     if dist.is_initialized():
         dist.barrier()
-    return Manifest.load(cfg.processed_dir)
+    local = mirror.local_dir(cfg)
+    if storage.is_remote(cfg.processed_dir):
+        if is_local_zero and not is_rank_zero:
+            mirror.pull(cfg.processed_dir, local)
+        if dist.is_initialized():
+            dist.barrier()
+    return Manifest.load(local)

@@ -46,6 +46,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from pipeline import storage
 from pipeline.config import DenseTransform, IdMode, ModelConfig
 from pipeline.data.features import FeatureTransform
 from pipeline.data.jagged import Lists
@@ -101,20 +102,32 @@ def build_dlrm(
 
 
 # -- finding and reading a checkpoint ---------------------------------------------------------------
-def find_checkpoint(path: str | Path, which: str = "best") -> Path:
-    """:func:`pipeline.checkpoint.find_checkpoint`, or ExportError naming the places looked at."""
+def find_checkpoint(path: str | Path, which: str = "best") -> storage.Location:
+    """:func:`pipeline.checkpoint.find_checkpoint`, or ExportError naming the places looked at.
+
+    Raises:
+        ExportError: nothing there is a complete checkpoint, or the store cannot be read.
+    """
     from pipeline import checkpoint as ckpt
 
-    found = ckpt.find_checkpoint(path, which)
+    path = storage.location(path)
+    try:
+        found = ckpt.find_checkpoint(path, which)
+    except ckpt.CheckpointError as e:
+        raise ExportError(str(e)) from None
+    except OSError as e:
+        if isinstance(path, Path):
+            raise
+        raise ExportError(f"cannot read {storage.display(path)} ({storage.describe_error(e)})") from None
     if found is None:
         raise ExportError(
-            f"no checkpoint at {path}: expected a step_<N> folder ({ckpt.META} + .metadata), a checkpoints "
-            f"folder with '{ckpt.LATEST}', or a run folder with checkpoints/{ckpt.LATEST}"
+            f"no checkpoint at {storage.display(path)}: expected a step_<N> folder ({ckpt.META} + .metadata), a "
+            f"checkpoints folder with '{ckpt.LATEST}', or a run folder with checkpoints/{ckpt.LATEST}"
         )
     return found
 
 
-def read_weights(path: Path, meta: dict, dlrm: torch.nn.Module) -> None:
+def read_weights(path: storage.Location, meta: dict, dlrm: torch.nn.Module) -> None:
     """Load the model entries of DCP checkpoint ``path`` into ``dlrm`` in place, in this process only.
 
     Raises:
@@ -122,10 +135,16 @@ def read_weights(path: Path, meta: dict, dlrm: torch.nn.Module) -> None:
     """
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-    from pipeline.checkpoint import CheckpointError, SafeFileSystemReader, load_tensors
+    from pipeline.checkpoint import CheckpointError, load_tensors
+    from pipeline.checkpoint.safe_load import safe_reader
 
     own = dlrm.state_dict()
-    saved = SafeFileSystemReader(path).read_metadata().state_dict_metadata
+    try:
+        saved = safe_reader(path).read_metadata().state_dict_metadata
+    except OSError as e:
+        if isinstance(path, Path):
+            raise
+        raise ExportError(f"cannot read checkpoint {storage.display(path)} ({storage.describe_error(e)})") from None
     problems = []
     for key, tensor in own.items():
         entry = saved.get(CHECKPOINT_PREFIX + key)
@@ -413,7 +432,12 @@ def export(
         raise ExportError(f"quantize={quantize!r}: expected 'none' or 'int8'")
     t0 = time.perf_counter()
     path = find_checkpoint(checkpoint, which)
-    meta = read_meta(path)
+    try:
+        meta = read_meta(path)
+    except OSError as e:
+        if isinstance(path, Path):
+            raise
+        raise ExportError(f"cannot read {storage.display(path)}/meta.json ({storage.describe_error(e)})") from None
     cfg = meta.get("config")
     if not cfg:
         raise ExportError(f"{path}/meta.json holds no config: it was written by an older version of the pipeline")
@@ -429,13 +453,18 @@ def export(
             f"checkpoint {path} has none of the tables t_<feature> of the data's features {list(schema.feature_names)}"
         )
     tables = [f"t_{f}" for f in table_sizes]
-    out = Path(out)
+    target = storage.location(out)
+    out = _staging(target)  # an object-store --out is written here, then uploaded
     if out.exists() and any(out.iterdir()) and not (out / EXPORT_JSON).is_file():
         raise ExportError(f"--out {out} exists and is not an earlier export: choose an empty or new folder")
     out.mkdir(parents=True, exist_ok=True)
     (out / EXPORT_JSON).unlink(missing_ok=True)  # written last: its presence marks a complete export
 
-    processed = Path(processed_dir) if processed_dir else _resolve_dir(cfg["data"]["processed_dir"])
+    processed_loc = processed_dir or cfg["data"]["processed_dir"]
+    if storage.is_remote(processed_loc):
+        processed = _local_data(str(processed_loc), None if processed_dir else cfg["data"].get("cache_dir"))
+    else:
+        processed = Path(processed_dir) if processed_dir else _resolve_dir(cfg["data"]["processed_dir"])
     spec_input, sizes = input_spec(cfg["data"], processed, table_sizes)
     dlrm = build_dlrm(cfg["model"], sizes, list(schema.feature_names), schema.num_dense, bool(schema.weighted))
     read_weights(path, meta, dlrm)
@@ -474,7 +503,7 @@ def export(
         "format_version": FORMAT_VERSION if quantize == "int8" else 2,  # readers of format 2 load float exports
         "exported_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "source": {
-            "checkpoint": str(path.resolve()),
+            "checkpoint": str(path.resolve()) if isinstance(path, Path) else storage.display(path),
             "step": meta["train_state"]["step"],
             "saved_by_world_size": meta["world_size"],
             "saved_at": meta.get("saved_at"),
@@ -498,7 +527,7 @@ def export(
         "input": spec_input,
         "data": {
             "name": cfg["data"].get("name"),
-            "processed_dir": str(processed),
+            "processed_dir": storage.display(processed_loc) if storage.is_remote(processed_loc) else str(processed),
             "split": cfg["data"].get("split"),
             "raw_dir": cfg["data"].get("raw_dir"),
             "raw_files": cfg["data"].get("raw_files"),
@@ -509,13 +538,15 @@ def export(
     tmp = out / (EXPORT_JSON + ".tmp")
     tmp.write_text(json.dumps(spec, indent=2) + "\n")
     os.replace(tmp, out / EXPORT_JSON)
+    if not isinstance(target, Path):
+        _upload_export(out, target)
     logger.info(
         "exported %s (step %d, saved by %d rank(s)) -> %s in %.1fs: %s parameters, %s (%s tables, %.1f MiB), "
         "id_mode=%s, dense=%s",
-        path,
+        storage.display(path),
         spec["source"]["step"],
         meta["world_size"],
-        out,
+        storage.display(target),
         time.perf_counter() - t0,
         f"{spec['weights']['parameters']:,}",
         weights.name,
@@ -525,6 +556,75 @@ def export(
         spec_input["dense_transform"],
     )
     return spec
+
+
+def _staging(out: storage.Location) -> Path:
+    """The local folder an export is written into: ``--out`` itself, or for an object store its local cache."""
+    return out if isinstance(out, Path) else storage.cache_path(out)
+
+
+def _local_data(url: str, cache_dir: str | None) -> Path:
+    """The local copy of processed data in an object store (export reads its vocabulary and part records)."""
+    from pipeline.data.mirror import local_copy
+    from pipeline.errors import DataError
+
+    try:
+        return local_copy(url, cache_dir)
+    except DataError as e:
+        raise ExportError(f"the data the model was trained on: {e}") from None
+
+
+def _upload_export(local: Path, url: str) -> None:
+    """Upload an export folder, ``export.json`` last (the store's old one removed first: a partial upload is no export).
+
+    Raises:
+        ExportError: the store cannot be written (after its retries).
+    """
+    try:
+        fs = storage.filesystem(url)
+        found = storage.list_files(url)
+        if found and EXPORT_JSON not in found:
+            raise ExportError(
+                f"--out {storage.display(url)} holds files and is not an earlier export: choose a new prefix"
+            )
+        if EXPORT_JSON in found:
+            fs.rm_file(storage.join(url, EXPORT_JSON))
+        names = sorted(p.name for p in local.iterdir() if p.is_file() and p.name != EXPORT_JSON)
+        for name in names:
+            storage.upload(local / name, storage.join(url, name))
+        for stale in set(found) - set(names) - {EXPORT_JSON}:
+            fs.rm_file(storage.join(url, *stale.split("/")))
+        storage.upload(local / EXPORT_JSON, storage.join(url, EXPORT_JSON))
+    except OSError as e:
+        raise ExportError(f"cannot upload the export to {storage.display(url)} ({storage.describe_error(e)})") from None
+
+
+def _download_export(url: str) -> Path:
+    """A local copy of the export at ``url`` (its cache folder), ``export.json`` last; files whose size matches are
+    reused, the weights are checked against export.json's sha256.
+
+    Raises:
+        ExportError: no export there, the store cannot be read, or the weights do not match.
+    """
+    local = storage.cache_path(url)
+    try:
+        found = storage.list_files(url)
+        if EXPORT_JSON not in found:
+            raise ExportError(f"{storage.display(storage.join(url, EXPORT_JSON))} not found: not an export")
+        text = storage.read_text(storage.join(url, EXPORT_JSON))
+        local.mkdir(parents=True, exist_ok=True)
+        (local / EXPORT_JSON).unlink(missing_ok=True)
+        for rel, size in found.items():
+            dst = local / rel
+            if rel != EXPORT_JSON and not (dst.is_file() and dst.stat().st_size == size):
+                storage.download(storage.join(url, *rel.split("/")), dst)
+    except OSError as e:
+        raise ExportError(f"cannot read the export at {storage.display(url)} ({storage.describe_error(e)})") from None
+    weights = json.loads(text)["weights"]
+    if _sha256(local / weights["file"]) != weights["sha256"]:
+        raise ExportError(f"{storage.display(url)}/{weights['file']} does not match the sha256 in its export.json")
+    (local / EXPORT_JSON).write_text(text)
+    return local
 
 
 # -- loading an export ------------------------------------------------------------------------------
@@ -647,7 +747,7 @@ def load_exported(export_dir: str | Path) -> ExportedModel:
     Raises:
         ExportError: not an export, a newer format, or files that do not match export.json.
     """
-    d = Path(export_dir)
+    d = _download_export(str(export_dir)) if storage.is_remote(export_dir) else Path(export_dir)
     path = d / EXPORT_JSON
     if not path.is_file():
         raise ExportError(f"{path} not found: not an export folder (./launch.sh export <run dir> --out {d})")

@@ -200,7 +200,13 @@ def predict_split(
     """
     from pipeline.data.loader import BinarySplit
     from pipeline.data.manifest import Manifest
+    from pipeline.data.mirror import local_copy
+    from pipeline.errors import DataError
 
+    try:
+        processed_dir = local_copy(str(processed_dir))  # an object store's processed data: its verified local copy
+    except DataError as e:
+        raise PredictError(str(e)) from None
     manifest = Manifest.load(processed_dir)
     inp = model.spec["input"]
     ours = {"id_mode": inp["id_mode"], "dense_transform": inp["dense_transform"]}
