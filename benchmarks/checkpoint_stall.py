@@ -33,6 +33,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from benchmarks._machine import describe  # noqa: E402
+from benchmarks._runs import fresh_run_dir  # noqa: E402
 
 PY = sys.executable
 SETTINGS = {
@@ -114,7 +115,7 @@ def main() -> int:
     writer_cpu: dict[str, list[float]] = {k: [] for k in SETTINGS}
     for rep in range(args.repeats):
         for name, extra in SETTINGS.items():
-            run_dir = work / f"{name}_{rep}"
+            run_dir = fresh_run_dir(work / f"{name}_{rep}")
             cmd = [
                 PY,
                 "-m",
