@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -131,12 +132,26 @@ def _ip(*args: str) -> None:
     subprocess.run(["ip", *args], check=True, capture_output=True, timeout=30)
 
 
+def _remove_stale_networks() -> None:
+    """Delete the namespaces and bridge a killed earlier session left (``sl<pid>``, that pid gone): their bridge
+    holds the controller's address, and the new nodes could not reach it."""
+    found = subprocess.run(["ip", "-o", "link", "show", "type", "bridge"], capture_output=True, text=True).stdout
+    found += subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    for pid in sorted(set(re.findall(r"\bsl(\d+)[bn]", found))):
+        if Path(f"/proc/{pid}").exists():
+            continue
+        for i in range(2):
+            subprocess.run(["ip", "netns", "delete", f"sl{pid}n{i}"], capture_output=True)
+        subprocess.run(["ip", "link", "delete", f"sl{pid}b"], capture_output=True)
+
+
 @pytest.fixture(scope="session")
 def slurm_two_nodes(tmp_path_factory, munge):
     """SLURM_CONF of a running two-node cluster: nodes sn0 and sn1, each a slurmd in its own network namespace
     with its own host name and /etc/hosts (names of both nodes and the controller). Removed at the end."""
     if shutil.which("ip") is None or shutil.which("nsenter") is None:
         _unavailable("needs iproute2's ip and util-linux's nsenter")
+    _remove_stale_networks()
     tag = f"sl{os.getpid()}"
     bridge, namespaces = f"{tag}b", [f"{tag}n{i}" for i in range(2)]
     state = tmp_path_factory.mktemp("slurm2")
