@@ -162,7 +162,7 @@ def latest_checkpoint(root: str | Location, pointer_name: str = LATEST) -> Locat
         if not storage.is_file(pointer):
             return None
         path = storage.join(root, storage.read_text(pointer).strip())
-        complete = storage.is_file(storage.join(path, META)) and storage.is_file(storage.join(path, ".metadata"))
+        complete = _complete(path)
     except OSError as e:
         if isinstance(root, Path):
             raise
@@ -184,16 +184,20 @@ def find_checkpoint(path: str | Location, which: str = "best") -> Location | Non
     best validation metric, what the run's final metrics and export came from; its latest when it kept no best)
     or ``latest``; None when there is none."""
     path = storage.location(path)
-    if storage.is_file(storage.join(path, META)) and storage.is_file(storage.join(path, ".metadata")):
+    if _complete(path):
         return path
     pointers = (BEST, LATEST) if which == "best" else (LATEST,)
     for root in (path, storage.join(path, "checkpoints")):
         for pointer in pointers:
-            if storage.is_file(storage.join(root, pointer)):
-                found = latest_checkpoint(root, pointer)
-                if found is not None:
-                    return found
+            found = latest_checkpoint(root, pointer)  # None when there is no such pointer
+            if found is not None:
+                return found
     return None
+
+
+def _complete(path: Location) -> bool:
+    """A finished checkpoint folder: its meta.json and DCP's .metadata are both there."""
+    return storage.is_file(storage.join(path, META)) and storage.is_file(storage.join(path, ".metadata"))
 
 
 def resolve_resume(resume: str, root: Location) -> Location | None:
