@@ -170,8 +170,8 @@ class VocabBase:
         """Per column: these values, then the counted ones new to them seen at least ``min_frequency`` times
         (most frequent first, ties by value), at most ``cap - 2`` in all; and each one's count in ``counter``."""
         keys, counts = [], []
+        counter.num_distinct()  # merges what is pending
         for j, old in enumerate(self.keys):
-            counter._merge(j)  # noqa: SLF001 - the pending values counted
             seen, seen_counts = counter.keys[j], counter.counts[j]  # sorted by value
             new = ~np.isin(seen, old) & (seen_counts >= max(1, min_frequency))
             order = np.argsort(-seen_counts[new], kind="stable")[: max(0, caps[j] - 2 - len(old))]
