@@ -36,6 +36,7 @@ from pipeline.metrics.functional import BinaryMetrics
 from pipeline.metrics.keys import eval_key, eval_metrics
 from pipeline.metrics.loggers import RunWriter, process_memory_mib
 from pipeline.model.dlrm import build_model
+from pipeline.model.one_hot import RowGather, one_hot_ids, whole_local_tables
 from pipeline.optim.schedule import lr_scheduler, resolve_schedule
 from pipeline.redact import redact_config
 from pipeline.tools.health import Heartbeat
@@ -440,10 +441,15 @@ class Trainer:
         # Logits from the unwrapped model: DMP's DDP wrapper and DLRMTrain's loss serve training only (no
         # gradients to sync, a loss nobody reads); the sharded tables inside look up and exchange as in training.
         net = self.model.module.model
+        gather = self._local_gather(net)
         for eb in batches:
             batch = eb.batch.to(self.device)
+            ids = one_hot_ids(batch.sparse_features, net.sparse_arch.sparse_feature_names) if gather else None
             with self._autocast():
-                logits = net(batch.dense_features, batch.sparse_features)
+                if ids is not None:
+                    logits = net.forward_pooled(batch.dense_features, gather(ids))
+                else:
+                    logits = net(batch.dense_features, batch.sparse_features)
             accumulator.update(logits.float(), batch.labels, eb.weights, eb.rows if save_predictions else None)
             self.heartbeat.beat()
         self.model.train()
@@ -451,6 +457,15 @@ class Trainer:
         if save_predictions and self.env.is_rank_zero:
             np.save(self.run_dir / f"predictions_{split}.npy", accumulator.predictions.numpy())
         return metrics
+
+    def _local_gather(self, net: torch.nn.Module) -> RowGather | None:
+        """Evaluation's lookup as row gathers from the tables in place (:mod:`pipeline.model.one_hot`), on one
+        CPU rank that holds every table whole; None where the sharded collection looks up (several ranks,
+        CUDA, tables split by rows or columns, models without the DLRM's sparse part)."""
+        if self.env.world_size != 1 or self.device.type != "cpu" or not hasattr(net, "sparse_arch"):
+            return None
+        tables = whole_local_tables(net.sparse_arch.embedding_bag_collection, net.sparse_arch.sparse_feature_names)
+        return RowGather(tables) if tables is not None else None
 
     def _timed_eval(
         self, split: str, max_batches: int | None, save_predictions: bool = False, model_step: int | None = None

@@ -1,0 +1,101 @@
+"""One-hot lookups as row gathers from the tables in place (evaluation on one CPU rank): the same logits as
+the sharded collection's kernel, bit for bit, and no gather where a bag is not one id."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from pipeline.config import ModelConfig, Pooling
+from pipeline.model.dlrm import build_model
+from pipeline.model.one_hot import RowGather, one_hot_ids, whole_local_tables
+from tests.unit.model.test_multihot_pooling import _shard, one_rank_group  # noqa: F401 - a fixture
+
+KEYS = ["a", "b", "c"]
+ROWS = [50, 7, 300]
+B = 6
+SMALL = {"embedding_dim": 8, "dense_arch_layer_sizes": [16, 8], "over_arch_layer_sizes": [16, 1]}
+
+
+def _one_hot(keys: list[str] = KEYS, seed: int = 0) -> KeyedJaggedTensor:
+    g = torch.Generator().manual_seed(seed)
+    rows = dict(zip(KEYS, ROWS, strict=True))
+    values = torch.cat([torch.randint(0, rows[k], (B,), generator=g) for k in keys])
+    return KeyedJaggedTensor.from_lengths_sync(
+        keys=keys, values=values, lengths=torch.ones(len(keys) * B, dtype=torch.int32)
+    )
+
+
+@pytest.mark.parametrize("pooling", [Pooling.sum, Pooling.mean])
+@pytest.mark.parametrize(
+    ("sharding_type", "kernel"), [("table_wise", "fused"), ("data_parallel", "dense")]
+)
+@pytest.mark.usefixtures("one_rank_group")
+def test_gathered_rows_give_the_sharded_models_logits_bit_for_bit(
+    sharding_type: str, kernel: str, pooling: Pooling
+) -> None:
+    torch.manual_seed(0)
+    cfg = ModelConfig(**SMALL, pooling=pooling)
+    dmp = _shard(build_model(cfg, ROWS, feature_names=KEYS, num_dense_features=2), sharding_type, kernel)
+    net = dmp.module.model
+    names = net.sparse_arch.sparse_feature_names
+    tables = whole_local_tables(net.sparse_arch.embedding_bag_collection, names)
+    assert tables is not None and [t.shape for t in tables] == [(r, 8) for r in ROWS]
+    # Views of the weights the kernels train: a training step's update is seen without a copy.
+    state = net.sparse_arch.embedding_bag_collection.state_dict()
+    for name, table in zip(names, tables, strict=True):
+        weight = state[f"embedding_bags.t_{name}.weight"]
+        held = weight.local_shards()[0].tensor if hasattr(weight, "local_shards") else weight
+        assert table.data_ptr() == held.data_ptr()
+    gather = RowGather(tables)
+    with torch.no_grad():
+        for seed in range(3):  # the buffer is reused between batches
+            kjt, dense = _one_hot(seed=seed), torch.randn(B, 2)
+            torch.testing.assert_close(
+                net.forward_pooled(dense, gather(one_hot_ids(kjt, names))), net(dense, kjt), rtol=0, atol=0
+            )
+
+
+def test_ids_follow_the_models_feature_order_whatever_the_batchs() -> None:
+    kjt = _one_hot(keys=["c", "a", "b"])
+    ids = one_hot_ids(kjt, KEYS)
+    per_key = kjt.to_dict()
+    for f, name in enumerate(KEYS):
+        assert torch.equal(ids[f], per_key[name].values())
+
+
+def test_no_ids_where_a_bag_is_not_one_id_or_carries_a_weight() -> None:
+    multi = KeyedJaggedTensor.from_lengths_sync(
+        keys=KEYS, values=torch.arange(3 * B), lengths=torch.tensor([1] * B + [2, 0] + [1] * (B - 2) + [1] * B)
+    )
+    assert one_hot_ids(multi, KEYS) is None
+    weighted = KeyedJaggedTensor.from_lengths_sync(
+        keys=KEYS,
+        values=torch.zeros(3 * B, dtype=torch.long),
+        lengths=torch.ones(3 * B, dtype=torch.int32),
+        weights=torch.ones(3 * B),
+    )
+    assert one_hot_ids(weighted, KEYS) is None
+    assert one_hot_ids(_one_hot(), ["a", "b", "x"]) is None
+
+
+def test_a_batch_larger_than_the_buffer_gets_a_new_one() -> None:
+    tables = [torch.randn(r, 4) for r in ROWS]
+    gather = RowGather(tables)
+    for batch in (3, 5, 2):
+        ids = torch.stack([torch.randint(0, r, (batch,)) for r in ROWS])
+        got = gather(ids)
+        assert got.shape == (batch, 3, 4)
+        for f, t in enumerate(tables):
+            assert torch.equal(got[:, f], t[ids[f]])
+
+
+def test_no_tables_where_one_is_not_held_whole_or_not_float32() -> None:
+    cfg = ModelConfig(**SMALL)
+    model = build_model(cfg, ROWS, feature_names=KEYS, num_dense_features=2)
+    ebc = model.model.sparse_arch.embedding_bag_collection.to_empty(device="cpu")
+    assert whole_local_tables(ebc, KEYS) is not None
+    assert whole_local_tables(ebc, [*KEYS, "d"]) is None
+    ebc.embedding_bags["t_b"].half()
+    assert whole_local_tables(ebc, KEYS) is None
