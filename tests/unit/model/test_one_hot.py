@@ -28,9 +28,7 @@ def _one_hot(keys: list[str] = KEYS, seed: int = 0) -> KeyedJaggedTensor:
 
 
 @pytest.mark.parametrize("pooling", [Pooling.sum, Pooling.mean])
-@pytest.mark.parametrize(
-    ("sharding_type", "kernel"), [("table_wise", "fused"), ("data_parallel", "dense")]
-)
+@pytest.mark.parametrize(("sharding_type", "kernel"), [("table_wise", "fused"), ("data_parallel", "dense")])
 @pytest.mark.usefixtures("one_rank_group")
 def test_gathered_rows_give_the_sharded_models_logits_bit_for_bit(
     sharding_type: str, kernel: str, pooling: Pooling
