@@ -1,4 +1,4 @@
-"""One-hot lookups as row gathers straight from the tables' weights, for evaluation on one CPU rank.
+"""One-hot lookups as row gathers straight from the tables' weights: evaluation on one CPU rank, and serving.
 
 When every bag holds one id, pooling (sum or mean) returns that id's row, so a lookup is a gather.
 FBGEMM's CPU kernel behind the sharded collection (``split_embedding_codegen_forward_cpu``,
@@ -7,7 +7,7 @@ measured here): about 10 ms of a 36 ms evaluation batch of 2048 rows on 2 cores,
 over the same weights uses every core and takes about 4 ms. The rows land in one buffer kept for the
 whole pass, so no batch allocates the kernel's 27 MB output (a fresh one was page-faulted in about a
 third of a first pass's batches, at about 100 ms each). ``ExportedModel.logits`` gathers the unsharded
-export's rows the same way.
+export's rows with a :class:`RowGather` of its own per call.
 
 The gathered rows are the rows the kernels pool, and the dense part reads them as [B, F, D] (a view of
 the table-major buffer): the logits are bit for bit those of the collection's path.

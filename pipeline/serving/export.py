@@ -53,6 +53,7 @@ from pipeline.data.jagged import Lists
 from pipeline.data.schema import CRITEO, Schema
 from pipeline.errors import ExportError
 from pipeline.logs import setup_logging
+from pipeline.model.one_hot import RowGather, whole_local_tables
 from pipeline.serving.int8 import INT8_KEY, quantize_tables, use_int8_tables  # noqa: F401 - INT8_KEY: export.json
 
 logger = logging.getLogger(__name__)
@@ -689,13 +690,11 @@ class ExportedModel:
         if type(ebc) is not EmbeddingBagCollection or schema.multi_hot or schema.weighted:
             return None
         column = {name: j for j, name in enumerate(schema.feature_names)}
-        tables = {f: ebc.embedding_bags[c.name].weight for c in ebc.embedding_bag_configs() for f in c.feature_names}
         names = list(arch.sparse_feature_names)
-        if sorted(names) != sorted(tables) or sorted(names) != sorted(column):
+        tables = whole_local_tables(ebc, names) if sorted(names) == sorted(column) else None
+        if tables is None or tables[0].shape[1] != arch.D:
             return None
-        if any(t.dtype != torch.float32 or t.shape[1] != arch.D for t in tables.values()):
-            return None
-        return [(column[name], tables[name]) for name in names]
+        return [(column[name], table) for name, table in zip(names, tables, strict=True)]
 
     @torch.inference_mode()
     def logits(
@@ -708,13 +707,11 @@ class ExportedModel:
         )
         tables = self.one_hot_tables
         if tables is not None and lists is None:
-            # Table-major [F, B, D]: each table's rows gathered into one contiguous slice; the dense part
-            # reads it as [B, F, D] (a view), the layout pooled_values gives.
-            idx = torch.from_numpy(np.ascontiguousarray(np.asarray(ids).T, dtype=np.int64))
-            pooled = dense.new_empty(len(tables), dense.shape[0], self.model.sparse_arch.D)
-            for k, (j, table) in enumerate(tables):
-                torch.index_select(table, 0, idx[j], out=pooled[k])
-            return self.model.forward_pooled(dense, pooled.transpose(0, 1)).flatten()
+            # A gather per call (no buffer shared between callers' threads).
+            columns = [j for j, _ in tables]
+            idx = torch.from_numpy(np.ascontiguousarray(np.asarray(ids)[:, columns].T, dtype=np.int64))
+            pooled = RowGather([table for _, table in tables])(idx)
+            return self.model.forward_pooled(dense, pooled).flatten()
         kjt = self.features.kjt(np.asarray(ids), lists)
         return self.model(dense_features=dense, sparse_features=kjt).flatten()
 
