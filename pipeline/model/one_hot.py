@@ -7,7 +7,7 @@ measured here): about 10 ms of a 36 ms evaluation batch of 2048 rows on 2 cores,
 over the same weights uses every core and takes about 4 ms. The rows land in one buffer kept for the
 whole pass, so no batch allocates the kernel's 27 MB output (a fresh one was page-faulted in about a
 third of a first pass's batches, at about 100 ms each). ``ExportedModel.logits`` gathers the unsharded
-export's rows with a :class:`RowGather` of its own per call.
+export's rows with a :class:`RowGather` of its own per call (int8 row-wise tables: ``Int8RowGather``).
 
 The gathered rows are the rows the kernels pool, and the dense part reads them as [B, F, D] (a view of
 the table-major buffer): the logits are bit for bit those of the collection's path.
@@ -68,19 +68,25 @@ def one_hot_ids(kjt: KeyedJaggedTensor, feature_names: list[str]) -> torch.Tenso
 class RowGather:
     """Rows ``tables[f][ids[f]]`` as [B, F, D]: a view of a table-major [F, B, D] buffer, each table's rows
     written into one contiguous slice (no concatenation). The buffer is kept for the next call (a later
-    batch as large or smaller writes into it)."""
+    batch as large or smaller writes into it). ``width`` and ``dtype``: of a row as the dense part reads it
+    (default: the tables' own); subclasses turn stored rows into those in :meth:`_rows`."""
 
-    def __init__(self, tables: list[torch.Tensor]) -> None:
+    def __init__(self, tables: list[torch.Tensor], width: int | None = None, dtype: torch.dtype | None = None) -> None:
         self.tables = tables
+        self.width = tables[0].shape[1] if width is None else width
+        self.dtype = tables[0].dtype if dtype is None else dtype
         self._buffer: torch.Tensor | None = None
+
+    def _rows(self, table: torch.Tensor, ids: torch.Tensor, out: torch.Tensor) -> None:
+        torch.index_select(table, 0, ids, out=out)
 
     def __call__(self, ids: torch.Tensor) -> torch.Tensor:
         num_features, batch = ids.shape
         if num_features != len(self.tables):
             raise ValueError(f"ids for {num_features} features, {len(self.tables)} tables")
         if self._buffer is None or self._buffer.shape[1] < batch:
-            self._buffer = self.tables[0].new_empty(num_features, batch, self.tables[0].shape[1])
+            self._buffer = torch.empty(num_features, batch, self.width, dtype=self.dtype, device=self.tables[0].device)
         out = self._buffer[:, :batch]
         for f, table in enumerate(self.tables):
-            torch.index_select(table, 0, ids[f], out=out[f])
+            self._rows(table, ids[f], out[f])
         return out.transpose(0, 1)

@@ -54,7 +54,13 @@ from pipeline.data.schema import CRITEO, Schema
 from pipeline.errors import ExportError
 from pipeline.logs import setup_logging
 from pipeline.model.one_hot import RowGather, whole_local_tables
-from pipeline.serving.int8 import INT8_KEY, quantize_tables, use_int8_tables  # noqa: F401 - INT8_KEY: export.json
+from pipeline.serving.int8 import (  # noqa: F401 - INT8_KEY: export.json
+    INT8_KEY,
+    Int8RowGather,
+    int8_tables,
+    quantize_tables,
+    use_int8_tables,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -676,8 +682,8 @@ class ExportedModel:
 
     @functools.cached_property
     def one_hot_tables(self) -> list[tuple[int, torch.Tensor]] | None:
-        """(id column, float32 table) per feature in the order the model pools them, when every feature is one
-        id of an unweighted float table of one width; else None.
+        """(id column, table) per feature in the order the model pools them, when every feature is one id of
+        an unweighted table of one width, float32 or int8 row-wise; else None.
 
         A bag of one id pools to that id's row under sum and mean alike, so the lookup is then a row gather,
         written straight into the [B, F, D] the dense part reads: no KJT, no per-bag offsets, and no copy
@@ -687,12 +693,19 @@ class ExportedModel:
         arch = getattr(self.model, "sparse_arch", None)
         ebc = getattr(arch, "embedding_bag_collection", None)
         schema = self.features.schema
-        if type(ebc) is not EmbeddingBagCollection or schema.multi_hot or schema.weighted:
+        if ebc is None or schema.multi_hot or schema.weighted:
             return None
         column = {name: j for j, name in enumerate(schema.feature_names)}
         names = list(arch.sparse_feature_names)
-        tables = whole_local_tables(ebc, names) if sorted(names) == sorted(column) else None
-        if tables is None or tables[0].shape[1] != arch.D:
+        if sorted(names) != sorted(column):
+            return None
+        if type(ebc) is EmbeddingBagCollection:
+            tables = whole_local_tables(ebc, names)
+            width = None if tables is None else tables[0].shape[1]
+        else:
+            tables = int8_tables(ebc, names)
+            width = None if tables is None else tables[0].shape[1] - 8
+        if width != arch.D:
             return None
         return [(column[name], table) for name, table in zip(names, tables, strict=True)]
 
@@ -710,8 +723,9 @@ class ExportedModel:
             # A gather per call (no buffer shared between callers' threads).
             columns = [j for j, _ in tables]
             idx = torch.from_numpy(np.ascontiguousarray(np.asarray(ids)[:, columns].T, dtype=np.int64))
-            pooled = RowGather([table for _, table in tables])(idx)
-            return self.model.forward_pooled(dense, pooled).flatten()
+            weights = [table for _, table in tables]
+            gather = Int8RowGather(weights) if weights[0].dtype == torch.uint8 else RowGather(weights)
+            return self.model.forward_pooled(dense, gather(idx)).flatten()
         kjt = self.features.kjt(np.asarray(ids), lists)
         return self.model(dense_features=dense, sparse_features=kjt).flatten()
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from pipeline.errors import ExportError
+from pipeline.model.one_hot import RowGather
 
 INT8_KEY = "weight_int8_rowwise"  # <table>.weight_int8_rowwise replaces <table>.weight in an int8 export
 
@@ -86,3 +87,33 @@ def use_int8_tables(dlrm: torch.nn.Module) -> torch.nn.Module:
     arch = dlrm.sparse_arch
     arch.embedding_bag_collection = Int8EmbeddingBagCollection(arch.embedding_bag_collection)
     return dlrm
+
+
+# -- one-hot lookups as row gathers ----------------------------------------------------------------------
+def int8_tables(collection: torch.nn.Module, feature_names: list[str]) -> list[torch.Tensor] | None:
+    """Each feature's int8 row-wise table [rows, D + 8] in ``feature_names`` order, when ``collection`` is an
+    :class:`Int8EmbeddingBagCollection` of unweighted tables of one width, a table per feature; else None."""
+    if not isinstance(collection, Int8EmbeddingBagCollection) or collection.weighted:
+        return None
+    table_of = {feature: table for feature, table, _, _ in collection.lookups}
+    if sorted(table_of) != sorted(feature_names):
+        return None
+    tables = [getattr(collection.embedding_bags[table_of[f]], INT8_KEY) for f in feature_names]
+    return tables if len({t.shape[1] for t in tables}) == 1 else None
+
+
+class Int8RowGather(RowGather):
+    """:class:`~pipeline.model.one_hot.RowGather` over int8 row-wise tables: each id's row dequantised (codes x
+    scale + bias, by PyTorch's quantized embedding-bag kernel, as :class:`Int8EmbeddingBagCollection` pools a
+    bag of one id) into the float32 [B, F, D] the dense part reads."""
+
+    def __init__(self, tables: list[torch.Tensor]) -> None:
+        super().__init__(tables, width=tables[0].shape[1] - 8, dtype=torch.float32)
+
+    def _rows(self, table: torch.Tensor, ids: torch.Tensor, out: torch.Tensor) -> None:
+        offsets = torch.arange(ids.numel() + 1, dtype=ids.dtype)
+        out.copy_(
+            torch.ops.quantized.embedding_bag_byte_rowwise_offsets(
+                table, ids, offsets, False, 0, False, None, None, True
+            )
+        )
