@@ -1,14 +1,15 @@
-"""What int8 tables cost: the same trained model exported in float32 and with ``--quantize int8``, scored
-on the same rows, side by side.
+"""What int8 tables and bf16 scoring cost: the same trained model exported in float32 and with ``--quantize
+int8``, each scored in fp32 and with ``--precision bf16``, on the same rows, side by side.
 
 In one run: generates a synthetic dataset (``data=synthetic``, a known optimum), trains the paper's model
 (``model=dlrm_criteo``) on it as users run it (``./launch.sh train``), exports the final checkpoint twice
 (``./launch.sh export``: float32 tables, then int8 row-wise tables) and scores the preprocessed
-test split with each export (``pipeline.predict``). Prints each export's test AUC and logloss, their
-difference, the weights file size and the scoring rate, and the largest per-row probability difference.
+test split with each export (``pipeline.predict``), in fp32 and in bf16. Prints each one's test AUC, logloss
+and calibration, their differences from float32's, the per-row probability difference (largest and mean),
+the weights file size and the scoring rate.
 
 Then the serving speed at ``--batch`` rows, contenders alternated over ``--rounds``: ``predict`` of each
-export on ready arrays (dense features and table ids: the KJT built, looked up, scored) against a
+export (fp32 and bf16) on ready arrays (dense features and table ids: looked up, scored) against a
 plain-PyTorch forward of the same model (``benchmarks/_contenders.py``'s ``PlainDLRM`` holding the export's
 weights, its logits checked against the export's); and end to end from the raw test TSV (``predict_raw``:
 parse, transform, score) beside the same file's preprocessing alone (parse and transform, no model).
@@ -74,20 +75,28 @@ def main() -> int:
     from pipeline.serving.export import export, load_exported
     from pipeline.serving.predict import run
 
-    results, models = {}, {}
-    for name, quantize in (("float32", "none"), ("int8", "int8")):
-        out = work / f"export_{name}"
-        spec = export(run_dir, out, quantize=quantize, dense_program=False)
-        model = models[name] = load_exported(out)
+    results, models, specs = {}, {}, {}
+    for name, quantize, precision in (
+        ("float32", "none", "fp32"),
+        ("int8", "int8", "fp32"),
+        ("f32 bf16", "none", "bf16"),
+        ("int8 bf16", "int8", "bf16"),
+    ):
+        out = work / f"export_{quantize}"
+        if quantize not in specs:
+            specs[quantize] = export(run_dir, out, quantize=quantize, dense_program=False)
+        spec = specs[quantize]
+        model = models[name] = load_exported(out, precision)
         t = time.perf_counter()
-        res = run(model, str(work / f"test_{name}.npy"), split="test")
+        res = run(model, str(work / f"test_{name.replace(' ', '_')}.npy"), split="test")
         seconds = time.perf_counter() - t
         results[name] = {
             "auc": res.metrics["auc"],
             "logloss": res.metrics["logloss"],
+            "calibration": res.metrics["calibration"],
             "mib": spec["weights"]["bytes"] / 2**20,
             "rows_per_s": res.scored / seconds,
-            "probs": np.load(work / f"test_{name}.npy"),
+            "probs": np.load(work / f"test_{name.replace(' ', '_')}.npy"),
         }
     optimum = json.loads((work / "raw" / "optimum.json").read_text())["optimum"]["test"]
     print(
@@ -97,19 +106,20 @@ def main() -> int:
         f"{args.nproc} rank(s); data optimum test AUC {optimum['auc']:.4f}"
     )
     print(
-        f"{'tables':8s} {'test AUC':>9s} {'logloss':>8s} {'d AUC':>8s} {'d logloss':>10s} {'weights':>9s} "
-        f"{'rows/s':>9s}"
+        f"{'export':9s} {'test AUC':>9s} {'logloss':>8s} {'calib':>6s} {'d AUC':>8s} {'d logloss':>10s} "
+        f"{'|dp| max':>9s} {'|dp| mean':>10s} {'weights':>9s} {'rows/s':>9s}"
     )
     base = results["float32"]
     for name, r in results.items():
+        diff = np.abs(r["probs"] - base["probs"])
         print(
-            f"{name:8s} {r['auc']:9.4f} {r['logloss']:8.4f} {r['auc'] - base['auc']:+8.5f} "
-            f"{r['logloss'] - base['logloss']:+10.5f} {r['mib']:7.1f}Mi {r['rows_per_s']:9,.0f}"
+            f"{name:9s} {r['auc']:9.4f} {r['logloss']:8.4f} {r['calibration']:6.3f} {r['auc'] - base['auc']:+8.5f} "
+            f"{r['logloss'] - base['logloss']:+10.5f} {diff.max():9.4f} {diff.mean():10.5f} {r['mib']:7.1f}Mi "
+            f"{r['rows_per_s']:9,.0f}"
         )
-    diff = np.abs(results["int8"]["probs"] - base["probs"])
     print(
-        f"per-row |p_int8 - p_float32|: max {diff.max():.4f}, mean {diff.mean():.5f}; weights "
-        f"{base['mib'] / results['int8']['mib']:.2f}x smaller"
+        f"|dp|: per-row probability difference from float32; weights {base['mib'] / results['int8']['mib']:.2f}x "
+        "smaller with int8 tables; bf16: the dense part under bfloat16 autocast (predict --precision bf16)"
     )
     serving_speed(models, work, args.batch, args.rounds)
     return 0
@@ -183,6 +193,8 @@ def serving_speed(models: dict, work: Path, batch: int, rounds: int) -> None:
             f32.model(dense_features=torch.from_numpy(dense), sparse_features=f32.features.kjt(ids)).flatten()
         ),
         "int8": lambda: models["int8"].predict(dense, ids),
+        "f32 bf16": lambda: models["f32 bf16"].predict(dense, ids),
+        "int8 bf16": lambda: models["int8 bf16"].predict(dense, ids),
     }
     seconds: dict[str, list[float]] = {k: [] for k in contenders}
     with torch.inference_mode():
@@ -199,10 +211,10 @@ def serving_speed(models: dict, work: Path, batch: int, rounds: int) -> None:
         f"(plain = the same model in plain PyTorch; max |logit gap| {gap:.2e}):"
     )
     for k, r in rate.items():
-        print(f"  {k:8s} {r:>10,.0f} rows/s  {r / rate['plain']:.2f}x plain")
+        print(f"  {k:9s} {r:>10,.0f} rows/s  {r / rate['plain']:.2f}x plain")
 
     raw = work / "raw" / "test.tsv"
-    runs: dict[str, list[float]] = {"preprocessing": [], "predict": []}
+    runs: dict[str, list[float]] = {"preprocessing": [], "predict": [], "predict bf16": []}
     n = 0
     for _ in range(2):
         t = time.perf_counter()
@@ -217,11 +229,15 @@ def serving_speed(models: dict, work: Path, batch: int, rounds: int) -> None:
         scored = sum(len(p) for p, _ in predict_raw(f32, raw, True, batch_size=batch))
         runs["predict"].append(time.perf_counter() - t)
         assert scored == n
-    pre, end = n / min(runs["preprocessing"]), n / min(runs["predict"])
+        t = time.perf_counter()
+        scored = sum(len(p) for p, _ in predict_raw(models["f32 bf16"], raw, True, batch_size=batch))
+        runs["predict bf16"].append(time.perf_counter() - t)
+        assert scored == n
+    pre, end, end_bf16 = (n / min(runs[k]) for k in ("preprocessing", "predict", "predict bf16"))
     print(
         f"raw TSV end to end ({n:,} rows of {raw.name}, best of 2): parse + transform + score {end:,.0f} rows/s "
-        f"(float32); parse + transform alone (preprocessing) {pre:,.0f} rows/s; scoring takes "
-        f"{1 - end / pre:.0%} of the time"
+        f"(float32), {end_bf16:,.0f} rows/s (bf16); parse + transform alone (preprocessing) {pre:,.0f} rows/s; "
+        f"scoring takes {1 - end / pre:.0%} of the float32 time"
     )
 
 

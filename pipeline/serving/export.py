@@ -67,6 +67,7 @@ logger = logging.getLogger(__name__)
 EXPORT_JSON = "export.json"
 FORMAT_VERSION = 3  # 3: int8 row-wise tables (weights.table_format); 2: the column schema; 1: Criteo's layout
 TABLE_FORMATS = ("float32", "int8_rowwise")
+PRECISIONS = ("fp32", "bf16")  # load_exported(precision=...): the dense part's arithmetic when scoring
 WEIGHTS_TORCH = "model.pt"
 WEIGHTS_SAFETENSORS = "model.safetensors"
 VOCAB = "vocab.npz"
@@ -643,6 +644,7 @@ class ExportedModel:
     spec: dict
     model: torch.nn.Module  # pipeline.model.dlrm.DLRM (plain TorchRec modules), eval mode
     vocab: list[np.ndarray] | None
+    precision: str = "fp32"  # bf16: the dense part under bfloat16 autocast (:data:`PRECISIONS`)
 
     @property
     def schema(self) -> Schema:
@@ -719,15 +721,18 @@ class ExportedModel:
             np.ascontiguousarray(dense) if isinstance(dense, np.ndarray) else dense, dtype=torch.float32
         )
         tables = self.one_hot_tables
-        if tables is not None and lists is None:
-            # A gather per call (no buffer shared between callers' threads).
-            columns = [j for j, _ in tables]
-            idx = torch.from_numpy(np.ascontiguousarray(np.asarray(ids)[:, columns].T, dtype=np.int64))
-            weights = [table for _, table in tables]
-            gather = Int8RowGather(weights) if weights[0].dtype == torch.uint8 else RowGather(weights)
-            return self.model.forward_pooled(dense, gather(idx)).flatten()
-        kjt = self.features.kjt(np.asarray(ids), lists)
-        return self.model(dense_features=dense, sparse_features=kjt).flatten()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.precision == "bf16"):
+            if tables is not None and lists is None:
+                # A gather per call (no buffer shared between callers' threads).
+                columns = [j for j, _ in tables]
+                idx = torch.from_numpy(np.ascontiguousarray(np.asarray(ids)[:, columns].T, dtype=np.int64))
+                weights = [table for _, table in tables]
+                gather = Int8RowGather(weights) if weights[0].dtype == torch.uint8 else RowGather(weights)
+                logits = self.model.forward_pooled(dense, gather(idx))
+            else:
+                kjt = self.features.kjt(np.asarray(ids), lists)
+                logits = self.model(dense_features=dense, sparse_features=kjt)
+        return logits.float().flatten()
 
     def predict(
         self, dense: np.ndarray | torch.Tensor, ids: np.ndarray | torch.Tensor, lists: Lists | tuple | None = None
@@ -752,12 +757,34 @@ def _load_tensors(path: Path, fmt: str) -> dict[str, torch.Tensor]:
     return load_tensor_file(path, ExportError, map_location="cpu", mmap=True)
 
 
-def load_exported(export_dir: str | Path) -> ExportedModel:
+def native_bf16() -> bool | None:
+    """Whether this CPU computes bfloat16 natively (AVX-512 BF16 or AMX flags in /proc/cpuinfo); None where
+    that cannot be read."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return None
+    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), None)
+    return None if flags is None else bool({"avx512_bf16", "amx_bf16"} & set(flags))
+
+
+def load_exported(export_dir: str | Path, precision: str = "fp32") -> ExportedModel:
     """Load an export written by :func:`export` (CPU, one process, no ``torch.distributed``).
 
+    ``precision="bf16"`` scores with the dense part (MLPs, interaction) under bfloat16 autocast; the lookups
+    and the output stay float32. Fast where the CPU has AMX or AVX-512 BF16; elsewhere it is emulated.
+
     Raises:
-        ExportError: not an export, a newer format, or files that do not match export.json.
+        ExportError: not an export, a newer format, files that do not match export.json, or an unknown
+            ``precision``.
     """
+    if precision not in PRECISIONS:
+        raise ExportError(f"precision {precision!r}: expected one of {PRECISIONS}")
+    if precision == "bf16" and native_bf16() is False:
+        logger.warning(
+            "precision bf16: this CPU has neither AVX-512 BF16 nor AMX, so bfloat16 is emulated and scores "
+            "slower than fp32"
+        )
     d = _download_export(str(export_dir)) if storage.is_remote(export_dir) else Path(export_dir)
     path = d / EXPORT_JSON
     if not path.is_file():
@@ -789,7 +816,7 @@ def load_exported(export_dir: str | Path) -> ExportedModel:
         vpath = d / spec["input"]["vocab"]["file"]
         with np.load(vpath) as z:  # allow_pickle=False: plain arrays only
             vocab = [z[f"C{j + 1}"] for j in range(schema.num_sparse)]
-    return ExportedModel(d, spec, dlrm.eval(), vocab)
+    return ExportedModel(d, spec, dlrm.eval(), vocab, precision)
 
 
 def main(argv: list[str] | None = None) -> int:

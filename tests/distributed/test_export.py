@@ -289,6 +289,29 @@ def test_int8_export_scores_close_to_float_and_is_smaller(tmp_path, vocab_run, v
         export(vocab_run, tmp_path / "int4", quantize="int4")
 
 
+def test_bf16_scoring_stays_close_to_fp32(tmp_path, vocab_run, vocab_export, caplog, monkeypatch) -> None:
+    """predict --precision bf16: the dense part under bfloat16 autocast, the lookups float32; the probabilities
+    move by little, and an unknown precision or a CPU without native bfloat16 is said in one line."""
+    from pipeline.errors import ExportError
+    from pipeline.serving import export as export_module
+    from pipeline.serving.export import load_exported
+    from pipeline.serving.predict import main
+
+    out = tmp_path / "bf16.npy"
+    assert main(["--model", str(vocab_export), "--split", "val", "--out", str(out), "--precision", "bf16"]) == 0
+    got, want = np.load(out), np.load(vocab_run / "predictions_val.npy")
+    assert got.dtype == np.float32 and got.shape == want.shape
+    assert np.abs(got - want).max() < 0.02 and np.abs(got - want).mean() < 0.002 and not np.array_equal(got, want)
+    assert load_exported(vocab_export).precision == "fp32"
+
+    with pytest.raises(ExportError, match="precision 'fp16': expected one of"):
+        load_exported(vocab_export, "fp16")
+    monkeypatch.setattr(export_module, "native_bf16", lambda: False)
+    caplog.set_level("WARNING", logger="pipeline.serving.export")
+    assert load_exported(vocab_export, "bf16").precision == "bf16"
+    assert "neither AVX-512 BF16 nor AMX, so bfloat16 is emulated" in caplog.text
+
+
 class _Payload:
     """A pickle that would run a command when loaded."""
 
