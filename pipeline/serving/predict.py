@@ -368,7 +368,7 @@ def main(argv: list[str] | None = None) -> int:
         choices=PRECISIONS,
         default="fp32",
         help="bf16: the MLPs and the interaction in bfloat16 (the lookups and output float32): faster on CPUs "
-        "with AMX or AVX-512 BF16, probabilities within about 0.005 of fp32's; emulated and slower elsewhere",
+        "with AMX or AVX-512 BF16, probabilities a few 1e-4 from fp32's; emulated and slower elsewhere",
     )
     parser.add_argument("--block-size-mb", type=float, default=8, help="--input: raw bytes parsed per block")
     parser.add_argument(
