@@ -110,6 +110,10 @@ def test_export_scores_raw_rows_with_lists_like_the_sharded_model(tmp_path, mult
     run(model, str(tmp_path / "split.npy"), split="val")
     np.testing.assert_allclose(np.load(tmp_path / "split.npy"), want, rtol=1e-5, atol=1e-7)
 
+    run(load_exported(tmp_path / "float", "bf16"), str(tmp_path / "bf16.npy"), input_path=str(raw / "val.tsv"))
+    gap = np.abs(np.load(tmp_path / "bf16.npy") - want)  # lists through the KJT path, the dense part in bf16
+    assert gap.max() < 0.02 and gap.mean() < 0.002, (gap.max(), gap.mean())
+
     export(reference, tmp_path / "int8", quantize="int8", dense_program=False)
     q = run(load_exported(tmp_path / "int8"), str(tmp_path / "q.npy"), input_path=str(raw / "val.tsv"))
     assert np.abs(np.load(tmp_path / "q.npy") - want).max() < 0.02

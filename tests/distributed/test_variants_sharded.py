@@ -59,6 +59,10 @@ def test_variant_trains_sharded_and_exports_with_parity(tmp_path, tiny_data_over
     np.testing.assert_allclose(
         np.load(tmp_path / "val.npy"), np.load(run_dir / "predictions_val.npy"), rtol=1e-5, atol=1e-6
     )
+    # --precision bf16: every variant's dense part under bfloat16 autocast, close to fp32's.
+    run(load_exported(tmp_path / "export", "bf16"), str(tmp_path / "bf16.npy"), split="val")
+    gap = np.abs(np.load(tmp_path / "bf16.npy") - np.load(tmp_path / "val.npy"))
+    assert gap.max() < 0.02 and gap.mean() < 0.002, (gap.max(), gap.mean())
     program = torch.export.load(str(tmp_path / "export" / spec["dense_program"]["file"])).module()
     dense, pooled = torch.rand(5, 13), torch.randn(5, 26, 8)
     with torch.inference_mode():
