@@ -533,6 +533,8 @@ def export(
             "parameters": sum(v.numel() for v in dlrm.state_dict().values()),
         },
         "input": spec_input,
+        # The dense part's arithmetic in training and evaluation (trainer.precision): predict's default.
+        "precision": str(cfg.get("trainer", {}).get("precision", "fp32")),
         "data": {
             "name": cfg["data"].get("name"),
             "processed_dir": storage.display(processed_loc) if storage.is_remote(processed_loc) else str(processed),
@@ -768,23 +770,20 @@ def native_bf16() -> bool | None:
     return None if flags is None else bool({"avx512_bf16", "amx_bf16"} & set(flags))
 
 
-def load_exported(export_dir: str | Path, precision: str = "fp32") -> ExportedModel:
+def load_exported(export_dir: str | Path, precision: str | None = None) -> ExportedModel:
     """Load an export written by :func:`export` (CPU, one process, no ``torch.distributed``).
 
     ``precision="bf16"`` scores with the dense part (MLPs, interaction) under bfloat16 autocast; the lookups
     and the output stay float32. Fast where the CPU has AMX or AVX-512 BF16; elsewhere it is emulated.
+    None: the precision the model was trained and evaluated in (``trainer.precision``, recorded at export;
+    fp32 for exports without it), so predict scores as the trainer's evaluation did.
 
     Raises:
         ExportError: not an export, a newer format, files that do not match export.json, or an unknown
             ``precision``.
     """
-    if precision not in PRECISIONS:
+    if precision is not None and precision not in PRECISIONS:
         raise ExportError(f"precision {precision!r}: expected one of {PRECISIONS}")
-    if precision == "bf16" and native_bf16() is False:
-        logger.warning(
-            "precision bf16: this CPU has neither AVX-512 BF16 nor AMX, so bfloat16 is emulated and scores "
-            "slower than fp32"
-        )
     d = _download_export(str(export_dir)) if storage.is_remote(export_dir) else Path(export_dir)
     path = d / EXPORT_JSON
     if not path.is_file():
@@ -792,6 +791,15 @@ def load_exported(export_dir: str | Path, precision: str = "fp32") -> ExportedMo
     spec = json.loads(path.read_text())
     if spec.get("format_version", 0) > FORMAT_VERSION:
         raise ExportError(f"{path} is export format {spec['format_version']}; this code reads up to {FORMAT_VERSION}")
+    if precision is None:
+        precision = spec.get("precision", "fp32")
+        if precision not in PRECISIONS:
+            raise ExportError(f"{path}: precision {precision!r} is not one of {PRECISIONS}")
+    if precision == "bf16" and native_bf16() is False:
+        logger.warning(
+            "precision bf16: this CPU has neither AVX-512 BF16 nor AMX, so bfloat16 is emulated and scores "
+            "slower than fp32"
+        )
     w = spec["weights"]
     tensors = _load_tensors(d / w["file"], w["format"])
     schema = Schema.from_dict(spec.get("schema"))

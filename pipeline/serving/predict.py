@@ -365,10 +365,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH, help="rows per forward pass")
     parser.add_argument(
         "--precision",
-        choices=PRECISIONS,
-        default="fp32",
+        choices=("auto", *PRECISIONS),
+        default="auto",
         help="bf16: the MLPs and the interaction in bfloat16 (the lookups and output float32): faster on CPUs "
-        "with AMX or AVX-512 BF16, probabilities a few 1e-4 from fp32's; emulated and slower elsewhere",
+        "with AMX or AVX-512 BF16, probabilities a few 1e-4 from fp32's; emulated and slower elsewhere. "
+        "auto: the precision the model was trained in (trainer.precision)",
     )
     parser.add_argument("--block-size-mb", type=float, default=8, help="--input: raw bytes parsed per block")
     parser.add_argument(
@@ -384,13 +385,13 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(max(1, args.threads))
     try:
         t0 = time.perf_counter()
-        model = load_exported(args.model, args.precision)
+        model = load_exported(args.model, None if args.precision == "auto" else args.precision)
         logger.info(
             "loaded %s (step %d, %s parameters, %s) in %.1fs",
             args.model,
             model.spec["source"]["step"],
             f"{model.spec['weights']['parameters']:,}",
-            args.precision,
+            model.precision,
             time.perf_counter() - t0,
         )
         result = run(

@@ -107,8 +107,12 @@ def test_matrix_factorisation_on_generated_movielens_data(tmp_path) -> None:
 
 
 def test_bf16_autocast_trains_as_well_as_fp32(tmp_path, tiny_data_overrides) -> None:
-    """trainer.precision=bf16 runs the dense part under torch.autocast (slower here: this CPU emulates
-    bf16) and reaches the fp32 run's validation AUC on data=tiny within 0.01."""
+    """trainer.precision=bf16 runs the dense part under torch.autocast (slower where the CPU emulates bf16)
+    and reaches the fp32 run's validation AUC on data=tiny within 0.01. The export records the precision, and
+    predict scores in it by default, as the trainer's evaluation did."""
+    from pipeline.serving.export import export, load_exported
+    from pipeline.serving.predict import run
+
     aucs = {}
     for precision in ("fp32", "bf16"):
         run_dir = tmp_path / precision
@@ -119,11 +123,17 @@ def test_bf16_autocast_trains_as_well_as_fp32(tmp_path, tiny_data_overrides) -> 
                 "trainer.max_steps=150",
                 "trainer.eval_every_steps=0",
                 f"trainer.precision={precision}",
-                "checkpoint.save_at_end=false",
+                "trainer.save_predictions=true",
             ],
             nproc=1,
         )
         assert res.returncode == 0, res.output[-3000:]
         aucs[precision] = json.loads((run_dir / "summary.json").read_text())["final"]["eval/val/auc"]
+        assert export(run_dir, tmp_path / f"export_{precision}", dense_program=False)["precision"] == precision
+        model = load_exported(tmp_path / f"export_{precision}")
+        assert model.precision == precision
+        run(model, str(tmp_path / f"{precision}.npy"), split="val")
+        got, want = np.load(tmp_path / f"{precision}.npy"), np.load(run_dir / "predictions_val.npy")
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-6 if precision == "fp32" else 1e-3)
     assert abs(aucs["bf16"] - aucs["fp32"]) < 0.01, aucs
     assert aucs["bf16"] != aucs["fp32"], "bf16 changed the arithmetic (autocast was on)"
