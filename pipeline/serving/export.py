@@ -16,7 +16,8 @@ group is created), and writes::
       dense_interaction.pt2          torch.export program of the dense part (bottom MLP, interaction,
                                      top MLP): (dense [B, num_dense], pooled embeddings [B, tables, D])
                                      -> logits [B, 1] (Criteo: [B, 13] and [B, 26, D])
-      export.json                    written last: model config, the data's column schema (dense and
+      export.json                    written last: model config, the training precision (predict's
+                                     default), the data's column schema (dense and
                                      sparse columns, feature names = KJT keys, categorical format),
                                      table sizes, weights file and sha256, and all that turns a raw row
                                      into model input (dense transform and, for the torchrec transform,
