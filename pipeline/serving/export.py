@@ -62,6 +62,7 @@ from pipeline.serving.int8 import (  # noqa: F401 - INT8_KEY: export.json
     quantize_tables,
     use_int8_tables,
 )
+from pipeline.tools.doctor import native_bf16
 
 logger = logging.getLogger(__name__)
 
@@ -758,17 +759,6 @@ def _load_tensors(path: Path, fmt: str) -> dict[str, torch.Tensor]:
     from pipeline.checkpoint.safe_load import load_tensor_file
 
     return load_tensor_file(path, ExportError, map_location="cpu", mmap=True)
-
-
-def native_bf16() -> bool | None:
-    """Whether this CPU computes bfloat16 natively (AVX-512 BF16 or AMX flags in /proc/cpuinfo); None where
-    that cannot be read."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return None
-    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), None)
-    return None if flags is None else bool({"avx512_bf16", "amx_bf16"} & set(flags))
 
 
 def load_exported(export_dir: str | Path, precision: str | None = None) -> ExportedModel:

@@ -21,6 +21,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import metadata
+from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
@@ -122,6 +123,7 @@ class DoctorReport:
     torch_cuda: str | None = None  # torch.version.cuda; None for a CPU build
     torch_hip: str | None = None  # torch.version.hip; set for a ROCm build
     cpu_cores: int = 0
+    cpu_bf16: bool | None = None  # native bfloat16 (AVX-512 BF16 or AMX); None: unknown
     cuda_available: bool = False
     cuda_devices: list[CudaDevice] = field(default_factory=list)
     gloo_available: bool = False
@@ -295,6 +297,17 @@ def _short_error(exc: BaseException) -> str:
     return message
 
 
+def native_bf16(cpuinfo: str | Path = "/proc/cpuinfo") -> bool | None:
+    """Whether this CPU computes bfloat16 natively (AVX-512 BF16 or AMX flags in ``cpuinfo``), where
+    ``trainer.precision=bf16`` and ``predict --precision bf16`` run fast; None where that cannot be read."""
+    try:
+        text = Path(cpuinfo).read_text()
+    except OSError:
+        return None
+    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), None)
+    return None if flags is None else bool({"avx512_bf16", "amx_bf16"} & set(flags))
+
+
 def _usable_cpu_cores() -> int:
     # The affinity mask is what this process may actually use (taskset, cgroups via
     # the launcher), which matters more than the machine's total for worker counts.
@@ -339,7 +352,12 @@ def run_checks(
     """
     versions = versions if versions is not None else read_versions()
     importer = importer if importer is not None else probe_stack
-    report = DoctorReport(python_version=platform.python_version(), versions=versions, cpu_cores=_usable_cpu_cores())
+    report = DoctorReport(
+        python_version=platform.python_version(),
+        versions=versions,
+        cpu_cores=_usable_cpu_cores(),
+        cpu_bf16=native_bf16(),
+    )
 
     report.pairing, problems, warnings = check_pairing(versions)
     report.problems += problems
@@ -412,7 +430,12 @@ def format_report(report: DoctorReport) -> str:
         f"  torchrec  {v.torchrec or 'not installed'}",
         f"  pairing   {report.pairing} (fbgemm {minor(v.fbgemm)} wants torch "
         f"{FBGEMM_TORCH_COMPAT.get(minor(v.fbgemm) or '', '?')} and torchrec {minor(v.fbgemm)})",
-        f"  cpu       {report.cpu_cores} usable cores",
+        f"  cpu       {report.cpu_cores} usable cores"
+        + {
+            True: ", native bf16 (AVX-512 BF16 / AMX): trainer.precision=bf16 and predict --precision bf16 run fast",
+            False: ", no native bf16 (bf16 would be emulated: keep fp32)",
+            None: "",
+        }[report.cpu_bf16],
     ]
     if report.cuda_devices:
         lines.append(f"  cuda      {len(report.cuda_devices)} device(s)")

@@ -306,7 +306,7 @@ def test_bf16_scoring_stays_close_to_fp32(tmp_path, vocab_run, vocab_export, cap
 
     with pytest.raises(ExportError, match="precision 'fp16': expected one of"):
         load_exported(vocab_export, "fp16")
-    monkeypatch.setattr(export_module, "native_bf16", lambda: False)
+    monkeypatch.setattr(export_module, "native_bf16", lambda: False)  # as imported there
     caplog.set_level("WARNING", logger="pipeline.serving.export")
     assert load_exported(vocab_export, "bf16").precision == "bf16"
     assert "neither AVX-512 BF16 nor AMX, so bfloat16 is emulated" in caplog.text

@@ -224,3 +224,22 @@ def test_module_entry_point_exits_zero() -> None:
     assert out.returncode == 0, out.stdout + out.stderr
     assert "status    OK" in out.stdout
     assert "torchrec" in out.stdout
+
+
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [("fpu avx2 avx512f avx512_bf16", True), ("fpu avx2 amx_bf16 amx_tile", True), ("fpu avx2 fma", False)],
+)
+def test_native_bf16_reads_the_cpu_flags(tmp_path: Path, flags: str, expected: bool) -> None:
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(f"processor\t: 0\nmodel name\t: x\nflags\t\t: {flags}\n\nprocessor\t: 1\nflags\t\t: {flags}\n")
+    assert doctor.native_bf16(cpuinfo) is expected
+    assert doctor.native_bf16(tmp_path / "missing") is None
+    line = format_report(
+        DoctorReport(
+            python_version="3.11",
+            versions=StackVersions("2.13.0", "1.8.0", "fbgemm-gpu-cpu", "1.8.0"),
+            cpu_bf16=expected,
+        )
+    )
+    assert ("native bf16 (AVX-512 BF16 / AMX)" in line) is expected and ("no native bf16" in line) is not expected
