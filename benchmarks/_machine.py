@@ -7,20 +7,13 @@ from __future__ import annotations
 import os
 import platform
 import time
-from pathlib import Path
+
+from pipeline.tools.doctor import cpuinfo
 
 ISA_FLAGS = {"avx2": "AVX2", "avx512f": "AVX-512", "avx512_bf16": "AVX-512 BF16", "amx_tile": "AMX"}
 
 
-def _cpuinfo() -> dict[str, str]:
-    info: dict[str, str] = {}
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            info.setdefault(key.strip(), value.strip())
-    except OSError:
-        pass
-    return info
+_cpuinfo = cpuinfo  # the first processor's fields of /proc/cpuinfo (a seam for tests)
 
 
 def cpu_model() -> str:

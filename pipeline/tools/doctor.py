@@ -297,15 +297,24 @@ def _short_error(exc: BaseException) -> str:
     return message
 
 
-def native_bf16(cpuinfo: str | Path = "/proc/cpuinfo") -> bool | None:
-    """Whether this CPU computes bfloat16 natively (AVX-512 BF16 or AMX flags in ``cpuinfo``), where
-    ``trainer.precision=bf16`` and ``predict --precision bf16`` run fast; None where that cannot be read."""
+def cpuinfo(path: str | Path = "/proc/cpuinfo") -> dict[str, str]:
+    """The first processor's fields of ``path`` (``model name``, ``flags``, ...); empty where it cannot be read."""
+    info: dict[str, str] = {}
     try:
-        text = Path(cpuinfo).read_text()
+        text = Path(path).read_text()
     except OSError:
-        return None
-    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), None)
-    return None if flags is None else bool({"avx512_bf16", "amx_bf16"} & set(flags))
+        return info
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        info.setdefault(key.strip(), value.strip())
+    return info
+
+
+def native_bf16(path: str | Path = "/proc/cpuinfo") -> bool | None:
+    """Whether this CPU computes bfloat16 natively (AVX-512 BF16 or AMX flags in ``path``), where
+    ``trainer.precision=bf16`` and ``predict --precision bf16`` run fast; None where that cannot be read."""
+    flags = cpuinfo(path).get("flags")
+    return None if flags is None else bool({"avx512_bf16", "amx_bf16"} & set(flags.split()))
 
 
 def _usable_cpu_cores() -> int:
