@@ -18,12 +18,13 @@ B = 6
 SMALL = {"embedding_dim": 8, "dense_arch_layer_sizes": [16, 8], "over_arch_layer_sizes": [16, 1]}
 
 
-def _one_hot(keys: list[str] = KEYS, seed: int = 0) -> KeyedJaggedTensor:
+def _one_hot(keys: list[str] = KEYS, seed: int = 0, batch: int = B) -> KeyedJaggedTensor:
+    """One id per bag for ``keys`` (each of KEYS, drawn below its table's ROWS)."""
     g = torch.Generator().manual_seed(seed)
     rows = dict(zip(KEYS, ROWS, strict=True))
-    values = torch.cat([torch.randint(0, rows[k], (B,), generator=g) for k in keys])
+    values = torch.cat([torch.randint(0, rows[k], (batch,), generator=g) for k in keys])
     return KeyedJaggedTensor.from_lengths_sync(
-        keys=keys, values=values, lengths=torch.ones(len(keys) * B, dtype=torch.int32)
+        keys=keys, values=values, lengths=torch.ones(len(keys) * batch, dtype=torch.int32)
     )
 
 

@@ -5,41 +5,22 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from pipeline.config import ModelConfig, Pooling
 from pipeline.model.dlrm import build_model
 from pipeline.model.one_hot import one_hot_ids
 from pipeline.serving.int8 import Int8RowGather, int8_tables, quantize_tables, use_int8_tables
+from tests.unit.model.test_multihot_pooling import _materialise
+from tests.unit.model.test_one_hot import KEYS, ROWS, _one_hot
 
-KEYS = ["a", "b", "c"]
-ROWS = [50, 7, 300]
 B = 64
 SMALL = {"embedding_dim": 16, "dense_arch_layer_sizes": [32, 16], "over_arch_layer_sizes": [32, 8, 1]}
 
 
 def _model(pooling: Pooling = Pooling.sum, weighted: bool = False) -> torch.nn.Module:
-    torch.manual_seed(0)
-    model = build_model(
-        ModelConfig(**SMALL, pooling=pooling), ROWS, feature_names=KEYS, num_dense_features=2, weighted=weighted
-    )
-    dlrm = model.model
-    ebc = dlrm.sparse_arch.embedding_bag_collection
-    for name, bag in ebc.embedding_bags.items():
-        ebc.embedding_bags[name] = torch.nn.EmbeddingBag(
-            bag.num_embeddings, bag.embedding_dim, mode=bag.mode, include_last_offset=bag.include_last_offset
-        )
-        torch.nn.init.uniform_(ebc.embedding_bags[name].weight, -0.5, 0.5)
-    return dlrm.eval()
-
-
-def _one_hot(keys: list[str], seed: int) -> KeyedJaggedTensor:
-    g = torch.Generator().manual_seed(seed)
-    rows = dict(zip(KEYS, ROWS, strict=True))
-    values = torch.cat([torch.randint(0, rows[k], (B,), generator=g) for k in keys])
-    return KeyedJaggedTensor.from_lengths_sync(
-        keys=keys, values=values, lengths=torch.ones(len(keys) * B, dtype=torch.int32)
-    )
+    cfg = ModelConfig(**SMALL, pooling=pooling)
+    model = build_model(cfg, ROWS, feature_names=KEYS, num_dense_features=2, weighted=weighted)
+    return _materialise(model).model.eval()
 
 
 @pytest.mark.parametrize("pooling", [Pooling.sum, Pooling.mean])
@@ -54,7 +35,7 @@ def test_int8_row_gather_gives_the_int8_collections_rows_bit_for_bit(pooling: Po
     gather = Int8RowGather(tables)
     with torch.no_grad():
         for seed, keys in enumerate([KEYS, ["c", "a", "b"], KEYS]):  # any key order; the buffer reused
-            kjt, dense = _one_hot(keys, seed), torch.randn(B, 2)
+            kjt, dense = _one_hot(keys, seed, B), torch.randn(B, 2)
             pooled = gather(one_hot_ids(kjt, names))
             assert pooled.dtype == torch.float32 and pooled.shape == (B, 3, 16)
             want = dlrm.sparse_arch.embedding_bag_collection(kjt).to_dict()
