@@ -45,6 +45,7 @@ from torchrec.models.dlrm import (
 from torchrec.modules.crossnet import LowRankCrossNet
 from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
+from torchrec.modules.mlp import Perceptron
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from pipeline.config import (
@@ -252,8 +253,19 @@ class FeatureMLPs(nn.Module):
         for k, (w, b) in enumerate(zip(self.weights, self.biases, strict=True)):
             x = torch.baddbmm(b, x, w)
             if k < last:
-                x = torch.relu(x)
+                x = torch.relu_(x)  # in place on the fresh GEMM output (see relu_in_place)
         return x.transpose(0, 1)
+
+
+def relu_in_place(module: nn.Module) -> None:
+    """Make every TorchRec ``Perceptron`` under ``module`` apply its ReLU in place on its linear layer's output.
+
+    The output is a fresh tensor that nothing else reads (the linear layer's backward keeps its input, not its
+    output), so the logits and the gradients are the same bit for bit; it saves a [B, width] buffer and a pass
+    over it per layer (``benchmarks/README.md``, "In-place ReLU")."""
+    for m in module.modules():
+        if isinstance(m, Perceptron) and m._activation_fn is torch.relu:
+            m._activation_fn = torch.relu_
 
 
 class DLRM(TorchRecDLRM):
@@ -305,6 +317,7 @@ class DLRM(TorchRecDLRM):
         else:
             raise ValueError(f"unknown interaction {interaction!r}")
         self.over_arch = OverArch(top_in, over_arch_layer_sizes, dense_device)
+        relu_in_place(self)
         self.top_in_features: int = self.over_arch.model[0]._mlp[0]._linear.in_features  # 479 or 506 for Criteo
 
     def forward(self, dense_features: torch.Tensor, sparse_features: KeyedJaggedTensor) -> torch.Tensor:

@@ -3,6 +3,8 @@ matrix factorisation: shapes, config errors, and a few optimiser steps that lowe
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
@@ -160,3 +162,44 @@ def test_inconsistent_variant_config_names_the_key(overrides, key) -> None:
 def test_mf_feature_that_the_data_lacks_is_named() -> None:
     with pytest.raises(ValueError, match="model.user_feature='user_id' is not one of the data's sparse features"):
         build_model(ModelConfig(name=ModelName.mf), [100] * 26)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {},
+        {"interaction": Interaction.dcn},
+        {"interaction": Interaction.projection, "projection_branch1_layer_sizes": [16, 32]},
+        {"sparse_arch_layer_sizes": [16, 8], "self_interaction": True},
+    ],
+    ids=["dot", "dcn", "projection", "sparse_mlp"],
+)
+def test_in_place_relu_gives_the_same_logits_and_gradients(overrides) -> None:
+    from torchrec.modules.mlp import Perceptron
+
+    cfg = ModelConfig(
+        embedding_dim=8,
+        dense_arch_layer_sizes=[16, 8],
+        over_arch_layer_sizes=[16, 1],
+        projection_branch2_layer_sizes=[16, 24],
+        **overrides,
+    )
+    in_place = _materialise(build_model(cfg, [50] * 26))
+    perceptrons = [m for m in in_place.modules() if isinstance(m, Perceptron)]
+    assert perceptrons and all(m._activation_fn is torch.relu_ for m in perceptrons)  # noqa: SLF001
+    out_of_place = copy.deepcopy(in_place)
+    for m in out_of_place.modules():
+        if isinstance(m, Perceptron):
+            m._activation_fn = torch.relu  # noqa: SLF001
+
+    dense, kjt, labels = _batch(64, SPARSE_FEATURE_NAMES, 13, rows=50)
+    results = []
+    for model in (in_place, out_of_place):
+        loss, (_, logits, _) = _step(model, dense, kjt, labels)
+        loss.backward()
+        results.append((logits, {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
+    (logits_a, grads_a), (logits_b, grads_b) = results
+    assert torch.equal(logits_a, logits_b)
+    assert grads_a.keys() == grads_b.keys() and len(grads_a) > 4
+    for name, grad in grads_a.items():
+        assert torch.equal(grad, grads_b[name]), name
