@@ -7,6 +7,7 @@ import copy
 
 import pytest
 import torch
+from torchrec.modules.mlp import Perceptron
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from pipeline.config import SPARSE_FEATURE_NAMES, ConfigError, Interaction, ModelConfig, ModelName, check_model
@@ -175,8 +176,6 @@ def test_mf_feature_that_the_data_lacks_is_named() -> None:
     ids=["dot", "dcn", "projection", "sparse_mlp"],
 )
 def test_in_place_relu_gives_the_same_logits_and_gradients(overrides) -> None:
-    from torchrec.modules.mlp import Perceptron
-
     cfg = ModelConfig(
         embedding_dim=8,
         dense_arch_layer_sizes=[16, 8],
