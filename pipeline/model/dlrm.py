@@ -57,6 +57,7 @@ from pipeline.config import (
     ModelName,
     Pooling,
 )
+from pipeline.model import dot_kernel
 
 
 def _stack_vectors(dense: torch.Tensor, sparse: torch.Tensor, padded: int) -> torch.Tensor:
@@ -115,11 +116,16 @@ class _PairwiseDot(torch.autograd.Function):
     def forward(ctx, dense: torch.Tensor, sparse: torch.Tensor, flat_pairs: torch.Tensor, padded: int) -> torch.Tensor:
         ctx.save_for_backward(dense, sparse, flat_pairs)
         ctx.padded = padded
+        ctx.kernel = dot_kernel.usable(dense, sparse)
+        if ctx.kernel:
+            return dot_kernel.dot_forward(dense, sparse, flat_pairs, padded)
         return _pairs_chunked(dense, sparse, flat_pairs, padded)
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         dense, sparse, flat_pairs = ctx.saved_tensors
+        if ctx.kernel and grad_out.dtype == torch.float32:
+            return (*dot_kernel.dot_backward(dense, sparse, flat_pairs, ctx.padded, grad_out), None, None)
         p, (b, f, d) = ctx.padded, sparse.shape
         grad_dense = grad_out[:, :d].clone()
         grad_sparse = sparse.new_empty(b, f, d)
@@ -143,6 +149,8 @@ def pairwise_dot(dense: torch.Tensor, sparse: torch.Tensor, flat_pairs: torch.Te
         return _pairs(dense, _stack_vectors(dense, sparse, padded), flat_pairs)  # one traceable graph
     if torch.is_grad_enabled() and (dense.requires_grad or sparse.requires_grad):
         return _PairwiseDot.apply(dense, sparse, flat_pairs, padded)
+    if dot_kernel.usable(dense, sparse):
+        return dot_kernel.dot_forward(dense, sparse, flat_pairs, padded)
     return _pairs_chunked(dense, sparse, flat_pairs, padded)
 
 

@@ -1,0 +1,218 @@
+"""The dot interaction on the CPU as one compiled pass per sample, forward and backward (numba, no GIL).
+
+PyTorch computes it as a copy stacking the 27 vectors of each sample into [B, 28, D], a batched GEMM of
+28 x D x 28 matrices, and a gather of the pairs from the [B, 28, 28] Gram matrices: three passes over
+memory and a GEMM shape the BLAS runs at a fraction of its rate. Here each sample's vectors are copied
+once into a small buffer that stays in L1, the upper triangle of their Gram matrix is computed in
+register blocks of 2 x 4 dot products, and the requested pairs are written straight into the output
+row. The backward builds each sample's symmetric matrix of pair gradients ``S`` (27 x 27, in L1) and
+computes ``dx = S x`` four rows at a time, writing the dense and pooled gradients straight into their
+tensors. Rows are split over numba's threads (as many as ``torch.get_num_threads()``).
+
+The forward's sums are reordered (vectorised), so its values match PyTorch's within float rounding, not
+bit for bit. ``benchmarks/interaction.py`` times both passes against the PyTorch ones.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+
+import numba
+import numpy as np
+import torch
+
+from pipeline.data.compiled import compiled
+
+ROWS_PER_TASK = 64  # rows a thread takes at a time
+
+
+@compiled(fastmath=True)
+def _dot_rows(dense, values, pair_i, pair_j, start, end, out):  # pragma: no cover
+    """``out[b] = [dense[b], <x_i, x_j> for each pair]`` for rows ``start:end``, ``x = [dense[b]; the
+    F vectors of values[b]]`` (``values[b]`` is F * D wide); ``pair_i <= pair_j`` index ``x``."""
+    d = dense.shape[1]
+    n = values.shape[1] // d + 1
+    padded = (n + 3) // 4 * 4 + 4  # rows i + 1 and j + 3 of the last blocks exist (and stay zero)
+    x = np.zeros((padded, d), np.float32)
+    gram = np.empty((padded, padded), np.float32)
+    for b in range(start, end):
+        for t in range(d):
+            v = dense[b, t]
+            x[0, t] = v
+            out[b, t] = v
+        for r in range(1, n):
+            o = (r - 1) * d
+            for t in range(d):
+                x[r, t] = values[b, o + t]
+        for i in range(0, n, 2):  # the upper triangle (and the diagonal), 2 x 4 entries at a time
+            for j in range(i // 4 * 4, n, 4):
+                a0 = a1 = a2 = a3 = b0 = b1 = b2 = b3 = np.float32(0.0)
+                for t in range(d):
+                    u = x[i, t]
+                    w = x[i + 1, t]
+                    y0 = x[j, t]
+                    y1 = x[j + 1, t]
+                    y2 = x[j + 2, t]
+                    y3 = x[j + 3, t]
+                    a0 += u * y0
+                    a1 += u * y1
+                    a2 += u * y2
+                    a3 += u * y3
+                    b0 += w * y0
+                    b1 += w * y1
+                    b2 += w * y2
+                    b3 += w * y3
+                gram[i, j] = a0
+                gram[i, j + 1] = a1
+                gram[i, j + 2] = a2
+                gram[i, j + 3] = a3
+                gram[i + 1, j] = b0
+                gram[i + 1, j + 1] = b1
+                gram[i + 1, j + 2] = b2
+                gram[i + 1, j + 3] = b3
+        for k in range(pair_i.shape[0]):
+            out[b, d + k] = gram[pair_i[k], pair_j[k]]
+
+
+@compiled(parallel=True)
+def _dot_all_rows(dense, values, pair_i, pair_j, out):  # pragma: no cover
+    b = dense.shape[0]
+    for task in numba.prange((b + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
+        start = task * ROWS_PER_TASK
+        _dot_rows(dense, values, pair_i, pair_j, start, min(b, start + ROWS_PER_TASK), out)
+
+
+@compiled(fastmath=True)
+def _dot_grad_rows(dense, values, pair_i, pair_j, grad_out, grad_dense, grad_values, start, end):  # pragma: no cover
+    """The gradients of :func:`_dot_rows`'s output ``grad_out`` for rows ``start:end``: ``grad_dense[b] =
+    grad_out[b, :D] + dx_0``, ``grad_values[b] = [dx_1, ..., dx_F]`` with ``dx = S x``, ``S[i, j] = S[j, i]``
+    the gradient of pair (i, j) (twice it on the diagonal: d<x, x>/dx = 2x)."""
+    d = dense.shape[1]
+    n = values.shape[1] // d + 1
+    padded = (n + 3) // 4 * 4
+    x = np.zeros((padded, d), np.float32)
+    s = np.zeros((padded, padded), np.float32)
+    dx = np.empty((padded, d), np.float32)
+    for b in range(start, end):
+        for t in range(d):
+            x[0, t] = dense[b, t]
+        for r in range(1, n):
+            o = (r - 1) * d
+            for t in range(d):
+                x[r, t] = values[b, o + t]
+        for i in range(n):
+            for j in range(n):
+                s[i, j] = 0.0
+        for k in range(pair_i.shape[0]):
+            g = grad_out[b, d + k]
+            s[pair_i[k], pair_j[k]] += g
+            s[pair_j[k], pair_i[k]] += g
+        for i in range(0, n, 4):  # rows past n: zero rows of s, never read back
+            for t in range(d):
+                dx[i, t] = 0.0
+                dx[i + 1, t] = 0.0
+                dx[i + 2, t] = 0.0
+                dx[i + 3, t] = 0.0
+            for j in range(n):
+                s0 = s[i, j]
+                s1 = s[i + 1, j]
+                s2 = s[i + 2, j]
+                s3 = s[i + 3, j]
+                for t in range(d):
+                    y = x[j, t]
+                    dx[i, t] += s0 * y
+                    dx[i + 1, t] += s1 * y
+                    dx[i + 2, t] += s2 * y
+                    dx[i + 3, t] += s3 * y
+        for t in range(d):
+            grad_dense[b, t] = grad_out[b, t] + dx[0, t]
+        for r in range(1, n):
+            o = (r - 1) * d
+            for t in range(d):
+                grad_values[b, o + t] = dx[r, t]
+
+
+@compiled(parallel=True)
+def _dot_grad_all_rows(dense, values, pair_i, pair_j, grad_out, grad_dense, grad_values):  # pragma: no cover
+    b = dense.shape[0]
+    for task in numba.prange((b + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
+        start = task * ROWS_PER_TASK
+        _dot_grad_rows(
+            dense, values, pair_i, pair_j, grad_out, grad_dense, grad_values, start, min(b, start + ROWS_PER_TASK)
+        )
+
+
+def usable(dense: torch.Tensor, sparse: torch.Tensor) -> bool:
+    """Whether :func:`dot_forward` takes these inputs: float32 on the CPU, no autocast, not traced."""
+    return (
+        dense.device.type == "cpu"
+        and dense.dtype == torch.float32
+        and sparse.dtype == torch.float32
+        and not torch.is_autocast_enabled("cpu")
+        and not torch.compiler.is_compiling()
+        and not torch.compiler.is_exporting()
+    )
+
+
+_PAIRS: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
+
+
+def _pairs(flat_pairs: torch.Tensor, padded: int) -> tuple[np.ndarray, np.ndarray]:
+    flat = flat_pairs.cpu().numpy()
+    key = (flat.tobytes(), padded)
+    pairs = _PAIRS.get(key)
+    if pairs is None:
+        i, j = flat // padded, flat % padded
+        pairs = _PAIRS[key] = (np.minimum(i, j).astype(np.int64), np.maximum(i, j).astype(np.int64))
+    return pairs
+
+
+# numba's threading layer may be its workqueue (where no OpenMP or TBB runtime is installed), which
+# aborts when two threads launch parallel kernels at once (a server scoring from several threads).
+_LAUNCH = threading.Lock()
+
+
+def _threads() -> None:
+    threads = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
+    if numba.get_num_threads() != threads:
+        numba.set_num_threads(threads)
+
+
+def _array(t: torch.Tensor, shape: tuple[int, int]) -> np.ndarray:
+    return t.detach().reshape(shape).contiguous().numpy()
+
+
+def dot_forward(dense: torch.Tensor, sparse: torch.Tensor, flat_pairs: torch.Tensor, padded: int) -> torch.Tensor:
+    """``[dense, <x_i, x_j> for each pair]`` over ``x = [dense; sparse]`` (dense [B, D], sparse [B, F, D]),
+    ``flat_pairs`` = i * padded + j: what ``pipeline.model.dlrm.pairwise_dot`` computes. No autograd."""
+    (b, d), width = dense.shape, math.prod(sparse.shape[1:])
+    pair_i, pair_j = _pairs(flat_pairs, padded)
+    out = dense.new_empty(b, d + pair_i.shape[0])
+    with _LAUNCH:
+        _threads()
+        _dot_all_rows(_array(dense, (b, d)), _array(sparse, (b, width)), pair_i, pair_j, out.numpy())
+    return out
+
+
+def dot_backward(
+    dense: torch.Tensor, sparse: torch.Tensor, flat_pairs: torch.Tensor, padded: int, grad_out: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The gradients of :func:`dot_forward`'s output with respect to ``dense`` [B, D] and ``sparse`` [B, F, D]
+    (contiguous, as the sharded tables want theirs)."""
+    (b, d), width = dense.shape, math.prod(sparse.shape[1:])
+    pair_i, pair_j = _pairs(flat_pairs, padded)
+    grad_dense = dense.new_empty(b, d)
+    grad_sparse = sparse.new_empty(sparse.shape)
+    with _LAUNCH:
+        _threads()
+        _dot_grad_all_rows(
+            _array(dense, (b, d)),
+            _array(sparse, (b, width)),
+            pair_i,
+            pair_j,
+            _array(grad_out, (b, d + pair_i.shape[0])),
+            grad_dense.numpy(),
+            grad_sparse.view(b, width).numpy(),
+        )
+    return grad_dense, grad_sparse
