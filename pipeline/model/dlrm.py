@@ -104,6 +104,9 @@ def _pairs_chunked(dense: torch.Tensor, sparse: torch.Tensor, flat_pairs: torch.
 class _PairwiseDot(torch.autograd.Function):
     """``[dense, gram(x)[pairs]]`` for ``x = [dense; pooled]`` with a cheaper backward.
 
+    On the CPU in float32 (no autocast) both passes run the compiled kernels of
+    :mod:`pipeline.model.dot_kernel`; otherwise (bf16, float64, CUDA) PyTorch's ops, as follows.
+
     Autograd's backward of ``bmm(x, x^T)`` followed by the pair gather runs two batched GEMMs and a
     scatter-add of the pair gradients; the Gram matrix is symmetric, so ``dx = (G + G^T) x`` with ``G``
     the pair gradients scattered into [N, N]: one batched GEMM. The same numbers within float rounding.
@@ -149,8 +152,6 @@ def pairwise_dot(dense: torch.Tensor, sparse: torch.Tensor, flat_pairs: torch.Te
         return _pairs(dense, _stack_vectors(dense, sparse, padded), flat_pairs)  # one traceable graph
     if torch.is_grad_enabled() and (dense.requires_grad or sparse.requires_grad):
         return _PairwiseDot.apply(dense, sparse, flat_pairs, padded)
-    if dot_kernel.usable(dense, sparse):
-        return dot_kernel.dot_forward(dense, sparse, flat_pairs, padded)
     return _pairs_chunked(dense, sparse, flat_pairs, padded)
 
 

@@ -9,6 +9,10 @@ row. The backward builds each sample's symmetric matrix of pair gradients ``S`` 
 computes ``dx = S x`` four rows at a time, writing the dense and pooled gradients straight into their
 tensors. Rows are split over numba's threads (as many as ``torch.get_num_threads()``).
 
+Training uses it (``pipeline.model.dlrm._PairwiseDot``); no-grad forwards (evaluation, serving) keep
+PyTorch's ops: timed inside the evaluation pass, between the MLPs' GEMMs, the kernel's forward saved
+nothing, although alone it is 1.3-1.4x faster (``benchmarks/README.md``, "Compiled dot interaction").
+
 The forward's sums are reordered (vectorised), so its values match PyTorch's within float rounding, not
 bit for bit. ``benchmarks/interaction.py`` times both passes against the PyTorch ones.
 """
@@ -16,6 +20,7 @@ bit for bit. ``benchmarks/interaction.py`` times both passes against the PyTorch
 from __future__ import annotations
 
 import math
+import os
 import threading
 
 import numba
@@ -169,11 +174,35 @@ def _pairs(flat_pairs: torch.Tensor, padded: int) -> tuple[np.ndarray, np.ndarra
 
 
 # numba's threading layer may be its workqueue (where no OpenMP or TBB runtime is installed), which
-# aborts when two threads launch parallel kernels at once (a server scoring from several threads).
+# aborts when two threads launch parallel kernels at once.
 _LAUNCH = threading.Lock()
 
 
+_STARTED = False
+
+
 def _threads() -> None:
+    """numba's thread pool started (once) and sized to PyTorch's.
+
+    numba's OpenMP layer loads its own OpenMP runtime beside PyTorch's, and the two pools share the cores.
+    Left to spin after each kernel (OpenMP's default), numba's idle workers hold cores PyTorch's next GEMM
+    needs (seen here: single kernel calls stalling 60-80 ms, passes of 131k rows taking up to 2.6x as long).
+    Started with ``OMP_WAIT_POLICY=PASSIVE`` its workers sleep between kernels. The variable is set only
+    while numba's runtime loads and reads it; PyTorch's runtime read its own when torch was imported."""
+    global _STARTED
+    if not _STARTED:
+        from numba.np.ufunc.parallel import _launch_threads
+
+        policy = os.environ.get("OMP_WAIT_POLICY")
+        os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+        try:
+            _launch_threads()
+        finally:
+            if policy is None:
+                del os.environ["OMP_WAIT_POLICY"]
+            else:
+                os.environ["OMP_WAIT_POLICY"] = policy
+        _STARTED = True
     threads = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
     if numba.get_num_threads() != threads:
         numba.set_num_threads(threads)
