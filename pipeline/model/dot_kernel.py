@@ -33,7 +33,7 @@ ROWS_PER_TASK = 64  # rows a thread takes at a time
 
 
 @compiled(fastmath=True)
-def _dot_rows(dense, values, pair_i, pair_j, start, end, out):  # pragma: no cover
+def _dot_rows(dense, values, pair_i, pair_j, out, start, end):  # pragma: no cover
     """``out[b] = [dense[b], <x_i, x_j> for each pair]`` for rows ``start:end``, ``x = [dense[b]; the
     F vectors of values[b]]`` (``values[b]`` is F * D wide); ``pair_i <= pair_j`` index ``x``."""
     d = dense.shape[1]
@@ -85,7 +85,7 @@ def _dot_all_rows(dense, values, pair_i, pair_j, out):  # pragma: no cover
     b = dense.shape[0]
     for task in numba.prange((b + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
         start = task * ROWS_PER_TASK
-        _dot_rows(dense, values, pair_i, pair_j, start, min(b, start + ROWS_PER_TASK), out)
+        _dot_rows(dense, values, pair_i, pair_j, out, start, min(b, start + ROWS_PER_TASK))
 
 
 @compiled(fastmath=True)
@@ -149,7 +149,8 @@ def _dot_grad_all_rows(dense, values, pair_i, pair_j, grad_out, grad_dense, grad
 
 
 def usable(dense: torch.Tensor, sparse: torch.Tensor) -> bool:
-    """Whether :func:`dot_forward` takes these inputs: float32 on the CPU, no autocast, not traced."""
+    """Whether :func:`dot_forward` takes these inputs: float32 on the CPU, no autocast, not traced, and either
+    one thread or numba's OpenMP threading layer (:func:`_parallel`)."""
     return (
         dense.device.type == "cpu"
         and dense.dtype == torch.float32
@@ -157,6 +158,7 @@ def usable(dense: torch.Tensor, sparse: torch.Tensor) -> bool:
         and not torch.is_autocast_enabled("cpu")
         and not torch.compiler.is_compiling()
         and not torch.compiler.is_exporting()
+        and (torch.get_num_threads() == 1 or _parallel())
     )
 
 
@@ -173,39 +175,50 @@ def _pairs(flat_pairs: torch.Tensor, padded: int) -> tuple[np.ndarray, np.ndarra
     return pairs
 
 
-# numba's threading layer may be its workqueue (where no OpenMP or TBB runtime is installed), which
-# aborts when two threads launch parallel kernels at once.
-_LAUNCH = threading.Lock()
+_LAYER: list[str] = []  # numba's threading layer, once started
+_LAUNCH = threading.Lock()  # one start and one launch at a time: numba's pool is process-wide
 
 
-_STARTED = False
+def _parallel() -> bool:
+    """Whether the parallel kernels run here: numba's thread pool started (once), on its OpenMP layer.
+
+    That layer loads its own OpenMP runtime beside PyTorch's, and the two pools share the cores. Left to spin
+    after each kernel (OpenMP's default), numba's idle workers hold cores PyTorch's next GEMM needs (seen
+    here: single kernel calls stalling 60-80 ms, passes of 131k rows taking up to 2.6x as long). Started with
+    ``OMP_WAIT_POLICY=PASSIVE`` its workers sleep between kernels; the variable is set only while numba's
+    runtime loads and reads it (PyTorch's read its own when torch was imported). Where no OpenMP runtime is
+    installed (``libgomp1``, e.g. a slim container) numba falls back to its workqueue layer, on which
+    training ran slower than with PyTorch's ops (28.6-29.5k against 31-32k samples/s at batch 2048, 2 threads):
+    PyTorch's ops are used there."""
+    with _LAUNCH:
+        if not _LAYER:
+            from numba.np.ufunc.parallel import _launch_threads
+
+            policy = os.environ.get("OMP_WAIT_POLICY")
+            os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+            try:
+                _launch_threads()
+            finally:
+                if policy is None:
+                    del os.environ["OMP_WAIT_POLICY"]
+                else:
+                    os.environ["OMP_WAIT_POLICY"] = policy
+            _LAYER.append(numba.threading_layer())
+    return _LAYER[0] == "omp"
 
 
-def _threads() -> None:
-    """numba's thread pool started (once) and sized to PyTorch's.
-
-    numba's OpenMP layer loads its own OpenMP runtime beside PyTorch's, and the two pools share the cores.
-    Left to spin after each kernel (OpenMP's default), numba's idle workers hold cores PyTorch's next GEMM
-    needs (seen here: single kernel calls stalling 60-80 ms, passes of 131k rows taking up to 2.6x as long).
-    Started with ``OMP_WAIT_POLICY=PASSIVE`` its workers sleep between kernels. The variable is set only
-    while numba's runtime loads and reads it; PyTorch's runtime read its own when torch was imported."""
-    global _STARTED
-    if not _STARTED:
-        from numba.np.ufunc.parallel import _launch_threads
-
-        policy = os.environ.get("OMP_WAIT_POLICY")
-        os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
-        try:
-            _launch_threads()
-        finally:
-            if policy is None:
-                del os.environ["OMP_WAIT_POLICY"]
-            else:
-                os.environ["OMP_WAIT_POLICY"] = policy
-        _STARTED = True
-    threads = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
-    if numba.get_num_threads() != threads:
-        numba.set_num_threads(threads)
+def _run(serial, parallel, rows: int, *arrays: np.ndarray) -> None:
+    """``serial(*arrays, 0, rows)`` in this thread when PyTorch runs one thread, else ``parallel(*arrays)`` on
+    numba's pool sized to PyTorch's."""
+    threads = torch.get_num_threads()
+    if threads == 1 or not _parallel():
+        serial(*arrays, 0, rows)
+        return
+    with _LAUNCH:
+        threads = max(1, min(threads, numba.config.NUMBA_NUM_THREADS))
+        if numba.get_num_threads() != threads:
+            numba.set_num_threads(threads)
+        parallel(*arrays)
 
 
 def _array(t: torch.Tensor, shape: tuple[int, int]) -> np.ndarray:
@@ -218,9 +231,7 @@ def dot_forward(dense: torch.Tensor, sparse: torch.Tensor, flat_pairs: torch.Ten
     (b, d), width = dense.shape, math.prod(sparse.shape[1:])
     pair_i, pair_j = _pairs(flat_pairs, padded)
     out = dense.new_empty(b, d + pair_i.shape[0])
-    with _LAUNCH:
-        _threads()
-        _dot_all_rows(_array(dense, (b, d)), _array(sparse, (b, width)), pair_i, pair_j, out.numpy())
+    _run(_dot_rows, _dot_all_rows, b, _array(dense, (b, d)), _array(sparse, (b, width)), pair_i, pair_j, out.numpy())
     return out
 
 
@@ -233,15 +244,32 @@ def dot_backward(
     pair_i, pair_j = _pairs(flat_pairs, padded)
     grad_dense = dense.new_empty(b, d)
     grad_sparse = sparse.new_empty(sparse.shape)
-    with _LAUNCH:
-        _threads()
-        _dot_grad_all_rows(
-            _array(dense, (b, d)),
-            _array(sparse, (b, width)),
-            pair_i,
-            pair_j,
-            _array(grad_out, (b, d + pair_i.shape[0])),
-            grad_dense.numpy(),
-            grad_sparse.view(b, width).numpy(),
-        )
+    _run(
+        _dot_grad_rows,
+        _dot_grad_all_rows,
+        b,
+        _array(dense, (b, d)),
+        _array(sparse, (b, width)),
+        pair_i,
+        pair_j,
+        _array(grad_out, (b, d + pair_i.shape[0])),
+        grad_dense.numpy(),
+        grad_sparse.view(b, width).numpy(),
+    )
     return grad_dense, grad_sparse
+
+
+def compile_kernels() -> None:
+    """Compile the four kernels now, or load them from numba's cache (about 3 s the first time, 0.3 s after)."""
+    _parallel()  # numba's pool started as training starts it
+    dense, values, grad_dense = (
+        np.zeros((2, 4), np.float32),
+        np.zeros((2, 12), np.float32),
+        np.zeros((2, 4), np.float32),
+    )
+    pair_i, pair_j = np.array([0, 1]), np.array([1, 1])
+    out, grad_values = np.zeros((2, 6), np.float32), np.zeros((2, 12), np.float32)
+    _dot_rows(dense, values, pair_i, pair_j, out, 0, 2)
+    _dot_all_rows(dense, values, pair_i, pair_j, out)
+    _dot_grad_rows(dense, values, pair_i, pair_j, out, grad_dense, grad_values, 0, 2)
+    _dot_grad_all_rows(dense, values, pair_i, pair_j, out, grad_dense, grad_values)

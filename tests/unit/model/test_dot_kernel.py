@@ -18,11 +18,16 @@ def reference(dense: torch.Tensor, sparse: torch.Tensor, self_interaction: bool)
 
 
 def ran_kernel(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """Records each launch of the compiled forward and backward."""
+    """Records each run of the compiled forward ("forward") and backward ("backward")."""
     calls: list[str] = []
-    for name in ("_dot_all_rows", "_dot_grad_all_rows"):
-        kernel = getattr(dot_kernel, name)
-        monkeypatch.setattr(dot_kernel, name, lambda *a, _k=kernel, _n=name: (calls.append(_n), _k(*a))[1])
+    run = dot_kernel._run
+
+    def recorded(serial, *args):
+        calls.append("backward" if serial is dot_kernel._dot_grad_rows else "forward")
+        run(serial, *args)
+
+    monkeypatch.setattr(dot_kernel, "_run", recorded)
+    monkeypatch.setattr(dot_kernel, "_parallel", lambda: True)  # whatever numba's threading layer here
     return calls
 
 
@@ -30,10 +35,20 @@ def ran_kernel(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 # of the vector registers, batches that are and are not multiples of a thread's share of rows.
 @pytest.mark.parametrize(("b", "f", "d"), [(200, 26, 128), (7, 4, 6), (65, 7, 33), (1, 1, 8)])
 @pytest.mark.parametrize("self_interaction", [False, True])
+@pytest.mark.parametrize("threads", [1, 2])  # the serial kernel in this thread; the parallel one on numba's pool
 def test_kernel_matches_the_gram_matrix_forward_and_backward(
-    b: int, f: int, d: int, self_interaction: bool, monkeypatch: pytest.MonkeyPatch
+    b: int, f: int, d: int, self_interaction: bool, threads: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     calls = ran_kernel(monkeypatch)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        check_kernel(b, f, d, self_interaction, calls)
+    finally:
+        torch.set_num_threads(before)
+
+
+def check_kernel(b: int, f: int, d: int, self_interaction: bool, calls: list[str]) -> None:
     g = torch.Generator().manual_seed(b * 100 + f)
     dense, sparse = torch.randn(b, d, generator=g), torch.randn(b, f, d, generator=g)
     inter = DotInteraction(f, self_interaction)
@@ -42,7 +57,7 @@ def test_kernel_matches_the_gram_matrix_forward_and_backward(
     x, s = dense.clone().requires_grad_(), sparse.clone().requires_grad_()
     out = inter(x, s)
     out.backward(upstream)
-    assert calls == ["_dot_all_rows", "_dot_grad_all_rows"]
+    assert calls == ["forward", "backward"]
 
     x64, s64 = dense.double().requires_grad_(), sparse.double().requires_grad_()
     want = reference(x64, s64, self_interaction)
@@ -88,10 +103,10 @@ def test_other_precisions_and_an_empty_batch_take_the_pytorch_path(monkeypatch: 
     assert calls == [], "bf16 and float64 run PyTorch's ops"
     x, s = dense.clone().requires_grad_(), sparse.clone().requires_grad_()
     torch.testing.assert_close(bf16.float(), inter(x, s), rtol=2e-2, atol=0.3)
-    assert calls == ["_dot_all_rows"]
+    assert calls == ["forward"]
     empty = inter(x[:0], s[:0])
     empty.sum().backward()
-    assert empty.shape == (0, 12 + 15) and calls[-1] == "_dot_grad_all_rows"
+    assert empty.shape == (0, 12 + 15) and calls[-1] == "backward"
 
 
 TRAIN_FROM_THREADS = """
@@ -121,9 +136,25 @@ print("ok")
 
 
 @pytest.mark.parametrize("layer", ["default", "workqueue"])
-def test_threads_running_the_kernels_at_once_get_their_own_results(layer: str) -> None:
-    """numba's workqueue threading layer (where no OpenMP runtime is installed) aborts the process when two
-    threads launch a parallel kernel at once: launches are serialised."""
+def test_the_parallel_kernels_run_on_numbas_openmp_layer_only(layer: str) -> None:
+    """On numba's workqueue layer (no OpenMP runtime installed) training ran slower than with PyTorch's ops:
+    there the kernels run only with one thread (the serial kernel)."""
+    script = (
+        "import numba, torch\n"
+        "from pipeline.model import dot_kernel\n"
+        "x, s = torch.randn(8, 16), torch.randn(8, 5, 16)\n"
+        "torch.set_num_threads(2)\n"
+        "two = dot_kernel.usable(x, s)\n"
+        "torch.set_num_threads(1)\n"
+        "print(numba.threading_layer(), two, dot_kernel.usable(x, s))\n"
+    )
+    layer_seen, two, one = run_python(script, layer).split()
+    if layer == "workqueue":
+        assert layer_seen == "workqueue"
+    assert two == str(layer_seen == "omp") and one == "True"
+
+
+def run_python(script: str, layer: str) -> str:
     import os
     import subprocess
     import sys
@@ -131,7 +162,23 @@ def test_threads_running_the_kernels_at_once_get_their_own_results(layer: str) -
 
     env = {**os.environ, **({"NUMBA_THREADING_LAYER": layer} if layer != "default" else {})}
     root = Path(__file__).resolve().parents[3]
-    run = subprocess.run(
-        [sys.executable, "-c", TRAIN_FROM_THREADS], cwd=root, env=env, capture_output=True, text=True, timeout=300
-    )
-    assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr[-2000:]
+    run = subprocess.run([sys.executable, "-c", script], cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    return run.stdout.strip()
+
+
+def test_threads_running_the_kernels_at_once_get_their_own_results() -> None:
+    """Several threads training at once (each launch waits for the one before) get their own results."""
+    assert run_python(TRAIN_FROM_THREADS, "default") == "ok"
+
+
+def test_compile_kernels_readies_every_kernel() -> None:
+    """What the Docker image runs at build time, so a container's first training step compiles nothing."""
+    dot_kernel.compile_kernels()
+    for kernel in (
+        dot_kernel._dot_rows,
+        dot_kernel._dot_all_rows,
+        dot_kernel._dot_grad_rows,
+        dot_kernel._dot_grad_all_rows,
+    ):
+        assert kernel.signatures, kernel
