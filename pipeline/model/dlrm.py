@@ -79,10 +79,10 @@ def _pairs(dense: torch.Tensor, stacked: torch.Tensor, flat_pairs: torch.Tensor)
     return torch.cat((dense, gram.index_select(1, flat_pairs)), dim=1)
 
 
-# Rows per slice of the batch in the CPU interaction. The stacked vectors of 256 rows (3.5 MiB) stay in
-# cache between the copy that builds them and the GEMMs that read them; over a whole batch of 8192 rows
-# (117 MiB) each pass goes to memory. `benchmarks/interaction.py` here (2 cores, median ms, whole batch
-# -> slices): inference 111.7 -> 43.0 at 8192 rows, 13.2 -> 9.6 at 2048; training 31.3 -> 26.1 at 2048.
+# Rows per slice of the batch in the CPU interaction with PyTorch's ops. The stacked vectors of 256 rows
+# (3.5 MiB) stay in cache between the copy that builds them and the GEMMs that read them; over a whole batch
+# of 8192 rows (117 MiB) each pass goes to memory. Measured here (2 cores, median ms, whole batch -> slices):
+# inference 111.7 -> 43.0 at 8192 rows, 13.2 -> 9.6 at 2048; training 31.3 -> 26.1 at 2048.
 CPU_CHUNK_ROWS = 256
 
 

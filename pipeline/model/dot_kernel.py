@@ -10,8 +10,9 @@ computes ``dx = S x`` four rows at a time, writing the dense and pooled gradient
 tensors. Rows are split over numba's threads (as many as ``torch.get_num_threads()``).
 
 Training uses it (``pipeline.model.dlrm._PairwiseDot``); no-grad forwards (evaluation, serving) keep
-PyTorch's ops: timed inside the evaluation pass, between the MLPs' GEMMs, the kernel's forward saved
-nothing, although alone it is 1.3-1.4x faster (``benchmarks/README.md``, "Compiled dot interaction").
+PyTorch's ops: inside the evaluation pass, between the MLPs' GEMMs, some kernel calls stalled and whole
+passes were no faster, although alone its forward is 1.4x-1.9x faster (``benchmarks/README.md``,
+"Compiled dot interaction").
 
 The forward's sums are reordered (vectorised), so its values match PyTorch's within float rounding, not
 bit for bit. ``benchmarks/interaction.py`` times both passes against the PyTorch ones.
