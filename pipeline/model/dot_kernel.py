@@ -7,7 +7,8 @@ once into a small buffer that stays in L1, the upper triangle of their Gram matr
 register blocks of 2 x 4 dot products, and the requested pairs are written straight into the output
 row. The backward builds each sample's symmetric matrix of pair gradients ``S`` (27 x 27, in L1) and
 computes ``dx = S x`` four rows at a time, writing the dense and pooled gradients straight into their
-tensors. Rows are split over numba's threads (as many as ``torch.get_num_threads()``).
+tensors. With one PyTorch thread the rows run in the calling thread; with more, they are split over numba's
+threads (as many as ``torch.get_num_threads()``).
 
 Training uses it (``pipeline.model.dlrm._PairwiseDot``); no-grad forwards (evaluation, serving) keep
 PyTorch's ops: inside the evaluation pass, between the MLPs' GEMMs, some kernel calls stalled and whole
@@ -185,9 +186,9 @@ def _parallel() -> bool:
 
     That layer loads its own OpenMP runtime beside PyTorch's, and the two pools share the cores. Left to spin
     after each kernel (OpenMP's default), numba's idle workers hold cores PyTorch's next GEMM needs (seen
-    here: single kernel calls stalling 60-80 ms, passes of 131k rows taking up to 2.6x as long). Started with
-    ``OMP_WAIT_POLICY=PASSIVE`` its workers sleep between kernels; the variable is set only while numba's
-    runtime loads and reads it (PyTorch's read its own when torch was imported). Where no OpenMP runtime is
+    here: single kernel calls stalling 56-80 ms, passes of 131k rows taking 2.4-3.2 s against 1.1-1.4 s).
+    Started with ``OMP_WAIT_POLICY=PASSIVE`` its workers sleep between kernels; the variable is set only while
+    numba's runtime loads and reads it (PyTorch's read its own when torch was imported). Where no OpenMP runtime is
     installed (``libgomp1``, e.g. a slim container) numba falls back to its workqueue layer, on which
     training ran slower than with PyTorch's ops (28.6-29.5k against 31-32k samples/s at batch 2048, 2 threads):
     PyTorch's ops are used there."""
