@@ -40,7 +40,7 @@ def _dot_rows(dense, values, pair_i, pair_j, out, start, end):  # pragma: no cov
     F vectors of values[b]]`` (``values[b]`` is F * D wide); ``pair_i <= pair_j`` index ``x``."""
     d = dense.shape[1]
     n = values.shape[1] // d + 1
-    padded = (n + 3) // 4 * 4 + 4  # rows i + 1 and j + 3 of the last blocks exist (and stay zero)
+    padded = (n + 3) // 4 * 4  # rows i + 1 and j + 3 of the last blocks exist (and stay zero)
     x = np.zeros((padded, d), np.float32)
     gram = np.empty((padded, padded), np.float32)
     for b in range(start, end):
@@ -115,7 +115,7 @@ def _dot_grad_rows(dense, values, pair_i, pair_j, grad_out, grad_dense, grad_val
             g = grad_out[b, d + k]
             s[pair_i[k], pair_j[k]] += g
             s[pair_j[k], pair_i[k]] += g
-        for i in range(0, n, 4):  # rows past n: zero rows of s, never read back
+        for i in range(0, n, 4):  # rows i + 1..3 past n exist (zero rows of s), never read back
             for t in range(d):
                 dx[i, t] = 0.0
                 dx[i + 1, t] = 0.0
@@ -178,7 +178,7 @@ def _pairs(flat_pairs: torch.Tensor, padded: int) -> tuple[np.ndarray, np.ndarra
 
 
 _LAYER: list[str] = []  # numba's threading layer, once started
-_LAUNCH = threading.Lock()  # one start and one launch at a time: numba's pool is process-wide
+_START = threading.Lock()
 
 
 def _parallel() -> bool:
@@ -186,13 +186,13 @@ def _parallel() -> bool:
 
     That layer loads its own OpenMP runtime beside PyTorch's, and the two pools share the cores. Left to spin
     after each kernel (OpenMP's default), numba's idle workers hold cores PyTorch's next GEMM needs (seen
-    here: single kernel calls stalling 56-80 ms, passes of 131k rows taking 2.4-3.2 s against 1.1-1.4 s).
+    here: single kernel calls stalling 56-80 ms, passes of 131k rows taking 2.4-3.2 s against 1.1-1.5 s).
     Started with ``OMP_WAIT_POLICY=PASSIVE`` its workers sleep between kernels; the variable is set only while
     numba's runtime loads and reads it (PyTorch's read its own when torch was imported). Where no OpenMP runtime is
     installed (``libgomp1``, e.g. a slim container) numba falls back to its workqueue layer, on which
     training ran slower than with PyTorch's ops (28.6-29.5k against 31-32k samples/s at batch 2048, 2 threads):
     PyTorch's ops are used there."""
-    with _LAUNCH:
+    with _START:
         if not _LAYER:
             from numba.np.ufunc.parallel import _launch_threads
 
@@ -211,16 +211,15 @@ def _parallel() -> bool:
 
 def _run(serial, parallel, rows: int, *arrays: np.ndarray) -> None:
     """``serial(*arrays, 0, rows)`` in this thread when PyTorch runs one thread, else ``parallel(*arrays)`` on
-    numba's pool sized to PyTorch's."""
+    numba's pool sized to PyTorch's. The OpenMP layer takes launches from several threads at once."""
     threads = torch.get_num_threads()
     if threads == 1 or not _parallel():
         serial(*arrays, 0, rows)
         return
-    with _LAUNCH:
-        threads = max(1, min(threads, numba.config.NUMBA_NUM_THREADS))
-        if numba.get_num_threads() != threads:
-            numba.set_num_threads(threads)
-        parallel(*arrays)
+    threads = min(threads, numba.config.NUMBA_NUM_THREADS)
+    if numba.get_num_threads() != threads:
+        numba.set_num_threads(threads)  # per calling thread
+    parallel(*arrays)
 
 
 def _array(t: torch.Tensor, shape: tuple[int, int]) -> np.ndarray:

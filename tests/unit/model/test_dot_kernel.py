@@ -168,17 +168,22 @@ def run_python(script: str, layer: str) -> str:
 
 
 def test_threads_running_the_kernels_at_once_get_their_own_results() -> None:
-    """Several threads training at once (each launch waits for the one before) get their own results."""
+    """Several threads training at once get their own results: the kernels keep no state between calls."""
     assert run_python(TRAIN_FROM_THREADS, "default") == "ok"
 
 
-def test_compile_kernels_readies_every_kernel() -> None:
-    """What the Docker image runs at build time, so a container's first training step compiles nothing."""
+def test_compile_kernels_compiles_what_training_calls(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What the Docker image runs at build time: the argument types training passes, serial and parallel, so a
+    container's first training step compiles nothing (each kernel holds one compiled signature)."""
     dot_kernel.compile_kernels()
-    for kernel in (
-        dot_kernel._dot_rows,
-        dot_kernel._dot_all_rows,
-        dot_kernel._dot_grad_rows,
-        dot_kernel._dot_grad_all_rows,
-    ):
-        assert kernel.signatures, kernel
+    monkeypatch.setattr(dot_kernel, "_parallel", lambda: True)
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            x, s = torch.randn(5, 8, requires_grad=True), torch.randn(5, 3, 8, requires_grad=True)
+            DotInteraction(3, self_interaction=False)(x, s).sum().backward()
+    finally:
+        torch.set_num_threads(before)
+    kernels = ("_dot_rows", "_dot_all_rows", "_dot_grad_rows", "_dot_grad_all_rows")
+    assert {k: len(getattr(dot_kernel, k).signatures) for k in kernels} == dict.fromkeys(kernels, 1)
