@@ -14,6 +14,10 @@ plain-PyTorch forward of the same model (``benchmarks/_contenders.py``'s ``Plain
 weights, its logits checked against the export's); and end to end from the raw test TSV (``predict_raw``:
 parse, transform, score) beside the same file's preprocessing alone (parse and transform, no model).
 
+Every contender runs in this one process, so all share one allocator setting: ``load_exported``'s (glibc
+keeps freed memory, as in training); ``--glibc-defaults`` loads with ``keep_freed_memory=False`` instead,
+which is how a plain-PyTorch script runs.
+
     .venv/bin/python benchmarks/int8_export_auc.py
     .venv/bin/python benchmarks/int8_export_auc.py --rows 1000000 --nproc 2
 """
@@ -47,8 +51,15 @@ def main() -> int:
     parser.add_argument("--workdir", default=None)
     parser.add_argument("--batch", type=int, default=8192, help="rows per forward in the speed comparison")
     parser.add_argument("--rounds", type=int, default=5, help="alternated rounds of the speed comparison")
+    parser.add_argument(
+        "--glibc-defaults",
+        action="store_true",
+        help="leave glibc's allocator as it is (load_exported(keep_freed_memory=False))",
+    )
     args = parser.parse_args()
     print(f"machine: {describe()}", flush=True)
+    allocator = "glibc defaults" if args.glibc_defaults else "freed memory kept (load_exported's default)"
+    print(f"allocator, every contender: {allocator}", flush=True)
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench_int8_"))
     run_dir = fresh_run_dir(work / "run")
     train = [
@@ -86,7 +97,7 @@ def main() -> int:
         if quantize not in specs:
             specs[quantize] = export(run_dir, out, quantize=quantize, dense_program=False)
         spec = specs[quantize]
-        model = models[name] = load_exported(out, precision)
+        model = models[name] = load_exported(out, precision, keep_freed_memory=not args.glibc_defaults)
         t = time.perf_counter()
         res = run(model, str(work / f"test_{name.replace(' ', '_')}.npy"), split="test")
         seconds = time.perf_counter() - t

@@ -761,13 +761,21 @@ def _load_tensors(path: Path, fmt: str) -> dict[str, torch.Tensor]:
     return load_tensor_file(path, ExportError, map_location="cpu", mmap=True)
 
 
-def load_exported(export_dir: str | Path, precision: str | None = None) -> ExportedModel:
+def load_exported(
+    export_dir: str | Path, precision: str | None = None, keep_freed_memory: bool = True
+) -> ExportedModel:
     """Load an export written by :func:`export` (CPU, one process, no ``torch.distributed``).
 
     ``precision="bf16"`` scores with the dense part (MLPs, interaction) under bfloat16 autocast; the lookups
     and the output stay float32. Fast where the CPU has AMX or AVX-512 BF16; elsewhere it is emulated.
     None: the precision the model was trained and evaluated in (``trainer.precision``, recorded at export;
     fp32 for exports without it), so predict scores as the trainer's evaluation did.
+
+    ``keep_freed_memory``: make this process's glibc keep freed memory for reuse, as training does
+    (``pipeline.distributed.env.keep_freed_memory``; process-wide, not undone). With glibc's defaults each
+    batch's activations may be page-faulted afresh, depending on what the process freed before: scoring
+    batches of 2048 rows then took twice as long (``benchmarks/README.md``, "Serving"). False leaves the
+    allocator as it is.
 
     Raises:
         ExportError: not an export, a newer format, files that do not match export.json, or an unknown
@@ -791,6 +799,10 @@ def load_exported(export_dir: str | Path, precision: str | None = None) -> Expor
             "precision bf16: this CPU has neither AVX-512 BF16 nor AMX, so bfloat16 is emulated and scores "
             "slower than fp32 (predict --precision fp32 scores in fp32)"
         )
+    if keep_freed_memory:
+        from pipeline.distributed.env import keep_freed_memory as keep
+
+        keep()
     w = spec["weights"]
     tensors = _load_tensors(d / w["file"], w["format"])
     schema = Schema.from_dict(spec.get("schema"))
