@@ -6,7 +6,7 @@ memory and a GEMM shape the BLAS runs at a fraction of its rate. Here each sampl
 once into a small buffer that stays in L1, the upper triangle of their Gram matrix is computed in
 register blocks of 2 x 4 dot products, and the requested pairs are written straight into the output
 row. The backward builds each sample's symmetric matrix of pair gradients ``S`` (27 x 27, in L1) and
-computes ``dx = S x`` four rows at a time, writing the dense and pooled gradients straight into their
+computes ``dx = S x`` in blocks of 4 x 4 entries of ``S``, writing the dense and pooled gradients straight into their
 tensors. With one PyTorch thread the rows run in the calling thread; with more, they are split over numba's
 threads (as many as ``torch.get_num_threads()``).
 
@@ -115,23 +115,26 @@ def _dot_grad_rows(dense, values, pair_i, pair_j, grad_out, grad_dense, grad_val
             g = grad_out[b, d + k]
             s[pair_i[k], pair_j[k]] += g
             s[pair_j[k], pair_i[k]] += g
-        for i in range(0, n, 4):  # rows i + 1..3 past n exist (zero rows of s), never read back
+        # 4 x 4 blocks of s: each pass over a row of dx adds four columns' terms (four times the arithmetic per
+        # load and store of dx as one column at a time). Rows and columns past n exist and are zero in s and
+        # x; rows of dx past n are never read back.
+        for i in range(0, n, 4):
             for t in range(d):
                 dx[i, t] = 0.0
                 dx[i + 1, t] = 0.0
                 dx[i + 2, t] = 0.0
                 dx[i + 3, t] = 0.0
-            for j in range(n):
-                s0 = s[i, j]
-                s1 = s[i + 1, j]
-                s2 = s[i + 2, j]
-                s3 = s[i + 3, j]
+            for j in range(0, n, 4):
+                s00, s01, s02, s03 = s[i, j], s[i, j + 1], s[i, j + 2], s[i, j + 3]
+                s10, s11, s12, s13 = s[i + 1, j], s[i + 1, j + 1], s[i + 1, j + 2], s[i + 1, j + 3]
+                s20, s21, s22, s23 = s[i + 2, j], s[i + 2, j + 1], s[i + 2, j + 2], s[i + 2, j + 3]
+                s30, s31, s32, s33 = s[i + 3, j], s[i + 3, j + 1], s[i + 3, j + 2], s[i + 3, j + 3]
                 for t in range(d):
-                    y = x[j, t]
-                    dx[i, t] += s0 * y
-                    dx[i + 1, t] += s1 * y
-                    dx[i + 2, t] += s2 * y
-                    dx[i + 3, t] += s3 * y
+                    y0, y1, y2, y3 = x[j, t], x[j + 1, t], x[j + 2, t], x[j + 3, t]
+                    dx[i, t] += s00 * y0 + s01 * y1 + s02 * y2 + s03 * y3
+                    dx[i + 1, t] += s10 * y0 + s11 * y1 + s12 * y2 + s13 * y3
+                    dx[i + 2, t] += s20 * y0 + s21 * y1 + s22 * y2 + s23 * y3
+                    dx[i + 3, t] += s30 * y0 + s31 * y1 + s32 * y2 + s33 * y3
         for t in range(d):
             grad_dense[b, t] = grad_out[b, t] + dx[0, t]
         for r in range(1, n):
