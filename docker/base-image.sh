@@ -3,7 +3,8 @@
 # a registry (air-gapped, or behind a proxy that only lets package mirrors through):
 #   docker/base-image.sh [TAG]          # default TAG: dlrm-pipeline/base:bookworm
 #   docker build -f docker/Dockerfile --build-arg BASE_IMAGE=dlrm-pipeline/base:bookworm -t dlrm-pipeline .
-# Debian bookworm (minbase) with python3.11 and venv, made by debootstrap from the mirror apt uses here,
+# Debian bookworm (minbase) with python3.11, venv and libgomp1 (the OpenMP runtime numba's parallel kernels
+# run on), made by debootstrap from the mirror apt uses here,
 # imported with `docker import`. It also carries what this host's pip relies on and a build cannot see:
 # the host's own CA certificates (/usr/local/share/ca-certificates, for a TLS-intercepting proxy) and the
 # wheels in pip's find-links folders (e.g. a local torch +cpu wheel), as PIP_FIND_LINKS=/opt/wheels.
@@ -49,7 +50,7 @@ fi
 rootfs="$(mktemp -d /tmp/dlrm-base.XXXXXX)"
 trap 'rm -rf "$rootfs"' EXIT
 echo "[base-image] debootstrap $SUITE from $mirror" >&2
-debootstrap --variant=minbase --include=python3,python3-venv,ca-certificates "$SUITE" "$rootfs" "$mirror" \
+debootstrap --variant=minbase --include=python3,python3-venv,ca-certificates,libgomp1 "$SUITE" "$rootfs" "$mirror" \
   >"$rootfs.log" 2>&1 || { tail -20 "$rootfs.log" >&2; die "debootstrap failed (log above)"; }
 rm -f "$rootfs.log"
 if ((${#cas[@]})); then

@@ -38,7 +38,8 @@ def _compose(*args: str, env: dict, timeout: float = 600, check: bool = True) ->
 
 def test_the_image_trains_as_uid_1000_into_its_run_folder_and_reports_health(docker_engine, tmp_path) -> None:
     """docker run of the image trains the tiny job as uid 1000, writes the run folder on a mounted volume, and
-    the HEALTHCHECK reads the heartbeat its training wrote."""
+    the HEALTHCHECK reads the heartbeat its training wrote. numba finds an OpenMP runtime (libgomp1) there, so
+    the dot interaction's parallel kernels run in containers too."""
     health = json.loads(
         _docker("image", "inspect", "-f", "{{json .Config.Healthcheck}}", TEST_IMAGE, env=docker_engine).stdout
     )
@@ -46,8 +47,10 @@ def test_the_image_trains_as_uid_1000_into_its_run_folder_and_reports_health(doc
     outputs = tmp_path / "outputs"
     outputs.mkdir()
     os.chown(outputs, 1000, 1000)
+    parallel = "from pipeline.model.dot_kernel import _parallel; assert _parallel(), 'no OpenMP layer for numba'"
     script = (
-        "id -u && NPROC=1 ./launch.sh train model=tiny data=tiny"
+        f'id -u && python -c "{parallel}"'
+        " && NPROC=1 ./launch.sh train model=tiny data=tiny"
         " && python -m pipeline.tools.health && ! python -m pipeline.tools.health --max-age 0"
     )
     run = _docker(
