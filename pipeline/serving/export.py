@@ -772,10 +772,10 @@ def load_exported(
     fp32 for exports without it), so predict scores as the trainer's evaluation did.
 
     ``keep_freed_memory``: make this process's glibc keep freed memory for reuse, as training does
-    (``pipeline.distributed.env.keep_freed_memory``; process-wide, not undone). With glibc's defaults each
-    batch's activations may be page-faulted afresh, depending on what the process freed before: scoring
-    batches of 2048 rows then took twice as long (``benchmarks/README.md``, "Serving"). False leaves the
-    allocator as it is.
+    (``pipeline.distributed.env.keep_freed_memory``; process-wide, not undone). With glibc's defaults a
+    batch's activations may be page-faulted afresh, depending on what the process freed before (glibc's
+    mmap threshold moves with it): float32 scoring at batch 8192 ran about 1.3x slower
+    (``benchmarks/README.md``, "Serving and the allocator"). False leaves the allocator as it is.
 
     Raises:
         ExportError: not an export, a newer format, files that do not match export.json, or an unknown
