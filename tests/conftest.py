@@ -143,3 +143,31 @@ def losses(run_dir: Path) -> dict[int, float]:
         return {}
     events = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     return {e["step"]: e["train/loss"] for e in events if e["event"] == "train"}
+
+
+_REALLOCATION_FAULTS = """
+import resource, sys, torch
+{setup}
+faults = []
+for _ in range(16):  # 64 MiB blocks: above glibc's largest mmap threshold
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    x = torch.ones(16 * 2**20); del x
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(*faults)
+"""
+
+
+def reallocation_faults(setup: str, *args: str) -> list[int]:
+    """Minor page faults of each of 16 allocations of a 64 MiB block, each freed before the next, in a fresh
+    Python process that first runs ``setup`` (``sys.argv[1:]`` = ``args``). glibc's defaults unmap such a block on
+    free (16k fresh pages each time); with freed memory kept (``keep_freed_memory``) the heap settles and
+    reuses it. Small objects allocated in between can pin a freed block for the first few allocations (seen
+    here for up to 6, varying with the hash seed), so callers check the last three."""
+    proc = subprocess.run(
+        [sys.executable, "-c", _REALLOCATION_FAULTS.format(setup=setup), *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return [int(f) for f in proc.stdout.split()]

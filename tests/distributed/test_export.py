@@ -18,7 +18,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from tests.conftest import ROOT, run_training
+from tests.conftest import ROOT, reallocation_faults, run_training
 
 pytestmark = pytest.mark.distributed
 
@@ -340,34 +340,16 @@ def test_an_export_whose_weights_are_a_crafted_pickle_is_refused_without_running
     assert not marker.exists()
 
 
-_LOAD_AND_FAULT = """
-import resource, sys, torch
-from pipeline.serving.export import load_exported
-load_exported(sys.argv[1], keep_freed_memory=sys.argv[2] == "keep")
-faults = []
-for _ in range(16):  # 64 MiB blocks: above glibc's largest mmap threshold
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    x = torch.ones(16 * 2**20); del x
-    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-print(*faults)
-"""
-
-
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
 def test_loading_an_export_keeps_freed_memory_for_reuse(vocab_export) -> None:
     """load_exported sets glibc to keep freed memory, as training does: a block freed and allocated again is
     not page-faulted again (each batch's activations, otherwise faulted afresh); keep_freed_memory=False
-    leaves glibc's defaults (64 MiB unmapped on free: 16k fresh pages each time). The last three of sixteen
-    allocations are checked, as in tests/unit/distributed/test_memory_reuse.py."""
-    faults = {}
-    for mode in ("keep", "default"):
-        proc = subprocess.run(
-            [sys.executable, "-c", _LOAD_AND_FAULT, str(vocab_export), mode],
-            capture_output=True,
-            text=True,
-            cwd=Path(__file__).resolve().parents[2],
-        )
-        assert proc.returncode == 0, proc.stderr[-2000:]
-        faults[mode] = [int(f) for f in proc.stdout.split()]
-    assert max(faults["keep"][-3:]) < 1000, faults
-    assert min(faults["default"][-3:]) > 10_000, faults
+    leaves glibc's defaults (64 MiB unmapped on free: 16k fresh pages each time)."""
+    setup = (
+        "from pipeline.serving.export import load_exported\n"
+        "load_exported(sys.argv[1], keep_freed_memory=sys.argv[2] == 'keep')"
+    )
+    keep = reallocation_faults(setup, str(vocab_export), "keep")
+    default = reallocation_faults(setup, str(vocab_export), "default")
+    assert max(keep[-3:]) < 1000, keep
+    assert min(default[-3:]) > 10_000, default
