@@ -6,9 +6,9 @@ memory and a GEMM shape the BLAS runs at a fraction of its rate. Here each sampl
 once into a small buffer that stays in L1, the upper triangle of their Gram matrix is computed in
 register blocks of 2 x 4 dot products, and the requested pairs are written straight into the output
 row. The backward builds each sample's symmetric matrix of pair gradients ``S`` (27 x 27, in L1) and
-computes ``dx = S x`` in blocks of 4 x 4 entries of ``S``, writing the dense and pooled gradients straight into their
-tensors. With one PyTorch thread the rows run in the calling thread; with more, they are split over numba's
-threads (as many as ``torch.get_num_threads()``).
+computes ``dx = S x`` in blocks of 4 x 4 entries of ``S``, writing the dense and pooled gradients straight
+into their tensors. With one PyTorch thread the rows run in the calling thread; with more, they are split
+over numba's threads (as many as ``torch.get_num_threads()``).
 
 Training uses it (``pipeline.model.dlrm._PairwiseDot``); no-grad forwards (evaluation, serving) keep
 PyTorch's ops: inside the evaluation pass, between the MLPs' GEMMs, some kernel calls stalled and whole
