@@ -447,7 +447,7 @@ class Trainer:
             ids = one_hot_ids(batch.sparse_features, net.sparse_arch.sparse_feature_names) if gather else None
             with self._autocast():
                 if ids is not None:
-                    logits = net.forward_pooled(batch.dense_features, gather(ids))
+                    logits = net.forward_gathered(batch.dense_features, ids, gather)
                 else:
                     logits = net(batch.dense_features, batch.sparse_features)
             accumulator.update(logits.float(), batch.labels, eb.weights, eb.rows if save_predictions else None)

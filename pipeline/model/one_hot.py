@@ -10,7 +10,9 @@ third of a first pass's batches, at about 100 ms each). ``ExportedModel.logits``
 export's rows with a :class:`RowGather` of its own per call (int8 row-wise tables: ``Int8RowGather``).
 
 The gathered rows are the rows the kernels pool, and the dense part reads them as [B, F, D] (a view of
-the table-major buffer): the logits are bit for bit those of the collection's path.
+the table-major buffer): the logits are bit for bit those of the collection's path. In float32 without
+gradients, the dot interaction has :meth:`RowGather.into` write them slice by slice straight into its
+stacked vectors instead (``DLRM.forward_gathered``), the same logits without the batch-sized buffer.
 """
 
 from __future__ import annotations
@@ -79,6 +81,14 @@ class RowGather:
 
     def _rows(self, table: torch.Tensor, ids: torch.Tensor, out: torch.Tensor) -> None:
         torch.index_select(table, 0, ids, out=out)
+
+    def into(self, ids: torch.Tensor, out: torch.Tensor) -> None:
+        """Write ``tables[f][ids[f]]`` into ``out[:, f]`` (``out``: [B, F, D], any strides with rows of D
+        contiguous, e.g. slots of a stacked [B, N, D] buffer)."""
+        if ids.shape[0] != len(self.tables) or out.shape[:2] != (ids.shape[1], len(self.tables)):
+            raise ValueError(f"ids {tuple(ids.shape)} and out {tuple(out.shape)} for {len(self.tables)} tables")
+        for f, table in enumerate(self.tables):
+            self._rows(table, ids[f], out[:, f])
 
     def __call__(self, ids: torch.Tensor) -> torch.Tensor:
         num_features, batch = ids.shape

@@ -732,7 +732,7 @@ class ExportedModel:
                 idx = torch.from_numpy(np.ascontiguousarray(np.asarray(ids)[:, columns].T, dtype=np.int64))
                 weights = [table for _, table in tables]
                 gather = Int8RowGather(weights) if weights[0].dtype == torch.uint8 else RowGather(weights)
-                logits = self.model.forward_pooled(dense, gather(idx))
+                logits = self.model.forward_gathered(dense, idx, gather)
             else:
                 kjt = self.features.kjt(np.asarray(ids), lists)
                 logits = self.model(dense_features=dense, sparse_features=kjt)

@@ -98,3 +98,62 @@ def test_no_tables_where_one_is_not_held_whole_or_not_float32() -> None:
     assert whole_local_tables(ebc, [*KEYS, "d"]) is None
     ebc.embedding_bags["t_b"].half()
     assert whole_local_tables(ebc, KEYS) is None
+
+
+def _spied_gathered(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Small slices (4 rows), and a count of the calls of the slice-wise gather."""
+    import pipeline.model.dlrm as dlrm_module
+
+    calls: list[int] = []
+    inner = dlrm_module.pairwise_dot_gathered
+
+    def spy(*args, **kwargs):
+        calls.append(1)
+        return inner(*args, **kwargs)
+
+    monkeypatch.setattr(dlrm_module, "GATHER_CHUNK_ROWS", 4)
+    monkeypatch.setattr(dlrm_module, "pairwise_dot_gathered", spy)
+    return calls
+
+
+@pytest.mark.parametrize("self_interaction", [False, True])
+def test_rows_gathered_slice_by_slice_into_the_interaction_give_the_same_logits(
+    monkeypatch: pytest.MonkeyPatch, self_interaction: bool
+) -> None:
+    calls = _spied_gathered(monkeypatch)
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(**SMALL, self_interaction=self_interaction), ROWS, KEYS, num_dense_features=2)
+    net = model.model
+    net.sparse_arch.embedding_bag_collection.to_empty(device="cpu")
+    for bag in net.sparse_arch.embedding_bag_collection.embedding_bags.values():
+        torch.nn.init.normal_(bag.weight)
+    net.eval()
+    gather = RowGather(whole_local_tables(net.sparse_arch.embedding_bag_collection, KEYS))
+    with torch.no_grad():
+        for batch in (11, 4, 1):  # two full slices and a part, one slice, one row
+            ids = one_hot_ids(_one_hot(batch=batch), KEYS)
+            dense = torch.randn(batch, 2)
+            torch.testing.assert_close(
+                net.forward_gathered(dense, ids, gather), net.forward_pooled(dense, gather(ids)), rtol=0, atol=0
+            )
+    assert len(calls) == 3
+    # With gradients on, or under bf16 autocast, the rows are gathered first and forward_pooled runs.
+    ids, dense = one_hot_ids(_one_hot(batch=7), KEYS), torch.randn(7, 2)
+    torch.testing.assert_close(net.forward_gathered(dense, ids, gather), net.forward_pooled(dense, gather(ids)))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        got = net.forward_gathered(dense, ids, gather)
+        assert got.dtype == torch.bfloat16
+        torch.testing.assert_close(got, net.forward_pooled(dense, gather(ids)), rtol=0, atol=0)
+    assert len(calls) == 3
+
+
+def test_rows_gathered_into_given_slots() -> None:
+    tables = [torch.randn(r, 4) for r in ROWS]
+    ids = torch.stack([torch.randint(0, r, (5,)) for r in ROWS])
+    stacked = torch.zeros(5, 6, 4)
+    RowGather(tables).into(ids, stacked[:, 2:5])
+    for f, t in enumerate(tables):
+        assert torch.equal(stacked[:, 2 + f], t[ids[f]])
+    assert not stacked[:, :2].any() and not stacked[:, 5:].any()
+    with pytest.raises(ValueError, match="for 3 tables"):
+        RowGather(tables).into(ids[:2], stacked[:, 2:4])

@@ -42,6 +42,8 @@ def test_int8_row_gather_gives_the_int8_collections_rows_bit_for_bit(pooling: Po
             for f, name in enumerate(names):
                 assert torch.equal(pooled[:, f], want[name])
             assert torch.equal(dlrm.forward_pooled(dense, pooled), dlrm(dense, kjt))
+            # Gathered slice by slice into the dot interaction's stacked vectors: the same logits.
+            assert torch.equal(dlrm.forward_gathered(dense, one_hot_ids(kjt, names), gather), dlrm(dense, kjt))
 
 
 def test_no_int8_tables_for_float_or_weighted_collections() -> None:
