@@ -87,18 +87,29 @@ def _pairs(dense: torch.Tensor, stacked: torch.Tensor, flat_pairs: torch.Tensor)
 CPU_CHUNK_ROWS = 256
 
 
-def _chunks(dense: torch.Tensor) -> list[tuple[int, int]]:
+def _chunks(dense: torch.Tensor, rows: int = CPU_CHUNK_ROWS) -> list[tuple[int, int]]:
     b = dense.shape[0]
-    step = CPU_CHUNK_ROWS if dense.device.type == "cpu" else max(b, 1)
+    step = rows if dense.device.type == "cpu" else max(b, 1)
     return [(s, min(b, s + step)) for s in range(0, b, step)]
+
+
+def _pairs_into(stacked: torch.Tensor, flat_pairs: torch.Tensor, out: torch.Tensor) -> None:
+    """``out`` [n, pairs] = the pairs' entries of the Gram matrices of ``stacked`` [n, padded, D]."""
+    n, p, _ = stacked.shape
+    gram = torch.bmm(stacked, stacked.transpose(1, 2)).view(n, p * p)
+    if gram.dtype == out.dtype:
+        torch.index_select(gram, 1, flat_pairs, out=out)
+    else:  # bf16 products under autocast into a float32 output (the dtype torch.cat would promote to)
+        out.copy_(gram.index_select(1, flat_pairs))
 
 
 def _pairs_chunked(dense: torch.Tensor, sparse: torch.Tensor, flat_pairs: torch.Tensor, padded: int) -> torch.Tensor:
     """:func:`_pairs` of :func:`_stack_vectors`, one slice of rows at a time (the same numbers)."""
     b, d = dense.shape
     out = dense.new_empty(b, d + flat_pairs.numel())
+    out[:, :d] = dense
     for s, e in _chunks(dense):
-        out[s:e] = _pairs(dense[s:e], _stack_vectors(dense[s:e], sparse[s:e], padded), flat_pairs)
+        _pairs_into(_stack_vectors(dense[s:e], sparse[s:e], padded), flat_pairs, out[s:e, d:])
     return out
 
 
@@ -122,13 +133,11 @@ def pairwise_dot_gathered(
     out[:, :d] = dense
     stacked = dense.new_empty(min(b, GATHER_CHUNK_ROWS), padded, d)
     stacked[:, f + 1 :] = 0
-    for s in range(0, b, GATHER_CHUNK_ROWS):
-        e = min(b, s + GATHER_CHUNK_ROWS)
+    for s, e in _chunks(dense, GATHER_CHUNK_ROWS):
         x = stacked[: e - s]
         gather.into(ids[:, s:e], x[:, 1 : f + 1])
         x[:, 0] = dense[s:e]
-        gram = torch.bmm(x, x.transpose(1, 2)).view(e - s, padded * padded)
-        torch.index_select(gram, 1, flat_pairs, out=out[s:e, d:])
+        _pairs_into(x, flat_pairs, out[s:e, d:])
     return out
 
 
@@ -395,13 +404,10 @@ class DLRM(TorchRecDLRM):
             and not torch.is_grad_enabled()
             and dense_features.device.type == "cpu"
             and not torch.is_autocast_enabled("cpu")
+            and dense_features.dtype == gather.dtype == torch.float32
         ):
-            embedded_dense = self.dense_arch(dense_features)
             inter = self.inter_arch
-            if embedded_dense.dtype == gather.dtype == torch.float32 and embedded_dense.shape[1] == gather.width:
-                pairs = pairwise_dot_gathered(embedded_dense, ids, gather, inter.flat_pairs, inter.padded)
-            else:
-                pairs = inter(embedded_dense, gather(ids))
+            pairs = pairwise_dot_gathered(self.dense_arch(dense_features), ids, gather, inter.flat_pairs, inter.padded)
             return self.over_arch(pairs)
         return self.forward_pooled(dense_features, gather(ids))
 

@@ -142,3 +142,21 @@ def test_dot_interaction_reads_pooled_embeddings_in_the_shards_order(self_intera
         pooled_for_dot(in_order, names, d, inter.flat_pairs, inter.pair_i, inter.pair_j, inter.padded)[1]
         is inter.flat_pairs
     )
+
+
+@pytest.mark.parametrize("dense_dtype", [torch.bfloat16, torch.float32])
+def test_sliced_no_grad_interaction_under_bf16_autocast_equals_the_whole_batch_graph(
+    dense_dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Slices of 3 rows write their bf16 products straight into the output; its dtype is the one torch.cat
+    gives the whole-batch graph (bf16 for a bf16 dense vector, float32 for a float32 one)."""
+    from pipeline.model.dlrm import _pairs, _stack_vectors
+
+    monkeypatch.setattr("pipeline.model.dlrm.CPU_CHUNK_ROWS", 3)
+    inter = DotInteraction(5, self_interaction=False)
+    dense, sparse = torch.randn(7, 8).to(dense_dtype), torch.randn(7, 5, 8)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        got = inter(dense, sparse)
+        want = _pairs(dense, _stack_vectors(dense, sparse, inter.padded), inter.flat_pairs)
+    assert got.dtype == want.dtype == dense_dtype
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
